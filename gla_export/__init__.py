@@ -1,0 +1,20 @@
+"""gla-export: Gated Linear Attention language models to ONNX, ONNX Runtime and TensorRT."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from ._native import NativeLibraryError, library_path  # noqa: E402
+from .models import load_model, sample_model_path  # noqa: E402
+
+
+def export(model_or_path: Any, out_dir: Any, **kwargs: Any) -> Any:
+    """Export a GLA model to ONNX (see :func:`gla_export.export.export_model`)."""
+    from .export import export_model
+
+    return export_model(model_or_path, out_dir, **kwargs)
+
+
+__all__ = ["NativeLibraryError", "__version__", "export", "library_path", "load_model", "sample_model_path"]

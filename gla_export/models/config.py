@@ -1,0 +1,185 @@
+"""GLA model configuration, field for field flash-linear-attention's ``GLAConfig`` (fla 0.6).
+
+A checkpoint's ``config.json`` is read into :class:`GLAConfig`. Fields that Hugging Face adds
+(``architectures``, ``transformers_version``, ...) are kept in ``extra`` and ignored; a field we
+know with a value we cannot run (hybrid attention layers, another activation, ...) raises
+:class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config field has a value this package cannot run; the message names the field."""
+
+
+@dataclass
+class GLAConfig:
+    # fla's GLAConfig fields and defaults
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    expand_k: float = 0.5
+    expand_v: float = 1.0
+    hidden_ratio: int | None = 4
+    intermediate_size: int | None = None
+    num_hidden_layers: int = 24
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    feature_map: str | None = None
+    attn_mode: str = "chunk"
+    use_short_conv: bool = False
+    conv_size: int = 4
+    use_output_gate: bool = True
+    clamp_min: float | None = None
+    hidden_act: str = "swish"
+    max_position_embeddings: int = 2048
+    elementwise_affine: bool | None = True
+    norm_eps: float = 1e-6
+    use_gk: bool = True
+    use_gv: bool = False
+    attn: dict | None = None
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    fuse_norm: bool = True
+    fuse_swiglu: bool = True
+    fuse_cross_entropy: bool = True
+    fuse_linear_cross_entropy: bool = False
+    use_l2warp: bool = False
+    attnres_block_size: int | None = None
+    # fla's GatedLinearAttention layer constants (not GLAConfig fields; read when present)
+    gate_low_rank_dim: int = 16
+    gate_logit_normalizer: float = 16
+    conv_bias: bool = False
+    # ours: dropout on the residual branches while training (no parameters, ignored by export)
+    dropout: float = 0.0
+    model_type: str = "gla"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes (the same arithmetic as fla's layers) ----
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def key_dim(self) -> int:
+        return round(self.hidden_size * self.expand_k)
+
+    @property
+    def value_dim(self) -> int:
+        return round(self.hidden_size * self.expand_v)
+
+    @property
+    def head_k_dim(self) -> int:
+        return self.key_dim // self.num_heads
+
+    @property
+    def head_v_dim(self) -> int:
+        return self.value_dim // self.num_heads
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_heads // self.kv_heads
+
+    @property
+    def key_dim_per_group(self) -> int:
+        return self.key_dim // self.num_kv_groups
+
+    @property
+    def value_dim_per_group(self) -> int:
+        return self.value_dim // self.num_kv_groups
+
+    @property
+    def mlp_intermediate_size(self) -> int:
+        """fla's GatedMLP: 2/3 · hidden_ratio · hidden_size rounded up to a multiple of 256."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        ratio = 4 if self.hidden_ratio is None else self.hidden_ratio
+        size = int(self.hidden_size * ratio * 2 / 3)
+        return 256 * ((size + 256 - 1) // 256)
+
+    @property
+    def fuse_norm_and_gate(self) -> bool:
+        """Whether fla names the output norm ``g_norm_swish_gate`` (else ``g_norm``)."""
+        return self.hidden_act == "swish" and self.fuse_norm and self.use_output_gate
+
+    @property
+    def conv_channels(self) -> int:
+        """Channels of the short-convolution state (q, k and v convolutions side by side)."""
+        return self.key_dim + self.key_dim_per_group + self.value_dim_per_group if self.use_short_conv else 0
+
+    # ---- checks ----
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
+
+        if self.model_type != "gla":
+            raise bad("model_type", "only 'gla' models are supported")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise bad(name, "must be a positive integer")
+        if self.attn is not None:
+            raise bad("attn", "hybrid models with softmax-attention layers are not supported")
+        if self.attnres_block_size is not None:
+            raise bad("attnres_block_size", "attention residuals are not supported")
+        if self.feature_map is not None:
+            raise bad("feature_map", "only None (no feature map) is supported")
+        if self.hidden_act != "swish":
+            raise bad("hidden_act", "only 'swish' is supported")
+        if self.use_gv:
+            raise bad("use_gv", "value gates are not supported")
+        if not self.use_gk:
+            raise bad("use_gk", "GLA needs its key gate")
+        if self.num_heads % self.kv_heads != 0:
+            raise bad("num_kv_heads", f"num_heads ({self.num_heads}) must be a multiple of it")
+        for name, width in (("expand_k", self.hidden_size * self.expand_k), ("expand_v", self.hidden_size * self.expand_v)):
+            if not math.isclose(width, round(width)) or round(width) <= 0:
+                raise bad(name, f"hidden_size * {name} = {width} must be a positive integer")
+        if self.key_dim % self.num_heads or self.value_dim % self.num_heads:
+            raise bad("num_heads", f"key dim {self.key_dim} and value dim {self.value_dim} must divide by it")
+        if self.use_short_conv and self.conv_size < 1:
+            raise bad("conv_size", "must be at least 1")
+        if self.clamp_min is not None and self.clamp_min > 0:
+            raise bad("clamp_min", "a log decay is at most 0, so clamp_min must be <= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "must be in [0, 1)")
+
+    # ---- (de)serialisation ----
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GLAConfig:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> GLAConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d["architectures"] = ["GLAForCausalLM"]
+        return d
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

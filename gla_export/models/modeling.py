@@ -1,0 +1,258 @@
+"""The GLA causal language model, parameter for parameter flash-linear-attention's ``GLAForCausalLM``.
+
+Module names, parameter names and shapes match fla 0.6, so an fla checkpoint's state dict loads
+unchanged (gla_export.models.loader). The arithmetic is plain PyTorch; the recurrence goes through
+:func:`gla_export.ops.gated_linear_attention`, whose state is kept per key/value head (fla repeats
+k and v over the query heads instead; with GQA both give the same outputs).
+
+Recurrent inference: every layer takes and returns a :class:`LayerState` (the GLA state
+``[B, Hkv, d_k, d_v]`` and, with short convolutions, the last ``conv_size - 1`` inputs of the q, k
+and v convolutions ``[B, conv_channels, conv_size - 1]``). Padded batches must be left-padded:
+a position with ``attention_mask == 0`` gets ``k = 0`` and ``g = 0`` (it leaves the state alone)
+and zero convolution input, so each row ends with its own state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import gated_linear_attention
+from .config import GLAConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, cast back to the input dtype (as fla's kernels do)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, elementwise_affine: bool = True, dtype=None):
+        super().__init__()
+        self.hidden_size, self.eps = hidden_size, eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class GatedRMSNorm(RMSNorm):
+    """``rmsnorm(x) · weight · silu(gate)``: fla's ``FusedRMSNormGated`` with the swish gate."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return (rms_norm(x, self.weight, self.eps).float() * F.silu(gate.float())).to(x.dtype)
+
+
+class ShortConvolution(nn.Conv1d):
+    """Depthwise causal convolution + SiLU; parameters as fla's ``ShortConvolution`` (an nn.Conv1d)."""
+
+    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False):
+        super().__init__(hidden_size, hidden_size, kernel_size, padding=kernel_size - 1, groups=hidden_size, bias=bias)
+
+    def forward_with_cache(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: ``[B, T, D]``; cache: the previous ``kernel_size - 1`` inputs ``[B, D, W-1]`` (zeros if None)."""
+        B, T, D = x.shape
+        W = self.kernel_size[0]
+        xt = x.transpose(1, 2)
+        if cache is None:
+            cache = xt.new_zeros(B, D, W - 1)
+        full = torch.cat([cache.to(xt.dtype), xt], dim=-1)  # [B, D, W-1+T]
+        y = F.conv1d(full, self.weight, self.bias, groups=D)  # [B, D, T]
+        return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - (W - 1) :]
+
+
+@dataclass
+class LayerState:
+    recurrent: torch.Tensor  # [B, Hkv, d_k, d_v]
+    conv: torch.Tensor | None = None  # [B, conv_channels, conv_size - 1]
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    states: list[LayerState] | None = None
+
+
+class GatedLinearAttention(nn.Module):
+    def __init__(self, config: GLAConfig, layer_idx: int = 0):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.num_heads, self.num_kv_heads = c.num_heads, c.kv_heads
+        self.head_k_dim, self.head_v_dim = c.head_k_dim, c.head_v_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.key_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.key_dim_per_group, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.value_dim_per_group, bias=False)
+        if c.use_output_gate:
+            self.g_proj = nn.Linear(c.hidden_size, c.value_dim, bias=False)
+        if c.use_short_conv:
+            self.q_conv1d = ShortConvolution(c.key_dim, c.conv_size, c.conv_bias)
+            self.k_conv1d = ShortConvolution(c.key_dim_per_group, c.conv_size, c.conv_bias)
+            self.v_conv1d = ShortConvolution(c.value_dim_per_group, c.conv_size, c.conv_bias)
+        self.gk_proj = nn.Sequential(
+            nn.Linear(c.hidden_size, c.gate_low_rank_dim, bias=False),
+            nn.Linear(c.gate_low_rank_dim, c.key_dim_per_group, bias=True),
+        )
+        self.o_proj = nn.Linear(c.value_dim, c.hidden_size, bias=False)
+        affine = c.elementwise_affine is not False
+        if c.fuse_norm_and_gate:
+            self.g_norm_swish_gate = GatedRMSNorm(c.head_v_dim, c.norm_eps, affine)
+        else:
+            self.g_norm = RMSNorm(c.head_v_dim, c.norm_eps, affine, dtype=torch.float32)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The log decay per key dimension, ``logsigmoid(gk_proj(x)) / normalizer`` clamped at clamp_min."""
+        gk = F.logsigmoid(self.gk_proj(x).float()) / self.config.gate_logit_normalizer
+        if self.config.clamp_min is not None:
+            gk = gk.clamp_min(self.config.clamp_min)
+        return gk
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state: LayerState | None = None,
+        gla_backend: str = "auto",
+    ) -> tuple[torch.Tensor, LayerState]:
+        c = self.config
+        B, T, _ = x.shape
+        mask = None if attention_mask is None else attention_mask[:, -T:, None].to(x.dtype)
+        xin = x if mask is None else x * mask
+
+        q, k, v = self.q_proj(xin), self.k_proj(xin), self.v_proj(xin)
+        conv_state = None
+        if c.use_short_conv:
+            prev = None if state is None else state.conv
+            splits = (c.key_dim, c.key_dim_per_group, c.value_dim_per_group)
+            caches = (None, None, None) if prev is None else torch.split(prev, splits, dim=1)
+            q, cq = self.q_conv1d.forward_with_cache(q, caches[0])
+            k, ck = self.k_conv1d.forward_with_cache(k, caches[1])
+            v, cv = self.v_conv1d.forward_with_cache(v, caches[2])
+            conv_state = torch.cat([cq, ck, cv], dim=1)
+        gk = self.gate(x)
+        if mask is not None:
+            k = k * mask
+            gk = gk * mask.float()
+
+        q = q.view(B, T, self.num_heads, self.head_k_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_k_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_v_dim)
+        gk = gk.view(B, T, self.num_kv_heads, self.head_k_dim)
+        o, recurrent = gated_linear_attention(
+            q,
+            k,
+            v,
+            gk,
+            initial_state=None if state is None else state.recurrent,
+            output_final_state=True,
+            backend=gla_backend,
+        )
+
+        if c.use_output_gate:
+            g = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
+            if c.fuse_norm_and_gate:
+                o = self.g_norm_swish_gate(o, g)
+            else:
+                o = self.g_norm(o) * F.silu(g)
+        else:
+            o = self.g_norm(o)
+        o = self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+        return o, LayerState(recurrent, conv_state)
+
+
+class GLAMLP(nn.Module):
+    """SwiGLU MLP, fla's ``GatedMLP``."""
+
+    def __init__(self, config: GLAConfig):
+        super().__init__()
+        size = config.mlp_intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, size, bias=False)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GLABlock(nn.Module):
+    def __init__(self, config: GLAConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = GatedLinearAttention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = GLAMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attention_mask=None, state=None, gla_backend="auto"):
+        h, new_state = self.attn(self.attn_norm(x), attention_mask, state, gla_backend)
+        x = x + self.dropout(h)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x, new_state
+
+
+class GLAModel(nn.Module):
+    def __init__(self, config: GLAConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([GLABlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+
+class GLAForCausalLM(nn.Module):
+    """``forward(input_ids, attention_mask=None, states=None)`` -> :class:`CausalLMOutput`."""
+
+    def __init__(self, config: GLAConfig):
+        super().__init__()
+        self.config = config
+        self.model = GLAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embeddings.weight
+
+    def reset_parameters(self) -> None:
+        """fla's initialisation: normal(0, initializer_range) for linear and embedding weights."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        states: list[LayerState] | None = None,
+        gla_backend: str = "auto",
+    ) -> CausalLMOutput:
+        if states is not None and len(states) != len(self.model.layers):
+            raise ValueError(f"expected {len(self.model.layers)} layer states, got {len(states)}")
+        x = self.model.embeddings(input_ids)
+        new_states = []
+        for i, layer in enumerate(self.model.layers):
+            x, st = layer(x, attention_mask, None if states is None else states[i], gla_backend)
+            new_states.append(st)
+        logits = self.lm_head(self.model.norm(x))
+        return CausalLMOutput(logits=logits, states=new_states)
+
+    def init_states(self, batch_size: int, device=None, state_dtype: torch.dtype = torch.float32) -> list[LayerState]:
+        """Zero states for ``batch_size`` rows (the state of an empty context)."""
+        c = self.config
+        dtype = self.lm_head.weight.dtype
+        return [
+            LayerState(
+                torch.zeros(batch_size, c.kv_heads, c.head_k_dim, c.head_v_dim, device=device, dtype=state_dtype),
+                torch.zeros(batch_size, c.conv_channels, c.conv_size - 1, device=device, dtype=dtype)
+                if c.use_short_conv
+                else None,
+            )
+            for _ in range(c.num_hidden_layers)
+        ]
