@@ -1,0 +1,125 @@
+// TensorRT IPluginV3 plugin for the GLA op: one class with the OneCore/OneBuild/OneRuntime views,
+// serving two ONNX ops (see README.md):
+//   GatedLinearAttention  our custom op (domain "gla"): query, key, value, gate, [past_state],
+//                         [cu_seqlens], [g_gamma]
+//   LinearAttention       the standard opset-27 op with update_rule "gated" or "linear": query,
+//                         key, value, [past_state], [decay], [beta]
+// The arithmetic is the kernel core's (plugins/kernels, gla::cuda_forward); this file only maps
+// TensorRT descriptors to a gla::Problem. Nothing here throws across a noexcept boundary: every
+// entry point catches, reports through the error recorder or the logger, and returns an error.
+#pragma once
+
+#include <NvInferRuntime.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gla/kernels.h"
+
+namespace gla_trt {
+
+enum class OpKind : int32_t { kGatedLinearAttention = 0, kLinearAttention = 1 };
+
+char const* opName(OpKind kind);
+
+// The node's attributes, exactly as the ONNX attributes of each op.
+struct Config {
+  OpKind kind = OpKind::kGatedLinearAttention;
+  int32_t q_num_heads = 0;
+  int32_t kv_num_heads = 0;
+  float scale = 0.f;       // 0: d_k^-1/2
+  int32_t reverse = 0;     // GatedLinearAttention only
+  int32_t chunk_size = 64; // a hint; the kernels pick their own tiling
+  std::string update_rule; // LinearAttention only: "gated" or "linear"
+
+  bool gated() const { return kind == OpKind::kGatedLinearAttention || update_rule == "gated"; }
+  // Empty when valid, else one sentence naming the attribute and its value.
+  std::string check() const;
+  std::string describe() const;
+};
+
+// Which plugin input plays which role; -1 when absent. Roles are positional, as in the ONNX
+// schemas: TensorRT's ONNX parser keeps input positions and cannot hand a plugin an empty input in
+// the middle (addPluginV3 refuses the null tensor), so only trailing optional inputs may be omitted.
+struct Roles {
+  int32_t query = 0, key = 1, value = 2;
+  int32_t gate = -1;        // GLA: gate (input 3); LinearAttention: decay (input 4)
+  int32_t past_state = -1;
+  int32_t cu_seqlens = -1;
+  int32_t g_gamma = -1;
+  int32_t beta = -1;        // LinearAttention only; never read (delta rules are refused)
+};
+
+// Returns an empty string on success, else an error sentence.
+std::string resolveRoles(Config const& config, int32_t nbInputs, Roles& roles);
+
+class GlaPlugin final : public nvinfer1::IPluginV3,
+                        public nvinfer1::IPluginV3OneCore,
+                        public nvinfer1::IPluginV3OneBuild,
+                        public nvinfer1::IPluginV3OneRuntime {
+ public:
+  GlaPlugin(std::string name, Config config);
+  GlaPlugin(GlaPlugin const& other);
+  GlaPlugin& operator=(GlaPlugin const&) = delete;
+  ~GlaPlugin() override = default;
+
+  // IPluginV3
+  nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+  nvinfer1::IPluginV3* clone() noexcept override;
+
+  // IPluginV3OneCore
+  char const* getPluginName() const noexcept override;
+  char const* getPluginVersion() const noexcept override;
+  char const* getPluginNamespace() const noexcept override;
+
+  // IPluginV3OneBuild
+  int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                          nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+  int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs, nvinfer1::DataType const* inputTypes,
+                             int32_t nbInputs) const noexcept override;
+  int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
+                          int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+                          nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+  bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+                                 int32_t nbOutputs) noexcept override;
+  int32_t getNbOutputs() const noexcept override;
+  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+                          nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
+  char const* getTimingCacheID() noexcept override;
+  char const* getMetadataString() noexcept override;
+
+  // IPluginV3OneRuntime
+  int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+                        int32_t nbOutputs) noexcept override;
+  int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+                  void const* const* inputs, void* const* outputs, void* workspace,
+                  cudaStream_t stream) noexcept override;
+  nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
+  nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
+
+  Config const& config() const { return mConfig; }
+
+  // The problem the kernel core would solve for these concrete descriptors; throws a
+  // std::invalid_argument naming the input and its shape when they do not fit the op.
+  gla::Problem problemFor(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
+                          nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) const;
+
+  // Workspace the plugin declares for a problem: the kernel core's need plus alignment slack.
+  static size_t declaredWorkspace(gla::Problem const& problem);
+
+ private:
+  void reportError(nvinfer1::ErrorCode code, std::string const& message) const noexcept;
+  std::string where() const;  // "GatedLinearAttention plugin 'node'"
+
+  std::string mName;
+  Config mConfig;
+  nvinfer1::IErrorRecorder* mRecorder = nullptr;
+  int32_t mNbInputs = 0;  // enqueue() is not told how many inputs there are
+  std::string mTimingId;
+  std::vector<nvinfer1::PluginField> mFields;
+  nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+}  // namespace gla_trt
