@@ -17,6 +17,7 @@ from ..errors import GlaExportError
 
 # name -> "module:attribute"; each module defines one click command
 COMMANDS = {
+    "export": "gla_export.cli.export:export",
     "info": "gla_export.cli.info:info",
 }
 

@@ -1,0 +1,67 @@
+"""``gla-export export``: a GLA model to prefill/step ONNX graphs (docs/export.md)."""
+
+from __future__ import annotations
+
+import click
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.command()
+@click.argument("model", required=False, type=click.Path(file_okay=False, path_type=str))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=str), help="Export directory to create.")
+@click.option("--gla-op", type=click.Choice(["custom", "onnx", "decomposed"]), default="custom", show_default=True,
+              help="custom: gla::GatedLinearAttention (our ORT library / TensorRT plugin); onnx: standard LinearAttention "
+                   "(opset 27); decomposed: standard ops only, no plugin needed.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Activations and weights (logits are always float32).")
+@click.option("--state-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="The GLA recurrent state.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 21; 27 for --gla-op onnx).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Shape hint for engine builders.")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="Shape hint for engine builders.")
+@click.option("--attention-mask/--no-attention-mask", default=True, show_default=True,
+              help="Give the prefill graph an attention_mask input (left-padded batches).")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="Run the graphs and compare with PyTorch.")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance (default per dtype).")
+@click.option("--rtol", type=float, default=None, help="Tolerance relative to the largest reference value (default per dtype).")
+@click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "reference"]), default="auto", show_default=True,
+              help="What runs the graphs for validation.")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing export in OUTPUT.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq_len, attention_mask, validate, atol, rtol,
+           runtime, force, quiet) -> None:
+    """Export MODEL (a checkpoint directory; default: the bundled sample model) to ONNX.
+
+    Writes prefill.onnx and step.onnx sharing weights.onnx.data, and metadata.json. Validation
+    failures exit with code 4 and write nothing.
+    """
+    from rich.console import Console
+
+    from ..export import ExportValidationError, export_model
+
+    err = Console(stderr=True)
+    try:
+        result = export_model(
+            model, out_dir, gla_op=gla_op, dtype=dtype, state_dtype=state_dtype, opset=opset, max_batch=max_batch,
+            max_seq_len=max_seq_len, attention_mask=attention_mask, validate=validate, atol=atol, rtol=rtol,
+            force=force, progress=not quiet, runtime=runtime, console=err,
+        )
+    except ExportValidationError as e:
+        err.print(e.report.table())
+        raise
+    out = Console()
+    if result.validation is not None:
+        out.print(result.validation.table())
+        for note in result.validation.notes:
+            out.print(f"[dim]note: {note}[/dim]")
+        runtimes = ", ".join(f"{k}: {v}" for k, v in result.validation.runtimes.items())
+        out.print(f"[dim]ran on {runtimes}[/dim]")
+    sizes = ", ".join(f"{name} {_size(n)}" for name, n in result.sizes.items())
+    out.print(f"[green]exported[/green] {result.out_dir} ({gla_op}, {dtype}) in {result.timings['total']:.1f} s: {sizes}")

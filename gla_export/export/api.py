@@ -1,0 +1,371 @@
+"""``export_model``: a GLA model to ``prefill.onnx`` + ``step.onnx`` + one weights file + metadata.
+
+Atomic: everything is built (and validated) in a temporary directory beside ``out_dir`` and
+renamed into place at the end. A failure leaves no partial files; an existing export is only
+replaced with ``force=True``, and never a directory that is not an export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx import helper
+
+from ..errors import ExportFailedError, GlaExportError, ModelError, OutputExistsError, UsageError, ValidationError
+from ..models.config import ConfigError
+from ..models.loader import CheckpointError, load_model, sample_model_path
+from ..models.modeling import GatedLinearAttention, GLAForCausalLM
+from .gla_ops import CUSTOM_DOMAIN, CUSTOM_VERSION, DECOMPOSED_MAX_OPSET, FORMS, ONNX_OP_OPSET
+from .graph import GraphBuilder, WeightTable, min_ir_version
+from .metadata import (
+    FORMAT,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    METADATA_KEY,
+    PREFILL_FILE,
+    STEP_FILE,
+    WEIGHTS_FILE,
+    build_metadata,
+    copy_tokenizer,
+    detect_tokenizer,
+    dumps,
+)
+from .model_graph import GraphSpec, build_graph, register_weights
+from .validate import DEFAULT_TOLERANCES, ValidationReport, build_cases, run_cases
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_OPSET = 21
+MIN_OPSET = 18  # ReduceMean with axes as an input, Pad with axes, Split/Shape attributes used here
+VALIDATION_FILE = "validation.json"
+
+
+class ExportValidationError(ValidationError):
+    """Validation failed; ``report`` holds every comparison."""
+
+    def __init__(self, message: str, report: ValidationReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    metadata: dict[str, Any]
+    validation: ValidationReport | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prefill_path(self) -> Path:
+        return self.out_dir / PREFILL_FILE
+
+    @property
+    def step_path(self) -> Path:
+        return self.out_dir / STEP_FILE
+
+    @property
+    def weights_path(self) -> Path:
+        return self.out_dir / WEIGHTS_FILE
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.out_dir / METADATA_FILE
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {p.name: p.stat().st_size for p in sorted(self.out_dir.iterdir()) if p.is_file()}
+
+
+def parse_dtype(value: Any, what: str) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    aliases = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16", "float": "fp32"}
+    key = aliases.get(str(value), str(value))
+    if key not in DTYPES:
+        raise UsageError(f"{what} must be one of {', '.join(DTYPES)}, got {value!r}")
+    return DTYPES[key]
+
+
+def check_opset(gla_op: str, opset: int | None) -> int:
+    latest = onnx.defs.onnx_opset_version()
+    if gla_op == "onnx":
+        opset = ONNX_OP_OPSET if opset is None else opset
+        lo, hi = ONNX_OP_OPSET, latest
+    else:
+        opset = DEFAULT_OPSET if opset is None else opset
+        lo, hi = MIN_OPSET, DECOMPOSED_MAX_OPSET if gla_op == "decomposed" else latest
+    if not isinstance(opset, int) or not lo <= opset <= hi:
+        raise UsageError(f"--opset {opset} is not valid for --gla-op {gla_op}: use {lo}..{hi}")
+    return opset
+
+
+def _is_export_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / METADATA_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise OutputExistsError(f"{out_dir} already exists and is not empty (use --force to replace it)")
+        if not _is_export_dir(out_dir):
+            raise OutputExistsError(f"{out_dir} is not a gla-export directory (no {METADATA_FILE}): refusing to replace it even with --force")
+
+
+def _load(model_or_path: Any, dtype: torch.dtype) -> tuple[GLAForCausalLM, Path | None]:
+    if isinstance(model_or_path, GLAForCausalLM):
+        model = model_or_path
+        if model.lm_head.weight.dtype != dtype:
+            # convert a copy: the caller's model is left as it was
+            model = copy.deepcopy(model).to(dtype)
+            for m in model.modules():  # as the loader does: the unfused output norm stays float32
+                if isinstance(m, GatedLinearAttention) and hasattr(m, "g_norm"):
+                    m.g_norm.float()
+        return model, None
+    if model_or_path is not None and not isinstance(model_or_path, (str, os.PathLike)):
+        raise UsageError(f"model must be a checkpoint directory or a GLAForCausalLM, got {type(model_or_path).__name__}")
+    path = Path(model_or_path) if model_or_path is not None else sample_model_path()
+    if not path.exists():
+        what = "the bundled sample model" if model_or_path is None else "checkpoint"
+        raise ModelError(f"{what} not found: {path}")
+    try:
+        return load_model(path, dtype=dtype), path
+    except (CheckpointError, ConfigError) as e:
+        raise ModelError(str(e)) from e
+
+
+def _check_supported(model: GLAForCausalLM) -> None:
+    c = model.config
+    if c.use_short_conv and c.conv_size < 2:
+        raise ModelError(f"config field 'conv_size' = {c.conv_size}: export needs conv_size >= 2 when use_short_conv is set")
+
+
+class _Progress:
+    """Steps shown with rich (on stderr), or nothing."""
+
+    def __init__(self, enabled: bool, console=None):
+        self.enabled = enabled
+        self._progress = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                console=console or Console(stderr=True), transient=False,
+            )
+
+    def __enter__(self):
+        if self._progress:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress:
+            self._progress.stop()
+
+    @contextlib.contextmanager
+    def step(self, description: str, total: int | None = None):
+        if not self._progress:
+            yield lambda n: None
+            return
+        task = self._progress.add_task(description, total=total)
+
+        def advance(n: int) -> None:
+            self._progress.advance(task, n)
+
+        yield advance
+        self._progress.update(task, total=total or 1, completed=total or 1)
+
+
+def _model_proto(b: GraphBuilder, table: WeightTable, opset: int, ir_version: int, form: str, meta_json: str, kind: str) -> onnx.ModelProto:
+    graph = b.graph([table.tensor_proto(n) for n in b.used_weights])
+    imports = [helper.make_opsetid("", opset)]
+    if form == "custom":
+        imports.append(helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_VERSION))
+    from .. import __version__
+
+    model = helper.make_model(graph, opset_imports=imports, producer_name="gla-export", producer_version=__version__)
+    model.ir_version = ir_version
+    model.doc_string = f"GLA causal LM, {kind} graph (gla-export; metadata in metadata_props['{METADATA_KEY}'])"
+    helper.set_model_props(model, {METADATA_KEY: meta_json, "gla_export.graph": kind, "gla_export.format_version": str(FORMAT_VERSION)})
+    return model
+
+
+def export_model(
+    model_or_path: Any = None,
+    out_dir: str | os.PathLike = "export",
+    *,
+    gla_op: str = "custom",
+    dtype: Any = "fp32",
+    state_dtype: Any = "fp32",
+    opset: int | None = None,
+    max_batch: int = 8,
+    max_seq_len: int = 2048,
+    attention_mask: bool = True,
+    validate: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    force: bool = False,
+    progress: bool = True,
+    runtime: str = "auto",
+    console=None,
+) -> ExportResult:
+    """Export a GLA causal LM to ONNX (docs/export.md).
+
+    Args:
+        model_or_path: a :class:`GLAForCausalLM`, a checkpoint directory (ours or fla's), or None
+            for the bundled sample model.
+        out_dir: the export directory (created; replaced only with ``force``).
+        gla_op: ``custom`` (``gla::GatedLinearAttention``), ``onnx`` (``LinearAttention``, opset 27)
+            or ``decomposed`` (standard ops only).
+        dtype: activations and weights, ``fp32``/``fp16``/``bf16``; logits are always float32.
+        state_dtype: the GLA recurrent state (float32 by default, also for fp16 activations).
+        opset: default 21 (``custom``, ``decomposed``) or 27 (``onnx``).
+        max_batch, max_seq_len: shape hints recorded for engine builders.
+        attention_mask: give the prefill graph an ``attention_mask`` input (left padding).
+        validate: run both graphs and compare with PyTorch; ``atol``/``rtol`` default per dtype.
+        runtime: which runtime validates (``auto``, ``onnxruntime``, ``reference``).
+
+    Raises:
+        UsageError, ModelError, OutputExistsError, ExportValidationError (a ValidationError),
+        ExportFailedError; each carries its CLI exit code.
+    """
+    t_start = time.perf_counter()
+    if gla_op not in FORMS:
+        raise UsageError(f"gla_op must be one of {', '.join(FORMS)}, got {gla_op!r}")
+    act = parse_dtype(dtype, "dtype")
+    sdt = parse_dtype(state_dtype, "state_dtype")
+    opset = check_opset(gla_op, opset)
+    for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    d_atol, d_rtol = DEFAULT_TOLERANCES[act]
+    atol = d_atol if atol is None else float(atol)
+    rtol = d_rtol if rtol is None else float(rtol)
+    if atol < 0 or rtol < 0:
+        raise UsageError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, force)
+
+    timings: dict[str, float] = {}
+    with _Progress(progress, console) as prog:
+        with prog.step("load model"):
+            t = time.perf_counter()
+            model, source = _load(model_or_path, act)
+            _check_supported(model)
+            timings["load"] = time.perf_counter() - t
+
+        with prog.step("build graphs"):
+            t = time.perf_counter()
+            spec = GraphSpec(model.config, act, sdt, gla_op, attention_mask)
+            table = WeightTable(WEIGHTS_FILE)
+            register_weights(model, table)
+            builders = {kind: build_graph(spec, table, kind) for kind in ("prefill", "step")}
+            ir_version = min_ir_version(opset)
+            tokenizer = detect_tokenizer(model.config, source)
+            meta = build_metadata(
+                spec, opset=opset, ir_version=ir_version, tokenizer=tokenizer,
+                shape_hints={"batch": {"min": 1, "opt": 1, "max": max_batch},
+                             "sequence": {"min": 1, "opt": min(128, max_seq_len), "max": max_seq_len}},
+                source=str(source) if source is not None else None,
+                num_parameters=table.numel,  # every parameter once (a tied lm_head is the embedding)
+            )
+            timings["build"] = time.perf_counter() - t
+
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+        try:
+            with prog.step("write", total=table.nbytes) as advance:
+                t = time.perf_counter()
+                table.write(tmp, advance)
+                meta_json = json.dumps(meta, separators=(",", ":"))
+                for kind, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE)):
+                    proto = _model_proto(builders[kind], table, opset, ir_version, gla_op, meta_json, kind)
+                    (tmp / file).write_bytes(proto.SerializeToString())
+                    del proto
+                (tmp / METADATA_FILE).write_text(dumps(meta))
+                copy_tokenizer(tokenizer, source, tmp)
+                timings["write"] = time.perf_counter() - t
+            with prog.step("check (onnx.checker, full)"):
+                t = time.perf_counter()
+                for file in (PREFILL_FILE, STEP_FILE):
+                    try:
+                        onnx.checker.check_model(str(tmp / file), full_check=True)
+                    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+                        raise ExportFailedError(f"{file} fails the ONNX checker: {str(e).splitlines()[0]}") from e
+                timings["check"] = time.perf_counter() - t
+
+            report = None
+            if validate:
+                with prog.step("validate"):
+                    t = time.perf_counter()
+                    was_training = model.training
+                    model.eval()
+                    try:
+                        cases, notes = build_cases(model, meta, source)
+                    finally:
+                        model.train(was_training)
+                    # the PyTorch references are computed: let the weights go before the runtimes load them
+                    del model
+                    gc.collect()
+                    report = run_cases(tmp, cases, meta, atol=atol, rtol=rtol, runtime=runtime, notes=notes)
+                    del cases
+                    (tmp / VALIDATION_FILE).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+                    timings["validate"] = time.perf_counter() - t
+                if not report.passed:
+                    worst = max(report.failures, key=lambda c: c.max_abs / max(c.limit, 1e-30))
+                    raise ExportValidationError(
+                        f"validation failed: {len(report.failures)} of {len(report.checks)} comparisons exceed the tolerance "
+                        f"(worst: {worst.case} {worst.output}: max|err| {worst.max_abs:.3e} > {worst.limit:.3e}); "
+                        f"nothing was written to {out_dir}",
+                        report,
+                    )
+            _move_into_place(tmp, out_dir, force)
+        except GlaExportError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ExportFailedError(f"writing the export failed: {e}") from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    timings["total"] = time.perf_counter() - t_start
+    return ExportResult(out_dir, meta, report, timings)
+
+
+def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
+    """Rename the finished export to ``out_dir``; an old export is swapped out first and removed
+    only once the new one is in place."""
+    _check_out_dir(out_dir, force)  # again: something may have appeared while we worked
+    if out_dir.is_dir():
+        backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        backup.rmdir()
+        os.rename(out_dir, backup)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            os.rename(backup, out_dir)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)

@@ -1,0 +1,394 @@
+"""Run exported graphs and compare them with the PyTorch model.
+
+Cases (all with fixed seeds, so a failure reproduces):
+
+- ``random``: prefill of random ids (B = 2) from zero states: logits and every present state;
+- ``continue``: prefill of more random ids from the states PyTorch reached in ``random``
+  (non-zero past states, conv caches included);
+- ``real``: prefill of an English sentence, tokenised when the model's tokenizer is known;
+- ``padded``: a left-padded batch with ``attention_mask``: each row's logits and final states
+  against that row run alone (only when the prefill graph has the mask);
+- ``step``: the step graph run once per token of the ``real`` (or a random) sequence from zero
+  states, reproducing the full forward's logits at every position and its final states.
+
+An output passes when ``max|got − ref| <= atol + rtol · max|ref|``; the table also shows the
+relative norm error ``‖got − ref‖ / ‖ref‖``.
+
+Runtimes: stock ONNX Runtime (CPU) for ``decomposed`` and ``onnx`` graphs; for ``custom`` graphs
+our ONNX Runtime library when it is built, else the ONNX reference evaluator with the Python
+reference op. ONNX Runtime has no bfloat16 CPU kernels, so bfloat16 graphs run in the reference
+evaluator.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models.modeling import GLAForCausalLM, LayerState
+from ..models.tokenizer import ByteTokenizer
+from .metadata import PREFILL_FILE, STEP_FILE
+
+SENTENCE = "The quick brown fox jumps over the lazy dog, and the dog keeps on sleeping in the sun."
+
+# default (atol, rtol) per activation dtype; see docs/export.md for the measured errors behind them
+DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+RUNTIMES = ("auto", "onnxruntime", "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# runners
+# ---------------------------------------------------------------------------------------------
+
+
+class Runner:
+    name: str
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class OrtRunner(Runner):
+    def __init__(self, session, name: str):
+        self.session, self.name = session, name
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, feeds):
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+
+class ReferenceRunner(Runner):
+    name = "onnx.reference + gla reference op"
+
+    def __init__(self, path: Path):
+        from .reference_op import reference_evaluator
+
+        self.evaluator = reference_evaluator(str(path))
+        self.output_names = list(self.evaluator.output_names)
+
+    def run(self, feeds):
+        return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
+
+
+def _ort_session(path: Path, custom_library: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # the opset-27 "under development" notice is expected for --gla-op onnx
+    if custom_library is not None:
+        so.register_custom_ops_library(custom_library)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def make_runner(path: Path, form: str, dtype: torch.dtype, runtime: str = "auto") -> Runner:
+    """A runner for one graph (see the module docstring for which runtime runs what)."""
+    from ..errors import MissingRuntimeError, UsageError
+
+    if runtime not in RUNTIMES:
+        raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "reference" or dtype == torch.bfloat16:
+        if runtime == "onnxruntime":
+            raise UsageError("ONNX Runtime has no bfloat16 CPU kernels: validate bfloat16 exports with runtime='reference'")
+        return ReferenceRunner(path)
+    if form == "onnx":
+        # LinearAttention is in opset 27, which ONNX Runtime 1.31 still calls "under development"
+        os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"
+    if form != "custom":
+        return OrtRunner(_ort_session(path), "onnxruntime (CPU)")
+    from .._native import find_library
+
+    lib = find_library("ort")
+    if lib is None:
+        if runtime == "onnxruntime":
+            raise MissingRuntimeError("the gla ONNX Runtime library is not built, so custom graphs cannot run in ONNX Runtime")
+        return ReferenceRunner(path)
+    try:
+        from ..runtime import create_session
+    except ImportError:
+        return OrtRunner(_ort_session(path, str(lib)), "onnxruntime (CPU) + libgla_onnxruntime")
+    return OrtRunner(create_session(str(path), providers=("cpu",)), "onnxruntime (CPU) + libgla_onnxruntime")
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    case: str
+    output: str
+    max_abs: float
+    rel: float
+    ref_max: float
+    limit: float
+    ok: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ValidationReport:
+    atol: float
+    rtol: float
+    checks: list[Check] = field(default_factory=list)
+    runtimes: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def summary_rows(self) -> list[Check]:
+        """One row per case and output kind: the worst layer's state stands for all layers."""
+        rows: dict[tuple[str, str], Check] = {}
+        for c in self.checks:
+            kind = c.output.split(".")[-1] if c.output.startswith("present.") else c.output
+            key = (c.case, kind)
+            if key not in rows or (c.max_abs - c.limit) > (rows[key].max_abs - rows[key].limit):
+                rows[key] = c
+        return list(rows.values())
+
+    def table(self, title: str | None = None):
+        from rich.table import Table
+
+        t = Table(title=title or f"validation (pass: max|err| <= {self.atol:g} + {self.rtol:g}·max|ref|)")
+        for col, just in (("case", "left"), ("output (worst layer)", "left"), ("max |err|", "right"), ("limit", "right"), ("rel. norm err", "right"), ("", "left")):
+            t.add_column(col, justify=just)
+        for c in self.summary_rows():
+            parts = c.output.split(".")
+            output = f"{parts[2]} (layer {parts[1]})" if c.output.startswith("present.") and len(parts) == 3 else c.output
+            t.add_row(c.case, output, f"{c.max_abs:.2e}", f"{c.limit:.2e}", f"{c.rel:.2e}",
+                      "[green]ok[/green]" if c.ok else "[red]FAIL[/red]")
+        return t
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "runtimes": self.runtimes,
+            "notes": self.notes,
+            "seconds": round(self.seconds, 3),
+            "checks": [c.as_dict() for c in self.checks],
+        }
+
+
+def compare(case: str, output: str, got: np.ndarray, ref: torch.Tensor, atol: float, rtol: float) -> Check:
+    g = torch.from_numpy(np.asarray(got).astype(np.float64))
+    r = ref.detach().double().cpu()
+    if tuple(g.shape) != tuple(r.shape):
+        return Check(case, f"{output} (shape {list(g.shape)} != {list(r.shape)})", float("inf"), float("inf"), 0.0, 0.0, False)
+    ref_max = r.abs().max().item() if r.numel() else 0.0
+    if not torch.isfinite(g).all():
+        return Check(case, output, float("inf"), float("inf"), ref_max, atol + rtol * ref_max, False)
+    diff = g - r
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    rel = (diff.norm() / max(r.norm().item(), 1e-12)).item()
+    limit = atol + rtol * ref_max
+    return Check(case, output, max_abs, rel, ref_max, limit, max_abs <= limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# cases: inputs and the PyTorch references
+# ---------------------------------------------------------------------------------------------
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.float().numpy().astype(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+@dataclass
+class Case:
+    name: str
+    graph: str  # "prefill" or "step"
+    feeds: list[dict[str, np.ndarray]]  # one per run (several for the step case)
+    expected: dict[str, torch.Tensor]
+    collect: Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]]
+
+
+def _state_feeds(states: list[LayerState], state_names: list[dict]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for st in state_names:
+        layer = states[st["layer"]]
+        feeds[st["input"]] = _np(layer.recurrent if st["kind"] == "recurrent_state" else layer.conv)
+    return feeds
+
+
+def _state_outputs(states: list[LayerState], state_names: list[dict], row: slice | int | None = None) -> dict[str, torch.Tensor]:
+    out = {}
+    for st in state_names:
+        layer = states[st["layer"]]
+        t = layer.recurrent if st["kind"] == "recurrent_state" else layer.conv
+        out[st["output"]] = t if row is None else t[row]
+    return out
+
+
+def _last_run(runs):
+    return runs[-1]
+
+
+def encode_sentence(meta: dict[str, Any], source: Path | None) -> list[int] | None:
+    """Token ids of :data:`SENTENCE` with the model's tokenizer, or None when it is unknown."""
+    tok = meta["tokenizer"]
+    if tok["kind"] == "byte":
+        return ByteTokenizer(tok["bos_token_id"], tok["eos_token_id"]).encode(SENTENCE)
+    if tok["kind"] == "huggingface" and source is not None and (source / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            return None
+        ids = Tokenizer.from_file(str(source / "tokenizer.json")).encode(SENTENCE).ids
+        vocab = meta["model"]["vocab_size"]
+        return ids if ids and max(ids) < vocab else None
+    return None
+
+
+@torch.no_grad()
+def build_cases(model: GLAForCausalLM, meta: dict[str, Any], source: Path | None, seed: int = 0) -> tuple[list[Case], list[str]]:
+    """The validation cases with their PyTorch references (computed now, so the model can be
+    released before the graphs are loaded)."""
+    c = model.config
+    states_meta = meta["states"]
+    state_dtype = getattr(torch, meta["state_dtype"])
+    has_mask = any(i["name"] == "attention_mask" for i in meta["graphs"]["prefill"]["inputs"])
+    gen = torch.Generator().manual_seed(seed)
+    big = meta["model"]["num_parameters"] > 50_000_000
+    T = 21 if big else 67  # 67 crosses a 64-step chunk boundary of the decomposed form
+    notes: list[str] = []
+
+    def fwd(ids, mask=None, states=None):
+        states = states if states is not None else model.init_states(ids.shape[0], state_dtype=state_dtype)
+        return model(ids, attention_mask=mask, states=states, gla_backend="chunk")
+
+    def prefill_feeds(ids, states, mask=None):
+        feeds = {"input_ids": ids.numpy()}
+        if has_mask:
+            feeds["attention_mask"] = (torch.ones_like(ids) if mask is None else mask).numpy()
+        feeds.update(_state_feeds(states, states_meta))
+        return feeds
+
+    def logits_and_states(runs):
+        return runs[-1]
+
+    cases: list[Case] = []
+    ids = torch.randint(0, c.vocab_size, (2, T), generator=gen)
+    zero = model.init_states(2, state_dtype=state_dtype)
+    out = fwd(ids, states=zero)
+    cases.append(Case("random", "prefill", [prefill_feeds(ids, zero)],
+                      {"logits": out.logits.float(), **_state_outputs(out.states, states_meta)}, logits_and_states))
+
+    ids2 = torch.randint(0, c.vocab_size, (2, 13), generator=gen)
+    out2 = fwd(ids2, states=out.states)
+    cases.append(Case("continue", "prefill", [prefill_feeds(ids2, out.states)],
+                      {"logits": out2.logits.float(), **_state_outputs(out2.states, states_meta)}, logits_and_states))
+
+    real = encode_sentence(meta, source)
+    if real is None:
+        notes.append("real: no tokenizer for this model, the step case runs on random ids")
+        seq = torch.randint(0, c.vocab_size, (1, 16 if big else 24), generator=gen)
+    else:
+        seq = torch.tensor([real[: 24 if big else 96]])
+        z1 = model.init_states(1, state_dtype=state_dtype)
+        out3 = fwd(seq, states=z1)
+        cases.append(Case("real", "prefill", [prefill_feeds(seq, z1)],
+                          {"logits": out3.logits.float(), **_state_outputs(out3.states, states_meta)}, logits_and_states))
+
+    if has_mask:
+        lens = [min(T, 23), min(T, 23) - 9]
+        Tp = max(lens)
+        pid = torch.zeros(2, Tp, dtype=torch.long)
+        pmask = torch.zeros(2, Tp, dtype=torch.long)
+        rows = [torch.randint(0, c.vocab_size, (n,), generator=gen) for n in lens]
+        expected: dict[str, torch.Tensor] = {}
+        alone = []
+        for r, s in enumerate(rows):
+            pid[r, Tp - len(s):] = s
+            pmask[r, Tp - len(s):] = 1
+            alone.append(fwd(s[None]))
+        expected["logits"] = torch.cat([a.logits[0] for a in alone]).float()
+        for st in states_meta:
+            expected[st["output"]] = torch.stack([_state_outputs(a.states, [st])[st["output"]][0] for a in alone])
+
+        def padded_collect(runs, lens=lens, Tp=Tp):
+            o = dict(runs[-1])
+            o["logits"] = np.concatenate([o["logits"][r, Tp - n:] for r, n in enumerate(lens)])
+            return o
+
+        cases.append(Case("padded", "prefill", [prefill_feeds(pid, model.init_states(2, state_dtype=state_dtype), pmask)],
+                          expected, padded_collect))
+
+    full = fwd(seq)
+    step_feeds = [{"input_ids": seq[:, t: t + 1].numpy()} for t in range(seq.shape[1])]
+
+    def step_collect(runs):
+        logits = np.concatenate([r["logits"] for r in runs], axis=1)
+        return {**runs[-1], "logits": logits}
+
+    cases.append(Case("step", "step", step_feeds,
+                      {"logits": full.logits.float(), **_state_outputs(full.states, states_meta)}, step_collect))
+    return cases, notes
+
+
+def run_cases(
+    out_dir: Path,
+    cases: list[Case],
+    meta: dict[str, Any],
+    *,
+    atol: float,
+    rtol: float,
+    runtime: str = "auto",
+    notes: list[str] | None = None,
+) -> ValidationReport:
+    """Load each graph once, run its cases, compare. States of the step case are threaded from
+    one run to the next."""
+    t0 = time.perf_counter()
+    report = ValidationReport(atol=atol, rtol=rtol, notes=list(notes or []))
+    form = meta["gla_op"]["form"]
+    dtype = getattr(torch, meta["dtype"])
+    states_meta = meta["states"]
+    zeros = {}
+    for st in states_meta:
+        shape = [1 if d == "batch" else d for d in st["shape"]]
+        zeros[st["input"]] = _np(torch.zeros(shape, dtype=getattr(torch, st["dtype"])))
+    for graph, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE)):
+        runner = make_runner(out_dir / file, form, dtype, runtime)
+        report.runtimes[graph] = runner.name
+        for case in (c for c in cases if c.graph == graph):
+            runs = []
+            if graph == "step":
+                states = dict(zeros)
+                for feeds in case.feeds:
+                    res = runner.run({**feeds, **states})
+                    runs.append(res)
+                    states = {st["input"]: res[st["output"]] for st in states_meta}
+            else:
+                runs = [runner.run(f) for f in case.feeds]
+            got = case.collect(runs)
+            for name, ref in case.expected.items():
+                report.checks.append(compare(case.name, name, got[name], ref, atol, rtol))
+        del runner
+    report.seconds = time.perf_counter() - t0
+    return report
