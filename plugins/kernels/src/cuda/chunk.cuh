@@ -1,0 +1,692 @@
+// Chunked prefill on tensor cores (mma.sync m16n8k16, sm_80 and later).
+//
+// The sequence is cut into chunks of 64 steps and each chunk into four sub-chunks of 16 (one
+// m16 tile of rows each). With Γ the running sum of the log2 decay inside a chunk (Γ_C its total):
+//
+//   state carried in   o_i += (q_i ⊙ 2^Γ_i) S                       "Q̂ S"
+//   inside the chunk   o_i += Σ_{j≤i} (q_i ⊙ 2^(Γ_i−Γ_r)) · (k_j ⊙ 2^(Γ_r−Γ_j)) v_j      "(Q̃ K̃ᵀ) V"
+//   state carried out  S ← 2^Γ_C ⊙ S + Σ_j (k_j ⊙ 2^(Γ_C−Γ_j))ᵀ v_j                        "K̂ᵀ V"
+//
+// The pivot r is chosen per sub-chunk of rows i and per key column. For j in an earlier sub-chunk
+// (j < r ≤ ... ) both factors are ≤ 2^θ and their product, 2^(Γ_i−Γ_j) ≤ 1, never overflows: r is
+// the sub-chunk's middle row when the decay inside the sub-chunk stays within 2^θ either side of
+// it, so the diagonal 16×16 tile can use the same tensor-core product with factors in
+// [2^-θ, 2^θ]; otherwise (a fast decay, down to -100 per step) r is the sub-chunk's first row,
+// every factor is ≤ 1, and that column's diagonal-tile terms are computed exactly, pair by pair,
+// in fp32 on the CUDA cores (the slow path, taken only for such columns). θ keeps fp16 operands
+// far from overflow (8 for fp16; bf16 has fp32's range).
+//
+// Work split. Kernel "chunk" (the main one) runs one block per (segment, query head, 64 value
+// columns); it walks its segment chunk by chunk, keeping the 64·NKB × 64 fp32 state slice in
+// registers (tensor-core accumulators), and per chunk and per 64 key columns: builds the scaled
+// operands in shared memory, then A += Q̃K̃ᵀ, O += Q̂S, S = 2^Γ_C⊙S + K̂ᵀV; then O += AV.
+// When (sequences × heads × value blocks) is too small to fill the GPU, each sequence is cut into
+// segments: "segment state" computes each segment's own state contribution from zero (K̂ᵀV with
+// the decay to the segment's end) in parallel, "segment scan" chains them into every segment's
+// start state, and the main kernel then runs all segments at once.
+//
+// fp32 activations: operands are split into two bf16 planes (hi + lo) and each product takes three
+// mma (hi·hi + hi·lo + lo·hi), about 2^-16 relative per product, enough for fp32's tolerance.
+#pragma once
+
+#include "cuda/params.cuh"
+
+namespace gla {
+namespace cuda {
+
+constexpr int kChunk = 64;
+constexpr int kBK = 64;  // key columns per step
+constexpr int kBV = 64;  // value columns per block
+constexpr int kChunkThreads = 256;
+constexpr int kPitch = 72;      // b16 elements per shared-memory row: 144 bytes, ldmatrix rows conflict-free
+constexpr int kKtRows = 160;    // K̃ of the four sub-chunks: 16 + 32 + 48 + 64 rows
+// rows of each operand tile inside one plane
+constexpr int kRowQh = 0, kRowQt = 64, kRowKt = 128, kRowKh = 288, kRowS = 352, kRowV = 416, kPlaneRows = 480;
+constexpr int kPlaneElems = kPlaneRows * kPitch;
+constexpr int kFloatsMain = 4 * 64 + 4 * 64 + 64 + 4 * 16 * 16;  // sTot, sRef, sDC, sDiag
+
+template <class Act>
+struct Operand;
+template <>
+struct Operand<__half> {
+  using E = __half;
+  static constexpr int kPlanes = 1;
+  static constexpr bool kBF16 = false;
+  static constexpr float kTheta = 8.f;
+};
+template <>
+struct Operand<bf16> {
+  using E = bf16;
+  static constexpr int kPlanes = 1;
+  static constexpr bool kBF16 = true;
+  static constexpr float kTheta = 24.f;
+};
+template <>
+struct Operand<float> {
+  using E = bf16;
+  static constexpr int kPlanes = 2;
+  static constexpr bool kBF16 = true;
+  static constexpr float kTheta = 24.f;
+};
+
+template <class Act>
+constexpr size_t chunk_smem_bytes() {
+  return size_t(Operand<Act>::kPlanes) * kPlaneElems * 2 + size_t(kFloatsMain) * 4;
+}
+template <class Act>
+constexpr size_t segment_smem_bytes() {
+  return size_t(Operand<Act>::kPlanes) * 2 * 64 * kPitch * 2 + size_t(4 * 64) * 4;
+}
+
+__device__ __forceinline__ int kt_row0(int a) { return 8 * a * (a + 1); }  // first row of sub-chunk a's K̃
+
+// Writes x into every plane (hi, then what hi missed).
+template <class Act, int kStride = kPlaneElems>
+__device__ __forceinline__ void put(typename Operand<Act>::E* at, float x) {
+  using E = typename Operand<Act>::E;
+  const E hi = from_float<E>(x);
+  at[0] = hi;
+  if constexpr (Operand<Act>::kPlanes > 1) at[kStride] = from_float<E>(x - to_float(hi));
+}
+
+// acc (one m16 × n8 tile) += A · B over every plane pair that matters (p + q < planes)
+template <class Act>
+__device__ __forceinline__ void mma_planes(float (&acc)[4], const uint32_t (&a)[Operand<Act>::kPlanes][4],
+                                           const uint32_t b0[Operand<Act>::kPlanes],
+                                           const uint32_t b1[Operand<Act>::kPlanes]) {
+  constexpr int NP = Operand<Act>::kPlanes;
+#pragma unroll
+  for (int pa = NP - 1; pa >= 0; --pa)
+#pragma unroll
+    for (int pb = NP - 1 - pa; pb >= 0; --pb) {
+      const uint32_t b[2] = {b0[pb], b1[pb]};
+      mma_16816<Operand<Act>::kBF16>(acc, a[pa], b);
+    }
+}
+
+// Raw inputs of one (chunk, 64 key columns) step, held in registers while the previous step's
+// products run. Thread (column c, sub-chunk a) holds rows 16a..16a+15 of column c.
+struct Raw {
+  float q[16], k[16], g[16], v[16];
+};
+
+struct ChunkCtx {
+  int64_t bos, len;  // the sequence
+  int h, hq;         // key/value head, query head
+  int c, a;          // column within the key block, sub-chunk
+  float gam;         // g_gamma in log2 units
+};
+
+template <class Act>
+__device__ __forceinline__ int64_t position(const Params& p, const ChunkCtx& x, int64_t t) {
+  return x.bos + (p.reverse ? x.len - 1 - t : t);
+}
+
+// Loads q (if want_q), k, g of rows t0 + 16a + r, key column kb*64 + c; v of rows t0 + (tid>>6) + 4r,
+// value column vcol (if want_v). Rows past the sequence read as zero (k = 0, g = 0: no effect).
+template <class Act>
+__device__ __forceinline__ void load_step(const Params& p, const ChunkCtx& x, Raw& raw, int64_t t0, int kb, bool want_q,
+                                          bool want_v, int vcol, int vrow0) {
+  const Act* __restrict__ q = static_cast<const Act*>(p.q);
+  const Act* __restrict__ k = static_cast<const Act*>(p.k);
+  const Act* __restrict__ g = static_cast<const Act*>(p.g);
+  const Act* __restrict__ v = static_cast<const Act*>(p.v);
+  const int col = kb * kBK + x.c;
+  const bool colok = col < p.K;
+  const int64_t kstride = int64_t(p.Hkv) * p.K;
+#pragma unroll
+  for (int r = 0; r < 16; ++r) {
+    const int64_t t = t0 + 16 * x.a + r;
+    const bool ok = colok && t < x.len;
+    const int64_t pos = position<Act>(p, x, ok ? t : 0);
+    raw.k[r] = ok ? to_float(k[pos * kstride + int64_t(x.h) * p.K + col]) : 0.f;
+    if (want_q) raw.q[r] = ok ? to_float(q[(pos * p.Hq + x.hq) * int64_t(p.K) + col]) : 0.f;
+    float gl = 0.f;
+    if (ok && p.has_gate)
+      gl = to_float(p.gate_per_head ? g[pos * p.Hkv + x.h] : g[pos * kstride + int64_t(x.h) * p.K + col]);
+    raw.g[r] = ok ? gl * kLog2e + x.gam : 0.f;
+  }
+  if (want_v) {
+    const bool vok = vcol < p.V;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int64_t t = t0 + vrow0 + 4 * r;
+      const bool ok = vok && t < x.len;
+      const int64_t pos = position<Act>(p, x, ok ? t : 0);
+      raw.v[r] = ok ? to_float(v[(pos * p.Hkv + x.h) * int64_t(p.V) + vcol]) : 0.f;
+    }
+  }
+}
+
+// ---- main kernel -----------------------------------------------------------------------------------
+
+template <class Act, int NKB>
+__global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Params p) {
+  using OP = Operand<Act>;
+  using E = typename OP::E;
+  constexpr int NP = OP::kPlanes;
+#if defined(GLA_EMULATE)
+  unsigned char* smem_raw = gla_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+  E* sm = reinterpret_cast<E*>(smem_raw);
+  float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kPlaneElems * 2);
+  float* sRef = sTot + 4 * 64;
+  float* sDC = sRef + 4 * 64;
+  float* sDiag = sDC + 64;
+
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int mt = warp & 3, nh = warp >> 2;  // mma role: row tile, half of the 64 columns
+  const int lg = lane >> 2, lt = lane & 3;  // mma fragment coordinates
+
+  int64_t bx = blockIdx.x;
+  const int vb = int(bx % p.nvb);
+  bx /= p.nvb;
+  const int hq = int(bx % p.Hq);
+  const int64_t slot = bx / p.Hq;
+  int64_t n, s, nseg, slot0;
+  if (!find_segment(p, slot, n, s, nseg, slot0)) return;  // uniform over the block
+
+  ChunkCtx x;
+  sequence_bounds(p, n, x.bos, x.len);
+  x.hq = hq;
+  x.h = hq / p.G;
+  x.c = tid & 63;
+  x.a = tid >> 6;
+  x.gam = gamma_log2(p, x.h);
+  const int64_t t_begin = p.seg_len ? s * p.seg_len : 0;
+  const int64_t t_end = p.seg_len && s + 1 < nseg ? (s + 1) * p.seg_len : x.len;
+  const int64_t nchunks = t_end > t_begin ? (t_end - t_begin + kChunk - 1) / kChunk : 0;
+  const int vcol = vb * kBV + x.c, vrow0 = x.a;
+
+  for (int i = tid; i < 4 * 16 * 16; i += kChunkThreads) sDiag[i] = 0.f;
+
+  // ---- the state slice, as tensor-core accumulators: rows kb*64 + 16mt + lg (+8), columns 32nh + 8nt + 2lt (+1)
+  float S[NKB][4][4];
+  {
+    const int64_t base_h0 = (n * p.Hkv + x.h) * int64_t(p.K) * p.V;
+    const int64_t base_ws = (slot * p.Hkv + x.h) * int64_t(p.K) * p.V;
+    const bool from_ws = p.seg_len != 0;
+#pragma unroll
+    for (int kb = 0; kb < NKB; ++kb)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
+          const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
+          float val = 0.f;
+          if (row < p.K && col < p.V) {
+            if (from_ws) val = p.seg_state[base_ws + int64_t(row) * p.V + col];
+            else if (p.h0) val = load_any(p.h0, base_h0 + int64_t(row) * p.V + col, p.state_dt);
+          }
+          S[kb][nt][e] = val;
+        }
+  }
+
+  Raw raw;
+  if (nchunks > 0) load_step<Act>(p, x, raw, t_begin, 0, true, true, vcol, vrow0);
+  __syncthreads();  // sDiag zeroed
+
+  for (int64_t ci = 0; ci < nchunks; ++ci) {
+    const int64_t t0 = t_begin + ci * kChunk;
+    float A[4][4], O[4][4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) A[u][e] = O[u][e] = 0.f;
+    int chunk_exact = 0;
+
+#pragma unroll
+    for (int kb = 0; kb < NKB; ++kb) {
+      // (1) running sums of the decay inside this thread's 16 rows; pick the pivot row
+      float P[16];
+      float run = 0.f;
+#pragma unroll
+      for (int r = 0; r < 16; ++r) {
+        run += raw.g[r];
+        P[r] = run;
+      }
+      const bool exact = (P[0] - P[8] > OP::kTheta) || (P[8] - P[15] > OP::kTheta);
+      const float Pr = exact ? P[0] : P[8];
+      sTot[x.a * 64 + x.c] = P[15];
+      sRef[x.a * 64 + x.c] = Pr;
+      const int any_exact = __syncthreads_or(exact ? 1 : 0);
+      chunk_exact |= any_exact;
+
+      // (2) the scaled operands
+      {
+        float tot[4], ref[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          tot[b] = sTot[b * 64 + x.c];
+          ref[b] = sRef[b * 64 + x.c];
+        }
+        float before = 0.f, after = 0.f, total = 0.f;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          if (b < x.a) before += tot[b];
+          if (b > x.a) after += tot[b];
+          total += tot[b];
+        }
+        if (x.a == 0) sDC[x.c] = fast_exp2(total);
+        const float e_pivot = fast_exp2(before + Pr);      // 2^Γ_r
+        const float e_after = fast_exp2(after);            // 2^(Γ_C − Γ_end of my sub-chunk)
+        const float e_diag = exact ? 0.f : fast_exp2(Pr - P[15]);
+        // 2^(Γ_r(b) − Γ_end of my sub-chunk) for each later sub-chunk b: the sub-chunks strictly
+        // between, then b's own rows up to its pivot
+        float e_later[4] = {0.f, 0.f, 0.f, 0.f};
+        {
+          float between = 0.f;
+#pragma unroll
+          for (int b = 1; b < 4; ++b) {
+            if (b > x.a) {
+              e_later[b] = fast_exp2(between + ref[b]);
+              between += tot[b];
+            }
+          }
+        }
+        E* Qh = sm + kRowQh * kPitch;
+        E* Qt = sm + kRowQt * kPitch;
+        E* Kt = sm + kRowKt * kPitch;
+        E* Kh = sm + kRowKh * kPitch;
+#pragma unroll
+        for (int r = 0; r < 16; ++r) {
+          const int row = 16 * x.a + r;
+          const float e = fast_exp2(P[r] - Pr);
+          const float qe = raw.q[r] * e;
+          put<Act>(Qt + row * kPitch + x.c, qe);
+          put<Act>(Qh + row * kPitch + x.c, qe * e_pivot);
+          const float ku = raw.k[r] * fast_exp2(P[15] - P[r]);
+          put<Act>(Kh + row * kPitch + x.c, ku * e_after);
+          put<Act>(Kt + (kt_row0(x.a) + row) * kPitch + x.c, ku * e_diag);
+#pragma unroll
+          for (int b = 1; b < 4; ++b)
+            if (b > x.a) put<Act>(Kt + (kt_row0(b) + row) * kPitch + x.c, ku * e_later[b]);
+        }
+        if (kb == 0) {
+          E* Vs = sm + kRowV * kPitch;
+#pragma unroll
+          for (int r = 0; r < 16; ++r) put<Act>(Vs + (vrow0 + 4 * r) * kPitch + x.c, raw.v[r]);
+        }
+        // this warp's accumulators of S (start of the chunk) for Q̂S
+        {
+          E* Ss = sm + kRowS * kPitch;
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              put<Act>(Ss + (16 * mt + lg + 8 * (e >> 1)) * kPitch + 32 * nh + 8 * nt + 2 * lt + (e & 1), S[kb][nt][e]);
+        }
+        // exact diagonal-tile terms of the columns whose decay is too fast for the pivot split
+        if (any_exact && __any_sync(0xffffffffu, exact ? 1 : 0)) {
+#pragma unroll
+          for (int i = 0; i < 16; ++i)
+#pragma unroll
+            for (int j = 0; j <= i; ++j) {
+              float val = exact ? raw.q[i] * raw.k[j] * fast_exp2(P[i] - P[j]) : 0.f;
+              val = warp_sum_xor(val, 1);
+              if (lane == 0) atomicAdd(&sDiag[(x.a * 16 + i) * 16 + j], val);
+            }
+        }
+      }
+      // prefetch the next step's inputs; they arrive while the products below run
+      {
+        const bool last_kb = kb == NKB - 1;
+        const int64_t nci = last_kb ? ci + 1 : ci;
+        if (nci < nchunks)
+          load_step<Act>(p, x, raw, t_begin + nci * kChunk, last_kb ? 0 : kb + 1, true, last_kb, vcol, vrow0);
+      }
+      __syncthreads();
+
+      // (3) products
+      {
+        const E* Qh = sm + kRowQh * kPitch;
+        const E* Qt = sm + kRowQt * kPitch;
+        const E* Kt = sm + kRowKt * kPitch + kt_row0(mt) * kPitch;
+        const E* Kh = sm + kRowKh * kPitch;
+        const E* Ss = sm + kRowS * kPitch;
+        const E* Vs = sm + kRowV * kPitch;
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          uint32_t af[NP][4];
+          // A += Q̃ K̃ᵀ (row tile mt; this warp's n8 tiles jt = nh*(mt+1) + u)
+#pragma unroll
+          for (int pl = 0; pl < NP; ++pl)
+            ldsm_x4(af[pl], Qt + pl * kPlaneElems + (16 * mt + (lane & 15)) * kPitch + 16 * ks + (lane >> 4) * 8);
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            if (u <= mt) {
+              const int jt = nh * (mt + 1) + u;
+              uint32_t b0[NP], b1[NP];
+#pragma unroll
+              for (int pl = 0; pl < NP; ++pl) {
+                uint32_t r2[2];
+                ldsm_x2(r2, Kt + pl * kPlaneElems + (8 * jt + (lane & 7)) * kPitch + 16 * ks + ((lane >> 3) & 1) * 8);
+                b0[pl] = r2[0];
+                b1[pl] = r2[1];
+              }
+              mma_planes<Act>(A[u], af, b0, b1);
+            }
+          }
+          // O += Q̂ S
+#pragma unroll
+          for (int pl = 0; pl < NP; ++pl)
+            ldsm_x4(af[pl], Qh + pl * kPlaneElems + (16 * mt + (lane & 15)) * kPitch + 16 * ks + (lane >> 4) * 8);
+#pragma unroll
+          for (int pp = 0; pp < 2; ++pp) {
+            uint32_t b[NP][4];
+#pragma unroll
+            for (int pl = 0; pl < NP; ++pl)
+              ldsm_x4_t(b[pl], Ss + pl * kPlaneElems + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
+                                   16 * pp + (lane >> 4) * 8);
+            uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
+#pragma unroll
+            for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
+            mma_planes<Act>(O[2 * pp], af, b0, b1);
+            mma_planes<Act>(O[2 * pp + 1], af, b2, b3);
+          }
+        }
+        // S = 2^Γ_C ⊙ S + K̂ᵀ V
+        {
+          const float d0 = sDC[16 * mt + lg], d1 = sDC[16 * mt + lg + 8];
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            S[kb][nt][0] *= d0;
+            S[kb][nt][1] *= d0;
+            S[kb][nt][2] *= d1;
+            S[kb][nt][3] *= d1;
+          }
+        }
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          uint32_t af[NP][4];
+#pragma unroll
+          for (int pl = 0; pl < NP; ++pl)
+            ldsm_x4_t(af[pl], Kh + pl * kPlaneElems + (16 * ks + (lane & 7) + (lane >> 4) * 8) * kPitch + 16 * mt +
+                                  ((lane >> 3) & 1) * 8);
+#pragma unroll
+          for (int pp = 0; pp < 2; ++pp) {
+            uint32_t b[NP][4];
+#pragma unroll
+            for (int pl = 0; pl < NP; ++pl)
+              ldsm_x4_t(b[pl], Vs + pl * kPlaneElems + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
+                                   16 * pp + (lane >> 4) * 8);
+            uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
+#pragma unroll
+            for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
+            mma_planes<Act>(S[kb][2 * pp], af, b0, b1);
+            mma_planes<Act>(S[kb][2 * pp + 1], af, b2, b3);
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+    // (4) the causal scores, masked and scaled, to shared memory (over Q̃, no longer needed)
+    {
+      E* As = sm + kRowQt * kPitch;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (u <= mt) {
+          const int jt = nh * (mt + 1) + u;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = 16 * mt + lg + 8 * (e >> 1), j = 8 * jt + 2 * lt + (e & 1);
+            float val = j <= i ? A[u][e] : 0.f;
+            if (chunk_exact && j <= i && j >= 16 * mt) {
+              float* d = &sDiag[(mt * 16 + (i - 16 * mt)) * 16 + (j - 16 * mt)];
+              val += *d;
+              *d = 0.f;
+            }
+            put<Act>(As + i * kPitch + j, val * p.scale);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) O[u][e] *= p.scale;
+    }
+    __syncthreads();
+
+    // (5) O += A V, then store the rows of this chunk
+    {
+      const E* As = sm + kRowQt * kPitch;
+      const E* Vs = sm + kRowV * kPitch;
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        if (ks <= mt) {
+          uint32_t af[NP][4];
+#pragma unroll
+          for (int pl = 0; pl < NP; ++pl)
+            ldsm_x4(af[pl], As + pl * kPlaneElems + (16 * mt + (lane & 15)) * kPitch + 16 * ks + (lane >> 4) * 8);
+#pragma unroll
+          for (int pp = 0; pp < 2; ++pp) {
+            uint32_t b[NP][4];
+#pragma unroll
+            for (int pl = 0; pl < NP; ++pl)
+              ldsm_x4_t(b[pl], Vs + pl * kPlaneElems + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
+                                   16 * pp + (lane >> 4) * 8);
+            uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
+#pragma unroll
+            for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
+            mma_planes<Act>(O[2 * pp], af, b0, b1);
+            mma_planes<Act>(O[2 * pp + 1], af, b2, b3);
+          }
+        }
+      }
+      Act* __restrict__ o = static_cast<Act*>(p.o);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 16 * mt + lg + 8 * (e >> 1);
+          const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
+          const int64_t t = t0 + i;
+          if (t < x.len && col < p.V) {
+            const int64_t pos = position<Act>(p, x, t);
+            o[(pos * p.Hq + hq) * int64_t(p.V) + col] = from_float<Act>(O[nt][e]);
+          }
+        }
+    }
+    // the next chunk's first writes (sTot/sRef) touch nothing read above; its barrier (1) orders the rest
+  }
+
+  // the final state, once per key/value head: by its first query head, from the sequence's last segment
+  if (s + 1 == nseg && hq % p.G == 0) {
+    const int64_t base = (n * p.Hkv + x.h) * int64_t(p.K) * p.V;
+#pragma unroll
+    for (int kb = 0; kb < NKB; ++kb)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
+          const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
+          if (row < p.K && col < p.V) store_any(p.ht, base + int64_t(row) * p.V + col, p.state_dt, S[kb][nt][e]);
+        }
+  }
+}
+
+// ---- segment state: each segment's own contribution, from a zero state --------------------------
+
+template <class Act>
+__global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const Params p) {
+  using OP = Operand<Act>;
+  using E = typename OP::E;
+  constexpr int NP = OP::kPlanes;
+  constexpr int kPlane = 2 * 64 * kPitch;  // K̂ then V
+#if defined(GLA_EMULATE)
+  unsigned char* smem_raw = gla_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+  E* sm = reinterpret_cast<E*>(smem_raw);
+  float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kPlane * 2);
+
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int mt = warp & 3, nh = warp >> 2, lg = lane >> 2, lt = lane & 3;
+  int64_t bx = blockIdx.x;
+  const int vb = int(bx % p.nvb);
+  bx /= p.nvb;
+  const int kb = int(bx % p.nkb);
+  bx /= p.nkb;
+  const int h = int(bx % p.Hkv);
+  const int64_t slot = bx / p.Hkv;
+  int64_t n, s, nseg, slot0;
+  if (!find_segment(p, slot, n, s, nseg, slot0)) return;
+
+  ChunkCtx x;
+  sequence_bounds(p, n, x.bos, x.len);
+  x.h = h;
+  x.hq = h * p.G;
+  x.c = tid & 63;
+  x.a = tid >> 6;
+  x.gam = gamma_log2(p, h);
+  const int64_t t_begin = s * p.seg_len;
+  const int64_t t_end = s + 1 < nseg ? (s + 1) * p.seg_len : x.len;
+  const int64_t nchunks = t_end > t_begin ? (t_end - t_begin + kChunk - 1) / kChunk : 0;
+  const int vcol = vb * kBV + x.c, vrow0 = x.a;
+
+  float S[4][4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) S[nt][e] = 0.f;
+  float carry = 0.f;  // log2 decay from the end of the current chunk to the end of the segment
+
+  Raw raw;
+  // walk backwards: the decay to the segment's end is a suffix sum
+  if (nchunks > 0) load_step<Act>(p, x, raw, t_begin + (nchunks - 1) * kChunk, kb, false, true, vcol, vrow0);
+  for (int64_t ci = nchunks - 1; ci >= 0; --ci) {
+    float P[16];
+    float run = 0.f;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      run += raw.g[r];
+      P[r] = run;
+    }
+    sTot[x.a * 64 + x.c] = P[15];
+    __syncthreads();
+    float after = 0.f, total = 0.f;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const float tb = sTot[b * 64 + x.c];
+      if (b > x.a) after += tb;
+      total += tb;
+    }
+    E* Kh = sm;
+    E* Vs = sm + 64 * kPitch;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int row = 16 * x.a + r;
+      put<Act, kPlane>(Kh + row * kPitch + x.c, raw.k[r] * fast_exp2(P[15] - P[r] + after + carry));
+      put<Act, kPlane>(Vs + (vrow0 + 4 * r) * kPitch + x.c, raw.v[r]);
+    }
+    carry += total;
+    if (ci > 0) load_step<Act>(p, x, raw, t_begin + (ci - 1) * kChunk, kb, false, true, vcol, vrow0);
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      uint32_t af[NP][4];
+#pragma unroll
+      for (int pl = 0; pl < NP; ++pl)
+        ldsm_x4_t(af[pl], Kh + pl * kPlane + (16 * ks + (lane & 7) + (lane >> 4) * 8) * kPitch + 16 * mt +
+                              ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int pp = 0; pp < 2; ++pp) {
+        uint32_t b[NP][4];
+#pragma unroll
+        for (int pl = 0; pl < NP; ++pl)
+          ldsm_x4_t(b[pl], Vs + pl * kPlane + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
+                               16 * pp + (lane >> 4) * 8);
+        uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
+#pragma unroll
+        for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
+        mma_planes<Act>(S[2 * pp], af, b0, b1);
+        mma_planes<Act>(S[2 * pp + 1], af, b2, b3);
+      }
+    }
+    __syncthreads();
+  }
+
+  const int64_t base = (slot * p.Hkv + h) * int64_t(p.K) * p.V;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
+      const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
+      if (row < p.K && col < p.V) p.seg_state[base + int64_t(row) * p.V + col] = S[nt][e];
+    }
+  const int krow = kb * 64 + x.c;
+  if (vb == 0 && x.a == 0 && krow < p.K) p.seg_decay[(slot * p.Hkv + h) * int64_t(p.K) + krow] = carry;
+}
+
+// ---- segment scan: every segment's start state --------------------------------------------------
+
+__global__ void __launch_bounds__(256) gla_segment_scan_kernel(const Params p) {
+  const int64_t KV = int64_t(p.K) * p.V;
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= p.N * p.Hkv * KV) return;
+  const int64_t kv = e % KV, nh = e / KV;
+  const int h = int(nh % p.Hkv);
+  const int64_t n = nh / p.Hkv;
+  const int row = int(kv / p.V);
+  int64_t slot0, nseg;
+  if (p.cu) {
+    slot0 = p.seg_off[n];
+    nseg = p.seg_off[n + 1] - slot0;
+  } else {
+    nseg = p.nseg_dense;
+    slot0 = n * nseg;
+  }
+  float run = p.h0 ? load_any(p.h0, e, p.state_dt) : 0.f;
+  for (int64_t si = 0; si < nseg; ++si) {
+    const int64_t slot = slot0 + si;
+    const int64_t idx = (slot * p.Hkv + h) * KV + kv;
+    const float own = p.seg_state[idx];
+    p.seg_state[idx] = run;
+    run = fast_exp2(p.seg_decay[(slot * p.Hkv + h) * int64_t(p.K) + row]) * run + own;
+  }
+}
+
+// ---- segment offsets (cu_seqlens): seg_off[n] = Σ_{m<n} max(1, ceil(len_m / seg_len)) ----------
+
+__global__ void __launch_bounds__(1024) gla_segment_offsets_kernel(const Params p) {
+#if defined(GLA_EMULATE)
+  int* buf = reinterpret_cast<int*>(gla_emu::dynamic_smem());
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int* buf = reinterpret_cast<int*>(smem_raw);
+#endif
+  const int tid = int(threadIdx.x), nt = int(blockDim.x);
+  int carry = 0;
+  if (tid == 0) p.seg_off[0] = 0;
+  for (int64_t base = 0; base < p.N; base += nt) {
+    const int64_t n = base + tid;
+    int cnt = 0;
+    if (n < p.N) {
+      int64_t bos, len;
+      sequence_bounds(p, n, bos, len);
+      const int64_t c = (len + p.seg_len - 1) / p.seg_len;
+      cnt = c < 1 ? 1 : int(c);
+    }
+    buf[tid] = cnt;
+    __syncthreads();
+    for (int off = 1; off < nt; off <<= 1) {  // inclusive scan (Hillis-Steele)
+      const int add = tid >= off ? buf[tid - off] : 0;
+      __syncthreads();
+      buf[tid] += add;
+      __syncthreads();
+    }
+    if (n < p.N) p.seg_off[n + 1] = carry + buf[tid];
+    carry += buf[nt - 1];
+    __syncthreads();
+  }
+}
+
+}  // namespace cuda
+}  // namespace gla

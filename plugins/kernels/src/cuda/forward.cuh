@@ -1,0 +1,348 @@
+// The CUDA launchers: which kernels a Problem takes, their grids, the workspace layout, and
+// cuda_forward's checks. Included by gla_cuda.cu (the product) and by the CPU emulation of the
+// tests (emu/emu_capi.cc), so both run exactly this code.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common/error.h"
+#include "cuda/chunk.cuh"
+#include "cuda/params.cuh"
+#include "cuda/recurrent.cuh"
+#include "gla/kernels.h"
+
+#if defined(GLA_EMULATE)
+namespace gla {
+namespace cuda {
+using stream_t = void*;
+namespace rt {
+inline bool device(int& dev, int& cc_major, int& smem_optin, const char*& why) {
+  dev = 0;
+  cc_major = 9;
+  smem_optin = 227 * 1024;
+  why = nullptr;
+  return true;
+}
+template <auto Kernel>
+inline bool allow_smem(int, size_t, const char*&) {
+  return true;
+}
+inline const char* last_launch_error() { return nullptr; }
+}  // namespace rt
+}  // namespace cuda
+}  // namespace gla
+#else
+namespace gla {
+namespace cuda {
+using stream_t = cudaStream_t;
+namespace rt {
+inline bool device(int& dev, int& cc_major, int& smem_optin, const char*& why) {
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  why = e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+  return e == cudaSuccess;
+}
+// Raises a kernel's dynamic shared-memory limit once per device (idempotent, so a race between
+// threads only repeats a harmless call).
+template <auto Kernel>
+inline bool allow_smem(int dev, size_t bytes, const char*& why) {
+  static std::atomic<uint64_t> done{0};
+  const uint64_t bit = dev >= 0 && dev < 64 ? uint64_t(1) << dev : 0;
+  if (bit && (done.load(std::memory_order_acquire) & bit)) return true;
+  const cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (e != cudaSuccess) {
+    why = cudaGetErrorString(e);
+    return false;
+  }
+  if (bit) done.fetch_or(bit, std::memory_order_acq_rel);
+  return true;
+}
+inline const char* last_launch_error() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+}  // namespace rt
+}  // namespace cuda
+}  // namespace gla
+#endif
+
+namespace gla {
+namespace cuda {
+
+// Sequences at most this long run step by step (decode); longer ones chunk by chunk. With
+// cu_seqlens the lengths are unknown on the host, so only a short total goes step by step.
+constexpr int64_t kRecurrentMaxT = 16;
+constexpr int64_t kRecurrentMaxTPacked = 64;
+constexpr int kChunkMaxK = 256;             // NKB <= 4 (the state slice lives in registers)
+constexpr int64_t kTargetBlocks = 256;      // enough blocks to fill a data-centre GPU twice over
+constexpr int64_t kMinSegmentChunks = 8;    // shorter segments cost more in the extra passes than they gain
+constexpr size_t kAlign = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+struct Plan {
+  bool chunk = false;
+  // chunk path
+  int nkb = 0, nvb = 0;
+  int64_t seg_len = 0;  // 0: one segment per sequence
+  int64_t nseg_dense = 1;
+  int64_t slots = 0;
+  size_t off_seg_off = 0, off_seg_state = 0, off_seg_decay = 0;
+  size_t workspace = 0;
+  // recurrent path (always planned: the fallback when the chunk kernel cannot run on this device)
+  int ct = 0, R = 0, threads = 0, gb = 0, rnvb = 0;
+  size_t rsmem = 0;
+};
+
+inline int next_pow2(int x) {
+  int p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+inline Plan make_plan(const Problem& pr) {
+  Plan pl;
+  const int64_t N = pr.num_seqs, T = pr.seq_len;
+  const int K = pr.head_dim_k, V = pr.head_dim_v, G = pr.q_heads / pr.kv_heads;
+
+  // recurrent: columns per block shrink until there are enough blocks; rows per thread R
+  int ct = std::min(32, std::max(4, next_pow2(int(ceil_div(V, 4)))));
+  while (ct > 4 && N * pr.kv_heads * ceil_div(V, 4 * ct) < kTargetBlocks) ct /= 2;
+  int R = 0, threads = 0;
+  for (int r : {4, 8, 16}) {
+    const int rt_target = std::max(1, 256 / ct);
+    if (K <= r * rt_target || r == 16) {
+      R = r;
+      break;
+    }
+  }
+  while (true) {
+    const int64_t rt = ceil_div(K, R);
+    threads = int(ceil_div(rt * ct, 32) * 32);
+    if (threads <= 1024 || ct == 4) break;
+    ct /= 2;
+  }
+  pl.ct = ct;
+  pl.R = R;
+  pl.threads = threads;
+  pl.rnvb = int(ceil_div(V, 4 * ct));
+  const int warps = threads / 32;
+  const int64_t per_head = int64_t(2) * warps * ct * 4 * 4;  // bytes of partial sums per query head
+  pl.gb = int(std::max<int64_t>(1, std::min<int64_t>(G, (32 * 1024) / per_head)));
+  pl.rsmem = recurrent_smem_bytes(threads, ct, pl.gb);
+
+  const int64_t short_t = pr.has_cu_seqlens ? kRecurrentMaxTPacked : kRecurrentMaxT;
+  pl.chunk = T > short_t && K <= kChunkMaxK;
+  if (!pl.chunk) return pl;
+
+  pl.nkb = int(ceil_div(K, kBK));
+  pl.nvb = int(ceil_div(V, kBV));
+  const int64_t base = N * pr.q_heads * pl.nvb;
+  const int64_t chunks = pr.has_cu_seqlens ? ceil_div(ceil_div(T, N), kChunk) : ceil_div(T, kChunk);
+  if (base < kTargetBlocks) {
+    const int64_t want = ceil_div(kTargetBlocks, base);
+    const int64_t seg_chunks = std::max(kMinSegmentChunks, ceil_div(chunks, want));
+    if (seg_chunks < chunks) pl.seg_len = seg_chunks * kChunk;
+  }
+  if (pl.seg_len == 0) {
+    pl.slots = N;
+    return pl;
+  }
+  pl.nseg_dense = std::max<int64_t>(1, ceil_div(T, pl.seg_len));
+  pl.slots = pr.has_cu_seqlens ? N + T / pl.seg_len : N * pl.nseg_dense;
+  size_t off = 0;
+  if (pr.has_cu_seqlens) {
+    pl.off_seg_off = off;
+    off = align_up(off + size_t(N + 1) * sizeof(int32_t));
+  }
+  pl.off_seg_state = off;
+  off = align_up(off + size_t(pl.slots) * pr.kv_heads * K * V * sizeof(float));
+  pl.off_seg_decay = off;
+  off = align_up(off + size_t(pl.slots) * pr.kv_heads * K * sizeof(float));
+  pl.workspace = off;
+  return pl;
+}
+
+inline Status launch_failed(const char* kernel) {
+  const char* why = rt::last_launch_error();
+  if (why) return detail::fail(Status::kCudaError, "launching the GLA %s kernel failed: %s", kernel, why);
+  return Status::kOk;
+}
+
+template <class Act, int R>
+Status launch_recurrent_r(const Plan& pl, const Params& p, stream_t stream) {
+  const int64_t blocks = p.N * p.Hkv * pl.rnvb;
+  const char* why = nullptr;
+  int dev = 0, cc = 0, optin = 0;
+  if (pl.rsmem > 48 * 1024) {
+    if (!rt::device(dev, cc, optin, why) || !rt::allow_smem<gla_recurrent_kernel<Act, R>>(dev, pl.rsmem, why))
+      return detail::fail(Status::kCudaError, "preparing the GLA recurrent kernel failed: %s", why ? why : "?");
+  }
+  auto* kernel = &gla_recurrent_kernel<Act, R>;
+  GLA_LAUNCH(kernel, blocks, pl.threads, pl.rsmem, stream, p);
+  return launch_failed("recurrent");
+}
+
+template <class Act>
+Status launch_recurrent(const Plan& pl, Params p, stream_t stream) {
+  p.ct = pl.ct;
+  p.gb = pl.gb;
+  p.nvb = pl.rnvb;
+  switch (pl.R) {
+    case 4: return launch_recurrent_r<Act, 4>(pl, p, stream);
+    case 8: return launch_recurrent_r<Act, 8>(pl, p, stream);
+    default: return launch_recurrent_r<Act, 16>(pl, p, stream);
+  }
+}
+
+template <class Act, int NKB>
+Status launch_chunk_main(const Plan& pl, const Params& p, stream_t stream, int dev) {
+  const char* why = nullptr;
+  constexpr size_t smem = chunk_smem_bytes<Act>();
+  if (!rt::allow_smem<gla_chunk_kernel<Act, NKB>>(dev, smem, why))
+    return detail::fail(Status::kCudaError, "preparing the GLA chunk kernel failed: %s", why ? why : "?");
+  const int64_t blocks = pl.slots * p.Hq * pl.nvb;
+  auto* kernel = &gla_chunk_kernel<Act, NKB>;
+  GLA_LAUNCH(kernel, blocks, kChunkThreads, smem, stream, p);
+  return launch_failed("chunk");
+}
+
+template <class Act>
+Status launch_chunk(const Plan& pl, Params p, unsigned char* ws, stream_t stream, int dev) {
+  p.nvb = pl.nvb;
+  p.nkb = pl.nkb;
+  p.seg_len = int32_t(pl.seg_len);
+  p.nseg_dense = int32_t(pl.nseg_dense);
+  p.slots = pl.slots;
+  if (pl.seg_len) {
+    p.seg_off = p.cu ? reinterpret_cast<int32_t*>(ws + pl.off_seg_off) : nullptr;
+    p.seg_state = reinterpret_cast<float*>(ws + pl.off_seg_state);
+    p.seg_decay = reinterpret_cast<float*>(ws + pl.off_seg_decay);
+    if (p.cu) {
+      GLA_LAUNCH(gla_segment_offsets_kernel, 1, 1024, 1024 * sizeof(int), stream, p);
+      if (Status st = launch_failed("segment offsets"); st != Status::kOk) return st;
+    }
+    const char* why = nullptr;
+    constexpr size_t smem = segment_smem_bytes<Act>();
+    if (!rt::allow_smem<gla_segment_state_kernel<Act>>(dev, smem, why))
+      return detail::fail(Status::kCudaError, "preparing the GLA segment kernel failed: %s", why ? why : "?");
+    auto* seg_kernel = &gla_segment_state_kernel<Act>;
+    GLA_LAUNCH(seg_kernel, pl.slots * p.Hkv * pl.nkb * pl.nvb, kChunkThreads, smem, stream, p);
+    if (Status st = launch_failed("segment state"); st != Status::kOk) return st;
+    const int64_t elems = p.N * p.Hkv * int64_t(p.K) * p.V;
+    GLA_LAUNCH(gla_segment_scan_kernel, ceil_div(elems, 256), 256, 0, stream, p);
+    if (Status st = launch_failed("segment scan"); st != Status::kOk) return st;
+  }
+  switch (pl.nkb) {
+    case 1: return launch_chunk_main<Act, 1>(pl, p, stream, dev);
+    case 2: return launch_chunk_main<Act, 2>(pl, p, stream, dev);
+    case 3: return launch_chunk_main<Act, 3>(pl, p, stream, dev);
+    default: return launch_chunk_main<Act, 4>(pl, p, stream, dev);
+  }
+}
+
+template <class Act>
+Status run(Plan pl, const Params& p, unsigned char* ws, stream_t stream) {
+  int dev = 0, cc = 0, optin = 0;
+  const char* why = nullptr;
+  if (!rt::device(dev, cc, optin, why))
+    return detail::fail(Status::kCudaError, "no usable CUDA device: %s", why ? why : "?");
+  if (cc < 8)
+    return detail::fail(Status::kUnsupported,
+                        "the GLA CUDA kernels need compute capability 8.0 or newer (tensor-core mma.sync), the "
+                        "current device has %d.x",
+                        cc);
+  // a device with too little shared memory for the chunk kernel still gets a correct answer
+  if (pl.chunk && size_t(optin) < chunk_smem_bytes<Act>()) pl.chunk = false;
+  if (pl.chunk) return launch_chunk<Act>(pl, p, ws, stream, dev);
+  return launch_recurrent<Act>(pl, p, stream);
+}
+
+inline size_t workspace_bytes(const Problem& pr) {
+  if (validate(pr) != Status::kOk) return 0;
+  return make_plan(pr).workspace;
+}
+
+inline Status forward(const Problem& pr, const Tensors& t, void* workspace, size_t workspace_bytes, stream_t stream) {
+  using detail::fail;
+  constexpr Status kBad = Status::kInvalidArgument;
+  detail::clear_error();
+  if (Status st = validate(pr); st != Status::kOk) return st;
+  // activations may be null when there are none (B * T == 0); the states never are
+  const bool no_acts = pr.batch * pr.seq_len == 0;
+  const struct {
+    const char* name;
+    const void* ptr;
+    bool needed;
+  } ptrs[] = {
+      {"query", t.query, !no_acts},
+      {"key", t.key, !no_acts},
+      {"value", t.value, !no_acts},
+      {"gate", t.gate, pr.has_gate != 0 && !no_acts},
+      {"past_state", t.past_state, pr.has_past_state != 0 && pr.num_seqs > 0},
+      {"cu_seqlens", t.cu_seqlens, pr.has_cu_seqlens != 0},
+      {"g_gamma", t.g_gamma, pr.has_g_gamma != 0},
+      {"output", t.output, !no_acts},
+      {"present_state", t.present_state, pr.num_seqs > 0},
+  };
+  for (const auto& x : ptrs)
+    if (x.needed && !x.ptr) return fail(kBad, "%s is null (the problem says it is present)", x.name);
+  const Plan pl = make_plan(pr);
+  if (pl.workspace > 0) {
+    if (!workspace || workspace_bytes < pl.workspace)
+      return fail(Status::kWorkspaceTooSmall, "the workspace has %zu bytes, this problem needs %zu (cuda_workspace_bytes)",
+                  workspace ? workspace_bytes : size_t(0), pl.workspace);
+    if (reinterpret_cast<uintptr_t>(workspace) % kAlign != 0)
+      return fail(kBad, "the workspace must be %zu-byte aligned", kAlign);
+  }
+  if (pr.num_seqs == 0) return Status::kOk;
+
+  Params p{};
+  p.q = t.query;
+  p.k = t.key;
+  p.v = t.value;
+  p.g = pr.has_gate ? t.gate : nullptr;
+  p.h0 = pr.has_past_state ? t.past_state : nullptr;
+  p.cu = pr.has_cu_seqlens ? t.cu_seqlens : nullptr;
+  p.gamma = pr.has_g_gamma ? t.g_gamma : nullptr;
+  p.o = t.output;
+  p.ht = t.present_state;
+  p.T = pr.seq_len;
+  p.N = pr.num_seqs;
+  p.Hq = pr.q_heads;
+  p.Hkv = pr.kv_heads;
+  p.G = pr.q_heads / pr.kv_heads;
+  p.K = pr.head_dim_k;
+  p.V = pr.head_dim_v;
+  p.state_dt = pr.state_dtype;
+  p.gamma_dt = pr.g_gamma_dtype;
+  p.has_gate = pr.has_gate;
+  p.gate_per_head = pr.gate_per_head;
+  p.cu64 = pr.cu_seqlens_int64;
+  p.reverse = pr.reverse;
+  p.scale = pr.scale != 0.f ? pr.scale : 1.f / std::sqrt(float(pr.head_dim_k));
+  const size_t state_align = pr.state_dtype == DType::kFloat32 ? 16 : 8;
+  p.vec_state = pr.head_dim_v % 4 == 0 && reinterpret_cast<uintptr_t>(t.present_state) % state_align == 0 &&
+                reinterpret_cast<uintptr_t>(t.past_state) % state_align == 0;
+  // grid sizes stay within one dimension of a launch
+  const int64_t blocks = std::max(pl.slots * std::max<int64_t>(pr.q_heads, int64_t(pr.kv_heads) * pl.nkb) * pl.nvb,
+                                  pr.num_seqs * pr.kv_heads * pl.rnvb);
+  if (blocks > int64_t(0x7fffffff))
+    return fail(Status::kUnsupported, "the problem needs %lld blocks, more than one launch can hold", (long long)blocks);
+
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  switch (pr.act_dtype) {
+    case DType::kFloat16: return run<__half>(pl, p, ws, static_cast<stream_t>(stream));
+    case DType::kBFloat16: return run<bf16>(pl, p, ws, static_cast<stream_t>(stream));
+    default: return run<float>(pl, p, ws, static_cast<stream_t>(stream));
+  }
+}
+
+}  // namespace cuda
+}  // namespace gla

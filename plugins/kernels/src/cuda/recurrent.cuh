@@ -1,0 +1,174 @@
+// The fused recurrent kernel: decode steps (T = 1) and short sequences, step by step, exact fp32.
+//
+// A block owns one (sequence, key/value head, block of 4*ct value columns) and keeps that slice of
+// the state in registers for the whole sequence, so the state is read once and written once: for
+// T = 1 the kernel is one pass over the state, which is all a decode step must cost. Thread
+// (column group c, row group r) holds rows r, r + RT, r + 2 RT, ... (R of them) of 4 adjacent
+// columns; consecutive threads hold consecutive 4-column groups of a row, so every state access
+// of a warp is a run of 16-byte (fp32) or 8-byte (16-bit) loads. Columns of the state evolve
+// independently (S[:, j] only meets v[j]), so value blocks need no exchange; the output of a step
+// is a sum over the rows, done in registers, then across the warp, then across warps in shared
+// memory.
+#pragma once
+
+#include <cstring>
+
+#include "cuda/params.cuh"
+
+namespace gla {
+namespace cuda {
+
+__device__ __forceinline__ void load_state4(const Params& p, const void* base, int64_t idx, int nvalid, float (&x)[4]) {
+  if (p.vec_state && nvalid == 4) {
+    if (p.state_dt == DType::kFloat32) {
+      const float4 f = *reinterpret_cast<const float4*>(static_cast<const float*>(base) + idx);
+      x[0] = f.x, x[1] = f.y, x[2] = f.z, x[3] = f.w;
+    } else {
+      const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const unsigned char*>(base) + idx * 2);
+      if (p.state_dt == DType::kFloat16) {
+        __half h[4];
+        memcpy(static_cast<void*>(h), &u, 8);
+        for (int j = 0; j < 4; ++j) x[j] = to_float(h[j]);
+      } else {
+        bf16 h[4];
+        memcpy(static_cast<void*>(h), &u, 8);
+        for (int j = 0; j < 4; ++j) x[j] = to_float(h[j]);
+      }
+    }
+    return;
+  }
+  for (int j = 0; j < 4; ++j) x[j] = j < nvalid ? load_any(base, idx + j, p.state_dt) : 0.f;
+}
+
+__device__ __forceinline__ void store_state4(const Params& p, void* base, int64_t idx, int nvalid, const float (&x)[4]) {
+  if (p.vec_state && nvalid == 4) {
+    if (p.state_dt == DType::kFloat32) {
+      *reinterpret_cast<float4*>(static_cast<float*>(base) + idx) = make_float4(x[0], x[1], x[2], x[3]);
+    } else {
+      uint2 u;
+      if (p.state_dt == DType::kFloat16) {
+        __half h[4];
+        for (int j = 0; j < 4; ++j) h[j] = from_float<__half>(x[j]);
+        memcpy(&u, h, 8);
+      } else {
+        bf16 h[4];
+        for (int j = 0; j < 4; ++j) h[j] = from_float<bf16>(x[j]);
+        memcpy(&u, h, 8);
+      }
+      *reinterpret_cast<uint2*>(static_cast<unsigned char*>(base) + idx * 2) = u;
+    }
+    return;
+  }
+  for (int j = 0; j < 4; ++j)
+    if (j < nvalid) store_any(base, idx + j, p.state_dt, x[j]);
+}
+
+// Shared memory: two buffers of [gb][warps][4*ct] partial sums (alternated, so one barrier a pass).
+inline size_t recurrent_smem_bytes(int threads, int ct, int gb) { return size_t(2) * gb * (threads / 32) * ct * 4 * 4; }
+
+template <class Act, int R>
+__global__ void __launch_bounds__(1024) gla_recurrent_kernel(const Params p) {
+#if defined(GLA_EMULATE)
+  float* red = reinterpret_cast<float*>(gla_emu::dynamic_smem());
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* red = reinterpret_cast<float*>(smem_raw);
+#endif
+  const Act* __restrict__ q = static_cast<const Act*>(p.q);
+  const Act* __restrict__ k = static_cast<const Act*>(p.k);
+  const Act* __restrict__ v = static_cast<const Act*>(p.v);
+  const Act* __restrict__ g = static_cast<const Act*>(p.g);
+  Act* __restrict__ o = static_cast<Act*>(p.o);
+
+  const int CT = p.ct, threads = int(blockDim.x), RT = threads / CT, warps = threads / 32;
+  const int tid = int(threadIdx.x), ct = tid % CT, rg = tid / CT, lane = tid & 31, warp = tid >> 5;
+  int64_t x = blockIdx.x;
+  const int vb = int(x % p.nvb);
+  x /= p.nvb;
+  const int h = int(x % p.Hkv);
+  const int64_t n = x / p.Hkv;
+  if (n >= p.N) return;  // uniform over the block
+
+  const int K = p.K, V = p.V, G = p.G;
+  const int col0 = vb * CT * 4 + ct * 4;
+  const int ncol = V - col0 < 0 ? 0 : (V - col0 > 4 ? 4 : V - col0);
+  int64_t bos, len;
+  sequence_bounds(p, n, bos, len);
+
+  const int64_t state_base = (n * p.Hkv + h) * int64_t(K) * V;
+  float S[R][4];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int row = rg + RT * i;
+    if (p.h0 && row < K && ncol > 0) {
+      load_state4(p, p.h0, state_base + int64_t(row) * V + col0, ncol, S[i]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) S[i][j] = 0.f;
+    }
+  }
+
+  const float gam = gamma_log2(p, h);
+  const int64_t kstride = int64_t(p.Hkv) * K, vstride = int64_t(p.Hkv) * V, qstride = int64_t(p.Hq) * K;
+  int parity = 0;
+  for (int64_t t = 0; t < len; ++t) {
+    const int64_t pos = bos + (p.reverse ? len - 1 - t : t);
+    float vv[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) vv[j] = j < ncol ? to_float(v[pos * vstride + int64_t(h) * V + col0 + j]) : 0.f;
+    const float g_head = (p.has_gate && p.gate_per_head) ? to_float(g[pos * p.Hkv + h]) : 0.f;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int row = rg + RT * i;
+      if (row < K) {
+        const int64_t kk = pos * kstride + int64_t(h) * K + row;
+        const float kv = to_float(k[kk]);
+        float gl = p.has_gate ? (p.gate_per_head ? g_head : to_float(g[kk])) : 0.f;
+        const float decay = fast_exp2(gl * kLog2e + gam);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) S[i][j] = decay * S[i][j] + kv * vv[j];
+      }
+    }
+    // o[hq] = scale * q[hq] . S for the G query heads of this key/value head, gb at a time
+    for (int gq0 = 0; gq0 < G; gq0 += p.gb) {
+      const int nb = G - gq0 < p.gb ? G - gq0 : p.gb;
+      float* buf = red + size_t(parity) * p.gb * warps * CT * 4;
+      parity ^= 1;
+      for (int gg = 0; gg < nb; ++gg) {
+        const int64_t qbase = pos * qstride + int64_t(h * G + gq0 + gg) * K;
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const int row = rg + RT * i;
+          if (row < K) {
+            const float qv = to_float(q[qbase + row]);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) part[j] += qv * S[i][j];
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) part[j] = warp_sum_xor(part[j], CT);
+        if (lane < CT) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) buf[(size_t(gg) * warps + warp) * CT * 4 + ct * 4 + j] = part[j];
+        }
+      }
+      __syncthreads();
+      for (int idx = tid; idx < nb * CT * 4; idx += threads) {
+        const int gg = idx / (CT * 4), c = idx % (CT * 4), col = vb * CT * 4 + c;
+        float sum = 0.f;
+        for (int w = 0; w < warps; ++w) sum += buf[(size_t(gg) * warps + w) * CT * 4 + c];
+        if (col < V) o[(pos * p.Hq + h * G + gq0 + gg) * int64_t(V) + col] = from_float<Act>(p.scale * sum);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int row = rg + RT * i;
+    if (row < K && ncol > 0) store_state4(p, p.ht, state_base + int64_t(row) * V + col0, ncol, S[i]);
+  }
+}
+
+}  // namespace cuda
+}  // namespace gla
