@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from onnx.reference.op_run import OpRun
 
-from ..ops import GLAShapeError, chunk_gla
+from ..ops import GLAShapeError, gated_linear_attention
 
 
 def _bf16():
@@ -78,8 +78,10 @@ def gla_packed(
     h0 = None if past_state is None else _to_torch(past_state)
     cu = None if cu_seqlens is None else torch.from_numpy(np.asarray(cu_seqlens).astype(np.int64))
     gamma = None if g_gamma is None else _to_torch(g_gamma)
-    o, ht = chunk_gla(q, k, v, g, scale=scale or None, initial_state=h0, output_final_state=True,
-                      g_gamma=gamma, reverse=bool(reverse), cu_seqlens=cu)
+    # the chunked form, except for a few steps (decode), where the per-step loop is cheaper
+    backend = "naive" if q.shape[0] * q.shape[1] <= 16 else "chunk"
+    o, ht = gated_linear_attention(q, k, v, g, scale=scale or None, initial_state=h0, output_final_state=True,
+                                   g_gamma=gamma, reverse=bool(reverse), cu_seqlens=cu, backend=backend)
     state_dtype = past_state.dtype if past_state is not None else np.dtype(np.float32)
     return _like(o.reshape(B, T, q_num_heads * V), query.dtype), _like(ht, state_dtype)
 

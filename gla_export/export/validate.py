@@ -246,10 +246,6 @@ def _state_outputs(states: list[LayerState], state_names: list[dict], row: slice
     return out
 
 
-def _last_run(runs):
-    return runs[-1]
-
-
 def encode_sentence(meta: dict[str, Any], source: Path | None) -> list[int] | None:
     """Token ids of :data:`SENTENCE` with the model's tokenizer, or None when it is unknown."""
     tok = meta["tokenizer"]
@@ -291,7 +287,7 @@ def build_cases(model: GLAForCausalLM, meta: dict[str, Any], source: Path | None
         return feeds
 
     def logits_and_states(runs):
-        return runs[-1]
+        return runs[-1]  # prefill cases run once
 
     cases: list[Case] = []
     ids = torch.randint(0, c.vocab_size, (2, T), generator=gen)
