@@ -1,0 +1,166 @@
+"""``gla-export generate EXPORT_DIR``: constant-memory text generation from an export.
+
+Only the generated text goes to stdout, streamed as it comes (raw UTF-8 bytes, so the output of
+an interrupted run followed by its resumed run is byte-for-byte the uninterrupted output);
+everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+BACKENDS = ("ort-cpu", "ort-cuda", "trt")
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", default=None, help="Text to continue (a new conversation starts with BOS).")
+@click.option("--prompt-ids", default=None, help="Token ids instead of text, e.g. '256,72,105' (for exports without a tokenizer).")
+@click.option("-n", "--max-new-tokens", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Stop after this many tokens (0: only read the prompt, e.g. to --save-state it).")
+@click.option("-b", "--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True,
+              help="ort-cpu / ort-cuda: ONNX Runtime; trt: TensorRT engines from `gla-export build`.")
+@click.option("-t", "--temperature", type=click.FloatRange(min=0), default=None,
+              help="0 is greedy  [default: 0, or the loaded state's]")
+@click.option("--top-k", type=click.IntRange(min=0), default=None, help="Keep the k most likely tokens (0: all)  [default: 0]")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Keep the most likely tokens up to this probability mass  [default: 1]")
+@click.option("-s", "--seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the sampler (default: a fresh one, printed on stderr; a loaded state keeps its position).")
+@click.option("--save-state", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the conversation's state here when generation stops (also on Ctrl-C).")
+@click.option("--load-state", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Continue the conversation saved in this file (with or without a new --prompt).")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
+@click.option("--output-ids", is_flag=True, help="Print the generated token ids (one per line) instead of text.")
+@click.option("--device-id", type=click.IntRange(min=0), default=0, show_default=True, help="GPU for ort-cuda and trt.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None, help="Read prompts in pieces of at most this many tokens.")
+@click.option("--engines-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="TensorRT engines (default: EXPORT_DIR/tensorrt).")
+@click.option("-q", "--quiet", is_flag=True, help="No status on stderr.")
+def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, backend: str,
+             temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None, save_state: Path | None,
+             load_state: Path | None, ignore_eos: bool, output_ids: bool, device_id: int, threads: int | None,
+             prefill_chunk: int | None, engines_dir: Path | None, quiet: bool) -> None:
+    """Generate text from the export in EXPORT_DIR, streaming it to stdout.
+
+    Memory stays constant however many tokens are generated: the prompt is read once by
+    prefill.onnx, then step.onnx runs once per token on the recurrent states. Greedy by default;
+    --temperature, --top-k, --top-p and --seed sample. --save-state and --load-state stop and
+    resume a conversation exactly.
+    """
+    from ..errors import UsageError
+    from ..runtime.decoder import FINISH_INTERRUPTED, StatefulDecoder
+    from ..runtime.sampling import SamplingParams
+    from ..runtime.state import load_state as read_state
+    from ..runtime.state import save_state as write_state
+    from ..runtime.tokenizers import parse_ids
+
+    def status(msg: str) -> None:
+        if not quiet:
+            click.echo(msg, err=True)
+
+    if prompt is not None and prompt_ids is not None:
+        raise UsageError("give --prompt or --prompt-ids, not both")
+    t0 = time.perf_counter()
+    decoder = StatefulDecoder(export_dir, backend, device_id=device_id, threads=threads, prefill_chunk=prefill_chunk,
+                              engines_dir=engines_dir)
+    ids = parse_ids(prompt_ids, decoder.vocab_size) if prompt_ids is not None else None
+
+    state = None
+    saved: dict = {}
+    if load_state is not None:
+        state = read_state(load_state, identity=decoder.identity, device=decoder.device)
+        saved = (state.sampler or {}).get("params", {})
+        status(f"loaded {load_state}: {state.consumed} tokens of context, {state.generated} generated, "
+               f"last stop: {state.finish_reason or 'unknown'}")
+        if state.finish_reason == "eos" and prompt is None and ids is None:
+            status("note: that conversation ended with the end-of-sequence token; continuing anyway")
+    elif prompt is None and ids is None:
+        status("no prompt: generating from the beginning-of-sequence token")
+        prompt = ""
+    params = SamplingParams(
+        temperature=temperature if temperature is not None else saved.get("temperature", 0.0),
+        top_k=top_k if top_k is not None else saved.get("top_k", 0),
+        top_p=top_p if top_p is not None else saved.get("top_p", 1.0),
+        seed=seed,
+    )
+    # a resumed conversation keeps its parameters and position unless options say otherwise
+    explicit = any(v is not None for v in (temperature, top_k, top_p, seed))
+    sampling = params if state is None or explicit else None
+
+    stop_requested = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # noqa: ANN001
+        stop_requested.append(True)
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops at once
+
+    gen = decoder.generate(
+        prompts=prompt,
+        prompt_ids=ids,
+        states=state,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        ignore_eos=ignore_eos,
+        keep_tokens=False,
+        should_stop=lambda: bool(stop_requested),
+    )
+    desc = "greedy" if params.temperature == 0 else (
+        f"temperature {params.temperature}" + (f", top-k {params.top_k}" if params.top_k else "")
+        + (f", top-p {params.top_p}" if params.top_p < 1 else ""))
+    status(f"{backend}: {decoder.runtime_name}, {decoder.metadata['gla_op']['form']} GLA op, "
+           f"state {decoder.state_nbytes / 2**10:.0f} KiB; {desc if sampling is not None or state is None else 'sampler of the saved state'}")
+
+    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+    n = 0
+    t1 = None
+    in_main_thread = _is_main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        for event in gen:
+            if t1 is None:
+                t1 = time.perf_counter()
+            if event.token >= 0:
+                n += 1
+            if output_ids:
+                if event.token >= 0:
+                    sys.stdout.write(f"{event.token}\n")
+                    sys.stdout.flush()
+            elif event.piece:
+                if out is not None:
+                    out.write(event.piece)
+                    out.flush()
+                else:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    t2 = time.perf_counter()
+    result = gen.results[0]
+    if sys.stdout.isatty() and not output_ids:
+        click.echo("", err=True)
+    sampler_seed = (result.state.sampler or {}).get("seed") if result and result.state else None
+    rate = f", {(n - 1) / (t2 - t1):.1f} tokens/s after the first" if t1 is not None and n > 1 and t2 > t1 else ""
+    status(f"{n} tokens in {t2 - t0:.2f} s{rate}; stopped: {result.finish_reason if result else 'unknown'}"
+           + (f"; seed {sampler_seed}" if sampler_seed is not None and (sampling is None or sampling.temperature > 0) else ""))
+    if save_state is not None and result is not None and result.state is not None:
+        write_state(save_state, result.state, decoder.metadata)
+        status(f"state saved to {save_state} ({result.state.consumed} tokens of context + 1 pending)")
+    if result is not None and result.finish_reason == FINISH_INTERRUPTED:
+        raise click.exceptions.Exit(130)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
