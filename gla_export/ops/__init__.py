@@ -6,6 +6,7 @@
 - ``naive``: the reference, a per-step loop (gla_export/ops/naive.py);
 - ``chunk``: the chunked matrix form in PyTorch, fast on the CPU and differentiable;
 - ``triton``: chunked prefill and fused recurrent-step kernels for CUDA tensors (forward only);
+- ``native``: our C++/CUDA kernel core through ctypes (gla_export/ops/native.py; never picked by ``auto``);
 - ``auto``: ``triton`` for CUDA tensors when Triton is importable, else ``chunk``.
 """
 
@@ -17,7 +18,7 @@ from ._common import GLAShapeError, check_inputs
 from .chunk import chunk_gla
 from .naive import naive_gla
 
-BACKENDS = ("auto", "naive", "chunk", "triton")
+BACKENDS = ("auto", "naive", "chunk", "triton", "native")
 
 __all__ = ["BACKENDS", "GLAShapeError", "chunk_gla", "gated_linear_attention", "naive_gla", "triton_available"]
 
@@ -92,6 +93,10 @@ def gated_linear_attention(
         from .triton_gla import triton_gla
 
         return triton_gla(q, k, v, g, **kwargs)
+    if chosen == "native":
+        from .native import native_gla
+
+        return native_gla(q, k, v, g, **kwargs)
     # short inputs (decode steps) do not need a full 64-step chunk of padding
     chunk_size = min(64, max(16, -(-q.shape[1] // 16) * 16))
     return chunk_gla(q, k, v, g, chunk_size=chunk_size, **kwargs)
