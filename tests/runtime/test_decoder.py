@@ -1,0 +1,385 @@
+"""StatefulDecoder: logits and states against the PyTorch model, left-padded batches, generation,
+sampling, tokenizers, backend selection and errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gla_export.errors import MissingRuntimeError, UsageError
+from gla_export.export import export_model
+from gla_export.models import GLAConfig, GLAForCausalLM
+from gla_export.runtime.decoder import FINISH_EOS, FINISH_INTERRUPTED, FINISH_LENGTH, FINISH_STOP, StatefulDecoder
+from gla_export.runtime.sampling import Sampler, SamplingParams
+from gla_export.runtime.tokenizers import ByteLevelTokenizer, TextDecoder, load_tokenizer
+from gla_export.testing import rel_err
+
+# initializer_range 0.3: a random model whose greedy output wanders over the vocabulary instead
+# of repeating one byte, so that token comparisons mean something
+MODELS = {
+    "plain": dict(hidden_size=64, num_hidden_layers=2, num_heads=2),
+    "conv-gqa": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2, use_short_conv=True),
+}
+FORMS = ("decomposed", "onnx", "custom")
+TOL = 1e-4  # fp32 export vs the fp32 PyTorch model, relative norm (measured ~1e-6)
+
+
+def make_model(kind: str, seed: int = 0) -> GLAForCausalLM:
+    torch.manual_seed(seed)
+    config = GLAConfig(vocab_size=258, bos_token_id=256, eos_token_id=257, tie_word_embeddings=True,
+                       initializer_range=0.3, **MODELS[kind])
+    return GLAForCausalLM(config).eval()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead (and the CPUs are shared)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """(model, export dir) per model kind and GLA op form, exported once for the module."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for kind in MODELS:
+        model = make_model(kind)
+        for form in FORMS:
+            path = export_model(model, root / f"{kind}-{form}", gla_op=form, validate=False, progress=False)
+            out[kind, form] = (model, path.out_dir)
+    return out
+
+
+def decoder(path, **kw) -> StatefulDecoder:
+    return StatefulDecoder(path, "ort-cpu", threads=1, **kw)
+
+
+def torch_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def torch_states(model, ids: list[int]) -> list:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).states
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_prefill_and_steps_match_pytorch(exports, kind, form):
+    model, path = exports[kind, form]
+    dec = decoder(path)
+    rng = np.random.default_rng(1)
+    ids = [256, *rng.integers(0, 256, 12).tolist()]
+    more = rng.integers(0, 258, 9).tolist()
+    ref = torch_logits(model, ids + more)
+    got = dec.prefill([ids])
+    assert rel_err(torch.from_numpy(got[0]), ref[len(ids) - 1]) < TOL
+    for j, tok in enumerate(more):
+        got = dec.step([tok])
+        assert rel_err(torch.from_numpy(got[0].copy()), ref[len(ids) + j]) < TOL, f"step {j}"
+    snap = dec.snapshot(0)
+    for layer, st in enumerate(torch_states(model, ids + more)):
+        assert rel_err(snap.tensors[f"past_key_values.{layer}.recurrent_state"], st.recurrent) < TOL
+        if st.conv is not None:
+            assert rel_err(snap.tensors[f"past_key_values.{layer}.conv_state"], st.conv) < TOL
+    assert snap.consumed == len(ids) + len(more)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_chunked_prefill_equals_one_piece(exports, kind):
+    model, path = exports[kind, "decomposed"]
+    ids = [256, *np.random.default_rng(2).integers(0, 256, 40).tolist()]
+    ref = torch_logits(model, ids)[-1]
+    for chunk in (None, 7, 1):
+        got = decoder(path, prefill_chunk=chunk).prefill([ids])[0]
+        assert rel_err(torch.from_numpy(got), ref) < TOL, f"prefill_chunk={chunk}"
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_left_padded_batch_equals_rows_alone(exports, kind):
+    model, path = exports[kind, "decomposed"]
+    prompts = ["A", "In the beginning", "Hello, world"]  # 2, 17 and 13 tokens with BOS
+    dec = decoder(path)
+    batch = dec.generate(prompts, max_new_tokens=12).run()
+    assert dec.batch_size == 3
+    for i, p in enumerate(prompts):
+        alone = decoder(path).generate(p, max_new_tokens=12).run()[0]
+        assert batch[i].tokens == alone.tokens, f"row {i} ({p!r})"
+        assert batch[i].finish_reason == FINISH_LENGTH and len(batch[i].tokens) == 12
+        ids = dec.encode(p)
+        dec.reset([i])
+        assert rel_err(torch.from_numpy(dec.prefill([ids], rows=[i])[0]), torch_logits(model, ids)[-1]) < TOL
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_continuing_conversations_in_a_padded_batch(exports, kind):
+    """Rows holding a context get continuations of different lengths in one call (for the
+    short-convolution model they are prefilled in groups, since padding would shift the cache)."""
+    model, path = exports[kind, "decomposed"]
+    dec = decoder(path, batch_size=3)
+    first = [[256, 10, 20, 30], [256, 40], [256, 50, 60, 70, 80, 90]]
+    second = [[1, 2, 3, 4, 5], [6], [7, 8]]
+    dec.prefill(first)
+    got = dec.prefill(second)
+    for i in range(3):
+        ref = torch_logits(model, first[i] + second[i])[-1]
+        assert rel_err(torch.from_numpy(got[i]), ref) < TOL, f"row {i}"
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_greedy_generation_follows_pytorch(exports, kind):
+    model, path = exports[kind, "custom" if kind == "plain" else "onnx"]
+    res = decoder(path).generate("The", max_new_tokens=24).run()[0]
+    seq = ByteLevelTokenizer().encode("The")
+    for j, tok in enumerate(res.tokens):
+        logits = torch_logits(model, seq)[-1]
+        top2 = logits.topk(2).values
+        if (top2[0] - top2[1]).item() < 1e-4:
+            break  # a near tie: either choice is right, and the sequences may part here
+        assert tok == int(logits.argmax()), f"token {j}"
+        seq.append(tok)
+    else:
+        assert len(res.tokens) == 24
+    assert res.text_bytes == bytes(t for t in res.tokens if t < 256)
+
+
+def test_stop_tokens_eos_and_interrupt(exports):
+    _, path = exports["plain", "decomposed"]
+    dec = decoder(path)
+    base = dec.generate("x", max_new_tokens=16).run()[0].tokens
+    j = next(j for j in range(3, 16) if base[j] not in base[:j])  # a token's first appearance
+    res = dec.generate("x", max_new_tokens=16, stop_token_ids=[base[j]]).run()[0]
+    assert res.tokens == base[: j + 1] and res.finish_reason == FINISH_STOP
+    dec.eos_token_id = base[j]
+    res = dec.generate("x", max_new_tokens=16).run()[0]
+    assert res.finish_reason == FINISH_EOS and res.tokens[-1] == base[j]
+    res = dec.generate("x", max_new_tokens=16, ignore_eos=True).run()[0]
+    assert res.tokens == base and res.finish_reason == FINISH_LENGTH
+    calls = []
+    res = dec.generate("x", max_new_tokens=16, ignore_eos=True, should_stop=lambda: calls.append(1) or len(calls) >= 4).run()[0]
+    assert res.tokens == base[:4] and res.finish_reason == FINISH_INTERRUPTED and res.state.pending_token == base[3]
+
+
+def test_zero_new_tokens_keeps_the_last_prompt_token_pending(exports):
+    _, path = exports["conv-gqa", "decomposed"]
+    dec = decoder(path)
+    full = dec.generate("Hello there", max_new_tokens=10).run()[0].tokens
+    primed = dec.generate("Hello there", max_new_tokens=0).run()[0]
+    assert primed.tokens == [] and primed.state.pending_token == ord("e") and primed.state.consumed == len("Hello ther") + 1
+    resumed = dec.generate(states=primed.state, max_new_tokens=10).run()[0].tokens
+    assert resumed == full
+
+
+def test_events_stream_pieces_in_order(exports):
+    _, path = exports["plain", "decomposed"]
+    gen = decoder(path).generate(["ab", "cde"], max_new_tokens=5)
+    events = list(gen)
+    assert [e.row for e in events] == [0, 1] * 5
+    for i, r in enumerate(gen.results):
+        assert b"".join(e.piece for e in events if e.row == i) == r.text_bytes
+        assert [e.token for e in events if e.row == i] == r.tokens
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+
+
+def test_greedy_is_argmax_with_ties_to_the_lowest_id():
+    s = Sampler(SamplingParams())
+    assert s.sample(np.array([0.0, 3.0, 1.0, 3.0], np.float32)) == 1
+    assert s.sampled == 1
+
+
+def test_temperature_sampling_follows_softmax():
+    logits = np.array([1.0, 0.0, -1.0, 2.0, 0.5], np.float32)
+    for temperature in (0.5, 2.0):
+        s = Sampler(SamplingParams(temperature=temperature, seed=7))
+        counts = np.bincount([s.sample(logits) for _ in range(8000)], minlength=5) / 8000
+        p = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+        assert np.abs(counts - p).max() < 0.02, (temperature, counts, p)  # ~4 standard errors
+
+
+def test_top_k_and_top_p_filter():
+    logits = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15]))
+    s = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=1))
+    draws = [s.sample(logits) for _ in range(3000)]
+    assert set(draws) == {1, 3}
+    assert abs(draws.count(1) / 3000 - 0.4 / 0.7) < 0.03
+    # top_p 0.75: 0.4 + 0.3 = 0.7 < 0.75, so 0.15 joins; 0.1 and 0.05 never appear
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.75, seed=2))
+    assert set(s.sample(logits) for _ in range(3000)) == {1, 3, 4}
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=2))
+    assert set(s.sample(logits) for _ in range(3000)) == {1, 3}
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.01, seed=3))
+    assert set(s.sample(logits) for _ in range(200)) == {1}
+
+
+def test_sampler_state_continues_the_same_stream():
+    logits = np.random.default_rng(0).normal(size=50).astype(np.float32)
+    a = Sampler(SamplingParams(temperature=0.9, top_p=0.95, seed=11))
+    first = [a.sample(logits) for _ in range(10)]
+    state = json.loads(json.dumps(a.state_dict()))  # what a state file stores
+    rest = [a.sample(logits) for _ in range(20)]
+    b = Sampler.from_state_dict(state)
+    assert [b.sample(logits) for _ in range(20)] == rest
+    c = Sampler(SamplingParams(temperature=0.9, top_p=0.95, seed=11))
+    assert [c.sample(logits) for _ in range(30)] == first + rest
+    assert b.sampled == 30
+
+
+def test_unseeded_samplers_record_their_seed():
+    a = Sampler(SamplingParams(temperature=1.0))
+    b = Sampler(SamplingParams(temperature=1.0, seed=a.seed))
+    logits = np.zeros(100, np.float32)
+    assert [a.sample(logits) for _ in range(10)] == [b.sample(logits) for _ in range(10)]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=-2), dict(top_k=1.5),
+                                 dict(top_p=0), dict(top_p=1.5), dict(seed=-1)])
+def test_bad_sampling_parameters_are_refused(bad):
+    with pytest.raises(UsageError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_seeded_generation_is_reproducible(exports):
+    _, path = exports["plain", "decomposed"]
+    dec = decoder(path)
+    params = SamplingParams(temperature=1.0, top_k=40, seed=5)
+    a = dec.generate(["x", "y"], max_new_tokens=20, sampling=params).run()
+    b = dec.generate(["x", "y"], max_new_tokens=20, sampling=params).run()
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert len(set(a[0].tokens)) > 3  # it did sample
+
+
+# ---- tokenizers -----------------------------------------------------------------------------------
+
+
+def test_byte_stream_is_the_bytes_and_utf8_survives_splits():
+    tok = ByteLevelTokenizer()
+    text = "naïve — ünïcödé ✓"
+    ids = tok.encode(text, add_bos=False)
+    stream, dec = tok.stream(), TextDecoder()
+    pieces = [stream.bytes_for(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert "".join(dec.feed(p) for p in pieces) + dec.flush() == text
+    assert tok.stream().bytes_for(256) == b""  # BOS and EOS are not text
+
+
+def test_tokenizer_json_in_the_export_is_used(exports, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")  # the [serve] extra; installed in CI via [test]
+    from tokenizers import models, pre_tokenizers
+
+    words = ["<bos>", "<eos>", "hello", "world", "again", "the", "and", "[UNK]"] + [f"w{i}" for i in range(250)]
+    hf = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers import decoders
+
+    hf.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    _, src = exports["plain", "decomposed"]
+    meta = json.loads((src / "metadata.json").read_text())
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path, meta)
+    assert tok.kind == "huggingface"
+    ids = tok.encode("hello world again", add_bos=False)
+    assert ids == [2, 3, 4]
+    assert tok.encode("hello", add_bos=True)[0] == meta["model"]["bos_token_id"]
+    stream = tok.stream()
+    text = b"".join(stream.bytes_for(i) for i in ids) + stream.flush()
+    assert text.decode() == tok.decode(ids) == "hello world again"
+
+
+# ---- selection and errors ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_the_input_and_shape(exports, tmp_path):
+    _, path = exports["plain", "decomposed"]
+    dec = decoder(path, batch_size=2)
+    with pytest.raises(UsageError, match=r"prompt 1 \(row 1\) \(shape \[3\]\) holds token ids \[300\]"):
+        dec.prefill([[1, 2], [1, 300, 2]])
+    with pytest.raises(UsageError, match="prompt 0 .* is empty"):
+        dec.prefill([[], [1]])
+    with pytest.raises(UsageError, match="one token per row: got 1 tokens for a batch of 2"):
+        dec.step([1])
+    with pytest.raises(UsageError, match=r"tokens \(shape \[2\]\) holds token ids \[-1\]"):
+        dec.step([1, -1])
+    with pytest.raises(UsageError, match=r"rows \[5\] are outside the batch"):
+        dec.prefill([[1]], rows=[5])
+    with pytest.raises(UsageError, match="max_new_tokens"):
+        dec.generate("x", max_new_tokens=-1)
+    with pytest.raises(UsageError, match="one entry per row"):
+        dec.generate(["a", "b"], prompt_ids=[[1]])
+    with pytest.raises(UsageError, match="backend must be one of ort-cpu, ort-cuda, trt"):
+        StatefulDecoder(path, "tensorflow")
+    with pytest.raises(UsageError, match="not an export directory"):
+        StatefulDecoder(tmp_path, "ort-cpu")
+
+
+def test_ort_cuda_without_a_gpu_is_a_missing_runtime(exports):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        pytest.skip("this machine can run ort-cuda (tests/runtime/test_decoder.py::test_ort_cuda_* cover it)")
+    _, path = exports["plain", "decomposed"]
+    with pytest.raises(MissingRuntimeError, match="ort-cuda"):
+        StatefulDecoder(path, "ort-cuda")
+
+
+def test_trt_backend_explains_what_is_missing(exports, tmp_path):
+    import shutil
+
+    _, src = exports["plain", "custom"]
+    path = shutil.copytree(src, tmp_path / "export")
+    with pytest.raises(UsageError, match="gla-export build"):
+        StatefulDecoder(path, "trt")
+    (path / "tensorrt").mkdir()
+    (path / "tensorrt" / "engines.json").write_text(json.dumps({"runtime": {"module": "tensorrt"}}))
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(MissingRuntimeError, match="`tensorrt`, which is not installed"):
+            StatefulDecoder(path, "trt")
+    if not torch.cuda.is_available():
+        (path / "tensorrt" / "engines.json").write_text(json.dumps({"runtime": {"module": "json"}}))  # an importable stand-in
+        from gla_export.runtime import tensorrt as trt_build
+
+        orig = trt_build.available_module
+        trt_build.available_module = lambda prefer=None: prefer
+        try:
+            with pytest.raises(MissingRuntimeError, match="needs a CUDA GPU"):
+                StatefulDecoder(path, "trt")
+        finally:
+            trt_build.available_module = orig
+
+
+def test_custom_form_needs_the_library(exports, monkeypatch, tmp_path):
+    from gla_export import _native
+
+    _, path = exports["plain", "custom"]
+    monkeypatch.setattr(_native, "find_library", lambda kind: None)
+    with pytest.raises(MissingRuntimeError, match="decomposed"):
+        StatefulDecoder(path, "ort-cpu")
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["decomposed", "custom"])
+def test_ort_cuda_matches_cpu_and_keeps_states_on_the_device(exports, form):
+    model, path = exports["conv-gqa", form]
+    cpu, gpu = decoder(path, batch_size=2), StatefulDecoder(path, "ort-cuda", batch_size=2)
+    assert all(t.device.type == "cuda" for bufs in gpu._states for t in bufs.values())
+    prompts = [[256, 1, 2, 3, 4, 5], [256, 9]]
+    a, b = cpu.prefill(prompts), gpu.prefill(prompts)
+    assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < TOL
+    ptrs = {t.data_ptr() for bufs in gpu._states for t in bufs.values()}
+    for tok in range(20):
+        a, b = cpu.step([tok, tok + 1]).copy(), gpu.step([tok, tok + 1]).copy()
+        assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < TOL, f"step {tok}"
+    assert {t.data_ptr() for bufs in gpu._states for t in bufs.values()} == ptrs  # the same two buffers throughout
+    assert cpu.generate("Hi", max_new_tokens=16).run()[0].tokens == gpu.generate("Hi", max_new_tokens=16).run()[0].tokens
