@@ -17,7 +17,9 @@ from ..errors import GlaExportError
 
 # name -> "module:attribute"; each module defines one click command
 COMMANDS = {
+    "build": "gla_export.cli.build:build",
     "export": "gla_export.cli.export:export",
+    "generate": "gla_export.cli.generate:generate",
     "info": "gla_export.cli.info:info",
 }
 

@@ -99,8 +99,10 @@ std::string Config::check() const {
     e << "scale must be finite, got " << scale;
   } else if (reverse != 0 && reverse != 1) {
     e << "reverse must be 0 or 1, got " << reverse;
-  } else if (chunk_size <= 0) {
-    e << "chunk_size must be positive, got " << chunk_size;
+  } else if (chunk_size < 0) {
+    // a hint only; 0 (what TensorRT-RTX's LinearAttention importer passes when the attribute is
+    // absent) leaves the choice to the kernels
+    e << "chunk_size must be >= 0, got " << chunk_size;
   } else if (kind == OpKind::kLinearAttention && update_rule != "gated" && update_rule != "linear") {
     e << "update_rule '" << update_rule
       << "' is not supported by the gla-export plugin (supported: 'gated', 'linear'; the ONNX default is "

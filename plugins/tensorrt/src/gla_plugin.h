@@ -31,7 +31,7 @@ struct Config {
   int32_t kv_num_heads = 0;
   float scale = 0.f;       // 0: d_k^-1/2
   int32_t reverse = 0;     // GatedLinearAttention only
-  int32_t chunk_size = 64; // a hint; the kernels pick their own tiling
+  int32_t chunk_size = 64; // a hint (0: no preference); the kernels pick their own tiling
   std::string update_rule; // LinearAttention only: "gated" or "linear"
 
   bool gated() const { return kind == OpKind::kGatedLinearAttention || update_rule == "gated"; }

@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -33,7 +34,9 @@ SHA256 = "07cc714e8b5e7f34b672f7c7fad93febe7c747be5837ba276b1527370134ffe0"
 PREFIX = "kernel_lens/include/tensorrt/"
 # the headers the plugin includes, directly or through NvInferRuntime.h
 REQUIRED = ("NvInferRuntime.h", "NvInferRuntimeBase.h", "NvInferPluginBase.h", "NvInferRuntimePlugin.h", "NvInferVersion.h")
-JSON_URL = f"https://pypi.org/pypi/{PACKAGE}/{VERSION}/json"
+PYPI = os.environ.get("GLA_PYPI_URL", "https://pypi.org").rstrip("/")
+VERSION_JSON_URL = f"{PYPI}/pypi/{PACKAGE}/{VERSION}/json"
+PROJECT_JSON_URL = f"{PYPI}/pypi/{PACKAGE}/json"
 STAMP = ".gla-tensorrt-headers"
 
 
@@ -50,14 +53,24 @@ def _get(url: str, timeout: float = 60.0, attempts: int = 3) -> bytes:
     raise RuntimeError(f"cannot download {url}: {last}")
 
 
+def _release_files() -> tuple[str, list[dict]]:
+    """(URL of the JSON document, its file entries for VERSION)."""
+    try:
+        return VERSION_JSON_URL, json.loads(_get(VERSION_JSON_URL, attempts=1)).get("urls", [])
+    except RuntimeError:
+        # mirrors of PyPI may serve only the project document; its "releases" has every version
+        meta = json.loads(_get(PROJECT_JSON_URL))
+        return PROJECT_JSON_URL, meta.get("releases", {}).get(VERSION, [])
+
+
 def _wheel_url() -> str:
-    meta = json.loads(_get(JSON_URL))
-    for entry in meta.get("urls", []):
+    base, files = _release_files()
+    for entry in files:
         if entry.get("filename") == WHEEL:
             published = entry.get("digests", {}).get("sha256")
             if published != SHA256:
                 raise RuntimeError(f"PyPI lists {WHEEL} with sha256 {published}, expected the pinned {SHA256}")
-            return entry["url"]
+            return urllib.parse.urljoin(base, entry["url"])
     raise RuntimeError(f"PyPI has no file {WHEEL} for {PACKAGE} {VERSION}")
 
 
