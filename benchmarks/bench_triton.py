@@ -152,12 +152,14 @@ def reference(kw: dict):
     return naive_gla(**args, output_final_state=True)
 
 
-def run_case(case: Case, args: argparse.Namespace) -> list[Row]:
+def run_case(case: Case, args: argparse.Namespace, device: str = "cuda", bench=None) -> list[Row]:
+    """Rows for every implementation; ``bench`` replaces triton.testing.do_bench (tests)."""
     import triton.testing
 
     from gla_export.testing import rel_err
 
-    kw = make_inputs(case)
+    bench = bench or triton.testing.do_bench
+    kw = make_inputs(case, device)
     ref = None if args.no_accuracy else reference(kw)
     rows = []
     for name, fn in implementations(args.no_fla):
@@ -170,7 +172,7 @@ def run_case(case: Case, args: argparse.Namespace) -> list[Row]:
                 err = s_err = None
                 if ref is not None:
                     err, s_err = rel_err(o, ref[0]), rel_err(s.float(), ref[1])
-                ms = triton.testing.do_bench(
+                ms = bench(
                     lambda: fn(kw["q"], kw["k"], kw["v"], kw["g"], kw["initial_state"]),
                     warmup=args.warmup, rep=args.rep, return_mode="median",
                 )
@@ -178,7 +180,8 @@ def run_case(case: Case, args: argparse.Namespace) -> list[Row]:
         except Exception as e:
             rows.append(Row(case.name, name, None, None, f"{type(e).__name__}: {e}".splitlines()[0][:160]))
             traceback.print_exc(file=sys.stderr)
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -261,6 +261,20 @@ def test_interpreter_cases_cover_every_option():
     assert need <= seen, f"missing: {sorted(need - seen)}"
 
 
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the compiler rejects (tl.dot shapes, layouts, dtypes): build
+    every kernel family for sm_90 through ptxas, no GPU needed (gla_export/ops/_triton/aot.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    cmd = [sys.executable, "-m", "gla_export.ops._triton.aot", "--arch", "90", "--quick"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    print(proc.stdout)
+    for kernel in ("_gate_cumsum_kernel", "_chunk_state_kernel", "_chunk_scores_kernel", "_chunk_output_kernel", "_recurrent_kernel"):
+        assert kernel in proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU: argument handling (no kernel launches)
 
@@ -432,6 +446,35 @@ def test_bench_table_and_json(tmp_path, monkeypatch, capsys):
     path = bench.write_json(rows, {"gpu": "none"})
     data = json.loads(Path(path).read_text())
     assert data["rows"][1]["ms"] == 0.8 and data["meta"]["gpu"] == "none"
+
+
+BENCH_GLUE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import bench_triton as b
+
+def broken(q, k, v, g, h0):
+    raise RuntimeError("kernel exploded")
+
+ours = b.implementations(no_fla=True)
+b.implementations = lambda no_fla: ours + [("broken", broken)]
+case = b.Case("tiny", B=2, T=40, H=2, K=16, V=32, kind="decode")
+rows = b.run_case(case, b.parse_args([]), device="cpu", bench=lambda fn, **kw: (fn(), 1.0)[1])
+print(json.dumps([r.__dict__ for r in rows]))
+"""
+
+
+def test_bench_measures_on_the_same_inputs_and_survives_failures():
+    """The benchmark's glue (inputs, float64 reference, errors, rows) through the interpreter on a
+    tiny case. fla cannot run without a GPU; a failing implementation must leave a note, not a crash."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.run([sys.executable, "-c", BENCH_GLUE, str(ROOT / "benchmarks")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    assert set(rows) == {"ours", "broken"}
+    assert rows["ours"]["ms"] == 1.0 and rows["ours"]["note"] is None and rows["ours"]["gbps"] > 0
+    assert rows["ours"]["err"] < TOLERANCE[FP16] and rows["ours"]["state_err"] < TOLERANCE[FP16]
+    assert rows["broken"]["ms"] is None and rows["broken"]["note"] == "RuntimeError: kernel exploded"
 
 
 def test_bench_without_cuda_exits_with_a_clear_message(capsys):

@@ -324,11 +324,13 @@ def _chunk_table(cu: list[int], device: torch.device) -> tuple[torch.Tensor, tor
 
 
 def _state_blocks(K: int, V: int, programs_per_block: int, device: torch.device) -> tuple[int, int]:
-    """d_k and d_v blocks of the state pass: 64×64 tiles, smaller d_v tiles while that leaves
-    the GPU with fewer than two programs per multiprocessor (the pass is sequential in time)."""
+    """d_k and d_v blocks of the state pass: 64×64 tiles, 32-wide d_v tiles when 64 leaves the
+    GPU with fewer than two programs per multiprocessor (the pass is sequential in time, so
+    its programs are all the parallelism there is). Not narrower: every d_v program reloads
+    the chunk's k and Γ tiles, and a 16-wide dot wastes the tensor cores."""
     BK = min(64, pow2_at_least(K))
     BV = min(64, pow2_at_least(V))
-    while BV > 16 and triton.cdiv(K, BK) * triton.cdiv(V, BV) * programs_per_block < 2 * sm_count(device):
+    while BV > 32 and triton.cdiv(K, BK) * triton.cdiv(V, BV) * programs_per_block < 2 * sm_count(device):
         BV //= 2
     return BK, BV
 
