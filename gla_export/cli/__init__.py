@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "gla_export.cli.export:export",
     "generate": "gla_export.cli.generate:generate",
     "info": "gla_export.cli.info:info",
+    "verify": "gla_export.cli.verify:verify",
 }
 
 

@@ -1,0 +1,708 @@
+"""``gla-export verify``: the PyTorch model against every runtime that can run the export.
+
+Built on Polygraphy: every backend is a Polygraphy runner and every comparison is Polygraphy's
+``Comparator.compare_accuracy`` with its ``SimpleCompareFunc`` (per-dtype ``atol``/``rtol``,
+``elemwise`` by default: an element fails when it is off by more than ``atol`` *and* by more
+than ``rtol`` of the reference element).
+
+- reference: the PyTorch model (the checkpoint the export recorded, or ``model=``) behind
+  Polygraphy's ``PytRunner``, with each graph's inputs and outputs;
+- ``ort-cpu`` / ``ort-cuda``: Polygraphy's ``OnnxrtRunner`` over a session with our custom-op
+  library registered (custom exports) and the CPU or the CUDA execution provider;
+- ``trt``: Polygraphy's ``TrtRunner`` over the engines of ``gla-export build`` with our plugin
+  registered (``IPluginRegistry.load_library``; needs the ``tensorrt`` package and a GPU).
+
+Cases, each compared on the logits and every layer's state:
+
+- ``prefill``: prefill.onnx on a random batch from zero states, then more tokens from the states
+  PyTorch reached (non-zero past states);
+- ``step``: step.onnx once per generated token, each time fed PyTorch's state (one step's error);
+- ``decode``: prefill then step after step, each backend carrying *its own* states forward, as a
+  deployed decoder does (errors accumulate; compared at every step).
+
+The ``prefill`` and ``step`` cases run through ``Comparator.run``; their inputs and the PyTorch
+outputs can be saved (``save_dir``) in Polygraphy's JSON format, so that ``polygraphy run`` can
+replay them (docs/verify-bench.md has the command lines). Polygraphy cannot thread outputs back
+into inputs, so the ``decode`` case calls the same runners' ``infer`` in a loop and hands the
+results to ``compare_accuracy``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import MissingRuntimeError, ModelError, UsageError, ValidationError
+
+BACKENDS = ("ort-cpu", "ort-cuda", "trt")
+CASES = ("prefill", "step", "decode")
+ERROR_STATS = ("elemwise", "max", "mean", "median")
+# (atol, rtol) per activation dtype: those of the export's own validation (gla_export.export.validate)
+DEFAULT_TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One case × backend × output kind; the worst layer and iteration stand for all."""
+
+    case: str
+    backend: str
+    output: str
+    iterations: int
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    passed: bool
+    worst: str  # which tensor (and iteration) had the largest error
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BackendStatus:
+    name: str
+    available: bool
+    detail: str  # what runs it, or why it was skipped
+    error: str | None = None  # it was available but failed to run
+
+
+@dataclass
+class VerifyReport:
+    export_dir: str
+    dtype: str
+    atol: float
+    rtol: float
+    check_error_stat: str
+    reference: str
+    backends: list[BackendStatus] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    polygraphy_commands: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ran(self) -> list[str]:
+        return [b.name for b in self.backends if b.available and b.error is None]
+
+    @property
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if not r.passed]
+
+    @property
+    def errors(self) -> list[BackendStatus]:
+        return [b for b in self.backends if b.error is not None]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and not self.failures and not self.errors
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title=f"PyTorch vs runtimes, {self.dtype} (pass: {self.check_error_stat} error within atol {self.atol:g} "
+                        f"or rtol {self.rtol:g}; state = worst layer)")
+        for col, just in (("case", "left"), ("backend", "left"), ("output", "left"), ("iters", "right"),
+                          ("max|err|", "right"), ("max rel", "right"), ("mean|err|", "right"), ("", "left")):
+            t.add_column(col, justify=just, no_wrap=True)
+        short = {"recurrent_state": "state", "conv_state": "conv state"}
+        for r in self.rows:
+            t.add_row(r.case, r.backend, short.get(r.output, r.output), str(r.iterations), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}",
+                      f"{r.mean_abs:.2e}", "[green]ok[/green]" if r.passed else "[red]FAIL[/red]")
+        return t
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "export_dir": self.export_dir,
+            "dtype": self.dtype,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "check_error_stat": self.check_error_stat,
+            "reference": self.reference,
+            "backends": [b.__dict__ for b in self.backends],
+            "rows": [r.as_dict() for r in self.rows],
+            "polygraphy_commands": self.polygraphy_commands,
+            "settings": self.settings,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# arrays
+# ---------------------------------------------------------------------------------------------
+
+_NP_FROM_NAME = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return _NP_FROM_NAME[name]
+
+
+def _to_numpy(t: torch.Tensor, dtype_name: str | None = None) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy().astype(_np_dtype("bfloat16"))
+    return t.numpy()
+
+
+def _to_torch(a: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
+    a = np.asarray(a)
+    if a.dtype.name == "bfloat16":
+        a = a.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# runners
+# ---------------------------------------------------------------------------------------------
+
+
+class GraphModule(torch.nn.Module):
+    """The PyTorch model with one exported graph's signature: named inputs (ids, mask, past states)
+    in, ``(logits, *present states)`` out in the order of the graph's outputs."""
+
+    def __init__(self, model, meta: dict[str, Any], graph: str):
+        super().__init__()
+        self.model, self.graph = model, graph
+        self.states = meta["states"]
+        io = meta["graphs"][graph]
+        self.input_names = [i["name"] for i in io["inputs"]]
+        self.output_names = [o["name"] for o in io["outputs"]]
+        self.layers = meta["model"]["num_layers"]
+
+    def forward(self, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from ..models.modeling import LayerState
+
+        by_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(self.layers)]
+        for st in self.states:
+            by_layer[st["layer"]][st["kind"]] = feeds[st["input"]]
+        states = [LayerState(d["recurrent_state"], d.get("conv_state")) for d in by_layer]
+        out = self.model(feeds["input_ids"], attention_mask=feeds.get("attention_mask"), states=states, gla_backend="auto")
+        present = {}
+        for st in self.states:
+            layer = out.states[st["layer"]]
+            present[st["output"]] = layer.recurrent if st["kind"] == "recurrent_state" else layer.conv
+        return tuple(out.logits.float() if name == "logits" else present[name] for name in self.output_names)
+
+
+def _torch_runner(model, meta: dict[str, Any], graph: str, device):
+    """Polygraphy's PytRunner for one graph, on ``device`` (PytRunner itself always moves inputs
+    to CUDA and feeds them by position)."""
+    from polygraphy.backend.pyt import PytRunner
+    from polygraphy.common import TensorMetadata
+    from polygraphy.datatype import DataType
+
+    module = GraphModule(model, meta, graph)
+    input_meta = TensorMetadata()
+    dtypes = {}
+    for io in meta["graphs"][graph]["inputs"]:
+        dtypes[io["name"]] = getattr(torch, io["dtype"])
+        input_meta.add(io["name"], dtype=DataType.from_dtype(dtypes[io["name"]], "torch"),
+                       shape=[d if isinstance(d, int) else -1 for d in io["shape"]])
+
+    class TorchRunner(PytRunner):
+        def infer_impl(self, feed_dict):
+            with torch.no_grad():
+                feeds = {n: _to_torch(feed_dict[n], dtypes[n], device) for n in module.input_names if n in feed_dict}
+                start = time.time()
+                outputs = self.model(**feeds)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                end = time.time()
+            out = OrderedDict()
+            for name, t in zip(module.output_names, outputs):
+                # bfloat16 has no numpy type Polygraphy compares; float32 holds it exactly
+                out[name] = (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
+            self.inference_time = end - start
+            return out
+
+    # a loader, not the module: PytRunner calls whatever callable it is given (and a module is one)
+    return TorchRunner(lambda: module, input_meta, module.output_names, name=f"pytorch-{graph}")
+
+
+def _ort_session_loader(path: Path, form: str, cuda: bool, device_id: int):
+    def load():
+        import onnxruntime as ort
+
+        if form == "onnx":
+            # LinearAttention is opset 27, which ONNX Runtime 1.31 still calls "under development"
+            os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if form == "custom":
+            from .._native import library_path
+
+            so.register_custom_ops_library(library_path("ort"))
+        providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"] if cuda \
+            else ["CPUExecutionProvider"]
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+        if cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
+            raise MissingRuntimeError("ONNX Runtime could not create its CUDA execution provider (no usable GPU?)")
+        return sess
+
+    return load
+
+
+def _load_trt_plugin(plugin: str) -> None:
+    import tensorrt as trt
+
+    registry = trt.get_plugin_registry()
+    before = {(c.name, c.plugin_version) for c in registry.all_creators}
+    handle = registry.load_library(plugin)
+    after = {(c.name, c.plugin_version) for c in registry.all_creators}
+    # load_library can fail without raising: the handle and the new creators are the evidence
+    if handle is None or not (after - before) and not any(n in ("GatedLinearAttention", "LinearAttention") for n, _ in after):
+        raise MissingRuntimeError(f"TensorRT did not register any creator from {plugin}")
+
+
+def _trt_runner(engine: Path, plugin: str | None, name: str):
+    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+    def load():
+        if plugin is not None:
+            _load_trt_plugin(plugin)
+        return EngineFromPath(str(engine))()
+
+    return TrtRunner(load, name=name)
+
+
+def _backend_status(name: str, meta: dict[str, Any], export_dir: Path, engines_dir: Path | None, plugin: str | None,
+                    requested: bool) -> tuple[BackendStatus, dict[str, Any]]:
+    """Whether a backend can run here, and what it needs to."""
+    form, dtype = meta["gla_op"]["form"], meta["dtype"]
+    if name in ("ort-cpu", "ort-cuda"):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return BackendStatus(name, False, "onnxruntime is not installed"), {}
+        if name == "ort-cpu" and dtype == "bfloat16":
+            return BackendStatus(name, False, "ONNX Runtime has no bfloat16 CPU kernels"), {}
+        if name == "ort-cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                return BackendStatus(name, False, "needs onnxruntime-gpu (this onnxruntime has no CUDA execution provider)"), {}
+            if not torch.cuda.is_available():
+                return BackendStatus(name, False, "no CUDA GPU"), {}
+        if form == "custom":
+            from .._native import find_library
+
+            lib = find_library("ort")
+            if lib is None:
+                return BackendStatus(name, False, "the gla ONNX Runtime library (libgla_onnxruntime) is not built"), {}
+            return BackendStatus(name, True, f"onnxruntime {ort.__version__} + {lib.name}"), {}
+        return BackendStatus(name, True, f"onnxruntime {ort.__version__}"), {}
+
+    # trt
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        rtx = importlib.util.find_spec("tensorrt_rtx") is not None
+        why = "the `tensorrt` Python package is not installed" + (
+            " (tensorrt_rtx is, but Polygraphy's TensorRT runner drives `tensorrt`, and TensorRT-RTX engines need a GPU "
+            "it supports)" if rtx else "")
+        return BackendStatus(name, False, why), {}
+    if not torch.cuda.is_available():
+        return BackendStatus(name, False, "no CUDA GPU (a TensorRT engine can only be deserialised on one)"), {}
+    from .tensorrt import ENGINE_FILES, ENGINES_DIR
+
+    edir = engines_dir if engines_dir is not None else export_dir / ENGINES_DIR
+    engines = {g: edir / f for g, f in ENGINE_FILES.items()}
+    missing = [str(p) for p in engines.values() if not p.is_file()]
+    if missing:
+        return BackendStatus(name, False, f"no engines ({', '.join(missing)}): build them with `gla-export build {export_dir}`"), {}
+    lib = plugin
+    if lib is None and form != "decomposed":
+        from .._native import find_library
+
+        found = find_library("trt")
+        if found is None:
+            return BackendStatus(name, False, "the gla TensorRT plugin (libgla_tensorrt) is not built"), {}
+        lib = str(found)
+    import tensorrt as trt
+
+    return BackendStatus(name, True, f"tensorrt {trt.__version__}, engines in {edir}"), {"engines": engines, "plugin": lib}
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Inputs:
+    prefill: list[dict[str, np.ndarray]]  # the prefill case: zero states, then a continuation
+    step: list[dict[str, np.ndarray]]  # the step case: one token each, PyTorch's state before it
+    tokens: np.ndarray  # [B, steps]: the tokens every backend is fed in the decode case
+
+
+@torch.no_grad()
+def _make_inputs(model, meta: dict[str, Any], batch: int, prompt_len: int, steps: int, seed: int, device) -> _Inputs:
+    from ..models.modeling import LayerState
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = meta["model"]["vocab_size"]
+    states_meta = meta["states"]
+    state_dtype = getattr(torch, meta["state_dtype"])
+    has_mask = any(i["name"] == "attention_mask" for i in meta["graphs"]["prefill"]["inputs"])
+
+    def feeds(ids: torch.Tensor, states: list[LayerState]) -> dict[str, np.ndarray]:
+        f = {"input_ids": ids.numpy()}
+        if has_mask and ids.shape[1] > 1:
+            f["attention_mask"] = np.ones(tuple(ids.shape), dtype=np.int64)
+        for st in states_meta:
+            layer = states[st["layer"]]
+            f[st["input"]] = _to_numpy(layer.recurrent if st["kind"] == "recurrent_state" else layer.conv)
+        return f
+
+    def run(ids, states):
+        return model(ids.to(device), states=states, gla_backend="auto")
+
+    zeros = model.init_states(batch, device=device, state_dtype=state_dtype)
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=gen)
+    more = torch.randint(0, vocab, (batch, 13), generator=gen)
+    out = run(ids, zeros)
+    prefill = [feeds(ids, zeros), feeds(more, out.states)]
+
+    step, tokens = [], []
+    states = out.states
+    tok = out.logits[:, -1].float().argmax(-1, keepdim=True).cpu()
+    for _ in range(steps):
+        step.append(feeds(tok, states))
+        tokens.append(tok)
+        o = run(tok, states)
+        states = o.states
+        tok = o.logits[:, -1].float().argmax(-1, keepdim=True).cpu()
+    return _Inputs(prefill, step, torch.cat(tokens, dim=1).numpy() if tokens else np.zeros((batch, 0), np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# comparisons
+# ---------------------------------------------------------------------------------------------
+
+
+def _output_kind(name: str) -> str:
+    return name.split(".")[-1] if name.startswith("present.") else name
+
+
+def _rows(case: str, accuracy, backend_names: dict[str, str]) -> list[Row]:
+    """Collapse Polygraphy's per-iteration, per-output results into one row per backend and output kind."""
+    rows: dict[tuple[str, str], Row] = {}
+    for result in accuracy:
+        for (r0, r1), iterations in result.items():
+            backend = backend_names[r0]
+            for it, outputs in enumerate(iterations):
+                for name, res in outputs.items():
+                    kind = _output_kind(name)
+                    key = (backend, kind)
+                    where = f"{name} (iteration {it})"
+                    row = rows.get(key)
+                    if row is None:
+                        rows[key] = Row(case, backend, kind, 1, res.max_absdiff, res.max_reldiff, res.mean_absdiff,
+                                        bool(res), where)
+                        continue
+                    row.iterations = max(row.iterations, it + 1)
+                    if res.max_absdiff > row.max_abs:
+                        row.max_abs, row.worst = res.max_absdiff, where
+                    row.max_rel = max(row.max_rel, res.max_reldiff)
+                    row.mean_abs = max(row.mean_abs, res.mean_absdiff)
+                    row.passed = row.passed and bool(res)
+    order = {"logits": 0, "recurrent_state": 1, "conv_state": 2}
+    return sorted(rows.values(), key=lambda r: (r.backend, order.get(r.output, 9), r.output))
+
+
+def _decode_loop(prefill_runner, step_runner, first: dict[str, np.ndarray], tokens: np.ndarray,
+                 states_meta: list[dict]) -> list:
+    """Prefill then step, carrying this runner's own states; returns one IterationResult per call."""
+    from polygraphy.comparator.struct import IterationResult
+
+    results = []
+    with prefill_runner as pre:
+        out = pre.infer(feed_dict=dict(first))
+        results.append(IterationResult(outputs={k: np.array(v) for k, v in out.items()}, runtime=pre.last_inference_time(),
+                                       runner_name=pre.name))
+    states = {st["input"]: np.array(out[st["output"]]) for st in states_meta}
+    with step_runner as step:
+        for t in range(tokens.shape[1]):
+            out = step.infer(feed_dict={"input_ids": np.ascontiguousarray(tokens[:, t: t + 1]), **states})
+            results.append(IterationResult(outputs={k: np.array(v) for k, v in out.items()}, runtime=step.last_inference_time(),
+                                           runner_name=step.name))
+            states = {st["input"]: np.array(out[st["output"]]) for st in states_meta}
+    return results
+
+
+def _quiet_polygraphy(verbose: bool) -> None:
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_reference(meta: dict[str, Any], export_dir: Path, model: Any, device):
+    from ..models.config import ConfigError
+    from ..models.loader import CheckpointError, load_model
+    from ..models.modeling import GLAForCausalLM
+
+    dtype = getattr(torch, meta["dtype"])
+    if isinstance(model, GLAForCausalLM):
+        return model.to(device=device).eval(), "the given GLAForCausalLM"
+    if model is None:
+        source = meta.get("source")
+        if not source:
+            raise UsageError(f"{export_dir} does not record the checkpoint it was exported from: pass the model (--model DIR)")
+        path = Path(source)
+        if not path.is_absolute() and not path.exists() and (export_dir / source).exists():
+            path = export_dir / source
+    else:
+        path = Path(model)
+    if not path.exists():
+        raise ModelError(f"checkpoint not found: {path} (pass the model with --model DIR)")
+    try:
+        m = load_model(path, dtype=dtype)
+    except (CheckpointError, ConfigError) as e:
+        raise ModelError(str(e)) from e
+    if m.config.vocab_size != meta["model"]["vocab_size"] or m.config.num_hidden_layers != meta["model"]["num_layers"]:
+        raise ModelError(f"the checkpoint {path} is not the model of this export (vocabulary or layer count differ)")
+    return m.to(device).eval(), str(path)
+
+
+def verify(
+    export_dir: str | os.PathLike,
+    *,
+    model: Any = None,
+    backends: Sequence[str] | None = None,
+    batch: int = 2,
+    prompt_len: int = 65,
+    steps: int = 8,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    check_error_stat: str = "elemwise",
+    engines_dir: str | os.PathLike | None = None,
+    trt_plugin: str | None = None,
+    device: str = "auto",
+    device_id: int = 0,
+    save_dir: str | os.PathLike | None = None,
+    verbose: bool = False,
+    progress=None,
+) -> VerifyReport:
+    """Compare the export, run by every available backend, with the PyTorch model.
+
+    Args:
+        export_dir: an export directory (``gla-export export``).
+        model: the checkpoint (or a GLAForCausalLM); default: the one the export recorded.
+        backends: some of :data:`BACKENDS`; None runs every available one and reports the others as
+            skipped. A requested backend that is not available raises MissingRuntimeError.
+        batch, prompt_len, steps: the shape of the prefill batch and the number of decode steps.
+        atol, rtol: defaults per dtype (:data:`DEFAULT_TOLERANCES`); ``check_error_stat`` as in Polygraphy.
+        device: where PyTorch runs (``auto``: CUDA when available).
+        save_dir: write the ``prefill``/``step`` inputs and PyTorch outputs as Polygraphy JSON there,
+            with the equivalent ``polygraphy run`` commands in ``polygraphy_run.sh``.
+        progress: a callable taking one line of progress text, or None.
+
+    Returns the report; it does not raise on a mismatch (the CLI turns ``not report.passed`` into
+    a ValidationError, exit code 4).
+    """
+    from ..export.metadata import read_metadata
+
+    t_start = time.perf_counter()
+    say = progress or (lambda msg: None)
+    export_dir = Path(export_dir)
+    try:
+        meta = read_metadata(export_dir)
+    except FileNotFoundError as e:
+        raise UsageError(f"{export_dir} is not an export directory (no metadata.json)") from e
+    except ValueError as e:
+        raise ModelError(str(e)) from e
+    for graph in ("prefill", "step"):
+        if not (export_dir / meta["files"][graph]).is_file():
+            raise ModelError(f"{export_dir / meta['files'][graph]} is missing")
+    if check_error_stat not in ERROR_STATS:
+        raise UsageError(f"check_error_stat must be one of {', '.join(ERROR_STATS)}, got {check_error_stat!r}")
+    for name, value, lo in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("steps", steps, 1)):
+        if not isinstance(value, int) or value < lo:
+            raise UsageError(f"{name} must be an integer >= {lo}, got {value!r}")
+    if backends is not None:
+        bad = [b for b in backends if b not in BACKENDS]
+        if bad:
+            raise UsageError(f"unknown backend {bad[0]!r}: choose from {', '.join(BACKENDS)}")
+    d_atol, d_rtol = DEFAULT_TOLERANCES[meta["dtype"]]
+    atol = d_atol if atol is None else float(atol)
+    rtol = d_rtol if rtol is None else float(rtol)
+    if atol < 0 or rtol < 0:
+        raise UsageError(f"atol and rtol must be >= 0, got {atol}, {rtol}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MissingRuntimeError("device cuda: PyTorch sees no CUDA GPU")
+    dev = torch.device(device, device_id) if device == "cuda" else torch.device("cpu")
+
+    _quiet_polygraphy(verbose)
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError as e:
+        raise MissingRuntimeError("gla-export verify needs Polygraphy: pip install polygraphy (or gla-export[verify])") from e
+
+    # which backends run
+    statuses, needs = [], {}
+    engines_path = Path(engines_dir) if engines_dir is not None else None
+    for name in backends or BACKENDS:
+        st, need = _backend_status(name, meta, export_dir, engines_path, trt_plugin, backends is not None)
+        if backends is not None and not st.available:
+            raise MissingRuntimeError(f"backend {name} is not available: {st.detail}")
+        statuses.append(st)
+        needs[name] = need
+    if not any(s.available for s in statuses):
+        raise MissingRuntimeError("no backend can run this export here: " +
+                                  "; ".join(f"{s.name}: {s.detail}" for s in statuses))
+
+    say(f"loading the PyTorch model on {dev}")
+    torch_model, reference = _load_reference(meta, export_dir, model, dev)
+    report = VerifyReport(str(export_dir), meta["dtype"], atol, rtol, check_error_stat, f"PyTorch ({reference}, {dev})",
+                          backends=statuses,
+                          settings=dict(batch=batch, prompt_len=prompt_len, steps=steps, seed=seed, device=str(dev)))
+    say("computing the inputs")
+    inputs = _make_inputs(torch_model, meta, batch, prompt_len, steps, seed, dev)
+
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator
+
+    try:
+        from polygraphy.comparator import SimpleCompareFunc
+    except ImportError:  # Polygraphy before 0.50
+        from polygraphy.comparator import CompareFunc
+
+        SimpleCompareFunc = CompareFunc.simple  # noqa: N806
+    compare_func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat=check_error_stat)
+    form = meta["gla_op"]["form"]
+
+    def make_runner(status: BackendStatus, graph: str):
+        path = export_dir / meta["files"][graph]
+        if status.name == "ort-cpu":
+            return OnnxrtRunner(_ort_session_loader(path, form, False, device_id), name=f"ort-cpu-{graph}")
+        if status.name == "ort-cuda":
+            return OnnxrtRunner(_ort_session_loader(path, form, True, device_id), name=f"ort-cuda-{graph}")
+        need = needs[status.name]
+        return _trt_runner(need["engines"][graph], need["plugin"], name=f"trt-{graph}")
+
+    from polygraphy.comparator.struct import RunResults
+
+    saved = {}
+    for case, graph, feeds in (("prefill", "prefill", inputs.prefill), ("step", "step", inputs.step)):
+        # Comparator.run runs its runners one after the other anyway; one call per backend lets a
+        # backend that fails be reported without losing the others
+        ref_runner = _torch_runner(torch_model, meta, graph, dev)
+        say(f"{case}: PyTorch")
+        ref = Comparator.run([ref_runner], data_loader=feeds)
+        saved[graph] = (feeds, ref, ref_runner.name)
+        for st in statuses:
+            if not st.available or st.error is not None:
+                continue
+            runner = make_runner(st, graph)
+            say(f"{case}: {st.name}")
+            try:
+                got = Comparator.run([runner], data_loader=feeds)
+            except Exception as e:  # noqa: BLE001 - a backend that fails is a finding, not a crash
+                st.error = _one_line(e)
+                continue
+            pair = RunResults([(runner.name, got[runner.name]), (ref_runner.name, ref[ref_runner.name])])
+            accuracy = Comparator.compare_accuracy(pair, comparisons=[(0, 1)], compare_func=compare_func)
+            report.rows += _rows(case, accuracy, {runner.name: st.name})
+
+    # decode: each backend carries its own states
+    say("decode: prefill then step, each backend on its own states")
+    ref_iters = _decode_loop(_torch_runner(torch_model, meta, "prefill", dev), _torch_runner(torch_model, meta, "step", dev),
+                             inputs.prefill[0], inputs.tokens, meta["states"])
+    for st in statuses:
+        if not st.available or st.error is not None:
+            continue
+        try:
+            iters = _decode_loop(make_runner(st, "prefill"), make_runner(st, "step"), inputs.prefill[0], inputs.tokens,
+                                 meta["states"])
+        except Exception as e:  # noqa: BLE001
+            st.error = _one_line(e)
+            continue
+        run_results = RunResults([(f"{st.name}-decode", iters), ("pytorch-decode", ref_iters)])
+        accuracy = Comparator.compare_accuracy(run_results, comparisons=[(0, 1)], compare_func=compare_func)
+        report.rows += _rows("decode", accuracy, {f"{st.name}-decode": st.name})
+
+    if save_dir is not None:
+        report.polygraphy_commands = _save_for_polygraphy(Path(save_dir), export_dir, saved, meta, statuses, needs, atol,
+                                                          rtol, check_error_stat)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _save_for_polygraphy(save_dir: Path, export_dir: Path, saved: dict, meta: dict[str, Any], statuses, needs, atol, rtol,
+                         stat) -> list[str]:
+    """The prefill/step inputs and PyTorch outputs as Polygraphy JSON, and the polygraphy run commands
+    that replay them."""
+    from polygraphy.comparator.struct import RunResults
+    from polygraphy.json import save_json
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    commands = []
+    tol = f"--atol {atol:g} --rtol {rtol:g} --check-error-stat {stat}"
+    form = meta["gla_op"]["form"]
+    for graph, (feeds, results, ref_name) in saved.items():
+        inputs_file, outputs_file = save_dir / f"{graph}.inputs.json", save_dir / f"{graph}.pytorch.json"
+        save_json(feeds, str(inputs_file))
+        RunResults([(ref_name, results[ref_name])]).save(str(outputs_file))
+        io = f"--load-inputs {shlex.quote(str(inputs_file))} --load-outputs {shlex.quote(str(outputs_file))} {tol}"
+        onnx_file = shlex.quote(str(export_dir / meta["files"][graph]))
+        if form == "onnx":
+            commands.append(f"ALLOW_RELEASED_ONNX_OPSET_ONLY=0 polygraphy run {onnx_file} --onnxrt {io}")
+        elif form == "decomposed":
+            commands.append(f"polygraphy run {onnx_file} --onnxrt {io}")
+        else:
+            commands.append(f"# {graph}: polygraphy's CLI cannot register an ONNX Runtime custom-op library "
+                            f"(NVIDIA/TensorRT#4487): gla-export verify runs its OnnxrtRunner from Python instead")
+        trt = next((s for s in statuses if s.name == "trt" and s.available), None)
+        if trt is not None:
+            need = needs["trt"]
+            plugin = f" --plugins {shlex.quote(need['plugin'])}" if need.get("plugin") else ""
+            commands.append(f"polygraphy run {shlex.quote(str(need['engines'][graph]))} --model-type engine --trt{plugin} {io}")
+    script = save_dir / "polygraphy_run.sh"
+    script.write_text("#!/usr/bin/env bash\n# written by gla-export verify: replays its prefill and step comparisons\nset -e\n"
+                      + "\n".join(commands) + "\n")
+    script.chmod(0o755)
+    return commands
+
+
+def raise_if_failed(report: VerifyReport) -> None:
+    """ValidationError (exit code 4) naming the worst failure, when the report did not pass."""
+    if report.passed:
+        return
+    parts = []
+    if report.failures:
+        worst = max(report.failures, key=lambda r: r.max_abs)
+        parts.append(f"{len(report.failures)} of {len(report.rows)} comparisons exceed the tolerance (worst: {worst.case} "
+                     f"{worst.backend} {worst.worst}: max|err| {worst.max_abs:.3e}, atol {report.atol:g}, rtol {report.rtol:g})")
+    for b in report.errors:
+        parts.append(f"{b.name} failed to run: {b.error}")
+    raise ValidationError("verify failed: " + "; ".join(parts))

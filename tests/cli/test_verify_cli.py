@@ -1,0 +1,126 @@
+"""``gla-export verify``: the report, the skipped backends, and the exit code of each failure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gla_export.cli import main
+from gla_export.errors import EXIT_CODES
+from gla_export.models import load_model, save_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtimes"))
+from runtime_helpers import tiny_checkpoint, tiny_export  # noqa: E402
+
+TINY = ["--batch", "2", "--prompt-len", "9", "--steps", "3", "-q"]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead
+    yield
+    torch.set_num_threads(before)
+
+
+def run(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _report(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("form", ["decomposed", "custom"])
+def test_verify_passes_and_reports_every_case(form, tmp_path, capsys):
+    export = tiny_export(form)
+    out = tmp_path / "report.json"
+    assert run(["verify", str(export), *TINY, "--json", str(out)]) == 0
+    rep = _report(out)
+    assert rep["passed"] is True and rep["dtype"] == "float32"
+    assert (rep["atol"], rep["rtol"], rep["check_error_stat"]) == (1e-4, 1e-4, "elemwise")
+    rows = {(r["case"], r["backend"], r["output"]): r for r in rep["rows"]}
+    for case, iters in (("prefill", 2), ("step", 3), ("decode", 4)):
+        for output in ("logits", "recurrent_state", "conv_state"):
+            r = rows[(case, "ort-cpu", output)]
+            assert r["passed"] and r["iterations"] == iters
+            assert 0 <= r["max_abs"] < 1e-4  # not zero-by-construction either: PyTorch and ORT differ a little
+    assert max(r["max_abs"] for r in rep["rows"]) > 0
+    status = {b["name"]: b for b in rep["backends"]}
+    assert status["ort-cpu"]["available"] and status["ort-cpu"]["error"] is None
+    if not torch.cuda.is_available():
+        assert not status["ort-cuda"]["available"] and not status["trt"]["available"]
+    text = capsys.readouterr().out
+    assert "skipped" in text and "verified" in text
+    for b in rep["backends"]:
+        if not b["available"]:
+            assert f"skipped {b['name']}: " in text.replace("\n", " ")
+
+
+def test_a_different_model_fails_with_exit_4(tmp_path, capsys):
+    # the same architecture with perturbed weights: every comparison must fail
+    model = load_model(tiny_checkpoint())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    other = save_model(model, tmp_path / "other")
+    out = tmp_path / "report.json"
+    code = run(["verify", str(tiny_export("decomposed")), "--model", str(other), *TINY, "--json", str(out)])
+    assert code == EXIT_CODES["ValidationError"] == 4
+    rep = _report(out)
+    assert rep["passed"] is False
+    assert any(r["case"] == "decode" and r["output"] == "logits" and not r["passed"] for r in rep["rows"])
+    assert "verify failed" in capsys.readouterr().err
+
+
+def test_zero_tolerance_fails(tmp_path):
+    out = tmp_path / "report.json"
+    code = run(["verify", str(tiny_export("decomposed")), *TINY, "--atol", "0", "--rtol", "0",
+                "--check-error-stat", "max", "--json", str(out)])
+    assert code == 4
+    assert not _report(out)["passed"]
+
+
+def test_requested_backend_that_cannot_run_exits_5(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine may have TensorRT")
+    assert run(["verify", str(tiny_export("decomposed")), "-b", "trt", *TINY]) == 5
+    err = capsys.readouterr().err
+    assert "backend trt is not available" in err
+
+
+def test_export_without_its_checkpoint(tmp_path, capsys):
+    src = tiny_export("decomposed")
+    dst = tmp_path / "export"
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "metadata.json").read_text())
+    meta["source"] = None
+    (dst / "metadata.json").write_text(json.dumps(meta))
+    assert run(["verify", str(dst), *TINY]) == 2
+    assert "pass the model (--model DIR)" in capsys.readouterr().err
+    assert run(["verify", str(dst), "--model", str(tmp_path / "nowhere"), *TINY]) == 3
+    assert run(["verify", str(tmp_path / "nothing-here"), *TINY]) == 2
+
+
+@pytest.mark.slow
+def test_saved_inputs_replay_with_the_polygraphy_cli(tmp_path):
+    export = tiny_export("decomposed")
+    save = tmp_path / "poly"
+    assert run(["verify", str(export), *TINY, "--save-dir", str(save)]) == 0
+    script = (save / "polygraphy_run.sh").read_text()
+    step_cmd = next(line for line in script.splitlines() if line.startswith("polygraphy run") and "step.onnx" in line)
+    assert "--onnxrt" in step_cmd and "--load-outputs" in step_cmd
+    polygraphy = shutil.which("polygraphy") or str(Path(sys.executable).parent / "polygraphy")
+    r = subprocess.run(step_cmd.replace("polygraphy run", f"{polygraphy} run", 1), shell=True, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "PASSED" in r.stdout + r.stderr
