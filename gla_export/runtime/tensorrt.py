@@ -60,10 +60,12 @@ def available_module(prefer: str | None = None) -> str | None:
         raise ValueError(f"runtime must be one of {', '.join(MODULES)}, got {prefer!r}")
     for name in (prefer,) if prefer else MODULES:
         try:
-            if importlib.util.find_spec(name) is not None:
-                return name
+            spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):
             continue
+        # a folder of that name on sys.path (a test folder, say) is a namespace package, not TensorRT
+        if spec is not None and spec.origin not in (None, "namespace"):
+            return name
     return None
 
 
@@ -447,12 +449,12 @@ def build_engines(
     export_dir = Path(export_dir)
     meta = read_export(export_dir)
     module = require_module(runtime)
-    form = (meta.get("gla_op") or {}).get("form", "custom")
-    plugins = [plugin_library(plugin)] if form != "decomposed" or plugin is not None else []
     precision, strongly_typed, flags = precision_plan(meta, precision, module)
     ranges = _ranges(meta, max_batch, max_seq, opt_batch, opt_seq)
     step_ranges = {**ranges, "sequence": (1, 1, 1)}
     profiles = {"prefill": graph_profile(meta, "prefill", ranges), "step": graph_profile(meta, "step", step_ranges)}
+    form = (meta.get("gla_op") or {}).get("form", "custom")
+    plugins = [plugin_library(plugin)] if form != "decomposed" or plugin is not None else []
     for graph in ("prefill", "step"):
         if not (export_dir / meta["files"][graph]).is_file():
             from ..errors import UsageError

@@ -63,6 +63,8 @@ gla::DType glaType(DataType t) {
   }
 }
 
+std::string dimText(int64_t v) { return v < 0 ? std::string("?") : std::to_string(v); }
+
 std::string dimsString(Dims const& d) {
   std::ostringstream s;
   s << '[';
@@ -490,7 +492,7 @@ gla::Problem GlaPlugin::problemFor(PluginTensorDesc const* in, int32_t nbInputs,
     Dims const& d = in[index].dims;
     if (!fits(d.d[0], B) || !fits(d.d[1], T) || !fits(d.d[2], last)) {
       std::ostringstream s;
-      s << name << " has shape " << shapeOf(index) << ", expected [" << B << ", " << T << ", " << lastText
+      s << name << " has shape " << shapeOf(index) << ", expected [" << dimText(B) << ", " << dimText(T) << ", " << lastText
         << "] from query " << shapeOf(r.query) << " (q_num_heads=" << hq << ", kv_num_heads=" << hkv << ")";
       throw ShapeError(s.str());
     }
@@ -529,7 +531,7 @@ gla::Problem GlaPlugin::problemFor(PluginTensorDesc const* in, int32_t nbInputs,
     bool const perHead = la && fits(g.d[2], hkv);
     if (!fits(g.d[0], B) || !fits(g.d[1], T) || !(perKey || perHead)) {
       std::ostringstream s;
-      s << gateName << " has shape " << shapeOf(r.gate) << ", expected [" << B << ", " << T
+      s << gateName << " has shape " << shapeOf(r.gate) << ", expected [" << dimText(B) << ", " << dimText(T)
         << ", kv_num_heads * d_k = " << (dk < 0 ? std::string("?") : std::to_string(hkv * dk)) << "]"
         << (la ? " or one decay per head [B, T, kv_num_heads = " + std::to_string(hkv) + "]" : std::string());
       throw ShapeError(s.str());
@@ -565,9 +567,7 @@ gla::Problem GlaPlugin::problemFor(PluginTensorDesc const* in, int32_t nbInputs,
     if (!fits(s.d[0], N) || !fits(s.d[1], hkv) || !fits(s.d[2], dk) || !fits(s.d[3], dv)) {
       std::ostringstream m;
       m << "past_state has shape " << shapeOf(r.past_state) << ", expected [N, kv_num_heads, d_k, d_v] = ["
-        << (N < 0 ? std::string("?") : std::to_string(N)) << ", " << hkv << ", "
-        << (dk < 0 ? std::string("?") : std::to_string(dk)) << ", "
-        << (dv < 0 ? std::string("?") : std::to_string(dv)) << "]"
+        << dimText(N) << ", " << hkv << ", " << dimText(dk) << ", " << dimText(dv) << "]"
         << (r.cu_seqlens >= 0 ? " (N = len(cu_seqlens) - 1)" : " (N = B)");
       throw ShapeError(m.str());
     }
