@@ -115,12 +115,13 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
     desc = "greedy" if params.temperature == 0 else (
         f"temperature {params.temperature}" + (f", top-k {params.top_k}" if params.top_k else "")
         + (f", top-p {params.top_p}" if params.top_p < 1 else ""))
-    status(f"{backend}: {decoder.runtime_name}, {decoder.metadata['gla_op']['form']} GLA op, "
+    status(f"{backend}: {decoder.runtime_name}, {decoder.metadata['gla_op']['form']} GLA op, loaded in {time.perf_counter() - t0:.2f} s; "
            f"state {decoder.state_nbytes / 2**10:.0f} KiB; {desc if sampling is not None or state is None else 'sampler of the saved state'}")
 
     out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
     n = 0
     t1 = None
+    t_start = time.perf_counter()
     in_main_thread = _is_main_thread()
     if in_main_thread:
         signal.signal(signal.SIGINT, on_sigint)
@@ -148,15 +149,16 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
     result = gen.results[0]
     if sys.stdout.isatty() and not output_ids:
         click.echo("", err=True)
-    sampler_seed = (result.state.sampler or {}).get("seed") if result and result.state else None
-    rate = f", {(n - 1) / (t2 - t1):.1f} tokens/s after the first" if t1 is not None and n > 1 and t2 > t1 else ""
-    status(f"{n} tokens in {t2 - t0:.2f} s{rate}; stopped: {result.finish_reason if result else 'unknown'}"
-           + (f"; seed {sampler_seed}" if sampler_seed is not None and (sampling is None or sampling.temperature > 0) else ""))
+    sampler = (result.state.sampler or {}) if result is not None and result.state is not None else {}
+    sampled = sampler.get("params", {}).get("temperature", 0) > 0
+    rate = f" ({(n - 1) / (t2 - t1):.0f} tokens/s after the first)" if t1 is not None and n > 1 and t2 > t1 else ""
+    status(f"{n} tokens in {t2 - t_start:.2f} s{rate}; stopped: {result.finish_reason if result else 'unknown'}"
+           + (f"; sampler seed {sampler['seed']}" if sampled else ""))
     if save_state is not None and result is not None and result.state is not None:
         write_state(save_state, result.state, decoder.metadata)
         status(f"state saved to {save_state} ({result.state.consumed} tokens of context + 1 pending)")
     if result is not None and result.finish_reason == FINISH_INTERRUPTED:
-        raise click.exceptions.Exit(130)
+        raise KeyboardInterrupt  # the CLI's usual exit for Ctrl-C (130), now that the state is safe
 
 
 def _is_main_thread() -> bool:
