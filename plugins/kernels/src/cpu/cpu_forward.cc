@@ -133,7 +133,8 @@ Status cpu_forward(const Problem& p, const Tensors& t, void* workspace, size_t w
   if (has_rows && (!t.query || !t.key || !t.value || !t.output))
     return fail(Status::kInvalidArgument, "query, key, value and output must not be null");
   if (has_rows && p.has_gate && !t.gate) return fail(Status::kInvalidArgument, "has_gate=1 but gate is null");
-  if (p.has_past_state && !t.past_state) return fail(Status::kInvalidArgument, "has_past_state=1 but past_state is null");
+  if (p.has_past_state && p.num_seqs > 0 && !t.past_state)
+    return fail(Status::kInvalidArgument, "has_past_state=1 but past_state is null");
   if (p.has_cu_seqlens && !t.cu_seqlens) return fail(Status::kInvalidArgument, "has_cu_seqlens=1 but cu_seqlens is null");
   if (p.has_g_gamma && !t.g_gamma) return fail(Status::kInvalidArgument, "has_g_gamma=1 but g_gamma is null");
   if (p.has_cu_seqlens) {

@@ -1,0 +1,17 @@
+"""Running exported models: ONNX Runtime sessions with our custom-op library registered
+(:func:`create_session`), TensorRT engines (gla_export.runtime.tensorrt) and the stateful decoder
+(gla_export.runtime.decoder). Heavy runtimes are imported only when used."""
+
+from __future__ import annotations
+
+from .session import PROVIDERS, available_providers, create_session
+
+__all__ = ["PROVIDERS", "available_providers", "create_session"]
+
+# the stateful decoder (gla_export.runtime.decoder, sampling, state)
+from .decoder import BACKENDS, Generation, RowResult, StatefulDecoder, TokenEvent  # noqa: E402
+from .sampling import Sampler, SamplingParams  # noqa: E402
+from .state import ConversationState, StateCache, StateFileError, load_state, save_state  # noqa: E402
+
+__all__ += ["BACKENDS", "ConversationState", "Generation", "RowResult", "Sampler", "SamplingParams", "StateCache",
+            "StateFileError", "StatefulDecoder", "TokenEvent", "load_state", "save_state"]

@@ -1,0 +1,142 @@
+"""ONNX Runtime sessions that can run ``gla::GatedLinearAttention``.
+
+``create_session(model, providers=("cuda", "cpu"))`` registers our custom-op library
+(``library_path("ort")``) and maps short provider names to ONNX Runtime's. A missing piece (the
+library, onnxruntime itself, the CUDA execution provider) raises
+:class:`~gla_export.errors.MissingRuntimeError` with what to install, instead of ONNX Runtime's
+"could not find an implementation" at the first custom node.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..errors import MissingRuntimeError, UsageError
+
+# short name -> ONNX Runtime's execution provider
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+ProviderSpec = str | tuple[str, Mapping[str, Any]]
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise MissingRuntimeError(
+            "onnxruntime is not installed: pip install 'gla-export[cpu]' (or '[gpu]' for CUDA)"
+        ) from e
+    return ort
+
+
+def available_providers() -> list[str]:
+    """Short names of the execution providers this onnxruntime build offers (``cpu``, ``cuda``, ...)."""
+    ort = _onnxruntime()
+    full = set(ort.get_available_providers())
+    return [short for short, name in PROVIDERS.items() if name in full]
+
+
+def _resolve(providers: Iterable[ProviderSpec], available: list[str]) -> list[str | tuple[str, dict]]:
+    if isinstance(providers, str):  # a single name
+        providers = [providers]
+    resolved: list[str | tuple[str, dict]] = []
+    for spec in providers:
+        name, options = (spec, None) if isinstance(spec, str) else (spec[0], dict(spec[1]))
+        full = PROVIDERS.get(name.lower(), name)
+        if full not in PROVIDERS.values() and not full.endswith("ExecutionProvider"):
+            raise UsageError(f"unknown execution provider {name!r}: use one of {', '.join(PROVIDERS)}")
+        if full not in available:
+            hint = " (install onnxruntime-gpu: pip install 'gla-export[gpu]')" if full == PROVIDERS["cuda"] else ""
+            raise MissingRuntimeError(
+                f"the ONNX Runtime execution provider {full} is not available here{hint}; "
+                f"available: {', '.join(available) or 'none'}"
+            )
+        resolved.append(full if options is None else (full, options))
+    if not resolved:
+        raise UsageError("providers must name at least one execution provider")
+    return resolved
+
+
+def _gla_library(library: str | os.PathLike | None) -> str:
+    if library is not None:
+        path = os.fspath(library)
+        if not os.path.isfile(path):
+            raise MissingRuntimeError(f"the gla ONNX Runtime library {path} does not exist")
+        return path
+    from .._native import NativeLibraryError, library_path
+
+    try:
+        return library_path("ort")
+    except NativeLibraryError as e:
+        raise MissingRuntimeError(str(e)) from e
+
+
+def _has_cuda_kernels() -> bool | None:
+    """Whether our libraries were built with CUDA kernels (None when that cannot be told)."""
+    try:
+        from ..ops.native import cuda_compiled
+
+        return cuda_compiled()
+    except Exception:  # noqa: BLE001 - the C entry point is optional here
+        return None
+
+
+def create_session(
+    model_path_or_bytes: str | os.PathLike | bytes,
+    providers: Iterable[ProviderSpec] = ("cpu",),
+    session_options: Any | None = None,
+    *,
+    library: str | os.PathLike | None = None,
+    intra_op_num_threads: int | None = None,
+    graph_optimization_level: Any | None = None,
+):
+    """An ``onnxruntime.InferenceSession`` with the gla custom-op library registered.
+
+    Args:
+        model_path_or_bytes: the ``.onnx`` file (its external weights beside it) or its bytes.
+        providers: in order of preference; short names ``cpu``, ``cuda``, ``tensorrt`` or ONNX
+            Runtime's full names, each optionally as ``(name, provider_options)``.
+        session_options: an ``onnxruntime.SessionOptions`` to start from (it is modified: the
+            library is registered on it).
+        library: the custom-op library; default ``gla_export.library_path("ort")``.
+        intra_op_num_threads: CPU threads for the session (default: ONNX Runtime's choice).
+        graph_optimization_level: an ``onnxruntime.GraphOptimizationLevel``.
+
+    Raises:
+        MissingRuntimeError: onnxruntime, the library or a requested provider is missing.
+        UsageError: an unknown provider name.
+    """
+    ort = _onnxruntime()
+    resolved = _resolve(providers, ort.get_available_providers())
+    names = [p if isinstance(p, str) else p[0] for p in resolved]
+    if PROVIDERS["cuda"] in names:
+        # onnxruntime-gpu finds the CUDA libraries that pip installed only once they are loaded
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            try:
+                preload()
+            except Exception:  # noqa: BLE001 - the system's CUDA may be found without it
+                pass
+        if _has_cuda_kernels() is False:
+            warnings.warn(
+                "gla-export was built without CUDA kernels: GatedLinearAttention nodes will run on the CPU "
+                "(rebuild with nvcc available for the CUDA kernels)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    so = session_options if session_options is not None else ort.SessionOptions()
+    so.register_custom_ops_library(_gla_library(library))
+    if intra_op_num_threads is not None:
+        so.intra_op_num_threads = int(intra_op_num_threads)
+    if graph_optimization_level is not None:
+        so.graph_optimization_level = graph_optimization_level
+    model = model_path_or_bytes if isinstance(model_path_or_bytes, bytes) else os.fspath(model_path_or_bytes)
+    return ort.InferenceSession(model, sess_options=so, providers=resolved)
