@@ -17,6 +17,7 @@ from ..errors import GlaExportError
 
 # name -> "module:attribute"; each module defines one click command
 COMMANDS = {
+    "bench": "gla_export.cli.bench:bench",
     "build": "gla_export.cli.build:build",
     "export": "gla_export.cli.export:export",
     "generate": "gla_export.cli.generate:generate",
