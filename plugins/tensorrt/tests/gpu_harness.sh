@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The TensorRT plugin's kernels on a GPU, without TensorRT (no TensorRT runtime runs on the GPU test
-# machine): tests/tensorrt/test_plugin_gpu.py drives libgla_tensorrt.so through
+# machine): tests/tensorrt_plugin/test_plugin_gpu.py drives libgla_tensorrt.so through
 # gla_trt_plugin_harness -- creator, shapes, formats, configure, serialise/re-create, enqueue on
 # device buffers for both creators and every dtype -- compares with the float64 reference, and runs
 # compute-sanitizer (memcheck, racecheck, initcheck) on small cases.
@@ -38,7 +38,7 @@ if [ "$mode" = run ] || [ "$mode" = all ]; then
   export GLA_EXPORT_LIB_DIR="$PWD/$BIN" GLA_TRT_HARNESS="$PWD/$BIN/gla_trt_plugin_harness"
   export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1
   set +e
-  python3 -m pytest -q -rA -p no:cacheprovider tests/tensorrt/test_plugin_gpu.py --junitxml="$OUT/junit.xml" \
+  python3 -m pytest -q -rA -p no:cacheprovider tests/tensorrt_plugin/test_plugin_gpu.py --junitxml="$OUT/junit.xml" \
     2>&1 | tee "$OUT/pytest.log"
   status=${PIPESTATUS[0]}
   set -e

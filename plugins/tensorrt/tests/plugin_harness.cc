@@ -11,7 +11,7 @@
 // does) and, with a GPU and without --no-device, attaches it to a context, calls onShapeChange and
 // enqueue on device buffers read from CASE_DIR/input<i>.bin (outputs poisoned with NaN first),
 // twice, and writes CASE_DIR/output<j>.bin. Everything it saw goes to CASE_DIR/result.json; the
-// pytest in tests/tensorrt compares it with the float64 reference. Exit status 0 when every step
+// pytest in tests/tensorrt_plugin compares it with the float64 reference. Exit status 0 when every step
 // succeeded, 1 when one failed (result.json says which), 2 on bad usage.
 //
 // case.txt, one directive per line ('#' starts a comment):

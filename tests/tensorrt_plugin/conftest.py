@@ -1,4 +1,8 @@
-"""Fixtures of the TensorRT tests.
+"""Fixtures of the TensorRT tests (of plugins/tensorrt and gla_export.runtime.tensorrt).
+
+The folder is not called tests/tensorrt: pytest puts tests/ on sys.path, and a tests/tensorrt
+folder would then import as an empty namespace package `tensorrt` wherever TensorRT itself is not
+installed, fooling every `find_spec("tensorrt")`.
 
 The plugin library and its harness are built with the package (pip install . builds them when
 nvcc is present, as in CI) and TensorRT-RTX is a test dependency: when one is missing these
