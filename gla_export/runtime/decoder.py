@@ -167,30 +167,30 @@ class _OrtEngine(_Engine):
             providers = ["CPUExecutionProvider"]
             self.name = f"onnxruntime {ort.__version__} (CPU)"
         self._dev = ("cuda", device_id) if cuda else ("cpu", 0)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3  # the opset-27 "under development" notice is expected for the onnx form
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        if form == "custom":
-            from .._native import NativeLibraryError, library_path
-
-            try:
-                lib = library_path("ort")
-            except NativeLibraryError as e:
-                raise MissingRuntimeError(f"{e}; or export with --gla-op decomposed, which needs no library") from e
-            so.register_custom_ops_library(lib)
-            self.name += " + libgla_onnxruntime"
-        elif form == "onnx":
+        if form == "onnx":
             # LinearAttention is in opset 27, which ONNX Runtime 1.31 still calls "under development"
             os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"
         self.sessions = {}
         for graph in ("prefill", "step"):
             path = export_dir / meta["files"][graph]
+            so = ort.SessionOptions()
+            so.log_severity_level = 3  # the opset-27 "under development" notice is expected for the onnx form
+            if threads:
+                so.intra_op_num_threads = threads
+                so.inter_op_num_threads = 1
             try:
-                self.sessions[graph] = ort.InferenceSession(str(path), so, providers=providers)
+                if form == "custom":  # our custom-op library registered (MissingRuntimeError when not built)
+                    from .session import create_session
+
+                    self.sessions[graph] = create_session(path, providers, so)
+                else:
+                    self.sessions[graph] = ort.InferenceSession(str(path), so, providers=providers)
+            except MissingRuntimeError as e:
+                raise MissingRuntimeError(f"{e}; or export with --gla-op decomposed, which needs no library") from e
             except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
                 raise ModelError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+        if form == "custom":
+            self.name += " + libgla_onnxruntime"
         self.has_mask = "attention_mask" in {i.name for i in self.sessions["prefill"].get_inputs()}
 
     def _binding(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Any:
@@ -243,12 +243,9 @@ class _TrtEngine(_Engine):
         module = (info.get("runtime") or {}).get("module") or "tensorrt"
         if trt_build.available_module(module) is None:
             raise MissingRuntimeError(f"the engines in {engines_dir} were built with `{module}`, which is not installed: {trt_build.INSTALL_HINT}")
-        if not torch.cuda.is_available():
-            raise MissingRuntimeError("the trt backend needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
+        self.device = _trt_device(device_id)
         trt = importlib.import_module(module)
         self.trt = trt
-        self.device = torch.device("cuda", device_id)
-        torch.cuda.set_device(self.device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         form = meta["gla_op"]["form"]
         if form != "decomposed" or plugin is not None:
@@ -297,8 +294,8 @@ class _TrtEngine(_Engine):
             ctx.set_tensor_address(name, t.data_ptr())
 
     def _execute(self, graph: str) -> None:
-        stream = torch.cuda.current_stream(self.device)
-        if not self.contexts[graph].execute_async_v3(stream.cuda_stream):
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+        if not self.contexts[graph].execute_async_v3(stream):
             raise ModelError(f"TensorRT failed to run the {graph} engine (see its log above)")
 
     def bind_step(self, feeds, outputs):
@@ -320,6 +317,15 @@ class _TrtEngine(_Engine):
         if graph == "step":
             self._step_batch = None
         self._execute(graph)
+
+
+def _trt_device(device_id: int) -> torch.device:
+    """Where TensorRT's buffers live (a seam for the tests, which run the wiring on the CPU)."""
+    if not torch.cuda.is_available():
+        raise MissingRuntimeError("the trt backend needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
+    device = torch.device("cuda", device_id)
+    torch.cuda.set_device(device)
+    return device
 
 
 def _make_engine(backend: str, export_dir: Path, meta: dict[str, Any], *, device_id: int, threads: int | None,

@@ -365,6 +365,140 @@ def test_custom_form_needs_the_library(exports, monkeypatch, tmp_path):
         StatefulDecoder(path, "ort-cpu")
 
 
+# ---- the trt backend's wiring, on a stand-in for TensorRT -------------------------------------------------
+
+
+class _FakeTensorRT:
+    """Just enough of TensorRT's Python API for _TrtEngine, executing the ONNX graphs with ONNX
+    Runtime on CPU buffers read and written through the raw addresses the decoder binds: the
+    decoder's shapes, addresses, buffer swaps and prefill chunking are exercised as TensorRT
+    would see them (TensorRT itself cannot run on any machine we have)."""
+
+    __version__ = "fake"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            pass
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "input", "output"
+
+    class _DType:
+        def __init__(self, name):
+            self.name = name
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            return _FakeTensorRT.Engine(json.loads(blob))
+
+    class Engine:
+        def __init__(self, spec):
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+            self.session = ort.InferenceSession(spec["onnx"], so, providers=["CPUExecutionProvider"])
+            self.profile = spec["profile"]
+            io = [(i, True) for i in self.session.get_inputs()] + [(o, False) for o in self.session.get_outputs()]
+            self.io = {t.name: (is_in, t.type) for t, is_in in io}
+            self.names = list(self.io)
+            self.num_io_tensors = len(self.names)
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return _FakeTensorRT.TensorIOMode.INPUT if self.io[name][0] else _FakeTensorRT.TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return _FakeTensorRT._DType({"tensor(int64)": "INT64", "tensor(float)": "FLOAT"}[self.io[name][1]])
+
+        def get_tensor_profile_shape(self, name, index):
+            return self.profile
+
+        def create_execution_context(self):
+            return _FakeTensorRT.Context(self)
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shapes, self.addresses = engine, {}, {}
+
+        def set_input_shape(self, name, shape):
+            (lo_b, lo_t), _, (hi_b, hi_t) = self.engine.profile
+            if not (lo_b <= shape[0] <= hi_b) or (len(shape) == 2 and not lo_t <= shape[1] <= hi_t):
+                return False
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+            return True
+
+        def _view(self, ptr, shape, onnx_type):
+            import ctypes
+
+            dtype = {"tensor(int64)": np.int64, "tensor(float)": np.float32}[onnx_type]
+            n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dtype).reshape(shape)
+
+        def execute_async_v3(self, stream):
+            inputs = {n: self._view(self.addresses[n], self.shapes[n], t) for n, (is_in, t) in self.engine.io.items() if is_in}
+            outputs = self.engine.session.run(None, {n: v.copy() for n, v in inputs.items()})
+            for (name, (is_in, t)), value in zip([(n, v) for n, v in self.engine.io.items() if not v[0]], outputs):
+                self._view(self.addresses[name], value.shape, t)[...] = value
+            return True
+
+
+@pytest.fixture
+def fake_trt(exports, tmp_path, monkeypatch):
+    """An export with 'engines' (JSON pointing at the ONNX graphs) and the stand-in installed;
+    profile: batch 1..2, prefill up to 4 tokens."""
+    import shutil
+    import sys
+    import types
+
+    from gla_export.runtime import decoder as decoder_mod
+    from gla_export.runtime import tensorrt as trt_build
+
+    _, src = exports["conv-gqa", "decomposed"]
+    path = shutil.copytree(src, tmp_path / "export")
+    engines = path / trt_build.ENGINES_DIR
+    engines.mkdir()
+    (engines / trt_build.INFO_FILE).write_text(json.dumps({"runtime": {"module": "fake_tensorrt"}}))
+    for graph, file in trt_build.ENGINE_FILES.items():
+        spec = {"onnx": str(path / f"{graph}.onnx"), "profile": [[1, 1], [1, 1 if graph == "step" else 4], [2, 1 if graph == "step" else 4]]}
+        (engines / file).write_text(json.dumps(spec))
+    module = types.ModuleType("fake_tensorrt")
+    for name in ("__version__", "Logger", "TensorIOMode", "Runtime"):
+        setattr(module, name, getattr(_FakeTensorRT, name))
+    module.get_plugin_registry = lambda: pytest.fail("a decomposed export needs no plugin")
+    monkeypatch.setitem(sys.modules, "fake_tensorrt", module)
+    monkeypatch.setattr(trt_build, "available_module", lambda prefer=None: prefer)
+    monkeypatch.setattr(decoder_mod, "_trt_device", lambda device_id: torch.device("cpu"))
+    return path
+
+
+def test_trt_backend_wiring_matches_ort(fake_trt):
+    trt = StatefulDecoder(fake_trt, "trt", batch_size=2)
+    ref = decoder(fake_trt, batch_size=2)
+    assert trt.runtime_name == "fake_tensorrt fake" and trt.prefill_chunk == 4  # the profile's longest prefill
+    prompts = [[256, *range(1, 11)], [256, 5, 6]]  # 11 tokens: three pieces of at most 4
+    assert rel_err(torch.from_numpy(trt.prefill(prompts)), torch.from_numpy(ref.prefill(prompts))) < TOL
+    for tok in range(12):  # the step handles alternate between the two state buffers
+        a, b = trt.step([tok, 200 - tok]).copy(), ref.step([tok, 200 - tok]).copy()
+        assert rel_err(torch.from_numpy(a), torch.from_numpy(b)) < TOL, f"step {tok}"
+    a = trt.generate(["In the beginning", "Hi"], max_new_tokens=10).run()
+    b = decoder(fake_trt, prefill_chunk=4).generate(["In the beginning", "Hi"], max_new_tokens=10).run()
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    with pytest.raises(UsageError, match="exceeds the engines' maximum batch 2"):
+        trt.resize(3)
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------
 
 
