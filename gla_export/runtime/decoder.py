@@ -158,7 +158,10 @@ class _OrtEngine(_Engine):
             if not torch.cuda.is_available():
                 raise MissingRuntimeError("the ort-cuda backend needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
             self.device = torch.device("cuda", device_id)
-            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+            cuda_options: dict[str, Any] = {"device_id": device_id}
+            if meta["dtype"] == "float32":
+                cuda_options["use_tf32"] = 0  # TF32 products cost ~1e-3 relative error: an fp32 export means fp32
+            providers: list[Any] = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
             self.name = f"onnxruntime {ort.__version__} (CUDA:{device_id})"
         else:
             if meta["dtype"] == "bfloat16":
@@ -203,11 +206,20 @@ class _OrtEngine(_Engine):
         return b
 
     def bind_step(self, feeds, outputs):
-        return self._binding("step", feeds, outputs)
+        return self._binding("step", feeds, outputs), feeds
 
     def run_step(self, handle) -> None:
+        binding, feeds = handle
+        if self._dev[0] != "cpu":
+            # ONNX Runtime copies an input to the device of the node that reads it when it is bound,
+            # not when it runs: a state read by a node that fell back to the CPU (the onnx form's
+            # LinearAttention has no CUDA kernel) would be a stale copy. Rebinding the same
+            # pointers is cheap where no copy is needed.
+            dev, dev_id = self._dev
+            for name, t in feeds.items():
+                binding.bind_input(name, dev, dev_id, _ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
         try:
-            self.sessions["step"].run_with_iobinding(handle)
+            self.sessions["step"].run_with_iobinding(binding)
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"the step graph failed in ONNX Runtime: {str(e).strip().splitlines()[0]}") from e
 

@@ -24,7 +24,7 @@ MODELS = {
     "conv-gqa": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2, use_short_conv=True),
 }
 FORMS = ("decomposed", "onnx", "custom")
-TOL = 1e-4  # fp32 export vs the fp32 PyTorch model, relative norm (measured ~1e-6)
+TOL = 1e-5  # fp32 export vs the fp32 PyTorch model, relative norm (measured 5e-7 to 1.6e-6 on every form)
 
 
 def make_model(kind: str, seed: int = 0) -> GLAForCausalLM:
