@@ -30,19 +30,37 @@ def random_prompt(n: int) -> list[int]:
     return [256] + torch.randint(0, 256, (n - 1,)).tolist()
 
 
-@pytest.mark.parametrize("prefill", [True, False], ids=["prefill", "stepped"])
+def decoder_tokens(export, prompt: list[int], n: int, ignore_eos: bool = True) -> list[int]:
+    """Greedy tokens of the Python StatefulDecoder (gla_export.runtime.decoder)."""
+    from gla_export.runtime.decoder import StatefulDecoder
+
+    dec = StatefulDecoder(export, "ort-cpu")
+    return dec.generate(prompt_ids=[prompt], max_new_tokens=n, ignore_eos=ignore_eos).run()[0].tokens
+
+
 @pytest.mark.parametrize("form", ["decomposed", "custom"])
-def test_tokens_match_onnxruntime_from_python(form, prefill):
+def test_tokens_match_the_python_decoder(form):
     export = tiny_export(form)
-    for n in (1, 13):  # a one-token prompt exercises prefill with T = 1
+    for n in (2, 13):
         prompt = random_prompt(n)
-        got = run_gla_run(export, ids=prompt, max_new_tokens=24, prefill=prefill, ignore_eos=True)
-        want = greedy_onnxruntime(export, prompt, 24, prefill=prefill, stop_at_eos=False)
-        assert got.prompt_ids == prompt
-        assert got.prefill is prefill
-        assert got.ids == want, f"prompt {prompt}"
+        got = run_gla_run(export, ids=prompt, max_new_tokens=24, ignore_eos=True)
+        assert got.prompt_ids == prompt and got.prefill is True
+        assert got.ids == decoder_tokens(export, prompt, 24), f"prompt {prompt}"
         assert got.stop == "max_new_tokens"
         assert got.timing["decode_steps"] == 23  # no step is taken after the last token
+
+
+@pytest.mark.parametrize("prefill", [True, False], ids=["prefill", "stepped"])
+@pytest.mark.parametrize("form", ["decomposed", "custom"])
+def test_tokens_match_the_same_graph_calls_from_python(form, prefill):
+    # the decoder always prefills (and runs a one-token prompt through the step graph): the stepped
+    # path and a one-token prefill are checked against the very same graph calls made from Python
+    export = tiny_export(form)
+    for n in (1, 13):
+        prompt = random_prompt(n)
+        got = run_gla_run(export, ids=prompt, max_new_tokens=24, prefill=prefill, ignore_eos=True)
+        assert got.prefill is prefill
+        assert got.ids == greedy_onnxruntime(export, prompt, 24, prefill=prefill, stop_at_eos=False), f"prompt {prompt}"
 
 
 def test_tokens_match_pytorch():
@@ -109,8 +127,7 @@ def test_stops_at_eos_from_metadata_props(tmp_path):
     src = tiny_export("decomposed")
     prompt = random_prompt(7)
     full = greedy_onnxruntime(src, prompt, 16, stop_at_eos=False)
-    k = 5
-    eos = full[k]
+    eos = full[5]
 
     def edit(meta):
         meta["model"]["eos_token_id"] = eos
