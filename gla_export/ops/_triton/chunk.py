@@ -94,13 +94,15 @@ def _fp16_scale(x):
     return tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0) * (1.0 / 32768.0), 1.0)
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NCP"])
 def _gate_cumsum_kernel(
-    g, gamma, gc, cu_seqlens, chunk_indices, T,
+    g, gamma, gc, cu_seqlens, chunk_indices, T, NCP,
     H: tl.constexpr, KG: tl.constexpr, BKG: tl.constexpr, BT: tl.constexpr,
     HAS_G: tl.constexpr, HAS_GAMMA: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    # one flat grid axis (the others stop at 65535): chunk fastest
+    pid = tl.program_id(0)
+    i_c, i_bh = pid % NCP, pid // NCP
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_t = _chunk_of(i_c, i_b, chunk_indices, IS_VARLEN)
     bos, L = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
@@ -128,9 +130,11 @@ def _chunk_state_kernel(
     USE_G: tl.constexpr, HEAD_GATE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
     REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
     NV = tl.cdiv(V, BV)
+    NKV = tl.cdiv(K, BK) * NV
+    pid = tl.program_id(0)
+    i_kv, i_nh = pid % NKV, pid // NKV
+    i_n, i_h = i_nh // H, i_nh % H
     i_k, i_v = i_kv // NV, i_kv % NV
     bos, L = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
     if IS_VARLEN:
@@ -174,14 +178,15 @@ def _chunk_state_kernel(
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_off, b_h.to(ht.dtype.element_ty), mask=m_kv)
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NCP"])
 def _chunk_scores_kernel(
-    q, k, gc, A, cu_seqlens, chunk_indices, T,
+    q, k, gc, A, cu_seqlens, chunk_indices, T, NCP,
     HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, KG: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
     USE_G: tl.constexpr, HEAD_GATE: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    i_ca, i_bh = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)  # sub-chunk fastest, then chunk, then batch·head
+    i_ca, i_bh = pid % (NCP * (BT // BC)), pid // (NCP * (BT // BC))
     i_c, i_a = i_ca // (BT // BC), i_ca % (BT // BC)
     i_b, i_hq = i_bh // HQ, i_bh % HQ
     i_h = i_hq // (HQ // H)
@@ -253,15 +258,17 @@ def _chunk_scores_kernel(
 
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NCP"])
 def _chunk_output_kernel(
-    q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T,
+    q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T, NCP,
     HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, HEAD_GATE: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
     IEEE: tl.constexpr, FIT_FP16: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    i_c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV = tl.cdiv(V, BV)
+    pid = tl.program_id(0)  # d_v block fastest (they share q, Γ and A), then chunk, then batch·head
+    i_v, i_c, i_bh = pid % NV, (pid // NV) % NCP, pid // (NV * NCP)
     i_b, i_hq = i_bh // HQ, i_bh % HQ
     i_h = i_hq // (HQ // H)
     i_n, i_t = _chunk_of(i_c, i_b, chunk_indices, IS_VARLEN)
@@ -377,15 +384,15 @@ def chunk_forward(
     if use_g:
         gc = new_buffer((B, T, H, KG), torch.float32, dev)
         if grid_c > 0 and T > 0:
-            _gate_cumsum_kernel[(grid_c, grid_b * H)](
-                g, g_gamma, gc, cu_dev, table, T,
+            _gate_cumsum_kernel[(grid_c * grid_b * H,)](
+                g, g_gamma, gc, cu_dev, table, T, grid_c,
                 H=H, KG=KG, BKG=min(64, pow2_at_least(KG)), BT=BT,
                 HAS_G=g is not None, HAS_GAMMA=g_gamma is not None, **flags,
             )
 
     h = new_buffer((max(NT_all, 1), H, K, V), torch.float32, dev)
     BK, BV = _state_blocks(K, V, N * H, dev)
-    _chunk_state_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), N * H)](
+    _chunk_state_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * N * H,)](
         k, v, gc, h0, h, ht, cu_dev, offsets, T,
         H=H, K=K, V=V, KG=KG, BT=BT, BK=BK, BV=BV,
         USE_G=use_g, HEAD_GATE=head_gate, USE_H0=h0 is not None, STORE_HT=ht is not None, IEEE=ieee, UPCAST=upcast,
@@ -395,15 +402,15 @@ def chunk_forward(
         return o, ht
 
     A = new_buffer((B, T, HQ, BT), torch.float32, dev)
-    _chunk_scores_kernel[(grid_c * (BT // BC), grid_b * HQ)](
-        q, k, gc, A, cu_dev, table, T,
+    _chunk_scores_kernel[(grid_c * (BT // BC) * grid_b * HQ,)](
+        q, k, gc, A, cu_dev, table, T, grid_c,
         HQ=HQ, H=H, K=K, KG=KG, BT=BT, BC=BC, BK=min(64, pow2_at_least(K)), BKD=16,
         USE_G=use_g, HEAD_GATE=head_gate, **flags,
     )
     BK = min(64, pow2_at_least(K))
     BV = min(32 if ieee else 64, pow2_at_least(V))
-    _chunk_output_kernel[(grid_c, triton.cdiv(V, BV), grid_b * HQ)](
-        q, v, gc, h, A, o, cu_dev, table, scale, T,
+    _chunk_output_kernel[(triton.cdiv(V, BV) * grid_c * grid_b * HQ,)](
+        q, v, gc, h, A, o, cu_dev, table, scale, T, grid_c,
         HQ=HQ, H=H, K=K, V=V, KG=KG, BT=BT, BK=BK, BV=BV,
         USE_G=use_g, HEAD_GATE=head_gate, IEEE=ieee, FIT_FP16=fit_fp16, UPCAST=upcast, **flags,
         # four 64-wide float32 tiles are live (q ⊙ exp(Γ), the state, A, the output): eight

@@ -27,7 +27,8 @@ def _recurrent_kernel(
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)  # one flat axis (the others stop at 65535): d_v block fastest
+    i_v, i_nh = pid % tl.cdiv(V, BV), pid // tl.cdiv(V, BV)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -113,7 +114,7 @@ def recurrent_forward(
     ht = new_buffer((N, H, K, V), ht_dtype, dev) if ht_dtype is not None else None
     BK, BV, num_warps = _blocks(K, V, N * H, dev)
     scale_hi = float(np.float32(scale))
-    _recurrent_kernel[(triton.cdiv(V, BV), N * H)](
+    _recurrent_kernel[(triton.cdiv(V, BV) * N * H,)](
         q, k, v, g, g_gamma, h0, o, ht, cu_dev, scale_hi, scale - scale_hi, T,
         HQ=HQ, H=H, K=K, V=V, BK=BK, BV=BV,
         HAS_G=g is not None, HEAD_GATE=g is not None and g.shape[3] == 1, HAS_GAMMA=g_gamma is not None,
