@@ -65,7 +65,8 @@ def main() -> None:
         options.register_custom_ops_library(find_ort_library(args.ort_lib))
     elif meta["gla_op"]["form"] == "onnx":
         os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"  # LinearAttention is opset 27
-    step = ort.InferenceSession(str(args.export_dir / meta["files"]["step"]), options, providers=["CPUExecutionProvider"])
+    step_path = args.export_dir / meta["files"]["step"]
+    step = ort.InferenceSession(str(step_path), options, providers=["CPUExecutionProvider"])
 
     # one conversation: batch 1; every state starts at zero (an empty context)
     states = {s["input"]: np.zeros([1, *s["shape"][1:]], dtype=NUMPY_DTYPES[s["dtype"]]) for s in meta["states"]}
@@ -75,7 +76,7 @@ def main() -> None:
     def feed(token: int) -> np.ndarray:
         """One step: the token in, the next-token logits out; the states move forward."""
         outputs = step.run(output_names, {"input_ids": np.array([[token]], dtype=np.int64), **states})
-        for name, value in zip(output_names, outputs):
+        for name, value in zip(output_names, outputs, strict=True):
             if name in output_of:
                 states[output_of[name]] = value
         return outputs[output_names.index("logits")][0, -1]

@@ -2,7 +2,7 @@
 """A small HTTP service that chats with a gla-export export, many conversations at once.
 
     python samples/server.py EXPORT_DIR --port 8000
-    curl -N localhost:8000/generate -d '{"conversation_id": "alice", "prompt": "In the beginning", "max_new_tokens": 40}'
+    curl -N localhost:8000/generate -d '{"conversation_id": "ann", "prompt": "In the beginning", "max_new_tokens": 40}'
 
 ``POST /generate`` takes a JSON object: ``prompt`` (text; default ""), ``conversation_id``
 (optional: continue that conversation; a new id is made when absent), ``max_new_tokens``, and
@@ -166,7 +166,8 @@ def parse_job(body: bytes, max_tokens_limit: int) -> Job:
         raise UsageError(f"the body is not JSON: {e}") from e
     if not isinstance(req, dict):
         raise UsageError("the body must be a JSON object")
-    unknown = set(req) - {"prompt", "conversation_id", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stream"}
+    fields = {"prompt", "conversation_id", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stream"}
+    unknown = set(req) - fields
     if unknown:
         raise UsageError(f"unknown fields: {sorted(unknown)}")
     prompt = req.get("prompt", "")
@@ -273,12 +274,14 @@ def main() -> None:
     except GlaExportError as e:
         sys.exit(f"server: {e}")
     if cache.max_bytes < decoder.state_nbytes:
-        sys.exit(f"server: --cache-mib {args.cache_mib} holds no conversation (one state is {decoder.state_nbytes} bytes)")
+        sys.exit(f"server: --cache-mib {args.cache_mib} holds no conversation "
+                 f"(one state is {decoder.state_nbytes} bytes)")
     scheduler = Scheduler(decoder, cache, args.slots)
     scheduler.start()
     info = {"backend": args.backend, "runtime": decoder.runtime_name, "slots": args.slots,
             "state_bytes": decoder.state_nbytes, "cache_conversations": cache.max_bytes // decoder.state_nbytes}
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(scheduler, cache, info, args.max_new_tokens_limit))
+    handler = make_handler(scheduler, cache, info, args.max_new_tokens_limit)
+    server = ThreadingHTTPServer((args.host, args.port), handler)
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"listening on http://{args.host}:{server.server_port} ({decoder.runtime_name}, {args.slots} slots, "

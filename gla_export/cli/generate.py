@@ -20,14 +20,16 @@ BACKENDS = ("ort-cpu", "ort-cuda", "trt")
 @click.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", default=None, help="Text to continue (a new conversation starts with BOS).")
-@click.option("--prompt-ids", default=None, help="Token ids instead of text, e.g. '256,72,105' (for exports without a tokenizer).")
+@click.option("--prompt-ids", default=None,
+              help="Token ids instead of text, e.g. '256,72,105' (for exports without a tokenizer).")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=0), default=128, show_default=True,
               help="Stop after this many tokens (0: only read the prompt, e.g. to --save-state it).")
 @click.option("-b", "--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True,
               help="ort-cpu / ort-cuda: ONNX Runtime; trt: TensorRT engines from `gla-export build`.")
 @click.option("-t", "--temperature", type=click.FloatRange(min=0), default=None,
               help="0 is greedy  [default: 0, or the loaded state's]")
-@click.option("--top-k", type=click.IntRange(min=0), default=None, help="Keep the k most likely tokens (0: all)  [default: 0]")
+@click.option("--top-k", type=click.IntRange(min=0), default=None,
+              help="Keep the k most likely tokens (0: all)  [default: 0]")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
               help="Keep the most likely tokens up to this probability mass  [default: 1]")
 @click.option("-s", "--seed", type=click.IntRange(min=0), default=None,
@@ -40,14 +42,15 @@ BACKENDS = ("ort-cpu", "ort-cuda", "trt")
 @click.option("--output-ids", is_flag=True, help="Print the generated token ids (one per line) instead of text.")
 @click.option("--device-id", type=click.IntRange(min=0), default=0, show_default=True, help="GPU for ort-cuda and trt.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None, help="Read prompts in pieces of at most this many tokens.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None,
+              help="Read prompts in pieces of at most this many tokens.")
 @click.option("--engines-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="TensorRT engines (default: EXPORT_DIR/tensorrt).")
 @click.option("-q", "--quiet", is_flag=True, help="No status on stderr.")
 def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, backend: str,
-             temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None, save_state: Path | None,
-             load_state: Path | None, ignore_eos: bool, output_ids: bool, device_id: int, threads: int | None,
-             prefill_chunk: int | None, engines_dir: Path | None, quiet: bool) -> None:
+             temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None,
+             save_state: Path | None, load_state: Path | None, ignore_eos: bool, output_ids: bool, device_id: int,
+             threads: int | None, prefill_chunk: int | None, engines_dir: Path | None, quiet: bool) -> None:
     """Generate text from the export in EXPORT_DIR, streaming it to stdout.
 
     Memory stays constant however many tokens are generated: the prompt is read once by
@@ -115,8 +118,11 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
     desc = "greedy" if params.temperature == 0 else (
         f"temperature {params.temperature}" + (f", top-k {params.top_k}" if params.top_k else "")
         + (f", top-p {params.top_p}" if params.top_p < 1 else ""))
-    status(f"{backend}: {decoder.runtime_name}, {decoder.metadata['gla_op']['form']} GLA op, loaded in {time.perf_counter() - t0:.2f} s; "
-           f"state {decoder.state_nbytes / 2**10:.0f} KiB; {desc if sampling is not None or state is None else 'sampler of the saved state'}")
+    if sampling is None and state is not None:
+        desc = "the saved state's sampler"
+    form = decoder.metadata["gla_op"]["form"]
+    status(f"{backend}: {decoder.runtime_name}, {form} GLA op, loaded in {time.perf_counter() - t0:.2f} s; "
+           f"state {decoder.state_nbytes / 2**10:.0f} KiB; {desc}")
 
     out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
     n = 0

@@ -10,8 +10,8 @@ Backends:
 Memory does not grow with the context. Every buffer a decode step touches is allocated when
 the batch is set up: two sets of state tensors (the step reads one and writes the other, then
 they swap roles), the ``input_ids`` and ``logits`` buffers, and for ONNX Runtime two I/O bindings
-(one per direction of the swap) bound once to those buffers. A step writes the new tokens into
-the ids buffer and runs. Prompts (prefill) allocate their activations per call, optionally in
+(one per direction of the swap) bound to those buffers. A step writes the new tokens into the
+ids buffer and runs. Prompts (prefill) allocate their activations per call, optionally in
 chunks of ``prefill_chunk`` tokens to bound that too.
 
 Buffers are torch tensors (on the CPU, or on the GPU for ``ort-cuda`` and ``trt``) handed to the
@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,8 @@ def read_export(export_dir: str | os.PathLike) -> dict[str, Any]:
 
     export_dir = Path(export_dir)
     if not (export_dir / METADATA_FILE).is_file():
-        raise UsageError(f"{export_dir} is not an export directory (no {METADATA_FILE}): run `gla-export export -o {export_dir}` first")
+        raise UsageError(f"{export_dir} is not an export directory (no {METADATA_FILE}): "
+                         f"run `gla-export export -o {export_dir}` first")
     try:
         meta = read_metadata(export_dir)
     except (ValueError, OSError) as e:
@@ -97,7 +98,8 @@ def state_specs(meta: dict[str, Any]) -> list[StateSpec]:
     for s in meta["states"]:
         if s["dtype"] not in TORCH_DTYPES:
             raise ModelError(f"state {s['input']} has dtype {s['dtype']}, which the decoder does not support")
-        specs.append(StateSpec(s["input"], s["output"], int(s["layer"]), s["kind"], tuple(int(d) for d in s["shape"][1:]), TORCH_DTYPES[s["dtype"]]))
+        shape = tuple(int(d) for d in s["shape"][1:])  # the first dimension is the batch
+        specs.append(StateSpec(s["input"], s["output"], int(s["layer"]), s["kind"], shape, TORCH_DTYPES[s["dtype"]]))
     return specs
 
 
@@ -141,7 +143,8 @@ class _OrtEngine(_Engine):
         try:
             import onnxruntime as ort
         except ImportError as e:
-            raise MissingRuntimeError("ONNX Runtime is not installed: pip install onnxruntime (or onnxruntime-gpu for ort-cuda)") from e
+            raise MissingRuntimeError(
+                "ONNX Runtime is not installed: pip install onnxruntime (or onnxruntime-gpu for ort-cuda)") from e
         self.ort = ort
         form = meta["gla_op"]["form"]
         if cuda:
@@ -156,7 +159,8 @@ class _OrtEngine(_Engine):
                     f"onnxruntime {ort.__version__}): pip install onnxruntime-gpu"
                 )
             if not torch.cuda.is_available():
-                raise MissingRuntimeError("the ort-cuda backend needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
+                raise MissingRuntimeError(
+                    "the ort-cuda backend needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
             self.device = torch.device("cuda", device_id)
             cuda_options: dict[str, Any] = {"device_id": device_id}
             if meta["dtype"] == "float32":
@@ -165,7 +169,8 @@ class _OrtEngine(_Engine):
             self.name = f"onnxruntime {ort.__version__} (CUDA:{device_id})"
         else:
             if meta["dtype"] == "bfloat16":
-                raise UsageError("this export is bfloat16 and ONNX Runtime has no bfloat16 CPU kernels: use --backend ort-cuda or trt")
+                raise UsageError("this export is bfloat16 and ONNX Runtime has no bfloat16 CPU kernels: "
+                                 "use --backend ort-cuda or trt")
             self.device = torch.device("cpu")
             providers = ["CPUExecutionProvider"]
             self.name = f"onnxruntime {ort.__version__} (CPU)"
@@ -230,10 +235,13 @@ class _OrtEngine(_Engine):
             self.sessions[graph].run_with_iobinding(b)
         except Exception as e:  # noqa: BLE001
             shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in feeds.items() if not n.startswith("past_"))
-            raise ModelError(f"the {graph} graph failed in ONNX Runtime ({shapes}): {str(e).strip().splitlines()[0]}") from e
+            first = str(e).strip().splitlines()[0]
+            raise ModelError(f"the {graph} graph failed in ONNX Runtime ({shapes}): {first}") from e
 
 
-_TRT_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64, "INT32": torch.int32}
+_TRT_DTYPES = {
+    "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64, "INT32": torch.int32,
+}
 
 
 class _TrtEngine(_Engine):
@@ -250,11 +258,13 @@ class _TrtEngine(_Engine):
         engines_dir = Path(engines_dir) if engines_dir is not None else export_dir / trt_build.ENGINES_DIR
         info_path = engines_dir / trt_build.INFO_FILE
         if not info_path.is_file():
-            raise UsageError(f"no TensorRT engines in {engines_dir} (no {trt_build.INFO_FILE}): run `gla-export build {export_dir}` first")
+            raise UsageError(f"no TensorRT engines in {engines_dir} (no {trt_build.INFO_FILE}): "
+                             f"run `gla-export build {export_dir}` first")
         info = json.loads(info_path.read_text())
         module = (info.get("runtime") or {}).get("module") or "tensorrt"
         if trt_build.available_module(module) is None:
-            raise MissingRuntimeError(f"the engines in {engines_dir} were built with `{module}`, which is not installed: {trt_build.INSTALL_HINT}")
+            raise MissingRuntimeError(f"the engines in {engines_dir} were built with `{module}`, "
+                                      f"which is not installed: {trt_build.INSTALL_HINT}")
         self.device = _trt_device(device_id)
         trt = importlib.import_module(module)
         self.trt = trt
@@ -302,7 +312,8 @@ class _TrtEngine(_Engine):
             if name not in known:
                 raise ModelError(f"the {graph} engine has no tensor named {name}")
             if known[name] and not ctx.set_input_shape(name, tuple(t.shape)):
-                raise UsageError(f"the {graph} engine rejects {name} of shape {list(t.shape)} (outside its optimisation profile)")
+                raise UsageError(
+                    f"the {graph} engine rejects {name} of shape {list(t.shape)} (outside its optimisation profile)")
             ctx.set_tensor_address(name, t.data_ptr())
 
     def _execute(self, graph: str) -> None:
@@ -334,7 +345,8 @@ class _TrtEngine(_Engine):
 def _trt_device(device_id: int) -> torch.device:
     """Where TensorRT's buffers live (a seam for the tests, which run the wiring on the CPU)."""
     if not torch.cuda.is_available():
-        raise MissingRuntimeError("the trt backend needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
+        raise MissingRuntimeError(
+            "the trt backend needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
     device = torch.device("cuda", device_id)
     torch.cuda.set_device(device)
     return device
@@ -490,7 +502,8 @@ class StatefulDecoder:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
         if self._engine.max_batch is not None and batch_size > self._engine.max_batch:
-            raise UsageError(f"batch_size {batch_size} exceeds the engines' maximum batch {self._engine.max_batch} (rebuild with --max-batch)")
+            raise UsageError(f"batch_size {batch_size} exceeds the engines' maximum batch {self._engine.max_batch} "
+                             "(rebuild them with a larger --max-batch)")
         with self._lock:
             self._step_handles = None
             dev, B = self.device, batch_size
@@ -499,10 +512,11 @@ class StatefulDecoder:
                 {s.name: torch.zeros((B, *s.shape), dtype=s.dtype, device=dev) for s in self.specs} for _ in range(2)
             ]
             self._cur = 0
-            self._ids_host = torch.zeros((B, 1), dtype=self._id_dtypes["step"], pin_memory=pin)
-            self._ids_dev = self._ids_host if dev.type == "cpu" else torch.zeros((B, 1), dtype=self._id_dtypes["step"], device=dev)
-            self._logits_dev = torch.zeros((B, 1, self.vocab_size), dtype=torch.float32, device=dev)
-            self._logits_host = self._logits_dev if dev.type == "cpu" else torch.zeros((B, 1, self.vocab_size), dtype=torch.float32, pin_memory=pin)
+            ids, V = self._id_dtypes["step"], self.vocab_size
+            self._ids_host = torch.zeros((B, 1), dtype=ids, pin_memory=pin)
+            self._ids_dev = self._ids_host if not pin else torch.zeros((B, 1), dtype=ids, device=dev)
+            self._logits_dev = torch.zeros((B, 1, V), dtype=torch.float32, device=dev)
+            self._logits_host = self._logits_dev if not pin else torch.zeros((B, 1, V), pin_memory=True)
             self._ids_np = self._ids_host.numpy()[:, 0]
             self._logits_np = self._logits_host.numpy()[:, 0, :]
             self._step_handles = [
@@ -548,7 +562,8 @@ class StatefulDecoder:
     # -- snapshots ---------------------------------------------------------------------------------------
 
     def snapshot(self, row: int, *, pending_token: int | None = None, sampler: Sampler | dict | None = None,
-                 generated: int = 0, finish_reason: str | None = None, device: str | torch.device | None = None) -> ConversationState:
+                 generated: int = 0, finish_reason: str | None = None,
+                 device: str | torch.device | None = None) -> ConversationState:
         """A copy of ``row``'s state (on ``device``, default the decoder's)."""
         (row,) = self._rows([row])
         with self._lock:
@@ -556,19 +571,22 @@ class StatefulDecoder:
             tensors = {s.name: cur[s.name][row:row + 1].to(device or self.device, copy=True) for s in self.specs}
         if isinstance(sampler, Sampler):
             sampler = sampler.state_dict()
-        return ConversationState(self.identity, tensors, pending_token, self._consumed[row], generated, sampler, finish_reason)
+        return ConversationState(self.identity, tensors, pending_token, self._consumed[row], generated, sampler,
+                                 finish_reason)
 
     def restore(self, row: int, state: ConversationState) -> None:
         """Copy ``state`` into batch row ``row`` (any row: snapshots are per conversation)."""
         (row,) = self._rows([row])
         if state.identity != self.identity:
-            raise StateFileError("the conversation state belongs to another model (its identity differs from this export's)")
+            raise StateFileError(
+                "the conversation state belongs to another model (its identity differs from this export's)")
         for s in self.specs:
             t = state.tensors.get(s.name)
             if t is None:
                 raise StateFileError(f"the conversation state has no tensor {s.name}")
             if tuple(t.shape) != (1, *s.shape) or t.dtype != s.dtype:
-                raise StateFileError(f"state tensor {s.name} is {t.dtype} {list(t.shape)}, expected {s.dtype} {[1, *s.shape]}")
+                raise StateFileError(
+                    f"state tensor {s.name} is {t.dtype} {list(t.shape)}, expected {s.dtype} {[1, *s.shape]}")
         if set(state.tensors) != {s.name for s in self.specs}:
             extra = sorted(set(state.tensors) - {s.name for s in self.specs})
             raise StateFileError(f"the conversation state has tensors this export does not: {extra}")
@@ -584,7 +602,8 @@ class StatefulDecoder:
     def _check_ids(self, ids: np.ndarray, what: str) -> None:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = ids[(ids < 0) | (ids >= self.vocab_size)]
-            raise UsageError(f"{what} (shape {list(ids.shape)}) holds token ids {bad[:5].tolist()} outside the vocabulary [0, {self.vocab_size})")
+            raise UsageError(f"{what} (shape {list(ids.shape)}) holds token ids {bad[:5].tolist()} "
+                             f"outside the vocabulary [0, {self.vocab_size})")
 
     def step(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Feed one token to every row; returns the next-token logits ``[batch_size, V]`` (float32).
@@ -594,7 +613,8 @@ class StatefulDecoder:
         with self._lock:
             ids = self._ids_np
             if len(tokens) != self.batch_size:
-                raise UsageError(f"step needs one token per row: got {len(tokens)} tokens for a batch of {self.batch_size}")
+                raise UsageError(
+                    f"step needs one token per row: got {len(tokens)} tokens for a batch of {self.batch_size}")
             ids[:] = tokens
             self._check_ids(ids, "tokens")
             if self._ids_dev is not self._ids_host:
@@ -666,7 +686,8 @@ class StatefulDecoder:
             if graph == "prefill" and eng.has_mask:
                 feeds["attention_mask"] = torch.from_numpy(mask[:, start:stop].copy()).to(dev, self._id_dtypes["mask"])
             elif not mask[:, start:stop].all():
-                raise UsageError("this export's prefill graph has no attention_mask: prompts of one batch must have equal lengths")
+                raise UsageError(
+                    "this export's prefill graph has no attention_mask: prompts of one batch must have equal lengths")
             feeds.update(bufs[p])
             logits = torch.empty((n, stop - start, self.vocab_size), dtype=torch.float32, device=dev)
             outputs = {"logits": logits, **{s.output: bufs[1 - p][s.name] for s in self.specs}}
@@ -679,7 +700,7 @@ class StatefulDecoder:
             for name, t in cur.items():
                 t.index_copy_(0, idx, bufs[p][name])
             eng.sync()
-        for r, t in zip(rows, lists):
+        for r, t in zip(rows, lists, strict=True):
             self._consumed[r] += len(t)
         assert logits is not None
         return logits[:, -1, :].to("cpu", torch.float32).numpy()
@@ -744,8 +765,9 @@ class StatefulDecoder:
 
         Each row: a new conversation from ``prompts[i]`` (text; BOS added) or ``prompt_ids[i]``, or
         a saved conversation ``states[i]`` continued with an optional new prompt. Stops at EOS,
-        at one of ``stop_token_ids`` (EOS too unless ``ignore_eos``), or after ``max_new_tokens``. ``sampling`` per row or for all:
-        for a saved conversation, None keeps its sampler (parameters and position).
+        at one of ``stop_token_ids`` (EOS too unless ``ignore_eos``), or after ``max_new_tokens``.
+        ``sampling`` per row or for all: for a saved conversation, None keeps its sampler
+        (parameters and position).
 
         ``should_stop`` is asked after every round of tokens; when it returns True every row still
         going stops with finish reason ``interrupted`` (a Ctrl-C handler sets such a flag: the
@@ -772,7 +794,8 @@ class StatefulDecoder:
                 self.resize(n)
             feeds, samplers = [], []
             for i in range(n):
-                feed, sampler = self.start(i, prompt=prompt_rows[i], prompt_ids=id_rows[i], state=state_rows[i], sampling=sampling_rows[i])
+                feed, sampler = self.start(i, prompt=prompt_rows[i], prompt_ids=id_rows[i], state=state_rows[i],
+                                           sampling=sampling_rows[i])
                 feeds.append(feed)
                 samplers.append(sampler)
             prompt_tokens = [len(f) for f in feeds]

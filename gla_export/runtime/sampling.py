@@ -34,7 +34,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+        t = self.temperature
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
             raise UsageError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise UsageError(f"top_k must be an integer >= 0, got {self.top_k!r}")
@@ -102,8 +103,8 @@ class Sampler:
         x = logits.astype(np.float64) / p.temperature
         u = self.rng.random()  # exactly one draw per token, before anything can fail or branch
         self.sampled += 1
-        if not np.isfinite(x).any():
-            raise UsageError("logits are all -inf or NaN: nothing can be sampled")
+        if np.isnan(x).any() or not np.isfinite(x).any():
+            raise UsageError("the logits hold NaN or are all -inf: nothing can be sampled (is the model broken?)")
         if p.top_k == 0 and p.top_p >= 1.0:
             return _draw(x, np.arange(x.shape[0]), u)
         order = np.argsort(-x, kind="stable")

@@ -167,7 +167,8 @@ def save_state(path: str | os.PathLike, state: ConversationState, metadata: dict
         data = t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
         pad = -offset % _ALIGN
         offset += pad
-        tensors.append({"name": name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": len(data)})
+        tensors.append({"name": name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "offset": offset,
+                        "nbytes": len(data)})
         blobs.append((pad, data))
         offset += len(data)
     header = {
@@ -214,7 +215,8 @@ def read_state_header(path: str | os.PathLike) -> dict[str, Any]:
     return _read(Path(path))[0]
 
 
-def load_state(path: str | os.PathLike, identity: str | None = None, device: str | torch.device = "cpu") -> ConversationState:
+def load_state(path: str | os.PathLike, identity: str | None = None,
+               device: str | torch.device = "cpu") -> ConversationState:
     """Read a state file; with ``identity``, refuse a file from another model (StateFileError)."""
     header, data = _read(Path(path))
     if identity is not None and header.get("identity") != identity:
@@ -233,18 +235,24 @@ def load_state(path: str | os.PathLike, identity: str | None = None, device: str
             raise StateFileError(f"{path}: malformed tensor entry {t!r}") from e
         if start < 0 or start + n > len(data) or n != _numel(shape) * torch.tensor([], dtype=dtype).element_size():
             raise StateFileError(f"{path}: tensor {t.get('name')} does not fit the file (corrupt header)")
-        raw = torch.frombuffer(bytearray(data[start:start + n]), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+        raw = torch.zeros(0, dtype=torch.uint8)  # frombuffer refuses an empty buffer
+        if n:
+            raw = torch.frombuffer(bytearray(data[start:start + n]), dtype=torch.uint8)
         tensors[t["name"]] = raw.view(dtype).reshape(shape).to(device)
-    return ConversationState(
-        identity=header["identity"],
-        tensors=tensors,
-        pending_token=header.get("pending_token"),
-        consumed=int(header.get("consumed", 0)),
-        generated=int(header.get("generated", 0)),
-        sampler=header.get("sampler"),
-        finish_reason=header.get("finish_reason"),
-        info=header.get("info") or {},
-    )
+    try:
+        pending = header.get("pending_token")
+        return ConversationState(
+            identity=str(header["identity"]),
+            tensors=tensors,
+            pending_token=None if pending is None else int(pending),
+            consumed=int(header.get("consumed", 0)),
+            generated=int(header.get("generated", 0)),
+            sampler=header.get("sampler"),
+            finish_reason=header.get("finish_reason"),
+            info=dict(header.get("info") or {}),
+        )
+    except (TypeError, ValueError) as e:
+        raise StateFileError(f"{path}: malformed header ({e})") from e
 
 
 def _numel(shape: list[int]) -> int:
@@ -281,7 +289,8 @@ def _read(path: Path) -> tuple[dict[str, Any], memoryview]:
     magic, version, _flags, head_len = _PREAMBLE.unpack_from(blob)
     if version > STATE_FORMAT_VERSION:
         raise StateFileError(
-            f"{path} has state format version {version}, newer than this gla-export reads ({STATE_FORMAT_VERSION}): upgrade gla-export"
+            f"{path} has state format version {version}, newer than this gla-export reads "
+            f"({STATE_FORMAT_VERSION}): upgrade gla-export"
         )
     if version < 1:
         raise StateFileError(f"{path} has an invalid state format version {version}")
@@ -326,7 +335,8 @@ class StateCache:
         the keys evicted to make room. A state larger than the whole budget is refused."""
         size = state.nbytes
         if size > self.max_bytes:
-            raise UsageError(f"a conversation state of {size} bytes does not fit a state cache of {self.max_bytes} bytes")
+            raise UsageError(
+                f"a conversation state of {size} bytes does not fit a state cache of {self.max_bytes} bytes")
         state = state.to(self.device)
         evicted = []
         with self._lock:

@@ -37,7 +37,8 @@ class Tokenizer:
     eos_token_id: int | None = None
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        raise UsageError("this export has no tokenizer (metadata tokenizer.kind = 'none'): give token ids instead of text")
+        raise UsageError(
+            "this export has no tokenizer (metadata tokenizer.kind = 'none'): give token ids instead of text")
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(str(i) for i in ids)

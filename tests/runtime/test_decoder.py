@@ -449,7 +449,8 @@ class _FakeTensorRT:
         def execute_async_v3(self, stream):
             inputs = {n: self._view(self.addresses[n], self.shapes[n], t) for n, (is_in, t) in self.engine.io.items() if is_in}
             outputs = self.engine.session.run(None, {n: v.copy() for n, v in inputs.items()})
-            for (name, (is_in, t)), value in zip([(n, v) for n, v in self.engine.io.items() if not v[0]], outputs):
+            out_names = [(n, t) for n, (is_in, t) in self.engine.io.items() if not is_in]
+            for (name, t), value in zip(out_names, outputs, strict=True):
                 self._view(self.addresses[name], value.shape, t)[...] = value
             return True
 

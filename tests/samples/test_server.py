@@ -103,7 +103,7 @@ def test_interleaved_conversations_keep_their_own_state(server, export_dir):
     dec = StatefulDecoder(export_dir, threads=1)
     ids = dec.encode("In the beginning") + a1 + list(b" and then")
     whole = dec.generate(prompt_ids=ids, max_new_tokens=16, ignore_eos=True).run()[0].tokens
-    agree = next((j for j, (x, y) in enumerate(zip(whole, a2)) if x != y), len(a2))
+    agree = next((j for j, (x, y) in enumerate(zip(whole, a2, strict=True)) if x != y), len(a2))
     assert agree >= 8, (whole, a2)  # prefill-vs-step rounding may part a near tie late, never early
 
 
