@@ -60,8 +60,11 @@ def gla_run_path() -> str:
     """Path of gla-run; :class:`MissingRuntimeError` (exit code 5) when it is not built."""
     p = find_gla_run()
     if p is None:
-        where = f"GLA_RUN_BINARY={os.environ['GLA_RUN_BINARY']} is not an executable file" if os.environ.get("GLA_RUN_BINARY") else \
-            "it is not built"
+        where = (
+            f"GLA_RUN_BINARY={os.environ['GLA_RUN_BINARY']} is not an executable file"
+            if os.environ.get("GLA_RUN_BINARY")
+            else "it is not built"
+        )
         raise MissingRuntimeError(
             f"gla-run: {where}; reinstall gla-export with a C++ compiler and CMake available (pip install .), "
             "or build it: cmake -S runtimes -B build/runner && cmake --build build/runner -j2"
@@ -147,8 +150,15 @@ def gla_run_command(
     return cmd + list(extra_args)
 
 
-def run_gla_run(export_dir: str | os.PathLike, ids: Sequence[int] | None = None, prompt: str | None = None,
-                max_new_tokens: int = 32, *, timeout: float | None = None, **kwargs: Any) -> RunResult:
+def run_gla_run(
+    export_dir: str | os.PathLike,
+    ids: Sequence[int] | None = None,
+    prompt: str | None = None,
+    max_new_tokens: int = 32,
+    *,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> RunResult:
     """Run gla-run once (greedy) and return its result; arguments as :func:`gla_run_command`.
 
     A failure raises the typed error of gla-run's exit status (UsageError, ModelError,
@@ -159,13 +169,25 @@ def run_gla_run(export_dir: str | os.PathLike, ids: Sequence[int] | None = None,
     stderr = proc.stderr.decode("utf-8", "replace")
     if proc.returncode != 0:
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
-        msg = next((ln for ln in lines if ln.startswith("gla-run: error:")), lines[-1] if lines else f"exit status {proc.returncode}")
+        msg = next(
+            (ln for ln in lines if ln.startswith("gla-run: error:")),
+            lines[-1] if lines else f"exit status {proc.returncode}",
+        )
         err = _ERRORS.get(proc.returncode, GlaExportError)(msg.removeprefix("gla-run: error: "))
         err.returncode = proc.returncode  # type: ignore[attr-defined]
         raise err
     out = json.loads(proc.stdout.decode("utf-8").strip().splitlines()[-1])
     data = bytes.fromhex(out["bytes_hex"]) if "bytes_hex" in out else None
     return RunResult(
-        ids=out["ids"], prompt_ids=out["prompt_ids"], stop=out["stop"], prefill=out["prefill"], backend=out["backend"],
-        state_bytes=out["state_bytes"], timing=out["timing"], text=out.get("text"), data=data, raw=out, stderr=stderr,
+        ids=out["ids"],
+        prompt_ids=out["prompt_ids"],
+        stop=out["stop"],
+        prefill=out["prefill"],
+        backend=out["backend"],
+        state_bytes=out["state_bytes"],
+        timing=out["timing"],
+        text=out.get("text"),
+        data=data,
+        raw=out,
+        stderr=stderr,
     )

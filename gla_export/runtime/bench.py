@@ -49,11 +49,23 @@ from ..errors import MissingRuntimeError, ModelError, UsageError
 DEFAULT_BATCHES = (1, 16)
 DEFAULT_CONTEXTS = (64, 256, 1024, 4096, 16384)
 TARGET_RATIO = 2.0
-OURS_ORT_CPU, OURS_ORT_CUDA, OURS_TRT, OURS_CPP = "ours: ORT CPU", "ours: ORT CUDA", "ours: TensorRT", "ours: gla-run (C++)"
+OURS_ORT_CPU, OURS_ORT_CUDA, OURS_TRT, OURS_CPP = (
+    "ours: ORT CPU",
+    "ours: ORT CUDA",
+    "ours: TensorRT",
+    "ours: gla-run (C++)",
+)
 EAGER, RECOMPUTE, FLA = "PyTorch eager", "PyTorch eager, no cache", "fla GLAForCausalLM"
 # short names (the CLI's --only) of the contenders
-KEYS = {"ort-cpu": OURS_ORT_CPU, "ort-cuda": OURS_ORT_CUDA, "trt": OURS_TRT, "gla-run": OURS_CPP, "eager": EAGER,
-        "recompute": RECOMPUTE, "fla": FLA}
+KEYS = {
+    "ort-cpu": OURS_ORT_CPU,
+    "ort-cuda": OURS_ORT_CUDA,
+    "trt": OURS_TRT,
+    "gla-run": OURS_CPP,
+    "eager": EAGER,
+    "recompute": RECOMPUTE,
+    "fla": FLA,
+}
 
 
 @dataclass
@@ -91,8 +103,14 @@ class Result:
 
     def as_dict(self) -> dict[str, Any]:
         key = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731 - JSON keys are strings
-        return {"name": self.name, "detail": self.detail, "prefill": key(self.prefill), "decode": key(self.decode),
-                "context": key(self.context), "notes": self.notes}
+        return {
+            "name": self.name,
+            "detail": self.detail,
+            "prefill": key(self.prefill),
+            "decode": key(self.decode),
+            "context": key(self.context),
+            "notes": self.notes,
+        }
 
 
 @dataclass
@@ -110,9 +128,16 @@ class BenchReport:
         return next((r for r in self.results if r.name == name), None)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"export_dir": self.export_dir, "device": self.device, "model": self.model, "settings": self.settings,
-                "results": [r.as_dict() for r in self.results], "skipped": self.skipped, "target": self.target,
-                "seconds": round(self.seconds, 3)}
+        return {
+            "export_dir": self.export_dir,
+            "device": self.device,
+            "model": self.model,
+            "settings": self.settings,
+            "results": [r.as_dict() for r in self.results],
+            "skipped": self.skipped,
+            "target": self.target,
+            "seconds": round(self.seconds, 3),
+        }
 
     def tables(self):
         from rich.table import Table
@@ -321,7 +346,8 @@ class TorchContender(Contender):
         # per-step recurrence for single tokens, the faster of the two for each
         self.many, self.one = ("auto", "auto") if device.type == "cuda" else ("chunk", "naive")
         self.detail = f"torch {torch.__version__}, {device}, gla ops {self.many}/{self.one}" + (
-            ", full forward per token" if recompute else "")
+            ", full forward per token" if recompute else ""
+        )
 
     @torch.no_grad()
     def prefill(self, ids):
@@ -378,7 +404,9 @@ class FlaContender(Contender):
         missing, unexpected = fla_model.load_state_dict(model.state_dict(), strict=False)
         missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
         if missing or unexpected:
-            raise ModelError(f"fla's GLAForCausalLM does not take our weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ModelError(
+                f"fla's GLAForCausalLM does not take our weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         if cfg.tie_word_embeddings:
             fla_model.tie_weights()
         self.model = fla_model.to(dtype).eval()
@@ -424,8 +452,16 @@ def _gla_run_result(export_dir: Path, settings: BenchSettings, provider: str, vo
     prompt = gen.integers(0, vocab, settings.prefill_len).tolist()
     runs = []
     for _ in range(settings.repeats):
-        runs.append(run_gla_run(export_dir, ids=prompt, max_new_tokens=settings.decode_tokens + 1, ignore_eos=True,
-                                provider=provider, threads=settings.threads))
+        runs.append(
+            run_gla_run(
+                export_dir,
+                ids=prompt,
+                max_new_tokens=settings.decode_tokens + 1,
+                ignore_eos=True,
+                provider=provider,
+                threads=settings.threads,
+            )
+        )
     prompt_s = statistics.median(r.timing["prompt_s"] for r in runs)
     ms = statistics.median(r.timing["ms_per_token"] for r in runs)
     res = Result(OURS_CPP, runs[0].backend)
@@ -513,24 +549,45 @@ def bench(
 
     vocab = int(meta["model"]["vocab_size"])
     report = BenchReport(
-        str(export_dir), _device_info(dev),
-        {"dtype": meta["dtype"], "state_dtype": meta["state_dtype"], "form": meta["gla_op"]["form"],
-         "num_parameters": meta["model"]["num_parameters"], "num_layers": meta["model"]["num_layers"],
-         "hidden_size": meta["model"]["hidden_size"], "vocab_size": vocab},
-        {"batches": list(settings.batches), "prefill_len": settings.prefill_len, "decode_tokens": settings.decode_tokens,
-         "contexts": list(settings.contexts), "warmup": settings.warmup, "repeats": settings.repeats, "seed": settings.seed,
-         "threads": settings.threads},
+        str(export_dir),
+        _device_info(dev),
+        {
+            "dtype": meta["dtype"],
+            "state_dtype": meta["state_dtype"],
+            "form": meta["gla_op"]["form"],
+            "num_parameters": meta["model"]["num_parameters"],
+            "num_layers": meta["model"]["num_layers"],
+            "hidden_size": meta["model"]["hidden_size"],
+            "vocab_size": vocab,
+        },
+        {
+            "batches": list(settings.batches),
+            "prefill_len": settings.prefill_len,
+            "decode_tokens": settings.decode_tokens,
+            "contexts": list(settings.contexts),
+            "warmup": settings.warmup,
+            "repeats": settings.repeats,
+            "seed": settings.seed,
+            "threads": settings.threads,
+        },
     )
     rng = np.random.default_rng(settings.seed)
 
     # -- who runs -----------------------------------------------------------------------------------
     makers: list[tuple[str, Callable[[], Contender]]] = []
     if dev.type == "cpu":
-        makers.append((OURS_ORT_CPU, lambda: DecoderContender(OURS_ORT_CPU, export_dir, "ort-cpu", settings.threads, device_id)))
+        makers.append(
+            (OURS_ORT_CPU, lambda: DecoderContender(OURS_ORT_CPU, export_dir, "ort-cpu", settings.threads, device_id))
+        )
         report.skipped.setdefault(OURS_ORT_CUDA, "benchmarking on the CPU")
         report.skipped.setdefault(OURS_TRT, "benchmarking on the CPU")
     else:
-        makers.append((OURS_ORT_CUDA, lambda: DecoderContender(OURS_ORT_CUDA, export_dir, "ort-cuda", settings.threads, device_id)))
+        makers.append(
+            (
+                OURS_ORT_CUDA,
+                lambda: DecoderContender(OURS_ORT_CUDA, export_dir, "ort-cuda", settings.threads, device_id),
+            )
+        )
         makers.append((OURS_TRT, lambda: DecoderContender(OURS_TRT, export_dir, "trt", settings.threads, device_id)))
     torch_model = None
     try:
@@ -571,7 +628,9 @@ def bench(
             if name != RECOMPUTE:
                 for b in settings.batches:
                     say(f"{name}: prefill B{b}×{settings.prefill_len}")
-                    s = _median_time(lambda b=b: c.prefill(prompts[b]), 1 if settings.warmup else 0, settings.repeats, dev)
+                    s = _median_time(
+                        lambda b=b, c=c: c.prefill(prompts[b]), 1 if settings.warmup else 0, settings.repeats, dev
+                    )
                     res.prefill[b] = {"tokens_per_s": b * settings.prefill_len / s, "ms": 1e3 * s}
                     say(f"{name}: decode B{b}, {settings.decode_tokens} tokens")
                     per = c.decode(firsts[b], settings.decode_tokens, settings.warmup)
@@ -580,7 +639,10 @@ def bench(
             for L in settings.contexts:
                 say(f"{name}: next token at context {L}")
                 runs = [c.at_context(contexts[L], memory) for _ in range(max(1, min(settings.repeats, 3)))]
-                res.context[L] = {"bytes": int(max(r[0] for r in runs)), "ms_per_token": 1e3 * statistics.median(r[1] for r in runs)}
+                res.context[L] = {
+                    "bytes": int(max(r[0] for r in runs)),
+                    "ms_per_token": 1e3 * statistics.median(r[1] for r in runs),
+                }
         except Exception as e:  # noqa: BLE001
             res.notes.append(f"stopped: {_one_line(e)}")
         finally:
@@ -596,7 +658,9 @@ def bench(
         else:
             say(f"{OURS_CPP}: batch 1")
             try:
-                report.results.append(_gla_run_result(export_dir, settings, "cuda" if dev.type == "cuda" else "cpu", vocab))
+                report.results.append(
+                    _gla_run_result(export_dir, settings, "cuda" if dev.type == "cuda" else "cpu", vocab)
+                )
             except Exception as e:  # noqa: BLE001
                 report.skipped[OURS_CPP] = _one_line(e)
 
@@ -620,7 +684,13 @@ def _target(report: BenchReport) -> dict[str, Any]:
     if fla is None or 1 not in fla.decode:
         return {**out, "met": None, "why": report.skipped.get(FLA, "fla was not measured")}
     ratio = best.decode[1]["tokens_per_s"] / fla.decode[1]["tokens_per_s"]
-    return {**out, "peer": FLA, "peer_tokens_per_s": fla.decode[1]["tokens_per_s"], "ratio": ratio, "met": ratio >= TARGET_RATIO}
+    return {
+        **out,
+        "peer": FLA,
+        "peer_tokens_per_s": fla.decode[1]["tokens_per_s"],
+        "ratio": ratio,
+        "met": ratio >= TARGET_RATIO,
+    }
 
 
 def _one_line(e: BaseException) -> str:
@@ -650,8 +720,10 @@ def write_plot(report: BenchReport, path: str | os.PathLike) -> None:
     batches = report.settings["batches"]
     width = 0.8 / max(1, len(report.results))
 
-    for ax, what, key, label in ((axes[0][0], "decode", "tokens_per_s", "decode tokens/s"),
-                                 (axes[0][1], "prefill", "tokens_per_s", "prefill tokens/s")):
+    for ax, what, key, label in (
+        (axes[0][0], "decode", "tokens_per_s", "decode tokens/s"),
+        (axes[0][1], "prefill", "tokens_per_s", "prefill tokens/s"),
+    ):
         for i, r in enumerate(report.results):
             table = getattr(r, what)
             xs = [j + i * width for j, b in enumerate(batches) if b in table]
@@ -665,8 +737,10 @@ def write_plot(report: BenchReport, path: str | os.PathLike) -> None:
         ax.set_title(f"{label} (higher is better)")
         ax.grid(axis="y", alpha=0.3)
 
-    for ax, key, scale, label in ((axes[1][0], "bytes", 2**20, "MiB beyond the weights"),
-                                  (axes[1][1], "ms_per_token", 1.0, "ms")):
+    for ax, key, scale, label in (
+        (axes[1][0], "bytes", 2**20, "MiB beyond the weights"),
+        (axes[1][1], "ms_per_token", 1.0, "ms"),
+    ):
         for r in report.results:
             if r.context:
                 Ls = sorted(r.context)
@@ -680,15 +754,17 @@ def write_plot(report: BenchReport, path: str | os.PathLike) -> None:
 
     handles, labels = {}, []
     for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
     fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=min(4, len(labels)))
     t = report.target
     ratio = f"; ours/fla decode B1 = {t['ratio']:.2f}× (target {t['target_ratio']:g}×)" if t.get("ratio") else ""
-    fig.suptitle(f"gla-export bench: {report.device['name']}, {report.model['dtype']}, "
-                 f"{report.model['num_parameters'] / 1e6:.1f}M parameters{ratio}")
+    fig.suptitle(
+        f"gla-export bench: {report.device['name']}, {report.model['dtype']}, "
+        f"{report.model['num_parameters'] / 1e6:.1f}M parameters{ratio}"
+    )
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)

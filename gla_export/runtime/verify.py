@@ -113,15 +113,33 @@ class VerifyReport:
     def table(self):
         from rich.table import Table
 
-        t = Table(title=f"PyTorch vs runtimes, {self.dtype} (pass: {self.check_error_stat} error within atol {self.atol:g} "
-                        f"or rtol {self.rtol:g}; state = worst layer)")
-        for col, just in (("case", "left"), ("backend", "left"), ("output", "left"), ("iters", "right"),
-                          ("max|err|", "right"), ("max rel", "right"), ("mean|err|", "right"), ("", "left")):
+        t = Table(
+            title=f"PyTorch vs runtimes, {self.dtype} (pass: {self.check_error_stat} error within atol {self.atol:g} "
+            f"or rtol {self.rtol:g}; state = worst layer)"
+        )
+        for col, just in (
+            ("case", "left"),
+            ("backend", "left"),
+            ("output", "left"),
+            ("iters", "right"),
+            ("max|err|", "right"),
+            ("max rel", "right"),
+            ("mean|err|", "right"),
+            ("", "left"),
+        ):
             t.add_column(col, justify=just, no_wrap=True)
         short = {"recurrent_state": "state", "conv_state": "conv state"}
         for r in self.rows:
-            t.add_row(r.case, r.backend, short.get(r.output, r.output), str(r.iterations), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}",
-                      f"{r.mean_abs:.2e}", "[green]ok[/green]" if r.passed else "[red]FAIL[/red]")
+            t.add_row(
+                r.case,
+                r.backend,
+                short.get(r.output, r.output),
+                str(r.iterations),
+                f"{r.max_abs:.2e}",
+                f"{r.max_rel:.2e}",
+                f"{r.mean_abs:.2e}",
+                "[green]ok[/green]" if r.passed else "[red]FAIL[/red]",
+            )
         return t
 
     def as_dict(self) -> dict[str, Any]:
@@ -195,7 +213,9 @@ class GraphModule(torch.nn.Module):
         for st in self.states:
             by_layer[st["layer"]][st["kind"]] = feeds[st["input"]]
         states = [LayerState(d["recurrent_state"], d.get("conv_state")) for d in by_layer]
-        out = self.model(feeds["input_ids"], attention_mask=feeds.get("attention_mask"), states=states, gla_backend="auto")
+        out = self.model(
+            feeds["input_ids"], attention_mask=feeds.get("attention_mask"), states=states, gla_backend="auto"
+        )
         present = {}
         for st in self.states:
             layer = out.states[st["layer"]]
@@ -215,8 +235,11 @@ def _torch_runner(model, meta: dict[str, Any], graph: str, device):
     dtypes = {}
     for io in meta["graphs"][graph]["inputs"]:
         dtypes[io["name"]] = getattr(torch, io["dtype"])
-        input_meta.add(io["name"], dtype=DataType.from_dtype(dtypes[io["name"]], "torch"),
-                       shape=[d if isinstance(d, int) else -1 for d in io["shape"]])
+        input_meta.add(
+            io["name"],
+            dtype=DataType.from_dtype(dtypes[io["name"]], "torch"),
+            shape=[d if isinstance(d, int) else -1 for d in io["shape"]],
+        )
 
     class TorchRunner(PytRunner):
         def infer_impl(self, feed_dict):
@@ -228,7 +251,7 @@ def _torch_runner(model, meta: dict[str, Any], graph: str, device):
                     torch.cuda.synchronize(device)
                 end = time.time()
             out = OrderedDict()
-            for name, t in zip(module.output_names, outputs):
+            for name, t in zip(module.output_names, outputs, strict=True):
                 # bfloat16 has no numpy type Polygraphy compares; float32 holds it exactly
                 out[name] = (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
             self.inference_time = end - start
@@ -251,8 +274,11 @@ def _ort_session_loader(path: Path, form: str, cuda: bool, device_id: int):
             from .._native import library_path
 
             so.register_custom_ops_library(library_path("ort"))
-        providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"] if cuda \
+        providers: list[Any] = (
+            [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+            if cuda
             else ["CPUExecutionProvider"]
+        )
         sess = ort.InferenceSession(str(path), so, providers=providers)
         if cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
             raise MissingRuntimeError("ONNX Runtime could not create its CUDA execution provider (no usable GPU?)")
@@ -269,7 +295,11 @@ def _load_trt_plugin(plugin: str) -> None:
     handle = registry.load_library(plugin)
     after = {(c.name, c.plugin_version) for c in registry.all_creators}
     # load_library can fail without raising: the handle and the new creators are the evidence
-    if handle is None or not (after - before) and not any(n in ("GatedLinearAttention", "LinearAttention") for n, _ in after):
+    if (
+        handle is None
+        or not (after - before)
+        and not any(n in ("GatedLinearAttention", "LinearAttention") for n, _ in after)
+    ):
         raise MissingRuntimeError(f"TensorRT did not register any creator from {plugin}")
 
 
@@ -284,8 +314,9 @@ def _trt_runner(engine: Path, plugin: str | None, name: str):
     return TrtRunner(load, name=name)
 
 
-def _backend_status(name: str, meta: dict[str, Any], export_dir: Path, engines_dir: Path | None, plugin: str | None,
-                    requested: bool) -> tuple[BackendStatus, dict[str, Any]]:
+def _backend_status(
+    name: str, meta: dict[str, Any], export_dir: Path, engines_dir: Path | None, plugin: str | None, requested: bool
+) -> tuple[BackendStatus, dict[str, Any]]:
     """Whether a backend can run here, and what it needs to."""
     form, dtype = meta["gla_op"]["form"], meta["dtype"]
     if name in ("ort-cpu", "ort-cuda"):
@@ -297,7 +328,9 @@ def _backend_status(name: str, meta: dict[str, Any], export_dir: Path, engines_d
             return BackendStatus(name, False, "ONNX Runtime has no bfloat16 CPU kernels"), {}
         if name == "ort-cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                return BackendStatus(name, False, "needs onnxruntime-gpu (this onnxruntime has no CUDA execution provider)"), {}
+                return BackendStatus(
+                    name, False, "needs onnxruntime-gpu (this onnxruntime has no CUDA execution provider)"
+                ), {}
             if not torch.cuda.is_available():
                 return BackendStatus(name, False, "no CUDA GPU"), {}
         if form == "custom":
@@ -315,8 +348,11 @@ def _backend_status(name: str, meta: dict[str, Any], export_dir: Path, engines_d
     if importlib.util.find_spec("tensorrt") is None:
         rtx = importlib.util.find_spec("tensorrt_rtx") is not None
         why = "the `tensorrt` Python package is not installed" + (
-            " (tensorrt_rtx is, but Polygraphy's TensorRT runner drives `tensorrt`, and TensorRT-RTX engines need a GPU "
-            "it supports)" if rtx else "")
+            " (tensorrt_rtx is, but Polygraphy's TensorRT runner drives `tensorrt`, and TensorRT-RTX engines need "
+            "a GPU it supports)"
+            if rtx
+            else ""
+        )
         return BackendStatus(name, False, why), {}
     if not torch.cuda.is_available():
         return BackendStatus(name, False, "no CUDA GPU (a TensorRT engine can only be deserialised on one)"), {}
@@ -326,7 +362,9 @@ def _backend_status(name: str, meta: dict[str, Any], export_dir: Path, engines_d
     engines = {g: edir / f for g, f in ENGINE_FILES.items()}
     missing = [str(p) for p in engines.values() if not p.is_file()]
     if missing:
-        return BackendStatus(name, False, f"no engines ({', '.join(missing)}): build them with `gla-export build {export_dir}`"), {}
+        return BackendStatus(
+            name, False, f"no engines ({', '.join(missing)}): build them with `gla-export build {export_dir}`"
+        ), {}
     lib = plugin
     if lib is None and form != "decomposed":
         from .._native import find_library
@@ -337,7 +375,10 @@ def _backend_status(name: str, meta: dict[str, Any], export_dir: Path, engines_d
         lib = str(found)
     import tensorrt as trt
 
-    return BackendStatus(name, True, f"tensorrt {trt.__version__}, engines in {edir}"), {"engines": engines, "plugin": lib}
+    return BackendStatus(name, True, f"tensorrt {trt.__version__}, engines in {edir}"), {
+        "engines": engines,
+        "plugin": lib,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +446,7 @@ def _rows(case: str, accuracy, backend_names: dict[str, str]) -> list[Row]:
     """Collapse Polygraphy's per-iteration, per-output results into one row per backend and output kind."""
     rows: dict[tuple[str, str], Row] = {}
     for result in accuracy:
-        for (r0, r1), iterations in result.items():
+        for (r0, _ref), iterations in result.items():
             backend = backend_names[r0]
             for it, outputs in enumerate(iterations):
                 for name, res in outputs.items():
@@ -414,8 +455,9 @@ def _rows(case: str, accuracy, backend_names: dict[str, str]) -> list[Row]:
                     where = f"{name} (iteration {it})"
                     row = rows.get(key)
                     if row is None:
-                        rows[key] = Row(case, backend, kind, 1, res.max_absdiff, res.max_reldiff, res.mean_absdiff,
-                                        bool(res), where)
+                        rows[key] = Row(
+                            case, backend, kind, 1, res.max_absdiff, res.max_reldiff, res.mean_absdiff, bool(res), where
+                        )
                         continue
                     row.iterations = max(row.iterations, it + 1)
                     if res.max_absdiff > row.max_abs:
@@ -427,22 +469,33 @@ def _rows(case: str, accuracy, backend_names: dict[str, str]) -> list[Row]:
     return sorted(rows.values(), key=lambda r: (r.backend, order.get(r.output, 9), r.output))
 
 
-def _decode_loop(prefill_runner, step_runner, first: dict[str, np.ndarray], tokens: np.ndarray,
-                 states_meta: list[dict]) -> list:
+def _decode_loop(
+    prefill_runner, step_runner, first: dict[str, np.ndarray], tokens: np.ndarray, states_meta: list[dict]
+) -> list:
     """Prefill then step, carrying this runner's own states; returns one IterationResult per call."""
     from polygraphy.comparator.struct import IterationResult
 
     results = []
     with prefill_runner as pre:
         out = pre.infer(feed_dict=dict(first))
-        results.append(IterationResult(outputs={k: np.array(v) for k, v in out.items()}, runtime=pre.last_inference_time(),
-                                       runner_name=pre.name))
+        results.append(
+            IterationResult(
+                outputs={k: np.array(v) for k, v in out.items()},
+                runtime=pre.last_inference_time(),
+                runner_name=pre.name,
+            )
+        )
     states = {st["input"]: np.array(out[st["output"]]) for st in states_meta}
     with step_runner as step:
         for t in range(tokens.shape[1]):
-            out = step.infer(feed_dict={"input_ids": np.ascontiguousarray(tokens[:, t: t + 1]), **states})
-            results.append(IterationResult(outputs={k: np.array(v) for k, v in out.items()}, runtime=step.last_inference_time(),
-                                           runner_name=step.name))
+            out = step.infer(feed_dict={"input_ids": np.ascontiguousarray(tokens[:, t : t + 1]), **states})
+            results.append(
+                IterationResult(
+                    outputs={k: np.array(v) for k, v in out.items()},
+                    runtime=step.last_inference_time(),
+                    runner_name=step.name,
+                )
+            )
             states = {st["input"]: np.array(out[st["output"]]) for st in states_meta}
     return results
 
@@ -469,7 +522,9 @@ def _load_reference(meta: dict[str, Any], export_dir: Path, model: Any, device):
     if model is None:
         source = meta.get("source")
         if not source:
-            raise UsageError(f"{export_dir} does not record the checkpoint it was exported from: pass the model (--model DIR)")
+            raise UsageError(
+                f"{export_dir} does not record the checkpoint it was exported from: pass the model (--model DIR)"
+            )
         path = Path(source)
         if not path.is_absolute() and not path.exists() and (export_dir / source).exists():
             path = export_dir / source
@@ -561,7 +616,9 @@ def verify(
     try:
         import polygraphy  # noqa: F401
     except ImportError as e:
-        raise MissingRuntimeError("gla-export verify needs Polygraphy: pip install polygraphy (or gla-export[verify])") from e
+        raise MissingRuntimeError(
+            "gla-export verify needs Polygraphy: pip install polygraphy (or gla-export[verify])"
+        ) from e
 
     # which backends run
     statuses, needs = [], {}
@@ -573,14 +630,22 @@ def verify(
         statuses.append(st)
         needs[name] = need
     if not any(s.available for s in statuses):
-        raise MissingRuntimeError("no backend can run this export here: " +
-                                  "; ".join(f"{s.name}: {s.detail}" for s in statuses))
+        raise MissingRuntimeError(
+            "no backend can run this export here: " + "; ".join(f"{s.name}: {s.detail}" for s in statuses)
+        )
 
     say(f"loading the PyTorch model on {dev}")
     torch_model, reference = _load_reference(meta, export_dir, model, dev)
-    report = VerifyReport(str(export_dir), meta["dtype"], atol, rtol, check_error_stat, f"PyTorch ({reference}, {dev})",
-                          backends=statuses,
-                          settings=dict(batch=batch, prompt_len=prompt_len, steps=steps, seed=seed, device=str(dev)))
+    report = VerifyReport(
+        str(export_dir),
+        meta["dtype"],
+        atol,
+        rtol,
+        check_error_stat,
+        f"PyTorch ({reference}, {dev})",
+        backends=statuses,
+        settings=dict(batch=batch, prompt_len=prompt_len, steps=steps, seed=seed, device=str(dev)),
+    )
     say("computing the inputs")
     inputs = _make_inputs(torch_model, meta, batch, prompt_len, steps, seed, dev)
 
@@ -631,14 +696,20 @@ def verify(
 
     # decode: each backend carries its own states
     say("decode: prefill then step, each backend on its own states")
-    ref_iters = _decode_loop(_torch_runner(torch_model, meta, "prefill", dev), _torch_runner(torch_model, meta, "step", dev),
-                             inputs.prefill[0], inputs.tokens, meta["states"])
+    ref_iters = _decode_loop(
+        _torch_runner(torch_model, meta, "prefill", dev),
+        _torch_runner(torch_model, meta, "step", dev),
+        inputs.prefill[0],
+        inputs.tokens,
+        meta["states"],
+    )
     for st in statuses:
         if not st.available or st.error is not None:
             continue
         try:
-            iters = _decode_loop(make_runner(st, "prefill"), make_runner(st, "step"), inputs.prefill[0], inputs.tokens,
-                                 meta["states"])
+            iters = _decode_loop(
+                make_runner(st, "prefill"), make_runner(st, "step"), inputs.prefill[0], inputs.tokens, meta["states"]
+            )
         except Exception as e:  # noqa: BLE001
             st.error = _one_line(e)
             continue
@@ -647,8 +718,9 @@ def verify(
         report.rows += _rows("decode", accuracy, {f"{st.name}-decode": st.name})
 
     if save_dir is not None:
-        report.polygraphy_commands = _save_for_polygraphy(Path(save_dir), export_dir, saved, meta, statuses, needs, atol,
-                                                          rtol, check_error_stat)
+        report.polygraphy_commands = _save_for_polygraphy(
+            Path(save_dir), export_dir, saved, meta, statuses, needs, atol, rtol, check_error_stat
+        )
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -658,8 +730,9 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-def _save_for_polygraphy(save_dir: Path, export_dir: Path, saved: dict, meta: dict[str, Any], statuses, needs, atol, rtol,
-                         stat) -> list[str]:
+def _save_for_polygraphy(
+    save_dir: Path, export_dir: Path, saved: dict, meta: dict[str, Any], statuses, needs, atol, rtol, stat
+) -> list[str]:
     """The prefill/step inputs and PyTorch outputs as Polygraphy JSON, and the polygraphy run commands
     that replay them."""
     from polygraphy.comparator.struct import RunResults
@@ -680,16 +753,23 @@ def _save_for_polygraphy(save_dir: Path, export_dir: Path, saved: dict, meta: di
         elif form == "decomposed":
             commands.append(f"polygraphy run {onnx_file} --onnxrt {io}")
         else:
-            commands.append(f"# {graph}: polygraphy's CLI cannot register an ONNX Runtime custom-op library "
-                            f"(NVIDIA/TensorRT#4487): gla-export verify runs its OnnxrtRunner from Python instead")
+            commands.append(
+                f"# {graph}: polygraphy's CLI cannot register an ONNX Runtime custom-op library "
+                f"(NVIDIA/TensorRT#4487): gla-export verify runs its OnnxrtRunner from Python instead"
+            )
         trt = next((s for s in statuses if s.name == "trt" and s.available), None)
         if trt is not None:
             need = needs["trt"]
             plugin = f" --plugins {shlex.quote(need['plugin'])}" if need.get("plugin") else ""
-            commands.append(f"polygraphy run {shlex.quote(str(need['engines'][graph]))} --model-type engine --trt{plugin} {io}")
+            commands.append(
+                f"polygraphy run {shlex.quote(str(need['engines'][graph]))} --model-type engine --trt{plugin} {io}"
+            )
     script = save_dir / "polygraphy_run.sh"
-    script.write_text("#!/usr/bin/env bash\n# written by gla-export verify: replays its prefill and step comparisons\nset -e\n"
-                      + "\n".join(commands) + "\n")
+    script.write_text(
+        "#!/usr/bin/env bash\n# written by gla-export verify: replays its prefill and step comparisons\nset -e\n"
+        + "\n".join(commands)
+        + "\n"
+    )
     script.chmod(0o755)
     return commands
 
@@ -701,8 +781,10 @@ def raise_if_failed(report: VerifyReport) -> None:
     parts = []
     if report.failures:
         worst = max(report.failures, key=lambda r: r.max_abs)
-        parts.append(f"{len(report.failures)} of {len(report.rows)} comparisons exceed the tolerance (worst: {worst.case} "
-                     f"{worst.backend} {worst.worst}: max|err| {worst.max_abs:.3e}, atol {report.atol:g}, rtol {report.rtol:g})")
+        parts.append(
+            f"{len(report.failures)} of {len(report.rows)} comparisons exceed the tolerance (worst: {worst.case} "
+            f"{worst.backend} {worst.worst}: max|err| {worst.max_abs:.3e}, atol {report.atol:g}, rtol {report.rtol:g})"
+        )
     for b in report.errors:
         parts.append(f"{b.name} failed to run: {b.error}")
     raise ValidationError("verify failed: " + "; ".join(parts))

@@ -18,8 +18,23 @@ from gla_export.runtime import bench as bench_mod
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtimes"))
 from runtime_helpers import tiny_export  # noqa: E402
 
-TINY = ["--batch", "1,2", "--prefill-len", "12", "--decode-tokens", "6", "--contexts", "8,200", "--warmup", "1",
-        "--repeats", "1", "--threads", "1", "-q"]
+TINY = [
+    "--batch",
+    "1,2",
+    "--prefill-len",
+    "12",
+    "--decode-tokens",
+    "6",
+    "--contexts",
+    "8,200",
+    "--warmup",
+    "1",
+    "--repeats",
+    "1",
+    "--threads",
+    "1",
+    "-q",
+]
 
 
 def run(args: list[str]) -> int:
@@ -61,8 +76,10 @@ def test_bench_runs_every_cpu_contender(tmp_path, capsys):
         assert set(ctx) == {"8", "200"}
         assert all(_positive(c["ms_per_token"]) and c["bytes"] >= 0 for c in ctx.values())
     # the stateful contenders keep at least their state between tokens
-    state_bytes = sum(int(np.prod([d for d in st["shape"] if d != "batch"])) * np.dtype(st["dtype"]).itemsize
-                      for st in json.loads((export / "metadata.json").read_text())["states"])
+    state_bytes = sum(
+        int(np.prod([d for d in st["shape"] if d != "batch"])) * np.dtype(st["dtype"]).itemsize
+        for st in json.loads((export / "metadata.json").read_text())["states"]
+    )
     assert all(results[bench_mod.OURS_ORT_CPU]["context"][L]["bytes"] >= state_bytes for L in ("8", "200"))
     assert results[bench_mod.RECOMPUTE]["prefill"] == {} and results[bench_mod.RECOMPUTE]["decode"] == {}
     cpp = results[bench_mod.OURS_CPP]
@@ -88,11 +105,14 @@ def test_only_some_contenders(tmp_path):
     assert rep["skipped"][bench_mod.EAGER] == "not requested"
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["--batch", "0"], "expected positive integers"),
-    (["--contexts", "8,x"], "expected comma-separated integers"),
-    (["--prefill-len", "0"], "0 is not in the range"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--batch", "0"], "expected positive integers"),
+        (["--contexts", "8,x"], "expected comma-separated integers"),
+        (["--prefill-len", "0"], "0 is not in the range"),
+    ],
+)
 def test_bad_arguments_exit_2(tmp_path, capsys, args, msg):
     assert run(["bench", str(tiny_export("decomposed")), *args, "-o", str(tmp_path)]) == 2
     assert msg in capsys.readouterr().err

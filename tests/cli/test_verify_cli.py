@@ -85,8 +85,21 @@ def test_a_different_model_fails_with_exit_4(tmp_path, capsys):
 
 def test_zero_tolerance_fails(tmp_path):
     out = tmp_path / "report.json"
-    code = run(["verify", str(tiny_export("decomposed")), *TINY, "--atol", "0", "--rtol", "0",
-                "--check-error-stat", "max", "--json", str(out)])
+    code = run(
+        [
+            "verify",
+            str(tiny_export("decomposed")),
+            *TINY,
+            "--atol",
+            "0",
+            "--rtol",
+            "0",
+            "--check-error-stat",
+            "max",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 4
     assert not _report(out)["passed"]
 
@@ -121,6 +134,8 @@ def test_saved_inputs_replay_with_the_polygraphy_cli(tmp_path):
     step_cmd = next(line for line in script.splitlines() if line.startswith("polygraphy run") and "step.onnx" in line)
     assert "--onnxrt" in step_cmd and "--load-outputs" in step_cmd
     polygraphy = shutil.which("polygraphy") or str(Path(sys.executable).parent / "polygraphy")
-    r = subprocess.run(step_cmd.replace("polygraphy run", f"{polygraphy} run", 1), shell=True, capture_output=True, text=True)
+    r = subprocess.run(
+        step_cmd.replace("polygraphy run", f"{polygraphy} run", 1), shell=True, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "PASSED" in r.stdout + r.stderr

@@ -24,8 +24,19 @@ _CHECKPOINT: Path | None = None
 
 # byte vocabulary (so the export gets the byte tokenizer), GQA and short convolutions (two kinds
 # of state), weights large enough that greedy decoding has clear winners
-MODEL_KWARGS = dict(vocab_size=258, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, use_short_conv=True,
-                    conv_size=4, bos_token_id=256, eos_token_id=257, tie_word_embeddings=True, initializer_range=0.15)
+MODEL_KWARGS = dict(
+    vocab_size=258,
+    embed_dim=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    use_short_conv=True,
+    conv_size=4,
+    bos_token_id=256,
+    eos_token_id=257,
+    tie_word_embeddings=True,
+    initializer_range=0.15,
+)
 
 
 def _root() -> Path:
@@ -77,26 +88,31 @@ def ort_sessions(export_dir: Path, meta: dict):
         so.register_custom_ops_library(library_path("ort"))  # raises when it is not built: a test failure
     if meta["gla_op"]["form"] == "onnx":
         os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"
-    return {g: ort.InferenceSession(str(export_dir / f"{g}.onnx"), so, providers=["CPUExecutionProvider"])
-            for g in ("prefill", "step")}
+    return {
+        g: ort.InferenceSession(str(export_dir / f"{g}.onnx"), so, providers=["CPUExecutionProvider"])
+        for g in ("prefill", "step")
+    }
 
 
-def greedy_onnxruntime(export_dir: Path, prompt: list[int], max_new_tokens: int, prefill: bool = True,
-                       stop_at_eos: bool = True) -> list[int]:
+def greedy_onnxruntime(
+    export_dir: Path, prompt: list[int], max_new_tokens: int, prefill: bool = True, stop_at_eos: bool = True
+) -> list[int]:
     """Greedy decoding with the exported graphs in plain onnxruntime (the reference for gla-run)."""
     from gla_export.export.metadata import read_metadata
 
     meta = read_metadata(export_dir)
     sess = ort_sessions(export_dir, meta)
-    states = {st["input"]: np.zeros([1 if d == "batch" else d for d in st["shape"]], dtype=np.dtype(st["dtype"]))
-              for st in meta["states"]}
+    states = {
+        st["input"]: np.zeros([1 if d == "batch" else d for d in st["shape"]], dtype=np.dtype(st["dtype"]))
+        for st in meta["states"]
+    }
 
     def run(graph, ids):
         feeds = {"input_ids": np.asarray([ids], dtype=np.int64), **states}
         if graph == "prefill" and any(i["name"] == "attention_mask" for i in meta["graphs"]["prefill"]["inputs"]):
             feeds["attention_mask"] = np.ones((1, len(ids)), dtype=np.int64)
         names = [o.name for o in sess[graph].get_outputs()]
-        out = dict(zip(names, sess[graph].run(None, feeds)))
+        out = dict(zip(names, sess[graph].run(None, feeds), strict=True))
         for st in meta["states"]:
             states[st["input"]] = out[st["output"]]
         return out["logits"][0, -1]

@@ -12,12 +12,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from runtime_helpers import greedy_onnxruntime, greedy_pytorch, tiny_export, tiny_model
 
 from gla_export._runner import find_gla_run, gla_run_command, run_gla_run
 from gla_export.errors import MissingRuntimeError, ModelError, UsageError
 from gla_export.export.metadata import METADATA_KEY, read_metadata
-
-from runtime_helpers import greedy_onnxruntime, greedy_pytorch, tiny_export, tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -119,7 +118,9 @@ def _patched_export(tmp_path, src, edit_meta=None, drop_props=False, metadata_js
         onnx.helper.set_model_props(m, props)
         onnx.save(m, str(dst / name))
     shutil.copy2(src / "weights.onnx.data", dst / "weights.onnx.data")
-    (dst / "metadata.json").write_text(metadata_json if metadata_json is not None else (src / "metadata.json").read_text())
+    (dst / "metadata.json").write_text(
+        metadata_json if metadata_json is not None else (src / "metadata.json").read_text()
+    )
     return dst
 
 
@@ -132,7 +133,7 @@ def test_stops_at_eos_from_metadata_props(tmp_path):
     def edit(meta):
         meta["model"]["eos_token_id"] = eos
         meta["tokenizer"] = {"kind": "byte", "bos_token_id": 256, "eos_token_id": eos}
-        meta["source"] = "/tmp/modèle \U0001F680 \"quoted\"\n"  # \u escapes and a surrogate pair for the reader
+        meta["source"] = '/tmp/modèle \U0001f680 "quoted"\n'  # \u escapes and a surrogate pair for the reader
 
     # metadata.json keeps the real EOS: stopping at `eos` proves gla-run reads the model's metadata_props
     dst = _patched_export(tmp_path, src, edit)
@@ -147,7 +148,9 @@ def test_metadata_json_is_the_fallback_and_errors_name_the_byte(tmp_path):
     src = tiny_export("decomposed")
     prompt = random_prompt(4)
     dst = _patched_export(tmp_path, src, drop_props=True)
-    assert run_gla_run(dst, ids=prompt, max_new_tokens=6, ignore_eos=True).ids == greedy_onnxruntime(src, prompt, 6, stop_at_eos=False)
+    assert run_gla_run(dst, ids=prompt, max_new_tokens=6, ignore_eos=True).ids == greedy_onnxruntime(
+        src, prompt, 6, stop_at_eos=False
+    )
     text = (src / "metadata.json").read_text()
     (dst / "metadata.json").write_text(text[:200])
     with pytest.raises(ModelError, match=r"metadata\.json: invalid JSON at byte 200: "):
@@ -167,16 +170,21 @@ def test_graph_that_does_not_match_its_metadata(tmp_path):
 
     def edit(meta):
         meta["states"][0]["shape"][1] += 1
+
     dst = _patched_export(tmp_path, src, edit)
     _, h, k, v = read_metadata(src)["states"][0]["shape"]
-    with pytest.raises(ModelError, match=rf"step\.onnx input 'past_key_values\.0\.recurrent_state' has shape \[batch,{h},{k},{v}\], "
-                                         rf"the metadata says \[batch,{h + 1},{k},{v}\]"):
+    with pytest.raises(
+        ModelError,
+        match=rf"step\.onnx input 'past_key_values\.0\.recurrent_state' has shape \[batch,{h},{k},{v}\], "
+        rf"the metadata says \[batch,{h + 1},{k},{v}\]",
+    ):
         run_gla_run(dst, ids=[256, 1], max_new_tokens=2)
 
 
 def test_prompt_needs_the_byte_tokenizer(tmp_path):
     def edit(meta):
         meta["tokenizer"] = {"kind": "none"}
+
     dst = _patched_export(tmp_path, tiny_export("decomposed"), edit)
     with pytest.raises(UsageError, match="--prompt needs the byte-level tokenizer; this export's tokenizer is 'none'"):
         run_gla_run(dst, prompt="hi", max_new_tokens=2)
@@ -232,7 +240,18 @@ def test_tensorrt_path_fails_cleanly_without_tensorrt(tmp_path):
     export = tiny_export("decomposed")
     engine = tmp_path / "step.engine"
     engine.write_bytes(b"not an engine")
-    r = _run(["--export", str(export), "--ids", "1", "--engine", str(engine), "--trt-lib", str(tmp_path / "libnvinfer.so.10")])
+    r = _run(
+        [
+            "--export",
+            str(export),
+            "--ids",
+            "1",
+            "--engine",
+            str(engine),
+            "--trt-lib",
+            str(tmp_path / "libnvinfer.so.10"),
+        ]
+    )
     assert r.returncode == 5, r.stderr
     assert "TensorRT" in r.stderr  # built with TensorRT: cannot load it; built without: says so
 
@@ -259,7 +278,9 @@ def test_memory_does_not_grow_with_generated_tokens():
 def test_state_bytes_are_the_metadata_states():
     export = tiny_export("decomposed")
     meta = read_metadata(export)
-    want = sum(int(np.prod([d for d in st["shape"] if d != "batch"])) * np.dtype(st["dtype"]).itemsize for st in meta["states"])
+    want = sum(
+        int(np.prod([d for d in st["shape"] if d != "batch"])) * np.dtype(st["dtype"]).itemsize for st in meta["states"]
+    )
     assert run_gla_run(export, ids=[256], max_new_tokens=1).state_bytes == want
 
 
