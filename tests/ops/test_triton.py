@@ -51,6 +51,7 @@ class Variant:
     gate: str = "key"  # "key" / "head" follow case.gate_per_head; "none" drops g
     state: torch.dtype | None = None  # dtype of the initial state (float32 when None)
     extreme: bool = False  # decays down to about -100 per step
+    huge: bool = False  # q, k ×100 and the state ×1e5: scores and state past float16's 65504
     scale: float | None = None
 
     @property
@@ -60,6 +61,7 @@ class Variant:
         parts += ["nogate"] if self.gate == "none" else []
         parts += [f"state{name[self.state]}"] if self.state is not None else []
         parts += ["extreme"] if self.extreme else []
+        parts += ["huge"] if self.huge else []
         parts += [f"scale{self.scale}"] if self.scale is not None else []
         return "-".join(parts)
 
@@ -80,6 +82,7 @@ INTERP = [
     Variant(C(B=1, T=1, Hq=2, Hkv=2, K=16, V=16, initial_state=True), "chunk"),
     Variant(C(B=1, T=33, Hq=2, Hkv=2, K=16, V=16, dtype=FP16, initial_state=True), "chunk", state=FP16),
     Variant(C(B=1, T=64, Hq=2, Hkv=2, K=32, V=32, initial_state=True), "chunk", extreme=True),
+    Variant(C(B=1, T=50, Hq=2, Hkv=2, K=16, V=16, dtype=FP16, initial_state=True), "chunk", huge=True, scale=1e-5),
     Variant(C(B=2, T=1, Hq=4, Hkv=2, K=60, V=48, initial_state=True), "recurrent"),
     Variant(C(B=2, T=1, Hq=2, Hkv=2, K=32, V=16, dtype=FP16, initial_state=True, g_gamma=True, gate_per_head=True), "recurrent"),
     Variant(C(B=1, T=1, Hq=2, Hkv=2, K=16, V=100, dtype=BF16, initial_state=True), "recurrent"),
@@ -123,6 +126,7 @@ def _gpu_variants() -> list[Variant]:
         Variant(C(B=2, T=1000, Hq=4, Hkv=4, K=128, V=128), "chunk", gate="none"),
         Variant(C(B=2, T=1000, Hq=4, Hkv=2, K=256, V=512, dtype=FP16, initial_state=True), "chunk", state=FP16),
         Variant(C(B=1, T=1000, Hq=4, Hkv=4, K=128, V=128, initial_state=True), "chunk", extreme=True),
+        Variant(C(B=1, T=1000, Hq=4, Hkv=2, K=256, V=512, dtype=FP16, initial_state=True), "chunk", huge=True, scale=1e-6),
         Variant(C(B=16, T=1, Hq=4, Hkv=4, K=256, V=512, dtype=FP16, initial_state=True), "auto"),
         Variant(C(B=2, T=20, Hq=4, Hkv=4, K=100, V=60, dtype=FP64, initial_state=True, g_gamma=True), "auto"),
         Variant(C(B=2, T=65, Hq=6, Hkv=2, K=60, V=100, dtype=BF16, initial_state=True, g_gamma=True), "op"),
@@ -142,6 +146,9 @@ def _inputs(variant: Variant, device, seed: int) -> dict:
     elif variant.extreme:
         gen = torch.Generator().manual_seed(seed + 1)
         kw["g"] = F.logsigmoid(torch.randn(kw["g"].shape, generator=gen) * 30).to(kw["g"].dtype).to(device)
+    if variant.huge:
+        kw["q"], kw["k"] = kw["q"] * 100, kw["k"] * 100
+        kw["initial_state"] = kw["initial_state"] * 1e5
     if variant.state is not None:
         kw["initial_state"] = kw["initial_state"].to(variant.state)
     if variant.scale is not None:
