@@ -7,7 +7,6 @@ everything else goes to stderr.
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from pathlib import Path
@@ -46,17 +45,20 @@ BACKENDS = ("ort-cpu", "ort-cuda", "trt")
               help="Read prompts in pieces of at most this many tokens.")
 @click.option("--engines-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="TensorRT engines (default: EXPORT_DIR/tensorrt).")
+@click.option("-i", "--interactive", is_flag=True,
+              help="Chat: after each answer, read the next prompt from stdin (one line; empty: go on); Ctrl-D ends.")
 @click.option("-q", "--quiet", is_flag=True, help="No status on stderr.")
 def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, backend: str,
              temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None,
              save_state: Path | None, load_state: Path | None, ignore_eos: bool, output_ids: bool, device_id: int,
-             threads: int | None, prefill_chunk: int | None, engines_dir: Path | None, quiet: bool) -> None:
+             threads: int | None, prefill_chunk: int | None, engines_dir: Path | None, interactive: bool,
+             quiet: bool) -> None:
     """Generate text from the export in EXPORT_DIR, streaming it to stdout.
 
     Memory stays constant however many tokens are generated: the prompt is read once by
     prefill.onnx, then step.onnx runs once per token on the recurrent states. Greedy by default;
     --temperature, --top-k, --top-p and --seed sample. --save-state and --load-state stop and
-    resume a conversation exactly.
+    resume a conversation exactly; --interactive keeps it going, one prompt per line of stdin.
     """
     from ..errors import UsageError
     from ..runtime.decoder import FINISH_INTERRUPTED, StatefulDecoder
@@ -85,7 +87,7 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
                f"last stop: {state.finish_reason or 'unknown'}")
         if state.finish_reason == "eos" and prompt is None and ids is None:
             status("note: that conversation ended with the end-of-sequence token; continuing anyway")
-    elif prompt is None and ids is None:
+    elif prompt is None and ids is None and not interactive:
         status("no prompt: generating from the beginning-of-sequence token")
         prompt = ""
     params = SamplingParams(
@@ -98,23 +100,6 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
     explicit = any(v is not None for v in (temperature, top_k, top_p, seed))
     sampling = params if state is None or explicit else None
 
-    stop_requested = []
-    previous = signal.getsignal(signal.SIGINT)
-
-    def on_sigint(signum, frame):  # noqa: ANN001
-        stop_requested.append(True)
-        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops at once
-
-    gen = decoder.generate(
-        prompts=prompt,
-        prompt_ids=ids,
-        states=state,
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-        ignore_eos=ignore_eos,
-        keep_tokens=False,
-        should_stop=lambda: bool(stop_requested),
-    )
     desc = "greedy" if params.temperature == 0 else (
         f"temperature {params.temperature}" + (f", top-k {params.top_k}" if params.top_k else "")
         + (f", top-p {params.top_p}" if params.top_p < 1 else ""))
@@ -124,17 +109,51 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
     status(f"{backend}: {decoder.runtime_name}, {form} GLA op, loaded in {time.perf_counter() - t0:.2f} s; "
            f"state {decoder.state_nbytes / 2**10:.0f} KiB; {desc}")
 
+    first = prompt is not None or ids is not None or state is not None or not interactive
+    while True:
+        if not first:  # interactive: the next prompt is a line of stdin
+            if not quiet:
+                click.echo("\n> ", err=True, nl=False)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.rstrip("\n")
+            prompt, ids = (line if line or state is None else None), None
+        first = False
+        stop_requested: list = []  # Ctrl-C appends: the generation stops after the current token
+        gen = decoder.generate(prompts=prompt, prompt_ids=ids, states=state, max_new_tokens=max_new_tokens,
+                               sampling=sampling, ignore_eos=ignore_eos, keep_tokens=False,
+                               should_stop=stop_requested.__len__)
+        result = _stream(gen, output_ids, status, stop_requested)
+        state, sampling = result.state, None  # later turns continue this conversation and its sampler
+        if save_state is not None:
+            write_state(save_state, state, decoder.metadata)
+            status(f"state saved to {save_state} ({state.consumed} tokens of context + 1 pending)")
+        if result.finish_reason == FINISH_INTERRUPTED and not interactive:
+            raise KeyboardInterrupt  # the CLI's usual exit for Ctrl-C (130), now that the state is safe
+        if not interactive:
+            break
+
+
+def _stream(gen, output_ids: bool, status, stop_requested: list):  # noqa: ANN001
+    """Write a generation's text (or ids) to stdout as it comes; Ctrl-C asks it to stop cleanly."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # noqa: ANN001
+        stop_requested.append(True)
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops at once
+
     out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
-    n = 0
-    t1 = None
-    t_start = time.perf_counter()
+    n, t_first, t_start = 0, None, time.perf_counter()
     in_main_thread = _is_main_thread()
     if in_main_thread:
         signal.signal(signal.SIGINT, on_sigint)
     try:
         for event in gen:
-            if t1 is None:
-                t1 = time.perf_counter()
+            if t_first is None:
+                t_first = time.perf_counter()
             if event.token >= 0:
                 n += 1
             if output_ids:
@@ -151,20 +170,16 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)
-    t2 = time.perf_counter()
+    t_end = time.perf_counter()
     result = gen.results[0]
     if sys.stdout.isatty() and not output_ids:
         click.echo("", err=True)
-    sampler = (result.state.sampler or {}) if result is not None and result.state is not None else {}
+    sampler = result.state.sampler or {}
     sampled = sampler.get("params", {}).get("temperature", 0) > 0
-    rate = f" ({(n - 1) / (t2 - t1):.0f} tokens/s after the first)" if t1 is not None and n > 1 and t2 > t1 else ""
-    status(f"{n} tokens in {t2 - t_start:.2f} s{rate}; stopped: {result.finish_reason if result else 'unknown'}"
+    rate = f" ({(n - 1) / (t_end - t_first):.0f} tokens/s after the first)" if n > 1 and t_end > t_first else ""
+    status(f"{n} tokens in {t_end - t_start:.2f} s{rate}; stopped: {result.finish_reason}"
            + (f"; sampler seed {sampler['seed']}" if sampled else ""))
-    if save_state is not None and result is not None and result.state is not None:
-        write_state(save_state, result.state, decoder.metadata)
-        status(f"state saved to {save_state} ({result.state.consumed} tokens of context + 1 pending)")
-    if result is not None and result.finish_reason == FINISH_INTERRUPTED:
-        raise KeyboardInterrupt  # the CLI's usual exit for Ctrl-C (130), now that the state is safe
+    return result
 
 
 def _is_main_thread() -> bool:

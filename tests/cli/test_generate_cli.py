@@ -169,3 +169,20 @@ def test_ctrl_c_saves_a_state_that_resumes_exactly(exports, tmp_path):
 
     resumed = dec.generate(states=load_state(state, identity=dec.identity), max_new_tokens=10, ignore_eos=True).run()[0].tokens
     assert got + resumed == whole
+
+
+def test_interactive_chat_is_one_conversation(exports, tmp_path, capsysbinary, monkeypatch):
+    import io
+
+    state = tmp_path / "chat.state"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("In the beginning\n\n and then\n"))
+    code, out, err = run([str(exports["a"]), "-i", "-n", "6", "--ignore-eos", "--save-state", str(state)], capsysbinary)
+    assert code == 0, err
+    dec = StatefulDecoder(exports["a"], threads=1)
+    turns, st = [], None
+    for prompt in ("In the beginning", None, " and then"):
+        r = dec.generate(prompt, states=st, max_new_tokens=6, ignore_eos=True).run()[0]
+        turns.append(r.text_bytes)
+        st = r.state
+    assert out == b"".join(turns)
+    assert err.count("stopped: length") == 3 and read_state_header(state)["generated"] == 18
