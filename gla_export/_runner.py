@@ -84,6 +84,23 @@ def onnxruntime_library() -> str | None:
     return str(libs[0]) if libs else None
 
 
+def cuda_library_dirs() -> list[str]:
+    """Folders of the CUDA libraries that pip wheels ship (``site-packages/nvidia/*/lib``).
+
+    ONNX Runtime's CUDA provider dlopens cuBLAS, cuDNN and the CUDA runtime by name; from Python,
+    importing torch (or ``onnxruntime.preload_dlls()``) loads them, but the gla-run process is not
+    Python, so they are put on its ``LD_LIBRARY_PATH`` instead.
+    """
+    import sys
+
+    out: list[str] = []
+    for entry in sys.path:
+        base = Path(entry) / "nvidia"
+        if base.is_dir():
+            out += [str(p) for p in sorted(base.glob("*/lib")) + sorted(base.glob("*/*/lib")) if p.is_dir()]
+    return list(dict.fromkeys(out))
+
+
 @dataclass
 class RunResult:
     """What one gla-run invocation produced (its ``--format json`` line)."""
@@ -165,7 +182,14 @@ def run_gla_run(
     MissingRuntimeError; GlaExportError otherwise) with gla-run's message.
     """
     cmd = gla_run_command(export_dir, ids, prompt, max_new_tokens, fmt="json", **kwargs)
-    proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
+    env = None
+    if kwargs.get("provider", "cpu") == "cuda" or kwargs.get("engine") is not None:
+        env = dict(os.environ)
+        extra = cuda_library_dirs()
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [*extra, *[p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]]
+        )
+    proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, check=False)
     stderr = proc.stderr.decode("utf-8", "replace")
     if proc.returncode != 0:
         lines = [ln for ln in stderr.splitlines() if ln.strip()]

@@ -398,17 +398,12 @@ class FlaContender(Contender):
         self.name, self.device = FLA, device
         cfg = FlaConfig(**{k: v for k, v in model.config.to_dict().items() if k not in ("architectures", "model_type")})
         dtype = model.lm_head.weight.dtype
-        with torch.device("meta"):
-            fla_model = FlaModel(cfg)
-        fla_model = fla_model.to_empty(device=device)
-        missing, unexpected = fla_model.load_state_dict(model.state_dict(), strict=False)
-        missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-        if missing or unexpected:
-            raise ModelError(
-                f"fla's GLAForCausalLM does not take our weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        if cfg.tie_word_embeddings:
-            fla_model.tie_weights()
+        fla_model = FlaModel(cfg)  # the same parameter names as ours (gla_export.models)
+        try:
+            fla_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=True)
+        except RuntimeError as e:
+            raise ModelError(f"fla's GLAForCausalLM does not take our weights: {str(e).splitlines()[0]}") from e
+        fla_model = fla_model.to(device)
         self.model = fla_model.to(dtype).eval()
         self.detail = f"fla {getattr(fla, '__version__', '?')}, {device}"
 

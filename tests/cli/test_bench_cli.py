@@ -134,3 +134,17 @@ def test_cpu_memory_probe_sees_an_allocation():
     extra, seconds, out = probe.measure(allocate)
     assert out == 1.0 and seconds > 0
     assert 48 * 2**20 < extra < 128 * 2**20
+
+
+def test_fla_model_takes_our_weights():
+    # fla only runs on a GPU (Triton), but its model is built and loaded with our weights anywhere:
+    # a naming mismatch would otherwise surface only on the GPU machine
+    from runtime_helpers import tiny_checkpoint
+
+    from gla_export.models import load_model
+
+    ours = load_model(tiny_checkpoint())
+    fla = bench_mod.FlaContender(ours, torch.device("cpu"))
+    theirs = fla.model.state_dict()
+    for name, value in ours.state_dict().items():
+        assert torch.equal(theirs[name], value), name
