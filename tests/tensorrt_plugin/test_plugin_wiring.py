@@ -184,3 +184,51 @@ def test_harness_refuses_a_library_without_the_entry_points(harness, tmp_path):
     write_case(tmp_path, "GatedLinearAttention", gla_fields(4, 4), [act("float32", 64)] * 4)
     rc, r, _ = run_harness(harness, library_path("kernels"), tmp_path, device=False)
     assert rc == 1 and r["stage"] == "dlsym" and "getCreators" in r["error"]
+
+
+# The workspace an engine gets is declared once for its whole profile; the kernel core's need is
+# not monotonic in the sizes (fewer sequences can mean more parallel segments of T), so check the
+# declared size against the kernel's need for every problem the profile allows.
+WORKSPACE_PROFILES = [
+    # (id, fields, inputs at their maximum, cu_seqlens)
+    ("gla-fp16-K128", gla_fields(4, 4), ["float16", 512, 512, 512, 512, ("float32", 4, 128, 128)], 8, 600, False),
+    ("gla-bf16-K256-V512", gla_fields(4, 4), ["bfloat16", 1024, 1024, 2048, 1024, None], 2, 3000, False),
+    ("gla-cu-K64", gla_fields(2, 1), ["float32", 128, 64, 64, 64, ("float32", 1, 64, 64)], 6, 700, True),
+    # here B = 63 needs more than B = 64 (the profile's maximum) does
+    ("gla-fp16-B64-H2-K64", gla_fields(2, 2), ["float16", 128, 128, 128, 128, ("float32", 2, 64, 64)], 64, 2000, False),
+]
+
+
+@pytest.mark.parametrize("profile", WORKSPACE_PROFILES, ids=[p[0] for p in WORKSPACE_PROFILES])
+def test_declared_workspace_covers_every_problem_of_the_profile(profile, harness, plugin_lib, tmp_path):
+    from gla_export.ops.native import Problem, cuda_compiled, load_library
+
+    name, fields, spec, max_n, max_t, cu = profile
+    assert cuda_compiled(), "the kernel core was built without its CUDA kernels (CI has nvcc: it must have them)"
+    dtype, qw, kw_, vw, gw, state = spec
+    inputs = [HarnessInput(dtype, [1, 1, w], {1} if cu else {0, 1}, [1 if cu else max_n, max_t, w]) for w in (qw, kw_, vw, gw)]
+    if state is not None:
+        sdt, hkv, k, v = state
+        inputs.append(HarnessInput(sdt, [1, hkv, k, v], {0}, [max_n, hkv, k, v]))
+    if cu:
+        inputs.append(HarnessInput("int32", [2], {0}, [max_n + 1]))
+    write_case(tmp_path, "GatedLinearAttention", fields, inputs)
+    rc, r, log = run_harness(harness, plugin_lib, tmp_path, device=False)
+    assert rc == 0 and r["ok"], log
+    declared = r["workspace_bytes"]
+
+    lib = load_library()
+    hq, hkv = fields["q_num_heads"][1], fields["kv_num_heads"][1]
+    codes = {"float32": 0, "float16": 1, "bfloat16": 2}
+    worst = (0, None)
+    for n in range(1, max_n + 1):
+        for t in range(1, max_t + 1):
+            p = Problem(batch=1 if cu else n, seq_len=t, num_seqs=n, q_heads=hq, kv_heads=hkv, head_dim_k=qw // hq,
+                        head_dim_v=vw // hkv, act_dtype=codes[dtype], state_dtype=codes[state[0]] if state else 0,
+                        g_gamma_dtype=0, has_gate=1, gate_per_head=0, has_past_state=int(state is not None),
+                        has_cu_seqlens=int(cu), cu_seqlens_int64=0, has_g_gamma=0, reverse=0, scale=0.0)
+            need = lib.gla_cuda_workspace_bytes(p)
+            if need > worst[0]:
+                worst = (need, (n, t))
+    assert worst[0] > 0, "no problem of this profile needs a workspace: the profile tests nothing"
+    assert declared >= worst[0], f"declared {declared} bytes, but N, T = {worst[1]} needs {worst[0]}"

@@ -370,8 +370,39 @@ int32_t GlaPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nb
   return 1;
 }
 
-size_t GlaPlugin::declaredWorkspace(gla::Problem const& problem) {
-  size_t const need = gla::cuda_workspace_bytes(problem);
+size_t GlaPlugin::declaredWorkspace(gla::Problem const& largest) {
+  // The kernel core's workspace is not monotonic in the sizes: fewer sequences can mean more
+  // segments of T run in parallel, each with a state to pass on. The engine gets one workspace
+  // for every call in the profile, so take the largest need over the sequence counts and lengths
+  // the profile allows (every count up to 1024, then a geometric sample; lengths near the
+  // maximum, every multiple of 64 up to 32768 and a geometric sample above). All arithmetic: no
+  // CUDA call.
+  auto counts = [](int64_t hi) {
+    std::vector<int64_t> v;
+    for (int64_t n = 1; n <= std::min<int64_t>(hi, 1024); ++n) v.push_back(n);
+    for (double x = 1024; x < static_cast<double>(hi); x *= 1.05) v.push_back(static_cast<int64_t>(x));
+    v.push_back(std::max<int64_t>(hi, 1));
+    return v;
+  };
+  auto lengths = [](int64_t hi) {
+    std::vector<int64_t> v{1, hi};
+    for (int64_t t = 64; t < std::min<int64_t>(hi, 32768); t += 64) v.push_back(t);
+    for (double x = 32768; x < static_cast<double>(hi); x *= 1.02) v.push_back(static_cast<int64_t>(x));
+    for (int64_t i = 1; i <= 64 && hi - 64 * i > 0; ++i) v.push_back(hi - 64 * i);
+    return v;
+  };
+  size_t need = 0;
+  int64_t const maxSeqs = largest.has_cu_seqlens ? largest.num_seqs : largest.batch;
+  std::vector<int64_t> const ts = lengths(std::max<int64_t>(largest.seq_len, 1));
+  for (int64_t n : counts(maxSeqs)) {
+    gla::Problem p = largest;
+    p.num_seqs = n;
+    if (!largest.has_cu_seqlens) p.batch = n;
+    for (int64_t t : ts) {
+      p.seq_len = t;
+      need = std::max(need, gla::cuda_workspace_bytes(p));
+    }
+  }
   return need == 0 ? 0 : need + kWorkspaceAlign;
 }
 

@@ -106,8 +106,9 @@ class GlaPlugin final : public nvinfer1::IPluginV3,
   gla::Problem problemFor(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
                           nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) const;
 
-  // Workspace the plugin declares for a problem: the kernel core's need plus alignment slack.
-  static size_t declaredWorkspace(gla::Problem const& problem);
+  // Workspace the plugin declares for a profile whose largest problem is `largest`: the kernel
+  // core's largest need over the problems the profile allows, plus alignment slack.
+  static size_t declaredWorkspace(gla::Problem const& largest);
 
  private:
   void reportError(nvinfer1::ErrorCode code, std::string const& message) const noexcept;
