@@ -13,6 +13,7 @@ tests fail with what to do, they do not skip. TensorRT itself always runs in a c
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,13 @@ def plugin_lib() -> str:
 
 
 @pytest.fixture(scope="session")
-def harness(plugin_lib: str) -> str:
+def harness(plugin_lib: str, tmp_path_factory) -> str:
     path = Path(os.environ.get("GLA_TRT_HARNESS") or Path(plugin_lib).with_name("gla_trt_plugin_harness"))
     if not path.is_file():
         pytest.fail(f"the plugin harness {path} is not built (it is built and installed next to libgla_tensorrt.so)")
+    if not os.access(path, os.X_OK):  # an install that dropped the executable bit
+        copy = tmp_path_factory.mktemp("harness") / path.name
+        shutil.copy2(path, copy)
+        copy.chmod(0o755)
+        path = copy
     return str(path)
