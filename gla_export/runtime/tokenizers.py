@@ -147,7 +147,7 @@ class _WindowStream(TokenStream):
         if len(text) <= len(prefix) or text.endswith("\ufffd"):
             if len(self.ids) - self.read < self.MAX_WINDOW:
                 return b""  # incomplete: wait for the next token
-        new = text[len(prefix):] if text.startswith(prefix) else text
+        new = text[len(prefix):]
         # keep the last released token as context: word-piece decoders need it for spacing
         self.ids = self.ids[-1:]
         self.read = 1
@@ -157,7 +157,7 @@ class _WindowStream(TokenStream):
         prefix = self.tok.decode(self.ids[: self.read])
         text = self.tok.decode(self.ids)
         self.ids, self.read = self.ids[-1:], len(self.ids[-1:])
-        return (text[len(prefix):] if text.startswith(prefix) else "").encode("utf-8")
+        return text[len(prefix):].encode("utf-8")
 
 
 def load_tokenizer(export_dir: str | Path, metadata: dict[str, Any]) -> Tokenizer:
