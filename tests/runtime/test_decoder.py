@@ -271,7 +271,7 @@ def test_byte_stream_is_the_bytes_and_utf8_survives_splits():
 
 
 def test_tokenizer_json_in_the_export_is_used(exports, tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")  # the [serve] extra; installed in CI via [test]
+    import tokenizers  # the [serve] extra, also in [test]
     from tokenizers import models, pre_tokenizers
 
     words = ["<bos>", "<eos>", "hello", "world", "again", "the", "and", "[UNK]"] + [f"w{i}" for i in range(250)]
