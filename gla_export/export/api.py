@@ -127,6 +127,13 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
             raise OutputExistsError(f"{out_dir} is not a gla-export directory (no {METADATA_FILE}): refusing to replace it even with --force")
 
 
+def _float32_reference(model: GLAForCausalLM) -> GLAForCausalLM:
+    """The exported weights in float32: the validation reference (see validate.build_cases)."""
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).float()
+
+
 def _load(model_or_path: Any, dtype: torch.dtype) -> tuple[GLAForCausalLM, Path | None]:
     if isinstance(model_or_path, GLAForCausalLM):
         model = model_or_path
@@ -256,6 +263,7 @@ def export_model(
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
     d_atol, d_rtol = DEFAULT_TOLERANCES[act]
+    default_tolerances = atol is None and rtol is None
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
     if atol < 0 or rtol < 0:
@@ -318,14 +326,18 @@ def export_model(
             if validate:
                 with prog.step("validate"):
                     t = time.perf_counter()
+                    reference = _float32_reference(model)
+                    # with default tolerances a low-precision graph may also be as far off as PyTorch in that dtype
+                    baseline = model if reference is not model and default_tolerances else None
                     was_training = model.training
                     model.eval()
+                    reference.eval()
                     try:
-                        cases, notes = build_cases(model, meta, source)
+                        cases, notes = build_cases(reference, meta, source, baseline=baseline)
                     finally:
                         model.train(was_training)
-                    # the PyTorch references are computed: let the weights go before the runtimes load them
-                    del model
+                    # the PyTorch results are computed: let the weights go before the runtimes load them
+                    del model, reference, baseline
                     gc.collect()
                     report = run_cases(tmp, cases, meta, atol=atol, rtol=rtol, runtime=runtime, notes=notes)
                     del cases

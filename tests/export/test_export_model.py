@@ -156,3 +156,15 @@ def test_validation_can_fail(tmp_path, monkeypatch):
     assert not e.value.report.passed and e.value.report.failures
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_low_precision_limits_follow_pytorch_in_that_dtype_unless_tolerances_are_given(tmp_path):
+    model = make_model("gqa")
+    res = export_model(model, tmp_path / "a", gla_op="decomposed", dtype="fp16", progress=False)
+    assert res.validation.passed
+    fixed = lambda c: res.validation.atol + res.validation.rtol * c.ref_max  # noqa: E731
+    assert all(c.limit >= fixed(c) for c in res.validation.checks)
+    assert all(c.allowance > 0 for c in res.validation.checks)  # PyTorch's own fp16 error was measured
+    assert all(c.limit == max(fixed(c), c.allowance) for c in res.validation.checks)
+    res = export_model(model, tmp_path / "b", gla_op="decomposed", dtype="fp16", atol=1e-2, rtol=1e-2, progress=False)
+    assert all(c.limit == 1e-2 + 1e-2 * c.ref_max and c.allowance == 0 for c in res.validation.checks)
