@@ -184,6 +184,28 @@ def _fmt(v: float | None, spec: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _tune_malloc() -> None:
+    """Make the resident set follow what is live: glibc keeps freed memory of a large call in its
+    heap (and raises its mmap threshold after such frees), which would hide the next call's peak.
+    A fixed 64 KiB threshold returns large blocks to the system when freed; trimming before each
+    measurement returns the heap's free top."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -215,6 +237,7 @@ class _Memory:
             free_after, _ = torch.cuda.mem_get_info(self.device)
             return max(0, free_before - free_after), dt, out
         # CPU: sample the resident set while fn runs (the kernels release the GIL)
+        _tune_malloc()
         before = _rss()
         peak = [before]
         stop = threading.Event()
@@ -714,6 +737,8 @@ def write_plot(report: BenchReport, path: str | os.PathLike) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     batches = report.settings["batches"]
     width = 0.8 / max(1, len(report.results))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {r.name: palette[i % len(palette)] for i, r in enumerate(report.results)}  # one per contender
 
     for ax, what, key, label in (
         (axes[0][0], "decode", "tokens_per_s", "decode tokens/s"),
@@ -724,7 +749,7 @@ def write_plot(report: BenchReport, path: str | os.PathLike) -> None:
             xs = [j + i * width for j, b in enumerate(batches) if b in table]
             ys = [table[b][key] for b in batches if b in table]
             if ys:
-                ax.bar(xs, ys, width, label=r.name)
+                ax.bar(xs, ys, width, label=r.name, color=colour[r.name])
         ax.set_xticks([j + width * (len(report.results) - 1) / 2 for j in range(len(batches))])
         ax.set_xticklabels([f"batch {b}" for b in batches])
         ax.set_yscale("log")
@@ -733,13 +758,19 @@ def write_plot(report: BenchReport, path: str | os.PathLike) -> None:
         ax.grid(axis="y", alpha=0.3)
 
     for ax, key, scale, label in (
-        (axes[1][0], "bytes", 2**20, "MiB beyond the weights"),
+        (axes[1][0], "bytes", 2**20, "MiB beyond the weights (0 drawn at 1 KiB)"),
         (axes[1][1], "ms_per_token", 1.0, "ms"),
     ):
         for r in report.results:
             if r.context:
                 Ls = sorted(r.context)
-                ax.plot(Ls, [max(r.context[L][key] / scale, 1e-6) for L in Ls], marker="o", label=r.name)
+                ax.plot(
+                    Ls,
+                    [max(r.context[L][key] / scale, 1e-3) for L in Ls],
+                    marker="o",
+                    label=r.name,
+                    color=colour[r.name],
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length L (tokens)")
