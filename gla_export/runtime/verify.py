@@ -762,10 +762,17 @@ def _save_for_polygraphy(
         trt = next((s for s in statuses if s.name == "trt" and s.available), None)
         if trt is not None:
             need = needs["trt"]
-            plugin = f" --plugins {shlex.quote(need['plugin'])}" if need.get("plugin") else ""
-            commands.append(
-                f"polygraphy run {shlex.quote(str(need['engines'][graph]))} --model-type engine --trt{plugin} {io}"
-            )
+            engine = f"polygraphy run {shlex.quote(str(need['engines'][graph]))} --model-type engine --trt {io}"
+            if need.get("plugin"):
+                # polygraphy's --plugins only dlopens a library (ctypes.CDLL), which registers nothing
+                # from an IPluginV3 library that hands its creators over through getCreators
+                commands.append(
+                    f"# {graph}: `{engine} --plugins LIB` would not find our creators (polygraphy's --plugins only "
+                    "dlopens; libgla_tensorrt registers through IPluginRegistry::loadLibrary): gla-export verify "
+                    "loads the plugin with tensorrt.get_plugin_registry().load_library and runs TrtRunner from Python"
+                )
+            else:
+                commands.append(engine)
     script = save_dir / "polygraphy_run.sh"
     script.write_text(
         "#!/usr/bin/env bash\n# written by gla-export verify: replays its prefill and step comparisons\nset -e\n"
