@@ -1,9 +1,10 @@
 """``gla-export verify``: the PyTorch model against every runtime that can run the export.
 
 Built on Polygraphy: every backend is a Polygraphy runner and every comparison is Polygraphy's
-``Comparator.compare_accuracy`` with its ``SimpleCompareFunc`` (per-dtype ``atol``/``rtol``,
-``elemwise`` by default: an element fails when it is off by more than ``atol`` *and* by more
-than ``rtol`` of the reference element).
+``Comparator.compare_accuracy`` with its ``SimpleCompareFunc``. Tolerances are per activation
+dtype; by default an element passes when ``|got − ref| <= atol + rtol · max|ref|`` over that
+output (the rule of the export's own validation, handed to Polygraphy as a per-output ``atol``),
+or ``check_error_stat`` picks one of Polygraphy's own statistics.
 
 - reference: the PyTorch model (the checkpoint the export recorded, or ``model=``) behind
   Polygraphy's ``PytRunner``, with each graph's inputs and outputs;
@@ -44,7 +45,10 @@ from ..errors import MissingRuntimeError, ModelError, UsageError, ValidationErro
 
 BACKENDS = ("ort-cpu", "ort-cuda", "trt")
 CASES = ("prefill", "step", "decode")
-ERROR_STATS = ("elemwise", "max", "mean", "median")
+# "scaled" (default): every element within atol + rtol · max|reference| of its output, the rule of
+# the export's own validation; Polygraphy gets it as a per-output atol (its elemwise check then
+# passes exactly those elements). The others are Polygraphy's statistics with atol/rtol as given.
+ERROR_STATS = ("scaled", "elemwise", "max", "mean", "median")
 # (atol, rtol) per activation dtype: those of the export's own validation (gla_export.export.validate)
 DEFAULT_TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
 
@@ -67,6 +71,7 @@ class Row:
     mean_abs: float
     passed: bool
     worst: str  # which tensor (and iteration) had the largest error
+    limit: float = float("nan")  # the absolute tolerance of that tensor
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -113,16 +118,19 @@ class VerifyReport:
     def table(self):
         from rich.table import Table
 
-        t = Table(
-            title=f"PyTorch vs runtimes, {self.dtype} (pass: {self.check_error_stat} error within atol {self.atol:g} "
-            f"or rtol {self.rtol:g}; state = worst layer)"
+        rule = (
+            f"|err| <= {self.atol:g} + {self.rtol:g}·max|ref| per output"
+            if self.check_error_stat == "scaled"
+            else f"{self.check_error_stat} error within atol {self.atol:g} or rtol {self.rtol:g}"
         )
+        t = Table(title=f"PyTorch vs runtimes, {self.dtype} (pass: {rule}; state = worst layer)")
         for col, just in (
             ("case", "left"),
             ("backend", "left"),
             ("output", "left"),
             ("iters", "right"),
             ("max|err|", "right"),
+            ("atol", "right"),
             ("max rel", "right"),
             ("mean|err|", "right"),
             ("", "left"),
@@ -136,6 +144,7 @@ class VerifyReport:
                 short.get(r.output, r.output),
                 str(r.iterations),
                 f"{r.max_abs:.2e}",
+                f"{r.limit:.2e}",
                 f"{r.max_rel:.2e}",
                 f"{r.mean_abs:.2e}",
                 "[green]ok[/green]" if r.passed else "[red]FAIL[/red]",
@@ -444,7 +453,7 @@ def _output_kind(name: str) -> str:
     return name.split(".")[-1] if name.startswith("present.") else name
 
 
-def _rows(case: str, accuracy, backend_names: dict[str, str]) -> list[Row]:
+def _rows(case: str, accuracy, backend_names: dict[str, str], limits: dict[str, float]) -> list[Row]:
     """Collapse Polygraphy's per-iteration, per-output results into one row per backend and output kind."""
     rows: dict[tuple[str, str], Row] = {}
     for result in accuracy:
@@ -458,12 +467,21 @@ def _rows(case: str, accuracy, backend_names: dict[str, str]) -> list[Row]:
                     row = rows.get(key)
                     if row is None:
                         rows[key] = Row(
-                            case, backend, kind, 1, res.max_absdiff, res.max_reldiff, res.mean_absdiff, bool(res), where
+                            case,
+                            backend,
+                            kind,
+                            1,
+                            res.max_absdiff,
+                            res.max_reldiff,
+                            res.mean_absdiff,
+                            bool(res),
+                            where,
+                            limits[name],
                         )
                         continue
                     row.iterations = max(row.iterations, it + 1)
                     if res.max_absdiff > row.max_abs:
-                        row.max_abs, row.worst = res.max_absdiff, where
+                        row.max_abs, row.worst, row.limit = res.max_absdiff, where, limits[name]
                     row.max_rel = max(row.max_rel, res.max_reldiff)
                     row.mean_abs = max(row.mean_abs, res.mean_absdiff)
                     row.passed = row.passed and bool(res)
@@ -505,7 +523,8 @@ def _decode_loop(
 def _quiet_polygraphy(verbose: bool) -> None:
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
+    # failures are in the report's table; Polygraphy's own per-output lines only with --verbose
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.CRITICAL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,7 +573,7 @@ def verify(
     seed: int = 0,
     atol: float | None = None,
     rtol: float | None = None,
-    check_error_stat: str = "elemwise",
+    check_error_stat: str = "scaled",
     engines_dir: str | os.PathLike | None = None,
     trt_plugin: str | None = None,
     device: str = "auto",
@@ -571,7 +590,8 @@ def verify(
         backends: some of :data:`BACKENDS`; None runs every available one and reports the others as
             skipped. A requested backend that is not available raises MissingRuntimeError.
         batch, prompt_len, steps: the shape of the prefill batch and the number of decode steps.
-        atol, rtol: defaults per dtype (:data:`DEFAULT_TOLERANCES`); ``check_error_stat`` as in Polygraphy.
+        atol, rtol: defaults per dtype (:data:`DEFAULT_TOLERANCES`); ``check_error_stat``: ``scaled`` (the
+            export validation's rule, see the module docstring) or one of Polygraphy's statistics.
         device: where PyTorch runs (``auto``: CUDA when available).
         save_dir: write the ``prefill``/``step`` inputs and PyTorch outputs as Polygraphy JSON there,
             with the equivalent ``polygraphy run`` commands in ``polygraphy_run.sh``.
@@ -660,7 +680,21 @@ def verify(
         from polygraphy.comparator import CompareFunc
 
         SimpleCompareFunc = CompareFunc.simple  # noqa: N806
-    compare_func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat=check_error_stat)
+
+    def compare_func(reference: list) -> tuple[Any, dict[str, float]]:
+        """Polygraphy's compare function for one case, and the absolute tolerance of each output."""
+        names = list(reference[0].keys())
+        if check_error_stat != "scaled":
+            return SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat=check_error_stat), dict.fromkeys(
+                names, atol
+            )
+        peak = {
+            n: max(float(np.max(np.abs(np.asarray(it[n], dtype=np.float64)), initial=0.0)) for it in reference)
+            for n in names
+        }
+        limits = {n: atol + rtol * peak[n] for n in names}
+        return SimpleCompareFunc(atol=limits, rtol=rtol, check_error_stat="elemwise"), limits
+
     form = meta["gla_op"]["form"]
 
     def make_runner(status: BackendStatus, graph: str):
@@ -681,7 +715,8 @@ def verify(
         ref_runner = _torch_runner(torch_model, meta, graph, dev)
         say(f"{case}: PyTorch")
         ref = Comparator.run([ref_runner], data_loader=feeds)
-        saved[graph] = (feeds, ref, ref_runner.name)
+        func, limits = compare_func(ref[ref_runner.name])
+        saved[graph] = (feeds, ref, ref_runner.name, limits)
         for st in statuses:
             if not st.available or st.error is not None:
                 continue
@@ -693,8 +728,8 @@ def verify(
                 st.error = _one_line(e)
                 continue
             pair = RunResults([(runner.name, got[runner.name]), (ref_runner.name, ref[ref_runner.name])])
-            accuracy = Comparator.compare_accuracy(pair, comparisons=[(0, 1)], compare_func=compare_func)
-            report.rows += _rows(case, accuracy, {runner.name: st.name})
+            accuracy = Comparator.compare_accuracy(pair, comparisons=[(0, 1)], compare_func=func)
+            report.rows += _rows(case, accuracy, {runner.name: st.name}, limits)
 
     # decode: each backend carries its own states
     say("decode: prefill then step, each backend on its own states")
@@ -705,6 +740,7 @@ def verify(
         inputs.tokens,
         meta["states"],
     )
+    func, limits = compare_func(ref_iters)
     for st in statuses:
         if not st.available or st.error is not None:
             continue
@@ -716,8 +752,8 @@ def verify(
             st.error = _one_line(e)
             continue
         run_results = RunResults([(f"{st.name}-decode", iters), ("pytorch-decode", ref_iters)])
-        accuracy = Comparator.compare_accuracy(run_results, comparisons=[(0, 1)], compare_func=compare_func)
-        report.rows += _rows("decode", accuracy, {f"{st.name}-decode": st.name})
+        accuracy = Comparator.compare_accuracy(run_results, comparisons=[(0, 1)], compare_func=func)
+        report.rows += _rows("decode", accuracy, {f"{st.name}-decode": st.name}, limits)
 
     if save_dir is not None:
         report.polygraphy_commands = _save_for_polygraphy(
@@ -742,9 +778,13 @@ def _save_for_polygraphy(
 
     save_dir.mkdir(parents=True, exist_ok=True)
     commands = []
-    tol = f"--atol {atol:g} --rtol {rtol:g} --check-error-stat {stat}"
     form = meta["gla_op"]["form"]
-    for graph, (feeds, results, ref_name) in saved.items():
+    for graph, (feeds, results, ref_name, limits) in saved.items():
+        if stat == "scaled":  # polygraphy's per-output form: --atol NAME:VALUE ...
+            per_output = " ".join(f"{n}:{v:.6g}" for n, v in limits.items())
+            tol = f"--atol {per_output} --rtol {rtol:g} --check-error-stat elemwise"
+        else:
+            tol = f"--atol {atol:g} --rtol {rtol:g} --check-error-stat {stat}"
         inputs_file, outputs_file = save_dir / f"{graph}.inputs.json", save_dir / f"{graph}.pytorch.json"
         save_json(feeds, str(inputs_file))
         RunResults([(ref_name, results[ref_name])]).save(str(outputs_file))
