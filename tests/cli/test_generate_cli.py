@@ -148,7 +148,8 @@ def test_ctrl_c_saves_a_state_that_resumes_exactly(exports, tmp_path):
     cmd = [sys.executable, "-c", "from gla_export.cli import main; main()", "generate", str(exports["a"]), "--threads", "1",
            "-p", "Hello", "-n", "1000000", "--ignore-eos", "--output-ids", "--save-state", str(state)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # unbuffered: communicate() reads the pipe itself and would miss what a buffered readline() had taken in
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
     got = []
     deadline = time.monotonic() + 120
     while len(got) < 50 and time.monotonic() < deadline:
