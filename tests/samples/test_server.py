@@ -40,14 +40,17 @@ def export_dir(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(export_dir):
+def server(export_dir, tmp_path_factory):
     """The service in a child process on a free loopback port: (base URL, process)."""
-    proc = subprocess.Popen([sys.executable, str(SAMPLES / "server.py"), str(export_dir), "--port", "0", "--slots", "2",
-                             "--threads", "1", "--cache-mib", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    log = tmp_path_factory.mktemp("server-log") / "stderr.txt"
+    with open(log, "w") as err:  # a file, not a pipe nobody reads: the server must never block on it
+        proc = subprocess.Popen([sys.executable, str(SAMPLES / "server.py"), str(export_dir), "--port", "0",
+                                 "--slots", "2", "--threads", "1", "--cache-mib", "1"],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env())
     line = proc.stdout.readline()
     if not line.startswith("listening on "):
         proc.kill()
-        pytest.fail(f"the server did not start: {line!r} {proc.stderr.read()[-3000:]}")
+        pytest.fail(f"the server did not start: {line!r} {log.read_text()[-3000:]}")
     url = line.split()[2]
     yield url, proc
     proc.terminate()
@@ -55,6 +58,7 @@ def server(export_dir):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+    assert "decoding failed" not in log.read_text(), log.read_text()[-3000:]
 
 
 def generate(url: str, conversation_id: str | None, prompt: str, n: int = 16, **kw) -> tuple[list[int], str, dict]:
