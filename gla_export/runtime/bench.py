@@ -617,7 +617,7 @@ def bench(
         makers.append((EAGER, lambda: TorchContender(EAGER, torch_model, dev)))
         makers.append((RECOMPUTE, lambda: TorchContender(RECOMPUTE, torch_model, dev, recompute=True)))
         if dev.type != "cuda":
-            report.skipped[FLA] = "fla's kernels are Triton: needs a CUDA GPU"
+            report.skipped[FLA] = "benchmarking on the CPU (fla's kernels are Triton: they need a CUDA GPU)"
         else:
             import importlib.util
 

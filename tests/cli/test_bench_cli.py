@@ -35,6 +35,7 @@ TINY = [
     "1",
     "-q",
 ]
+CPU = [*TINY, "--device", "cpu"]
 
 
 def run(args: list[str]) -> int:
@@ -58,7 +59,7 @@ def _positive(x) -> bool:
 
 def test_bench_runs_every_cpu_contender(tmp_path, capsys):
     export = tiny_export("decomposed")
-    assert run(["bench", str(export), *TINY, "-o", str(tmp_path)]) == 0
+    assert run(["bench", str(export), *CPU, "-o", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "bench.json").read_text())
     assert rep["device"]["kind"] == "cpu" and rep["model"]["dtype"] == "float32"
     results = {r["name"]: r for r in rep["results"]}
@@ -99,7 +100,7 @@ def test_bench_runs_every_cpu_contender(tmp_path, capsys):
 
 
 def test_only_some_contenders(tmp_path):
-    assert run(["bench", str(tiny_export("decomposed")), *TINY, "--only", "ort-cpu", "-o", str(tmp_path)]) == 0
+    assert run(["bench", str(tiny_export("decomposed")), *CPU, "--only", "ort-cpu", "-o", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "bench.json").read_text())
     assert [r["name"] for r in rep["results"]] == [bench_mod.OURS_ORT_CPU]
     assert rep["skipped"][bench_mod.EAGER] == "not requested"
@@ -148,3 +149,19 @@ def test_fla_model_takes_our_weights():
     theirs = fla.model.state_dict()
     for name, value in ours.state_dict().items():
         assert torch.equal(theirs[name], value), name
+
+
+@pytest.mark.gpu
+def test_bench_on_the_gpu(tmp_path):
+    # ours through ORT CUDA beside PyTorch eager and fla on the same GPU (TensorRT is skipped where it
+    # cannot run); the custom form exercises our CUDA kernels
+    export = tiny_export("custom")
+    assert run(["bench", str(export), *TINY, "--device", "cuda", "-o", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "bench.json").read_text())
+    results = {r["name"]: r for r in rep["results"]}
+    assert rep["device"]["kind"] == "cuda"
+    for name in (bench_mod.OURS_ORT_CUDA, bench_mod.EAGER, bench_mod.FLA):
+        assert name in results, rep["skipped"]
+        assert results[name]["notes"] == [], results[name]["notes"]
+        assert all(_positive(results[name]["decode"][b]["tokens_per_s"]) for b in ("1", "2"))
+    assert rep["target"]["ratio"] is not None and rep["target"]["met"] in (True, False)
