@@ -134,15 +134,22 @@ def _float32_reference(model: GLAForCausalLM) -> GLAForCausalLM:
     return copy.deepcopy(model).float()
 
 
+def _to_dtype(model: GLAForCausalLM, dtype: torch.dtype) -> GLAForCausalLM:
+    """Convert in place, parameter by parameter, as the loader does: the unfused output norm
+    stays float32."""
+    if any(p.dtype != dtype for n, p in model.named_parameters() if ".g_norm." not in n):
+        model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, GatedLinearAttention) and hasattr(m, "g_norm"):
+            m.g_norm.float()
+    return model
+
+
 def _load(model_or_path: Any, dtype: torch.dtype) -> tuple[GLAForCausalLM, Path | None]:
     if isinstance(model_or_path, GLAForCausalLM):
         model = model_or_path
         if model.lm_head.weight.dtype != dtype:
-            # convert a copy: the caller's model is left as it was
-            model = copy.deepcopy(model).to(dtype)
-            for m in model.modules():  # as the loader does: the unfused output norm stays float32
-                if isinstance(m, GatedLinearAttention) and hasattr(m, "g_norm"):
-                    m.g_norm.float()
+            model = _to_dtype(copy.deepcopy(model), dtype)  # the caller's model is left as it was
         return model, None
     if model_or_path is not None and not isinstance(model_or_path, (str, os.PathLike)):
         raise UsageError(f"model must be a checkpoint directory or a GLAForCausalLM, got {type(model_or_path).__name__}")
@@ -151,7 +158,9 @@ def _load(model_or_path: Any, dtype: torch.dtype) -> tuple[GLAForCausalLM, Path 
         what = "the bundled sample model" if model_or_path is None else "checkpoint"
         raise ModelError(f"{what} not found: {path}")
     try:
-        return load_model(path, dtype=dtype), path
+        # keep the checkpoint's tensors as the parameters (no second copy while loading), then
+        # convert one parameter at a time: peak memory stays near one copy of the weights
+        return _to_dtype(load_model(path, dtype=None), dtype), path
     except (CheckpointError, ConfigError) as e:
         raise ModelError(str(e)) from e
 

@@ -134,3 +134,28 @@ def test_byte_tokenizer_runs_the_real_sentence(tmp_path):
     res = export_model(model, tmp_path / "o", gla_op="decomposed", progress=False)
     assert res.metadata["tokenizer"] == {"kind": "byte", "bos_token_id": 256, "eos_token_id": 257}
     assert "real" in {c.case for c in res.validation.checks}
+
+
+def test_huggingface_tokenizer_is_copied_and_used(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate("[UNK] The quick brown fox jumps over the lazy dog , and keeps on sleeping in sun .".split())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = GLAForCausalLM(GLAConfig(vocab_size=len(vocab) + 3, hidden_size=32, num_hidden_layers=1, num_heads=2)).eval()
+    save_model(model, tmp_path / "ckpt")
+    tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    res = export_model(tmp_path / "ckpt", tmp_path / "out", gla_op="decomposed", progress=False)
+    assert res.metadata["tokenizer"] == {"kind": "huggingface", "files": ["tokenizer.json"]}
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "ckpt" / "tokenizer.json").read_bytes()
+    assert "real" in {c.case for c in res.validation.checks}
+
+
+def test_the_bundled_sample_model_is_the_default(tmp_path):
+    from gla_export.models import sample_model_path
+
+    if not (sample_model_path() / "config.json").is_file():
+        pytest.skip("the sample model is not bundled in this checkout")
+    res = export_model(None, tmp_path / "out", gla_op="decomposed", progress=False)
+    assert res.validation.passed and res.metadata["tokenizer"]["kind"] == "byte"
+    assert "real" in {c.case for c in res.validation.checks}
