@@ -555,3 +555,19 @@ def test_ort_cuda_matches_cpu_and_keeps_states_on_the_device(exports, form):
         assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < TOL, f"step {tok}"
     assert {t.data_ptr() for bufs in gpu._states for t in bufs.values()} == ptrs  # the same two buffers throughout
     assert cpu.generate("Hi", max_new_tokens=16).run()[0].tokens == gpu.generate("Hi", max_new_tokens=16).run()[0].tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["decomposed", "custom"])
+@pytest.mark.parametrize("dtype,tol", [("fp16", 1e-2), ("bf16", 5e-2)])  # the export's own validation tolerances
+def test_ort_cuda_reduced_precision(exports, tmp_path, form, dtype, tol):
+    """fp16 and bf16 activations (bfloat16 runs only on the GPU in ONNX Runtime), fp32 states."""
+    model, _ = exports["conv-gqa", form]
+    path = export_model(model, tmp_path / "e", gla_op=form, dtype=dtype, validate=False, progress=False).out_dir
+    dec = StatefulDecoder(path, "ort-cuda")
+    rng = np.random.default_rng(4)
+    ids, more = [256, *rng.integers(0, 256, 12).tolist()], rng.integers(0, 258, 20).tolist()
+    ref = torch_stepped_logits(model, ids, more, torch.float32)
+    errs = [rel_err(torch.from_numpy(dec.prefill([ids])[0]), ref[0])]
+    errs += [rel_err(torch.from_numpy(dec.step([t])[0].copy()), ref[j + 1]) for j, t in enumerate(more)]
+    assert max(errs) < tol, errs
