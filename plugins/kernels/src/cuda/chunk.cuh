@@ -117,43 +117,100 @@ struct ChunkCtx {
   float gam;         // g_gamma in log2 units
 };
 
-template <class Act>
-__device__ __forceinline__ int64_t position(const Params& p, const ChunkCtx& x, int64_t t) {
-  return x.bos + (p.reverse ? x.len - 1 - t : t);
+// Rows t, t+step, t+2 step, ... of the sequence as positions in the packed activations: the first
+// row's position, the position step (negative with reverse) and how many of `count` rows exist.
+// When none exists the position is the sequence's start, so that address arithmetic stays in
+// bounds; callers never dereference rows past `nvalid`.
+struct RowRun {
+  int64_t pos0;
+  int64_t dpos;
+  int nvalid;
+};
+
+__device__ __forceinline__ RowRun row_run(const Params& p, const ChunkCtx& x, int64_t t, int step, int count) {
+  RowRun r;
+  const int64_t left = x.len - t;
+  r.nvalid = left <= 0 ? 0 : int(left >= int64_t(count) * step ? count : (left + step - 1) / step);
+  r.pos0 = r.nvalid > 0 ? x.bos + (p.reverse ? x.len - 1 - t : t) : x.bos;
+  r.dpos = p.reverse ? -step : step;
+  return r;
 }
 
-// Loads q (if want_q), k, g of rows t0 + 16a + r, key column kb*64 + c; v of rows t0 + (tid>>6) + 4r,
-// value column vcol (if want_v). Rows past the sequence read as zero (k = 0, g = 0: no effect).
+// Prefetch of q (if want_q), k, g for rows t0 + 16a + r (r < 16) of key column kb*64 + c: one
+// pointer per tensor stepped row by row, loads predicated on the row existing (missing rows and
+// columns past d_k read as zero: k = 0 and g = 0 leave the state alone).
 template <class Act>
-__device__ __forceinline__ void load_step(const Params& p, const ChunkCtx& x, Raw& raw, int64_t t0, int kb, bool want_q,
-                                          bool want_v, int vcol, int vrow0) {
-  const Act* __restrict__ q = static_cast<const Act*>(p.q);
-  const Act* __restrict__ k = static_cast<const Act*>(p.k);
-  const Act* __restrict__ g = static_cast<const Act*>(p.g);
-  const Act* __restrict__ v = static_cast<const Act*>(p.v);
+__device__ __forceinline__ void load_qkg(const Params& p, const ChunkCtx& x, Raw& raw, int64_t t0, int kb, bool want_q) {
   const int col = kb * kBK + x.c;
-  const bool colok = col < p.K;
-  const int64_t kstride = int64_t(p.Hkv) * p.K;
+  const RowRun rr = row_run(p, x, t0 + 16 * x.a, 1, 16);
+  const int nv = col < p.K ? rr.nvalid : 0;
+  const int colc = col < p.K ? col : 0;
+  const int64_t kst = rr.dpos * int64_t(p.Hkv) * p.K, qst = rr.dpos * int64_t(p.Hq) * p.K;
+  const int64_t gst = p.gate_per_head ? rr.dpos * int64_t(p.Hkv) : kst;
+  const Act* pk = static_cast<const Act*>(p.k) + rr.pos0 * p.Hkv * int64_t(p.K) + int64_t(x.h) * p.K + colc;
+  const Act* pq = static_cast<const Act*>(p.q) + rr.pos0 * p.Hq * int64_t(p.K) + int64_t(x.hq) * p.K + colc;
+  const Act* pg = p.has_gate ? static_cast<const Act*>(p.g) + (p.gate_per_head ? rr.pos0 * p.Hkv + x.h
+                                                                                 : rr.pos0 * p.Hkv * int64_t(p.K) +
+                                                                                       int64_t(x.h) * p.K + colc)
+                             : pk;  // never read
+  const int ng = p.has_gate ? nv : 0;
 #pragma unroll
   for (int r = 0; r < 16; ++r) {
-    const int64_t t = t0 + 16 * x.a + r;
-    const bool ok = colok && t < x.len;
-    const int64_t pos = position<Act>(p, x, ok ? t : 0);
-    raw.k[r] = ok ? to_float(k[pos * kstride + int64_t(x.h) * p.K + col]) : 0.f;
-    if (want_q) raw.q[r] = ok ? to_float(q[(pos * p.Hq + x.hq) * int64_t(p.K) + col]) : 0.f;
-    float gl = 0.f;
-    if (ok && p.has_gate)
-      gl = to_float(p.gate_per_head ? g[pos * p.Hkv + x.h] : g[pos * kstride + int64_t(x.h) * p.K + col]);
-    raw.g[r] = ok ? gl * kLog2e + x.gam : 0.f;
+    raw.k[r] = r < nv ? to_float(*pk) : 0.f;
+    if (want_q) raw.q[r] = r < nv ? to_float(*pq) : 0.f;
+    raw.g[r] = r < ng ? to_float(*pg) * kLog2e + x.gam : (r < nv ? x.gam : 0.f);
+    pk += kst;
+    pq += qst;
+    pg += gst;
   }
-  if (want_v) {
-    const bool vok = vcol < p.V;
+}
+
+// Prefetch of v for rows t0 + vrow0 + 4r (r < 16) of value column vcol.
+template <class Act>
+__device__ __forceinline__ void load_v(const Params& p, const ChunkCtx& x, Raw& raw, int64_t t0, int vcol, int vrow0) {
+  const RowRun rr = row_run(p, x, t0 + vrow0, 4, 16);
+  const int nv = vcol < p.V ? rr.nvalid : 0;
+  const int64_t vst = rr.dpos * int64_t(p.Hkv) * p.V;
+  const Act* pv = static_cast<const Act*>(p.v) + rr.pos0 * p.Hkv * int64_t(p.V) + int64_t(x.h) * p.V + (vcol < p.V ? vcol : 0);
 #pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      const int64_t t = t0 + vrow0 + 4 * r;
-      const bool ok = vok && t < x.len;
-      const int64_t pos = position<Act>(p, x, ok ? t : 0);
-      raw.v[r] = ok ? to_float(v[(pos * p.Hkv + x.h) * int64_t(p.V) + vcol]) : 0.f;
+  for (int r = 0; r < 16; ++r) {
+    raw.v[r] = r < nv ? to_float(*pv) : 0.f;
+    pv += vst;
+  }
+}
+
+// Runs f on the state slice of key block kb (a register array: each case indexes it statically).
+template <int NKB, class F>
+__device__ __forceinline__ void on_state(float (&S)[NKB][4][4], int kb, F&& f) {
+  if constexpr (NKB == 1) {
+    f(S[0]);
+  } else if constexpr (NKB == 2) {
+    if (kb == 0) f(S[0]);
+    else f(S[1]);
+  } else {
+    static_assert(NKB == 4, "the chunk kernel is built for 1, 2 or 4 key blocks");
+    switch (kb) {
+      case 0: f(S[0]); break;
+      case 1: f(S[1]); break;
+      case 2: f(S[2]); break;
+      default: f(S[3]); break;
+    }
+  }
+}
+
+// The slow path: diagonal-tile scores of the sub-chunk rows i >= j of columns whose decay is too
+// fast for the pivot split, per pair: q_i k_j 2^(Γ_i − Γ_j) summed over the warp's columns, added
+// to diag[i][j] (two warps share a sub-chunk, hence the atomics). Out of line: it is rare, and
+// unrolled it would be most of the kernel's code.
+__device__ __noinline__ void exact_diagonal(const float* q, const float* k, const float* P, bool exact, float* diag,
+                                            int lane) {
+#pragma unroll 1
+  for (int i = 0; i < 16; ++i) {
+#pragma unroll 1
+    for (int j = 0; j <= i; ++j) {
+      float val = exact ? q[i] * k[j] * fast_exp2(P[i] - P[j]) : 0.f;
+      val = warp_sum_xor(val, 1);
+      if (lane == 0) atomicAdd(&diag[i * 16 + j], val);
     }
   }
 }
@@ -202,6 +259,13 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
 
   for (int i = tid; i < 4 * 16 * 16; i += kChunkThreads) sDiag[i] = 0.f;
 
+  // this thread's places in the operand tiles (column c, rows of sub-chunk a)
+  E* const myQh = sm + (kRowQh + 16 * x.a) * kPitch + x.c;
+  E* const myQt = sm + (kRowQt + 16 * x.a) * kPitch + x.c;
+  E* const myKh = sm + (kRowKh + 16 * x.a) * kPitch + x.c;
+  E* const myKt = sm + (kRowKt + 16 * x.a) * kPitch + x.c;  // + kt_row0(b) * kPitch for sub-chunk b's K̃
+  E* const myV = sm + (kRowV + vrow0) * kPitch + x.c;
+
   // ---- the state slice, as tensor-core accumulators: rows kb*64 + 16mt + lg (+8), columns 32nh + 8nt + 2lt (+1)
   float S[NKB][4][4];
   {
@@ -226,7 +290,10 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
   }
 
   Raw raw;
-  if (nchunks > 0) load_step<Act>(p, x, raw, t_begin, 0, true, true, vcol, vrow0);
+  if (nchunks > 0) {
+    load_qkg<Act>(p, x, raw, t_begin, 0, true);
+    load_v<Act>(p, x, raw, t_begin, vcol, vrow0);
+  }
   __syncthreads();  // sDiag zeroed
 
   for (int64_t ci = 0; ci < nchunks; ++ci) {
@@ -238,7 +305,8 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
       for (int e = 0; e < 4; ++e) A[u][e] = O[u][e] = 0.f;
     int chunk_exact = 0;
 
-#pragma unroll
+    // one step per 64 key columns; a loop, not unrolled: its body is most of the kernel's code
+#pragma unroll 1
     for (int kb = 0; kb < NKB; ++kb) {
       // (1) running sums of the decay inside this thread's 16 rows; pick the pivot row
       float P[16];
@@ -271,8 +339,8 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
           total += tot[b];
         }
         if (x.a == 0) sDC[x.c] = fast_exp2(total);
-        const float e_pivot = fast_exp2(before + Pr);      // 2^Γ_r
-        const float e_after = fast_exp2(after);            // 2^(Γ_C − Γ_end of my sub-chunk)
+        const float e_pivot = fast_exp2(before + Pr);  // 2^Γ_r
+        const float e_after = fast_exp2(after);        // 2^(Γ_C − Γ_end of my sub-chunk)
         const float e_diag = exact ? 0.f : fast_exp2(Pr - P[15]);
         // 2^(Γ_r(b) − Γ_end of my sub-chunk) for each later sub-chunk b: the sub-chunks strictly
         // between, then b's own rows up to its pivot
@@ -287,56 +355,55 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
             }
           }
         }
-        E* Qh = sm + kRowQh * kPitch;
-        E* Qt = sm + kRowQt * kPitch;
-        E* Kt = sm + kRowKt * kPitch;
-        E* Kh = sm + kRowKh * kPitch;
+        E* const myKtDiag = myKt + kt_row0(x.a) * kPitch;
 #pragma unroll
         for (int r = 0; r < 16; ++r) {
-          const int row = 16 * x.a + r;
           const float e = fast_exp2(P[r] - Pr);
           const float qe = raw.q[r] * e;
-          put<Act>(Qt + row * kPitch + x.c, qe);
-          put<Act>(Qh + row * kPitch + x.c, qe * e_pivot);
+          put<Act>(myQt + r * kPitch, qe);
+          put<Act>(myQh + r * kPitch, qe * e_pivot);
           const float ku = raw.k[r] * fast_exp2(P[15] - P[r]);
-          put<Act>(Kh + row * kPitch + x.c, ku * e_after);
-          put<Act>(Kt + (kt_row0(x.a) + row) * kPitch + x.c, ku * e_diag);
+          put<Act>(myKh + r * kPitch, ku * e_after);
+          put<Act>(myKtDiag + r * kPitch, ku * e_diag);
+        }
+        // later sub-chunks' K̃ (warp-uniform: a sub-chunk is two whole warps)
 #pragma unroll
-          for (int b = 1; b < 4; ++b)
-            if (b > x.a) put<Act>(Kt + (kt_row0(b) + row) * kPitch + x.c, ku * e_later[b]);
+        for (int b = 1; b < 4; ++b) {
+          if (b > x.a) {
+            E* const dst = myKt + kt_row0(b) * kPitch;
+#pragma unroll
+            for (int r = 0; r < 16; ++r)
+              put<Act>(dst + r * kPitch, raw.k[r] * fast_exp2(P[15] - P[r]) * e_later[b]);
+          }
         }
         if (kb == 0) {
-          E* Vs = sm + kRowV * kPitch;
 #pragma unroll
-          for (int r = 0; r < 16; ++r) put<Act>(Vs + (vrow0 + 4 * r) * kPitch + x.c, raw.v[r]);
+          for (int r = 0; r < 16; ++r) put<Act>(myV + 4 * r * kPitch, raw.v[r]);
         }
         // this warp's accumulators of S (start of the chunk) for Q̂S
-        {
-          E* Ss = sm + kRowS * kPitch;
+        on_state<NKB>(S, kb, [&](float(&Sk)[4][4]) {
+          E* Ss = sm + (kRowS + 16 * mt + lg) * kPitch + 32 * nh + 2 * lt;
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              put<Act>(Ss + (16 * mt + lg + 8 * (e >> 1)) * kPitch + 32 * nh + 8 * nt + 2 * lt + (e & 1), S[kb][nt][e]);
-        }
+            for (int e = 0; e < 4; ++e) put<Act>(Ss + 8 * (e >> 1) * kPitch + 8 * nt + (e & 1), Sk[nt][e]);
+        });
         // exact diagonal-tile terms of the columns whose decay is too fast for the pivot split
         if (any_exact && __any_sync(0xffffffffu, exact ? 1 : 0)) {
+          float tq[16], tk[16], tp[16];  // copies: only these go to local memory, the registers stay
 #pragma unroll
-          for (int i = 0; i < 16; ++i)
-#pragma unroll
-            for (int j = 0; j <= i; ++j) {
-              float val = exact ? raw.q[i] * raw.k[j] * fast_exp2(P[i] - P[j]) : 0.f;
-              val = warp_sum_xor(val, 1);
-              if (lane == 0) atomicAdd(&sDiag[(x.a * 16 + i) * 16 + j], val);
-            }
+          for (int r = 0; r < 16; ++r) tq[r] = raw.q[r], tk[r] = raw.k[r], tp[r] = P[r];
+          exact_diagonal(tq, tk, tp, exact, sDiag + x.a * 16 * 16, lane);
         }
       }
       // prefetch the next step's inputs; they arrive while the products below run
       {
         const bool last_kb = kb == NKB - 1;
         const int64_t nci = last_kb ? ci + 1 : ci;
-        if (nci < nchunks)
-          load_step<Act>(p, x, raw, t_begin + nci * kChunk, last_kb ? 0 : kb + 1, true, last_kb, vcol, vrow0);
+        if (nci < nchunks) {
+          load_qkg<Act>(p, x, raw, t_begin + nci * kChunk, last_kb ? 0 : kb + 1, true);
+          if (last_kb) load_v<Act>(p, x, raw, t_begin + nci * kChunk, vcol, vrow0);
+        }
       }
       __syncthreads();
 
@@ -348,13 +415,14 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
         const E* Kh = sm + kRowKh * kPitch;
         const E* Ss = sm + kRowS * kPitch;
         const E* Vs = sm + kRowV * kPitch;
+        const int a_row = 16 * mt + (lane & 15), a_col = (lane >> 4) * 8;                       // A, row-major
+        const int bt_row = (lane & 7) + ((lane >> 3) & 1) * 8, bt_col = 32 * nh + (lane >> 4) * 8;  // B, [k][n]
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) {
           uint32_t af[NP][4];
           // A += Q̃ K̃ᵀ (row tile mt; this warp's n8 tiles jt = nh*(mt+1) + u)
 #pragma unroll
-          for (int pl = 0; pl < NP; ++pl)
-            ldsm_x4(af[pl], Qt + pl * kPlaneElems + (16 * mt + (lane & 15)) * kPitch + 16 * ks + (lane >> 4) * 8);
+          for (int pl = 0; pl < NP; ++pl) ldsm_x4(af[pl], Qt + pl * kPlaneElems + a_row * kPitch + 16 * ks + a_col);
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
             if (u <= mt) {
@@ -372,15 +440,13 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
           }
           // O += Q̂ S
 #pragma unroll
-          for (int pl = 0; pl < NP; ++pl)
-            ldsm_x4(af[pl], Qh + pl * kPlaneElems + (16 * mt + (lane & 15)) * kPitch + 16 * ks + (lane >> 4) * 8);
+          for (int pl = 0; pl < NP; ++pl) ldsm_x4(af[pl], Qh + pl * kPlaneElems + a_row * kPitch + 16 * ks + a_col);
 #pragma unroll
           for (int pp = 0; pp < 2; ++pp) {
             uint32_t b[NP][4];
 #pragma unroll
             for (int pl = 0; pl < NP; ++pl)
-              ldsm_x4_t(b[pl], Ss + pl * kPlaneElems + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
-                                   16 * pp + (lane >> 4) * 8);
+              ldsm_x4_t(b[pl], Ss + pl * kPlaneElems + (16 * ks + bt_row) * kPitch + bt_col + 16 * pp);
             uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
 #pragma unroll
             for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
@@ -389,37 +455,36 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
           }
         }
         // S = 2^Γ_C ⊙ S + K̂ᵀ V
-        {
+        on_state<NKB>(S, kb, [&](float(&Sk)[4][4]) {
           const float d0 = sDC[16 * mt + lg], d1 = sDC[16 * mt + lg + 8];
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt) {
-            S[kb][nt][0] *= d0;
-            S[kb][nt][1] *= d0;
-            S[kb][nt][2] *= d1;
-            S[kb][nt][3] *= d1;
+            Sk[nt][0] *= d0;
+            Sk[nt][1] *= d0;
+            Sk[nt][2] *= d1;
+            Sk[nt][3] *= d1;
           }
-        }
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-          uint32_t af[NP][4];
-#pragma unroll
-          for (int pl = 0; pl < NP; ++pl)
-            ldsm_x4_t(af[pl], Kh + pl * kPlaneElems + (16 * ks + (lane & 7) + (lane >> 4) * 8) * kPitch + 16 * mt +
-                                  ((lane >> 3) & 1) * 8);
-#pragma unroll
-          for (int pp = 0; pp < 2; ++pp) {
-            uint32_t b[NP][4];
+          for (int ks = 0; ks < 4; ++ks) {
+            uint32_t af[NP][4];
 #pragma unroll
             for (int pl = 0; pl < NP; ++pl)
-              ldsm_x4_t(b[pl], Vs + pl * kPlaneElems + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
-                                   16 * pp + (lane >> 4) * 8);
-            uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
+              ldsm_x4_t(af[pl], Kh + pl * kPlaneElems + (16 * ks + (lane & 7) + (lane >> 4) * 8) * kPitch + 16 * mt +
+                                    ((lane >> 3) & 1) * 8);
 #pragma unroll
-            for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
-            mma_planes<Act>(S[kb][2 * pp], af, b0, b1);
-            mma_planes<Act>(S[kb][2 * pp + 1], af, b2, b3);
+            for (int pp = 0; pp < 2; ++pp) {
+              uint32_t b[NP][4];
+#pragma unroll
+              for (int pl = 0; pl < NP; ++pl)
+                ldsm_x4_t(b[pl], Vs + pl * kPlaneElems + (16 * ks + bt_row) * kPitch + bt_col + 16 * pp);
+              uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
+#pragma unroll
+              for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
+              mma_planes<Act>(Sk[2 * pp], af, b0, b1);
+              mma_planes<Act>(Sk[2 * pp + 1], af, b2, b3);
+            }
           }
-        }
+        });
       }
       __syncthreads();
     }
@@ -477,19 +542,23 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
           }
         }
       }
+      // rows 16mt + lg and 16mt + lg + 8 of the chunk; columns 32nh + 8nt + 2lt (+1)
       Act* __restrict__ o = static_cast<Act*>(p.o);
+      const int col0 = vb * kBV + 32 * nh + 2 * lt;
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+      for (int half = 0; half < 2; ++half) {
+        const RowRun rr = row_run(p, x, t0 + 16 * mt + lg + 8 * half, 1, 1);
+        if (rr.nvalid) {
+          Act* orow = o + (rr.pos0 * p.Hq + hq) * int64_t(p.V);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = 16 * mt + lg + 8 * (e >> 1);
-          const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
-          const int64_t t = t0 + i;
-          if (t < x.len && col < p.V) {
-            const int64_t pos = position<Act>(p, x, t);
-            o[(pos * p.Hq + hq) * int64_t(p.V) + col] = from_float<Act>(O[nt][e]);
-          }
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = col0 + 8 * nt + e;
+              if (col < p.V) orow[col] = from_float<Act>(O[nt][2 * half + e]);
+            }
         }
+      }
     }
     // the next chunk's first writes (sTot/sRef) touch nothing read above; its barrier (1) orders the rest
   }
@@ -559,7 +628,10 @@ __global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const 
 
   Raw raw;
   // walk backwards: the decay to the segment's end is a suffix sum
-  if (nchunks > 0) load_step<Act>(p, x, raw, t_begin + (nchunks - 1) * kChunk, kb, false, true, vcol, vrow0);
+  if (nchunks > 0) {
+    load_qkg<Act>(p, x, raw, t_begin + (nchunks - 1) * kChunk, kb, false);
+    load_v<Act>(p, x, raw, t_begin + (nchunks - 1) * kChunk, vcol, vrow0);
+  }
   for (int64_t ci = nchunks - 1; ci >= 0; --ci) {
     float P[16];
     float run = 0.f;
@@ -586,7 +658,10 @@ __global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const 
       put<Act, kPlane>(Vs + (vrow0 + 4 * r) * kPitch + x.c, raw.v[r]);
     }
     carry += total;
-    if (ci > 0) load_step<Act>(p, x, raw, t_begin + (ci - 1) * kChunk, kb, false, true, vcol, vrow0);
+    if (ci > 0) {
+      load_qkg<Act>(p, x, raw, t_begin + (ci - 1) * kChunk, kb, false);
+      load_v<Act>(p, x, raw, t_begin + (ci - 1) * kChunk, vcol, vrow0);
+    }
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "common/error.h"
@@ -84,6 +85,17 @@ constexpr int64_t kMinSegmentChunks = 8;    // shorter segments cost more in the
 constexpr size_t kAlign = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tuning knob for benchmarks only: GLA_CUDA_TARGET_BLOCKS overrides kTargetBlocks (read once per
+// process, so the workspace size stays a function of the Problem within a process).
+inline int64_t target_blocks() {
+  static const int64_t value = [] {
+    const char* e = std::getenv("GLA_CUDA_TARGET_BLOCKS");
+    const long long v = e ? std::atoll(e) : 0;
+    return v > 0 ? int64_t(v) : kTargetBlocks;
+  }();
+  return value;
+}
 inline size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
 struct Plan {
@@ -111,23 +123,14 @@ inline Plan make_plan(const Problem& pr) {
   const int64_t N = pr.num_seqs, T = pr.seq_len;
   const int K = pr.head_dim_k, V = pr.head_dim_v, G = pr.q_heads / pr.kv_heads;
 
-  // recurrent: columns per block shrink until there are enough blocks; rows per thread R
+  // recurrent: 4 state rows a thread (64 registers, four 256-thread blocks resident per SM: enough
+  // loads in flight for a decode step to run at memory speed); a block is 256 threads, so its
+  // columns (4 per thread) are what the rows leave; K past 256 takes more rows a thread.
   int ct = std::min(32, std::max(4, next_pow2(int(ceil_div(V, 4)))));
-  while (ct > 4 && N * pr.kv_heads * ceil_div(V, 4 * ct) < kTargetBlocks) ct /= 2;
-  int R = 0, threads = 0;
-  for (int r : {4, 8, 16}) {
-    const int rt_target = std::max(1, 256 / ct);
-    if (K <= r * rt_target || r == 16) {
-      R = r;
-      break;
-    }
-  }
-  while (true) {
-    const int64_t rt = ceil_div(K, R);
-    threads = int(ceil_div(rt * ct, 32) * 32);
-    if (threads <= 1024 || ct == 4) break;
-    ct /= 2;
-  }
+  int R = 4;
+  while (ct > 4 && ceil_div(K, R) * ct > 256) ct /= 2;
+  while (R < 16 && ceil_div(K, R) * ct > 256) R *= 2;
+  const int threads = int(ceil_div(ceil_div(K, R) * ct, 32) * 32);  // past 256 only for K > 1024: refused
   pl.ct = ct;
   pl.R = R;
   pl.threads = threads;
@@ -145,8 +148,8 @@ inline Plan make_plan(const Problem& pr) {
   pl.nvb = int(ceil_div(V, kBV));
   const int64_t base = N * pr.q_heads * pl.nvb;
   const int64_t chunks = pr.has_cu_seqlens ? ceil_div(ceil_div(T, N), kChunk) : ceil_div(T, kChunk);
-  if (base < kTargetBlocks) {
-    const int64_t want = ceil_div(kTargetBlocks, base);
+  if (base < target_blocks()) {
+    const int64_t want = ceil_div(target_blocks(), base);
     const int64_t seg_chunks = std::max(kMinSegmentChunks, ceil_div(chunks, want));
     if (seg_chunks < chunks) pl.seg_len = seg_chunks * kChunk;
   }
@@ -239,10 +242,10 @@ Status launch_chunk(const Plan& pl, Params p, unsigned char* ws, stream_t stream
     GLA_LAUNCH(gla_segment_scan_kernel, ceil_div(elems, 256), 256, 0, stream, p);
     if (Status st = launch_failed("segment scan"); st != Status::kOk) return st;
   }
+  // the state slice is a register array: one kernel per size (K <= 64, 128, 256)
   switch (pl.nkb) {
     case 1: return launch_chunk_main<Act, 1>(pl, p, stream, dev);
     case 2: return launch_chunk_main<Act, 2>(pl, p, stream, dev);
-    case 3: return launch_chunk_main<Act, 3>(pl, p, stream, dev);
     default: return launch_chunk_main<Act, 4>(pl, p, stream, dev);
   }
 }
@@ -261,6 +264,11 @@ Status run(Plan pl, const Params& p, unsigned char* ws, stream_t stream) {
   // a device with too little shared memory for the chunk kernel still gets a correct answer
   if (pl.chunk && size_t(optin) < chunk_smem_bytes<Act>()) pl.chunk = false;
   if (pl.chunk) return launch_chunk<Act>(pl, p, ws, stream, dev);
+  if (pl.threads > recurrent_max_threads(pl.R))
+    return detail::fail(Status::kUnsupported,
+                        "head_dim_k=%d is too large for the GLA CUDA kernels (at most 1024; the chunked kernel "
+                        "takes at most %d, the step kernel at most 1024)",
+                        p.K, kChunkMaxK);
   return launch_recurrent<Act>(pl, p, stream);
 }
 

@@ -18,56 +18,86 @@
 namespace gla {
 namespace cuda {
 
-__device__ __forceinline__ void load_state4(const Params& p, const void* base, int64_t idx, int nvalid, float (&x)[4]) {
-  if (p.vec_state && nvalid == 4) {
-    if (p.state_dt == DType::kFloat32) {
-      const float4 f = *reinterpret_cast<const float4*>(static_cast<const float*>(base) + idx);
-      x[0] = f.x, x[1] = f.y, x[2] = f.z, x[3] = f.w;
-    } else {
-      const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const unsigned char*>(base) + idx * 2);
-      if (p.state_dt == DType::kFloat16) {
-        __half h[4];
-        memcpy(static_cast<void*>(h), &u, 8);
-        for (int j = 0; j < 4; ++j) x[j] = to_float(h[j]);
+// Rows rg, rg + RT, ... (R of them) of 4 state columns starting at col0, into or out of registers.
+// The dtype switch is outside the row loop, so each of the three loops is a run of independent
+// 16-byte (fp32) or 8-byte (16-bit) accesses.
+template <class T, int R>
+__device__ __forceinline__ void load_rows_t(const T* base, int64_t rstride, int nrows, int ncol, bool vec, float (&S)[R][4]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const T* src = base + i * rstride;
+    if (i < nrows && vec && ncol == 4) {
+      if constexpr (sizeof(T) == 4) {
+        const float4 f = *reinterpret_cast<const float4*>(src);
+        S[i][0] = f.x, S[i][1] = f.y, S[i][2] = f.z, S[i][3] = f.w;
       } else {
-        bf16 h[4];
+        const uint2 u = *reinterpret_cast<const uint2*>(src);
+        T h[4];
         memcpy(static_cast<void*>(h), &u, 8);
-        for (int j = 0; j < 4; ++j) x[j] = to_float(h[j]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) S[i][j] = to_float(h[j]);
       }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) S[i][j] = i < nrows && j < ncol ? to_float(src[j]) : 0.f;
     }
-    return;
   }
-  for (int j = 0; j < 4; ++j) x[j] = j < nvalid ? load_any(base, idx + j, p.state_dt) : 0.f;
 }
 
-__device__ __forceinline__ void store_state4(const Params& p, void* base, int64_t idx, int nvalid, const float (&x)[4]) {
-  if (p.vec_state && nvalid == 4) {
-    if (p.state_dt == DType::kFloat32) {
-      *reinterpret_cast<float4*>(static_cast<float*>(base) + idx) = make_float4(x[0], x[1], x[2], x[3]);
-    } else {
-      uint2 u;
-      if (p.state_dt == DType::kFloat16) {
-        __half h[4];
-        for (int j = 0; j < 4; ++j) h[j] = from_float<__half>(x[j]);
-        memcpy(&u, h, 8);
+template <class T, int R>
+__device__ __forceinline__ void store_rows_t(T* base, int64_t rstride, int nrows, int ncol, bool vec, const float (&S)[R][4]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    T* dst = base + i * rstride;
+    if (i < nrows && vec && ncol == 4) {
+      if constexpr (sizeof(T) == 4) {
+        *reinterpret_cast<float4*>(dst) = make_float4(S[i][0], S[i][1], S[i][2], S[i][3]);
       } else {
-        bf16 h[4];
-        for (int j = 0; j < 4; ++j) h[j] = from_float<bf16>(x[j]);
-        memcpy(&u, h, 8);
+        T h[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) h[j] = from_float<T>(S[i][j]);
+        uint2 u;
+        memcpy(&u, static_cast<const void*>(h), 8);
+        *reinterpret_cast<uint2*>(dst) = u;
       }
-      *reinterpret_cast<uint2*>(static_cast<unsigned char*>(base) + idx * 2) = u;
+    } else if (i < nrows) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (j < ncol) dst[j] = from_float<T>(S[i][j]);
     }
-    return;
   }
-  for (int j = 0; j < 4; ++j)
-    if (j < nvalid) store_any(base, idx + j, p.state_dt, x[j]);
+}
+
+template <int R>
+__device__ __forceinline__ void load_rows(const Params& p, const void* base, int64_t off, int64_t rstride, int nrows, int ncol,
+                                          float (&S)[R][4]) {
+  const bool vec = p.vec_state != 0;
+  switch (p.state_dt) {
+    case DType::kFloat16: load_rows_t<__half, R>(static_cast<const __half*>(base) + off, rstride, nrows, ncol, vec, S); break;
+    case DType::kBFloat16: load_rows_t<bf16, R>(static_cast<const bf16*>(base) + off, rstride, nrows, ncol, vec, S); break;
+    default: load_rows_t<float, R>(static_cast<const float*>(base) + off, rstride, nrows, ncol, vec, S); break;
+  }
+}
+
+template <int R>
+__device__ __forceinline__ void store_rows(const Params& p, void* base, int64_t off, int64_t rstride, int nrows, int ncol,
+                                           const float (&S)[R][4]) {
+  const bool vec = p.vec_state != 0;
+  switch (p.state_dt) {
+    case DType::kFloat16: store_rows_t<__half, R>(static_cast<__half*>(base) + off, rstride, nrows, ncol, vec, S); break;
+    case DType::kBFloat16: store_rows_t<bf16, R>(static_cast<bf16*>(base) + off, rstride, nrows, ncol, vec, S); break;
+    default: store_rows_t<float, R>(static_cast<float*>(base) + off, rstride, nrows, ncol, vec, S); break;
+  }
 }
 
 // Shared memory: two buffers of [gb][warps][4*ct] partial sums (alternated, so one barrier a pass).
 inline size_t recurrent_smem_bytes(int threads, int ct, int gb) { return size_t(2) * gb * (threads / 32) * ct * 4 * 4; }
 
+// Registers hold 4R state values a thread: the larger R, the fewer threads a block may have.
+constexpr int recurrent_max_threads(int R) { return R <= 4 ? 1024 : R <= 8 ? 512 : 256; }
+
 template <class Act, int R>
-__global__ void __launch_bounds__(1024) gla_recurrent_kernel(const Params p) {
+__global__ void __launch_bounds__(recurrent_max_threads(R)) gla_recurrent_kernel(const Params p) {
 #if defined(GLA_EMULATE)
   float* red = reinterpret_cast<float*>(gla_emu::dynamic_smem());
 #else
@@ -96,16 +126,17 @@ __global__ void __launch_bounds__(1024) gla_recurrent_kernel(const Params p) {
   sequence_bounds(p, n, bos, len);
 
   const int64_t state_base = (n * p.Hkv + h) * int64_t(K) * V;
+  // this thread's rows rg + RT*i exist for i < nrows
+  const int nrows = rg < K ? (K - 1 - rg) / RT + 1 : 0;
+  const int64_t my_state = state_base + int64_t(rg) * V + col0;
   float S[R][4];
+  if (p.h0 && ncol > 0) {
+    load_rows<R>(p, p.h0, my_state, int64_t(RT) * V, nrows, ncol, S);
+  } else {
 #pragma unroll
-  for (int i = 0; i < R; ++i) {
-    const int row = rg + RT * i;
-    if (p.h0 && row < K && ncol > 0) {
-      load_state4(p, p.h0, state_base + int64_t(row) * V + col0, ncol, S[i]);
-    } else {
+    for (int i = 0; i < R; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) S[i][j] = 0.f;
-    }
   }
 
   const float gam = gamma_log2(p, h);
@@ -114,16 +145,17 @@ __global__ void __launch_bounds__(1024) gla_recurrent_kernel(const Params p) {
   for (int64_t t = 0; t < len; ++t) {
     const int64_t pos = bos + (p.reverse ? len - 1 - t : t);
     float vv[4];
+    const Act* vrow = v + pos * vstride + int64_t(h) * V + col0;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) vv[j] = j < ncol ? to_float(v[pos * vstride + int64_t(h) * V + col0 + j]) : 0.f;
-    const float g_head = (p.has_gate && p.gate_per_head) ? to_float(g[pos * p.Hkv + h]) : 0.f;
+    for (int j = 0; j < 4; ++j) vv[j] = j < ncol ? to_float(vrow[j]) : 0.f;
+    const Act* krow = k + pos * kstride + int64_t(h) * K + rg;
+    const Act* grow = p.has_gate ? (p.gate_per_head ? g + pos * p.Hkv + h : g + pos * kstride + int64_t(h) * K + rg) : krow;
+    const float g_head = (p.has_gate && p.gate_per_head) ? to_float(*grow) : 0.f;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      const int row = rg + RT * i;
-      if (row < K) {
-        const int64_t kk = pos * kstride + int64_t(h) * K + row;
-        const float kv = to_float(k[kk]);
-        float gl = p.has_gate ? (p.gate_per_head ? g_head : to_float(g[kk])) : 0.f;
+      if (i < nrows) {
+        const float kv = to_float(krow[i * RT]);
+        const float gl = p.has_gate ? (p.gate_per_head ? g_head : to_float(grow[i * RT])) : 0.f;
         const float decay = fast_exp2(gl * kLog2e + gam);
 #pragma unroll
         for (int j = 0; j < 4; ++j) S[i][j] = decay * S[i][j] + kv * vv[j];
@@ -135,13 +167,12 @@ __global__ void __launch_bounds__(1024) gla_recurrent_kernel(const Params p) {
       float* buf = red + size_t(parity) * p.gb * warps * CT * 4;
       parity ^= 1;
       for (int gg = 0; gg < nb; ++gg) {
-        const int64_t qbase = pos * qstride + int64_t(h * G + gq0 + gg) * K;
+        const Act* qrow = q + pos * qstride + int64_t(h * G + gq0 + gg) * K + rg;
         float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int i = 0; i < R; ++i) {
-          const int row = rg + RT * i;
-          if (row < K) {
-            const float qv = to_float(q[qbase + row]);
+          if (i < nrows) {
+            const float qv = to_float(qrow[i * RT]);
 #pragma unroll
             for (int j = 0; j < 4; ++j) part[j] += qv * S[i][j];
           }
@@ -163,11 +194,7 @@ __global__ void __launch_bounds__(1024) gla_recurrent_kernel(const Params p) {
     }
   }
 
-#pragma unroll
-  for (int i = 0; i < R; ++i) {
-    const int row = rg + RT * i;
-    if (row < K && ncol > 0) store_state4(p, p.ht, state_base + int64_t(row) * V + col0, ncol, S[i]);
-  }
+  if (ncol > 0) store_rows<R>(p, p.ht, my_state, int64_t(RT) * V, nrows, ncol, S);
 }
 
 }  // namespace cuda

@@ -107,6 +107,16 @@ void prepare(Fiber& f) {
   f.done = false;
 }
 
+// GLA_EMU_ORDER=reverse runs the threads of a block last to first between barriers: a read that
+// lacks a barrier after another thread's write sees stale data in one of the two orders.
+bool reverse_order() {
+  static const bool rev = [] {
+    const char* e = std::getenv("GLA_EMU_ORDER");
+    return e && std::strcmp(e, "reverse") == 0;
+  }();
+  return rev;
+}
+
 int block_threads() { return int(g_block_dim.x * g_block_dim.y * g_block_dim.z); }
 
 }  // namespace
@@ -162,7 +172,8 @@ void launch(Dim3 grid, Dim3 block, size_t dynamic_smem_bytes, const std::functio
         int alive = n;
         while (alive > 0) {
           const unsigned long long before = g_progress;
-          for (g_current = 0; g_current < n; ++g_current) {
+          for (int i = 0; i < n; ++i) {
+            g_current = reverse_order() ? n - 1 - i : i;
             Fiber& f = g_fibers[g_current];
             if (f.done) continue;
             gla_emu_switch(&g_scheduler_sp, f.sp);

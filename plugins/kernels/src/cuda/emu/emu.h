@@ -65,6 +65,7 @@ inline int lane_id() { return current()->linear & 31; }
 #define __forceinline__ inline
 #endif
 #define __launch_bounds__(...)
+#define __noinline__
 #define __syncthreads() gla_emu::syncthreads()
 #define __syncthreads_or(p) gla_emu::syncthreads_or(p)
 #define __syncwarp(...) gla_emu::syncwarp()

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One unattended GPU run for the CUDA kernels of the kernel core: build (or take a carried build),
+# the GPU tests, compute-sanitizer memcheck + racecheck on small cases, then the benchmark against
+# fla and SDPA. Logs and the benchmark JSON go to $OUT (default out/gpu_kernels); the benchmark
+# table is printed last.
+#
+#   bash benchmarks/gpu_kernels.sh            # everything
+#   STEPS="tests bench" bash benchmarks/gpu_kernels.sh
+#
+# Inputs, all optional:
+#   GLA_EXPORT_LIB_DIR   a folder holding libgla_kernels_capi.so built with CUDA (skips the build)
+#   .whl/fla/*.whl       fla-core and flash-linear-attention wheels (the peers), installed to /tmp/site
+#   GLA_CUDA_ARCHITECTURES  for the build (default: this GPU's compute capability)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_kernels}
+mkdir -p "$OUT"
+STEPS=${STEPS:-"build tests bench variants sanitizer"}
+export PYTHONUNBUFFERED=1
+status=0
+step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+note() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+
+if ls .whl/fla/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/fla/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+if [ -n "${GLA_EXPORT_LIB_DIR:-}" ] && [ -f "$GLA_EXPORT_LIB_DIR/libgla_kernels_capi.so" ]; then
+  note "library: carried $GLA_EXPORT_LIB_DIR/libgla_kernels_capi.so"
+elif step build; then
+  arch=${GLA_CUDA_ARCHITECTURES:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}
+  note "building libgla_kernels_capi for sm_$arch"
+  { cmake -S . -B build/gpu-kernels -DGLA_CUDA_ARCHITECTURES="$arch" -DGLA_WITH_ORT=OFF -DGLA_WITH_TRT=OFF \
+      -DGLA_WITH_RUNNER=OFF -DCMAKE_BUILD_TYPE=Release \
+    && cmake --build build/gpu-kernels --target gla_kernels_capi -j"$(nproc)"; } > "$OUT/build.log" 2>&1 \
+    || { note "build FAILED (see build.log)"; tail -30 "$OUT/build.log"; exit 1; }
+  export GLA_EXPORT_LIB_DIR=$PWD/build/gpu-kernels/plugins/kernels
+fi
+python3 -c "from gla_export.ops.native import cuda_compiled; assert cuda_compiled(), 'no CUDA kernels in the library'" \
+  || { note "library has no CUDA kernels"; exit 1; }
+
+if step tests; then
+  note "tests: tests/kernels/test_cuda_kernels.py -m gpu"
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_cuda_kernels.py -o addopts="-ra" \
+    > "$OUT/tests.log" 2>&1 || status=1
+  tail -4 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
+fi
+
+if step bench; then
+  note "benchmark"
+  python3 benchmarks/bench_kernels_gpu.py ${BENCH_ARGS:-} --json "$OUT/bench_kernels_gpu.json" 2>&1 | tee "$OUT/bench.log" \
+    || status=1
+fi
+
+if step variants; then
+  # how many blocks the segment split aims at (GLA_CUDA_TARGET_BLOCKS, default 256): prefill only
+  for tb in ${VARIANT_BLOCKS:-132 512}; do
+    note "variant: GLA_CUDA_TARGET_BLOCKS=$tb"
+    GLA_CUDA_TARGET_BLOCKS=$tb python3 benchmarks/bench_kernels_gpu.py --no-peers --only prefill_T \
+      --json "$OUT/bench_blocks_$tb.json" > "$OUT/variant_$tb.log" 2>&1 || status=1
+    grep -E "^prefill" "$OUT/variant_$tb.log" | cut -c1-40 | tee -a "$OUT/summary.txt"
+  done
+fi
+
+if step sanitizer; then
+  # small cases of every kernel: step, chunk (fp16, fp32 planes, 2 key blocks, GQA), segments,
+  # ragged with empty sequences, the exact diagonal path
+  cat > "$OUT/sanitize_cases.py" <<'EOF'
+import torch, torch.nn.functional as F
+from gla_export.ops.native import native_gla
+from gla_export.testing import GLACase, make_inputs
+cases = [
+    GLACase(B=2, T=1, Hq=4, Hkv=2, K=60, V=100, dtype=torch.float16, initial_state=True),
+    GLACase(B=1, T=130, Hq=4, Hkv=2, K=100, V=60, dtype=torch.float16, initial_state=True, g_gamma=True, reverse=True),
+    GLACase(B=1, T=70, Hq=1, Hkv=1, K=60, V=36),
+    GLACase(B=1, T=1100, Hq=1, Hkv=1, K=32, V=32, dtype=torch.bfloat16, initial_state=True),
+    GLACase(Hq=2, Hkv=1, K=16, V=16, dtype=torch.float16, cu_seqlens=(0, 0, 1300, 1300, 1301)),
+]
+for c in cases:
+    kw = make_inputs(c, device="cuda")
+    o, s = native_gla(**kw, output_final_state=True)
+kw = make_inputs(GLACase(B=1, T=100, Hq=1, Hkv=1, K=32, V=16, dtype=torch.float16), device="cuda")
+kw["g"] = F.logsigmoid(torch.randn_like(kw["g"].float()) * 30).half()
+native_gla(**kw, output_final_state=True)
+torch.cuda.synchronize()
+print("sanitizer cases ran")
+EOF
+  for tool in memcheck racecheck; do
+    note "compute-sanitizer --tool $tool"
+    timeout 240 compute-sanitizer --tool "$tool" --kernel-name kns=gla_ --error-exitcode 9 python3 "$OUT/sanitize_cases.py" \
+      > "$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?
+    tail -3 "$OUT/sanitizer_$tool.log" | tee -a "$OUT/summary.txt"
+    [ $rc -eq 0 ] || { note "$tool: exit $rc"; status=1; }
+  done
+fi
+
+cat "$OUT/summary.txt"
+[ -f "$OUT/bench.log" ] && { echo; grep -A20 "copy .* TB/s" "$OUT/bench.log"; }
+exit $status

@@ -1,0 +1,315 @@
+"""The CUDA kernels of the kernel core (plugins/kernels/src/cuda) against the float64 reference.
+
+Two ways in, same code:
+
+- on a GPU (``@pytest.mark.gpu``): libgla_kernels_capi's ``gla_cuda_forward`` on CUDA tensors,
+  with every output poisoned with NaN beforehand so that an element the kernels forget to write
+  fails the comparison;
+- on the CPU, always: the same kernel source compiled with ``-DGLA_EMULATE`` into a small library
+  that runs each CUDA thread as a fiber (plugins/kernels/src/cuda/emu). Slow, so it takes a
+  curated set of small cases, but it runs the launchers, the tensor-core fragment layouts and the
+  barriers of the real kernels, in CI, where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gla_export.testing import TOLERANCE, GLACase, make_inputs, reference, rel_err
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "plugins" / "kernels" / "src"
+
+STATUS_OK, STATUS_INVALID, STATUS_UNSUPPORTED, STATUS_WORKSPACE = 0, 1, 2, 4
+
+
+def _tol(case_dtype: torch.dtype, state_dtype: torch.dtype = F32) -> tuple[float, float]:
+    """(output, final state) tolerances: the activation dtype's, the state's own rounding at least."""
+    tol = TOLERANCE[case_dtype]
+    return tol, max(tol, TOLERANCE[state_dtype], 1e-5)
+
+
+# ---- calling the kernels -------------------------------------------------------------------------
+
+
+class _Runner:
+    """Calls a forward(problem, tensors, workspace, bytes[, stream]) entry with poisoned outputs."""
+
+    def __init__(self, forward, workspace_bytes, last_error, device: str, stream: bool):
+        self.forward, self.workspace_bytes, self.last_error = forward, workspace_bytes, last_error
+        self.device, self.stream = device, stream
+
+    def __call__(self, kw: dict, workspace_bytes: int | None = None, expect: int = STATUS_OK):
+        from gla_export.ops.native import Tensors, make_problem
+
+        dev = self.device
+        kw = {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+        q, k, v, g = kw["q"], kw["k"], kw["v"], kw.get("g")
+        h0, gamma, cu = kw.get("initial_state"), kw.get("g_gamma"), kw.get("cu_seqlens")
+        problem = make_problem(q, k, v, g, kw.get("scale"), h0, gamma, kw.get("reverse", False), cu)
+        B, T, Hq, _ = q.shape
+        state_dtype = h0.dtype if h0 is not None else F32
+        o = torch.full((B, T, Hq, v.shape[3]), float("nan"), dtype=q.dtype, device=dev)
+        ht = torch.full((problem.num_seqs, problem.kv_heads, problem.head_dim_k, problem.head_dim_v), float("nan"),
+                        dtype=state_dtype, device=dev)  # fmt: skip
+        ins = [x if x is None else x.contiguous() for x in (q, k, v, None if g is None else g.to(q.dtype), h0, cu, gamma)]
+
+        def ptr(t):
+            return None if t is None or t.numel() == 0 else t.data_ptr()
+
+        tensors = Tensors(*[ptr(t) for t in ins], ptr(o), ptr(ht))
+        need = self.workspace_bytes(ctypes.byref(problem))
+        nbytes = need if workspace_bytes is None else workspace_bytes
+        ws = torch.full((nbytes + 256,), 0xFF, dtype=torch.uint8, device=dev)  # NaN bytes: no reliance on zeros
+        addr = (ws.data_ptr() + 255) // 256 * 256 if nbytes else None
+        args = [ctypes.byref(problem), ctypes.byref(tensors), addr, nbytes]
+        if self.stream:
+            args.append(ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        status = self.forward(*args)
+        if expect != STATUS_OK:
+            assert status == expect, f"status {status}, expected {expect}: {self.last_error().decode()}"
+            return self.last_error().decode()
+        assert status == STATUS_OK, f"status {status}: {self.last_error().decode()}"
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return o, ht
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    from gla_export.ops.native import load_library
+
+    lib = load_library()
+    assert lib.gla_cuda_compiled(), "libgla_kernels_capi was built without its CUDA kernels"
+    return _Runner(lib.gla_cuda_forward, lib.gla_cuda_workspace_bytes, lib.gla_last_error_message, "cuda", True)
+
+
+def _cuda_include() -> Path | None:
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_fp16.h").is_file():
+            return Path(c) / "include"
+    return None
+
+
+def _emulation_build(out_dir: Path) -> Path:
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    include = _cuda_include()
+    if cxx is None or include is None:
+        pytest.skip("the CUDA emulation needs g++ and the CUDA toolkit's headers (cuda_fp16.h)")
+    lib = out_dir / "libgla_cuda_emu.so"
+    cmd = [cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-DGLA_EMULATE", "-w",
+           f"-I{ROOT / 'plugins/kernels/include'}", f"-I{SRC}", f"-I{include}",
+           str(SRC / "cuda/emu/emu_capi.cc"), str(SRC / "cuda/emu/emu.cc"), str(SRC / "common/status.cc"), "-o", str(lib)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return lib
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    lib = ctypes.CDLL(str(_emulation_build(tmp_path_factory.mktemp("cuda_emu"))))
+    lib.gla_emu_forward.restype = ctypes.c_int
+    lib.gla_emu_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    lib.gla_emu_workspace_bytes.restype = ctypes.c_size_t
+    lib.gla_emu_last_error.restype = ctypes.c_char_p
+    runner = _Runner(lib.gla_emu_forward, lib.gla_emu_workspace_bytes, lib.gla_emu_last_error, "cpu", False)
+    runner.lib = lib
+    return runner
+
+
+def _plan(runner, kw) -> dict:
+    from gla_export.ops.native import make_problem
+
+    p = make_problem(kw["q"], kw["k"], kw["v"], kw.get("g"), None, kw.get("initial_state"), kw.get("g_gamma"),
+                     kw.get("reverse", False), kw.get("cu_seqlens"))  # fmt: skip
+    out = (ctypes.c_int64 * 9)()
+    runner.lib.gla_emu_plan(ctypes.byref(p), out)
+    return dict(zip(["chunk", "seg_len", "slots", "nkb", "nvb", "ct", "R", "threads", "gb"], list(out)))
+
+
+def _check(run, kw, tol_o, tol_s, name=""):
+    o_ref, s_ref = reference(kw)
+    o, s = run(kw)
+    assert o.dtype == kw["q"].dtype and o.shape == o_ref.shape
+    eo, es = rel_err(o, o_ref), rel_err(s, s_ref)
+    assert eo <= tol_o, f"{name} output: relative error {eo:.3e} > {tol_o:.1e}"
+    assert es <= tol_s, f"{name} final state: relative error {es:.3e} > {tol_s:.1e}"
+    return eo, es
+
+
+# ---- the cases -------------------------------------------------------------------------------------
+
+# tests/ops/test_ops.py's cases: odd head sizes, GQA, reverse, g_gamma, per-head gate, ragged
+OPS_CASES = [
+    GLACase(B=2, T=1, K=16, V=16),
+    GLACase(B=2, T=63, K=16, V=60),
+    GLACase(B=1, T=65, K=60, V=100),
+    GLACase(B=2, T=65, Hq=4, Hkv=2, K=100, V=16),
+    GLACase(B=1, T=63, Hq=6, Hkv=1, K=16, V=60, initial_state=True),
+    GLACase(B=2, T=65, K=16, V=16, reverse=True, initial_state=True),
+    GLACase(B=2, T=63, K=60, V=16, g_gamma=True),
+    GLACase(B=2, T=40, K=16, V=16, gate_per_head=True),
+    GLACase(Hq=4, Hkv=2, K=16, V=60, cu_seqlens=(0, 30, 30, 95, 96), initial_state=True),
+    GLACase(K=16, V=16, cu_seqlens=(0, 0, 63, 128), reverse=True, g_gamma=True),
+] + [GLACase(B=2, T=65, Hq=4, Hkv=2, K=60, V=100, dtype=dt, initial_state=True, g_gamma=True) for dt in (F32, F16, BF16)]
+
+# every sequence length class: decode, the step kernel's limit, chunk edges, long (segments)
+T_CASES = [
+    GLACase(B=2, T=t, Hq=4, Hkv=2, K=100, V=60, dtype=dt, initial_state=True, g_gamma=True)
+    for t in (1, 2, 15, 63, 64, 65, 1000, 4097)
+    for dt in (F32, F16, BF16)
+]
+
+# the model sizes: 1.3B GLA heads (256 x 512) and d128 heads; prefill and decode
+BIG_CASES = [
+    GLACase(B=1, T=t, Hq=4, Hkv=4, K=256, V=512, dtype=dt, initial_state=True)
+    for t in (1, 65, 1000)
+    for dt in (F32, F16, BF16)
+] + [GLACase(B=2, T=t, Hq=8, Hkv=8, K=128, V=128, dtype=F16, initial_state=True, reverse=True) for t in (2, 700)]
+
+RAGGED_CASES = [
+    # long enough to be cut into segments, with empty sequences at both ends and inside
+    GLACase(Hq=4, Hkv=2, K=64, V=96, cu_seqlens=(0, 0, 2500, 2500, 4100, 4101, 4101), initial_state=True,
+            g_gamma=True),
+    GLACase(Hq=2, Hkv=2, K=128, V=64, dtype=F16, cu_seqlens=(0, 1, 2, 3, 700, 701), reverse=True, initial_state=True),
+    # decode through cu_seqlens: one step per sequence
+    GLACase(Hq=4, Hkv=4, K=256, V=512, dtype=F16, cu_seqlens=tuple(range(9)), initial_state=True),
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", OPS_CASES + T_CASES + BIG_CASES + RAGGED_CASES, ids=lambda c: c.id)
+def test_gpu_matches_reference(gpu, case):
+    kw = make_inputs(case)
+    _check(gpu, kw, *_tol(case.dtype), case.id)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [F16, BF16], ids=["fp16state", "bf16state"])
+@pytest.mark.parametrize("T", [1, 300])
+def test_gpu_low_precision_state(gpu, state_dtype, T):
+    case = GLACase(B=2, T=T, Hq=4, Hkv=2, K=64, V=128, dtype=F16, initial_state=True)
+    kw = make_inputs(case)
+    kw["initial_state"] = kw["initial_state"].to(state_dtype)
+    o, s = gpu(kw)
+    assert s.dtype == state_dtype
+    o_ref, s_ref = reference(kw)
+    tol_o, tol_s = _tol(F16, state_dtype)
+    assert rel_err(o, o_ref) <= max(tol_o, TOLERANCE[state_dtype])
+    assert rel_err(s, s_ref) <= tol_s
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [3, 500])
+def test_gpu_no_gate_int64_seqlens_half_gamma(gpu, T):
+    case = GLACase(Hq=4, Hkv=1, K=48, V=40, dtype=BF16, cu_seqlens=(0, T // 3, T // 3, T), g_gamma=True)
+    kw = make_inputs(case)
+    kw["g"] = None
+    kw["cu_seqlens"] = kw["cu_seqlens"].long()
+    kw["g_gamma"] = kw["g_gamma"].half()
+    _check(gpu, kw, *_tol(BF16), "no gate")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["keygate", "headgate"])
+def test_gpu_extreme_decay_stays_finite(gpu, dtype, per_head):
+    # decays down to about -100 per step, some columns fast, some slow: both the pivot split and
+    # the exact per-pair path of the diagonal tiles
+    case = GLACase(B=2, T=300, Hq=2, Hkv=2, K=64, V=64, dtype=dtype, gate_per_head=per_head, initial_state=True)
+    kw = make_inputs(case)
+    g = F.logsigmoid(torch.randn(kw["g"].shape) * 30)
+    g[..., 1::2] = kw["g"][..., 1::2].float()
+    kw["g"] = g.to(dtype)
+    tol = max(TOLERANCE[dtype], 1e-4)
+    _check(gpu, kw, tol, tol, "extreme decay")
+
+
+@pytest.mark.gpu
+def test_gpu_big_gqa_group_and_large_head(gpu):
+    # 24 query heads share one key/value head; d_k past the chunk kernel's 256 runs step by step
+    _check(gpu, make_inputs(GLACase(B=1, T=70, Hq=24, Hkv=1, K=64, V=32, dtype=F16)), *_tol(F16), "G24")
+    _check(gpu, make_inputs(GLACase(B=1, T=20, Hq=2, Hkv=2, K=384, V=40, initial_state=True)), *_tol(F32), "K384")
+
+
+@pytest.mark.gpu
+def test_gpu_repeatable_bit_for_bit(gpu):
+    # a race shows as a result that moves between runs on the same inputs
+    kw = make_inputs(GLACase(B=1, T=2100, Hq=4, Hkv=2, K=128, V=128, dtype=F16, initial_state=True, g_gamma=True))
+    o1, s1 = gpu(kw)
+    for _ in range(3):
+        o2, s2 = gpu(kw)
+        assert torch.equal(o1, o2) and torch.equal(s1, s2)
+
+
+@pytest.mark.gpu
+def test_gpu_errors_are_statuses(gpu):
+    kw = make_inputs(GLACase(B=1, T=3000, Hq=2, Hkv=2, K=64, V=64, dtype=F16))
+    msg = gpu(kw, workspace_bytes=64, expect=STATUS_WORKSPACE)
+    assert "workspace" in msg
+    msg = gpu(make_inputs(GLACase(B=1, T=5, Hq=1, Hkv=1, K=1100, V=8)), expect=STATUS_UNSUPPORTED)
+    assert "head_dim_k" in msg
+
+
+@pytest.mark.gpu
+def test_gpu_through_the_op(gpu):
+    from gla_export.ops.native import native_gla
+
+    kw = make_inputs(GLACase(B=2, T=200, Hq=4, Hkv=2, K=64, V=64, dtype=F16, initial_state=True), device="cuda")
+    o, s = native_gla(**kw, output_final_state=True)
+    o_ref, s_ref = reference(kw)
+    assert rel_err(o, o_ref) <= TOLERANCE[F16] and rel_err(s, s_ref) <= TOLERANCE[F16]
+
+
+# ---- the same kernels in the CPU emulation (CI) ----------------------------------------------------
+
+EMU_CASES = [
+    GLACase(B=2, T=1, Hq=4, Hkv=2, K=60, V=100, initial_state=True, g_gamma=True),  # step kernel, GQA
+    GLACase(B=1, T=65, Hq=2, Hkv=1, K=100, V=60, dtype=F16, initial_state=True, reverse=True),  # chunk, 2 key blocks
+    GLACase(B=2, T=63, K=16, V=16, dtype=BF16, gate_per_head=True, g_gamma=True),
+    GLACase(B=1, T=70, Hq=1, Hkv=1, K=60, V=36),  # fp32: the two-plane bf16 split
+    GLACase(Hq=2, Hkv=1, K=16, V=16, cu_seqlens=(0, 1300, 1300), initial_state=True),  # segments, ragged
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: c.id)
+def test_emulated_kernels_match_reference(emu, case):
+    kw = make_inputs(case)
+    _check(emu, kw, *_tol(case.dtype), case.id)
+
+
+def test_emulated_plan_covers_every_kernel(emu):
+    # the cases above must reach the step kernel, the chunk kernel and the segment passes
+    plans = [_plan(emu, make_inputs(c)) for c in EMU_CASES]
+    assert any(not p["chunk"] for p in plans)
+    assert any(p["chunk"] and p["seg_len"] == 0 for p in plans)
+    assert any(p["chunk"] and p["seg_len"] > 0 for p in plans)
+
+
+@pytest.mark.slow
+def test_emulated_extreme_decay(emu):
+    kw = make_inputs(GLACase(B=1, T=100, Hq=1, Hkv=1, K=32, V=16, dtype=F16))
+    g = F.logsigmoid(torch.randn(kw["g"].shape) * 30)
+    g[..., ::3] = kw["g"][..., ::3].float()
+    kw["g"] = g.half()
+    _check(emu, kw, 3e-3, 3e-3, "extreme decay")
+
+
+def test_emulated_errors(emu):
+    kw = make_inputs(GLACase(B=1, T=3000, Hq=2, Hkv=2, K=64, V=64, dtype=F16))
+    assert "needs" in emu(kw, workspace_bytes=16, expect=STATUS_WORKSPACE)
+    kw = make_inputs(GLACase(B=1, T=2, Hq=1, Hkv=1, K=1100, V=8))
+    assert "head_dim_k" in emu(kw, expect=STATUS_UNSUPPORTED)
