@@ -159,3 +159,13 @@ def test_the_bundled_sample_model_is_the_default(tmp_path):
     res = export_model(None, tmp_path / "out", gla_op="decomposed", progress=False)
     assert res.validation.passed and res.metadata["tokenizer"]["kind"] == "byte"
     assert "real" in {c.case for c in res.validation.checks}
+
+
+def test_gla_export_export_stays_callable(tmp_path):
+    """``gla_export.export(...)`` forwards to export_model, also after the subpackage is imported."""
+    import gla_export
+    import gla_export.export  # noqa: F401  (rebinds the attribute to the subpackage)
+
+    for name in ("a", "b"):
+        res = gla_export.export(make_model("mha"), tmp_path / name, gla_op="decomposed", validate=False, progress=False)
+        assert res.prefill_path.is_file()
