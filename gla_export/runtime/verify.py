@@ -183,7 +183,7 @@ def _np_dtype(name: str):
     return _NP_FROM_NAME[name]
 
 
-def _to_numpy(t: torch.Tensor, dtype_name: str | None = None) -> np.ndarray:
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         return t.float().numpy().astype(_np_dtype("bfloat16"))
@@ -326,7 +326,7 @@ def _trt_runner(engine: Path, plugin: str | None, name: str):
 
 
 def _backend_status(
-    name: str, meta: dict[str, Any], export_dir: Path, engines_dir: Path | None, plugin: str | None, requested: bool
+    name: str, meta: dict[str, Any], export_dir: Path, engines_dir: Path | None, plugin: str | None
 ) -> tuple[BackendStatus, dict[str, Any]]:
     """Whether a backend can run here, and what it needs to."""
     form, dtype = meta["gla_op"]["form"], meta["dtype"]
@@ -646,7 +646,7 @@ def verify(
     statuses, needs = [], {}
     engines_path = Path(engines_dir) if engines_dir is not None else None
     for name in backends or BACKENDS:
-        st, need = _backend_status(name, meta, export_dir, engines_path, trt_plugin, backends is not None)
+        st, need = _backend_status(name, meta, export_dir, engines_path, trt_plugin)
         if backends is not None and not st.available:
             raise MissingRuntimeError(f"backend {name} is not available: {st.detail}")
         statuses.append(st)
