@@ -368,7 +368,10 @@ def _make_engine(backend: str, export_dir: Path, meta: dict[str, Any], *, device
 
 @dataclass
 class TokenEvent:
-    """One generated token of one row; ``piece`` is what it adds to the text (UTF-8 bytes)."""
+    """One generated token of one row; ``piece`` is what it adds to the text (UTF-8 bytes).
+
+    ``token == -1``: no new token, only text a subword tokenizer had held back, released when an
+    interrupted row stops."""
 
     row: int
     token: int
