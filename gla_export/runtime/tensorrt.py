@@ -29,9 +29,10 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 MODULES = ("tensorrt", "tensorrt_rtx")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -113,7 +114,7 @@ def _libs_dir(module: str) -> Path | None:
         except (ImportError, ValueError):
             continue
         if spec is not None and spec.submodule_search_locations:
-            return Path(list(spec.submodule_search_locations)[0])
+            return Path(next(iter(spec.submodule_search_locations)))
     return None
 
 
@@ -563,7 +564,7 @@ def _worker_main() -> int:
             trt.ILogger.__init__(self)
             self.messages: list[str] = []
 
-        def log(self, severity, msg):  # noqa: ANN001 - TensorRT's signature
+        def log(self, severity, msg):
             if severity <= trt.ILogger.Severity.WARNING:
                 self.messages.append(f"[{str(severity).split('.')[-1]}] {msg}")
 
@@ -632,11 +633,11 @@ class _CapturedStderr:
             os.write(2, raw)
 
 
-def _tensor_info(t) -> dict[str, Any]:  # noqa: ANN001
+def _tensor_info(t) -> dict[str, Any]:
     return {"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
 
 
-def _run_job(trt, builder, logger, job: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+def _run_job(trt, builder, logger, job: dict[str, Any]) -> dict[str, Any]:
     flags = 0
     if job.get("strongly_typed") and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)

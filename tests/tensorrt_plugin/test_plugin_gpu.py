@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from trt_helpers import TORCH_NAMES, HarnessInput, packed, run_harness, tensor_bytes, tensor_from, write_case
 
 from gla_export.testing import TOLERANCE, GLACase, assert_close, make_inputs, reference
-from trt_helpers import TORCH_NAMES, HarnessInput, packed, run_harness, tensor_bytes, tensor_from, write_case
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from trt_helpers import HarnessInput, run_harness, write_case
 
 B, T, MAXB, MAXT = 2, 63, 4, 128
@@ -83,7 +82,7 @@ GOOD = [
 
 @pytest.mark.parametrize("case", GOOD, ids=[c[0] for c in GOOD])
 def test_build_interface(case, harness, plugin_lib, tmp_path):
-    name, op, fields, inputs, out_types, out_shapes, serialized = case
+    _, op, fields, inputs, out_types, out_shapes, serialized = case
     write_case(tmp_path, op, fields, inputs)
     rc, r, log = run_harness(harness, plugin_lib, tmp_path, device=False)
     assert rc == 0 and r.get("ok"), f"harness failed: {r.get('stage')}: {r.get('error')}\n{log}"
@@ -156,7 +155,7 @@ BAD = [
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_is_refused_with_a_clear_error(case, harness, plugin_lib, tmp_path):
-    name, op, fields, inputs, stage, words = case
+    _, op, fields, inputs, stage, words = case
     write_case(tmp_path, op, fields, inputs)
     rc, r, log = run_harness(harness, plugin_lib, tmp_path, device=False)
     assert rc == 1, f"expected a refusal, got rc={rc}\n{log}"
@@ -203,7 +202,7 @@ WORKSPACE_PROFILES = [
 def test_declared_workspace_covers_every_problem_of_the_profile(profile, harness, plugin_lib, tmp_path):
     from gla_export.ops.native import Problem, cuda_compiled, load_library
 
-    name, fields, spec, max_n, max_t, cu = profile
+    _, fields, spec, max_n, max_t, cu = profile
     assert cuda_compiled(), "the kernel core was built without its CUDA kernels (CI has nvcc: it must have them)"
     dtype, qw, kw_, vw, gw, state = spec
     inputs = [HarnessInput(dtype, [1, 1, w], {1} if cu else {0, 1}, [1 if cu else max_n, max_t, w]) for w in (qw, kw_, vw, gw)]

@@ -10,10 +10,10 @@ All builds of this file share one TensorRT child process (gla_export.runtime.ten
 from __future__ import annotations
 
 import pytest
+from trt_helpers import gla_node, la_node
 
 from gla_export.errors import MissingRuntimeError
 from gla_export.runtime.tensorrt import WorkerError, plugin_library, run_jobs
-from trt_helpers import gla_node, la_node
 
 RANGES = {"B": (1, 2, 4), "T": (1, 16, 64), "N": (1, 2, 4), "N+1": (2, 3, 5)}
 TRT_TYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16"}

@@ -68,7 +68,7 @@ def gla_node(id: str, *, Hq=4, Hkv=4, K=16, V=16, act="float32", state="float32"
         n_sym = "N"
     if gamma:
         inputs.append(("g_gamma", "float32", [Hkv]))
-    attrs = dict(q_num_heads=Hq, kv_num_heads=Hkv, scale=scale, reverse=reverse)
+    attrs = {"q_num_heads": Hq, "kv_num_heads": Hkv, "scale": scale, "reverse": reverse}
     return NodeCase(id, "GatedLinearAttention", attrs, inputs, (act, state if (past or cu or gamma) else "float32"),
                     ([b, "T", Hq * V], [n_sym, Hkv, K, V]))
 
@@ -82,7 +82,7 @@ def la_node(id: str, *, Hq=4, Hkv=4, K=16, V=16, act="float32", state="float32",
         inputs.append(("decay", act, ["B", "T", Hkv if per_head else Hkv * K]))
     if beta:
         inputs.append(("beta", act, ["B", "T", Hkv]))
-    attrs = dict(q_num_heads=Hq, kv_num_heads=Hkv, update_rule=rule)
+    attrs = {"q_num_heads": Hq, "kv_num_heads": Hkv, "update_rule": rule}
     has_past = len(inputs) > 3
     return NodeCase(id, "LinearAttention", attrs, inputs, (act, state if has_past else "float32"),
                     (["B", "T", Hq * V], ["B", Hkv, K, V]))
@@ -118,7 +118,7 @@ def write_case(case_dir: Path, op: str, fields: dict, inputs: list[HarnessInput]
 def run_harness(harness: str, library: str, case_dir: Path, device: bool, wrapper: list[str] | None = None,
                 timeout: float = 300) -> tuple[int, dict, str]:
     cmd = [*(wrapper or []), harness, library, str(case_dir)] + ([] if device else ["--no-device"])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     result_file = case_dir / "result.json"
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
     return proc.returncode, result, proc.stdout + proc.stderr

@@ -45,7 +45,7 @@ def _get(url: str, timeout: float = 60.0, attempts: int = 3) -> bytes:
     for attempt in range(attempts):
         try:
             req = urllib.request.Request(url, headers={"User-Agent": "gla-export-build"})
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - fixed https URLs
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.read()
         except OSError as e:  # URLError, timeouts, resets
             last = e
