@@ -43,6 +43,10 @@ BIG_ALIGN = 1 << 16
 SMALL_ALIGN = 64
 
 
+def _written() -> torch.Tensor:
+    raise RuntimeError("this weight has been written already")
+
+
 @dataclass
 class Weight:
     name: str
@@ -98,6 +102,9 @@ class WeightTable:
                 f.write(memoryview(data))
                 w.offset, w.length = offset, data.nbytes
                 offset += data.nbytes
+                # the producer holds the model's tensor: drop it, so the weights can be freed
+                # once the caller lets go of the model (validation does, before loading the graphs)
+                w.produce = _written
                 del t, data
                 if on_tensor is not None:
                     on_tensor(w.length)

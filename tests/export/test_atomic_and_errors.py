@@ -169,3 +169,22 @@ def test_gla_export_export_stays_callable(tmp_path):
     for name in ("a", "b"):
         res = gla_export.export(make_model("mha"), tmp_path / name, gla_op="decomposed", validate=False, progress=False)
         assert res.prefill_path.is_file()
+
+
+def test_written_weights_keep_no_reference_to_the_model(tmp_path):
+    """After writing, the weight table must not keep the model's tensors alive (validation frees
+    the model before the runtimes load the graphs)."""
+    import gc
+    import weakref
+
+    from gla_export.export.model_graph import register_weights
+
+    model = make_model("conv")
+    table = WeightTable("w.data")
+    register_weights(model, table)
+    table.write(tmp_path)
+    ref = weakref.ref(model.model.layers[0].attn.q_proj.weight)
+    del model
+    gc.collect()
+    assert ref() is None
+    assert (tmp_path / "w.data").stat().st_size >= table.nbytes
