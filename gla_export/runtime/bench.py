@@ -185,10 +185,12 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def _tune_malloc() -> None:
-    """Make the resident set follow what is live: glibc keeps freed memory of a large call in its
-    heap (and raises its mmap threshold after such frees), which would hide the next call's peak.
-    A fixed 64 KiB threshold returns large blocks to the system when freed; trimming before each
-    measurement returns the heap's free top."""
+    """Make the resident set follow what is live. glibc keeps memory a call freed in its heap, and
+    after freeing a large mapped block it raises its mmap threshold, so the next call's large
+    buffers come from that heap and its peak hides. Pinning the threshold at glibc's own default
+    (128 KiB; this only switches off the raising, for the rest of the process) sends large blocks
+    back to the system when freed, and trimming before each measurement returns the heap's free
+    pages."""
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -196,7 +198,7 @@ def _tune_malloc() -> None:
 
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+            _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
         except (OSError, AttributeError):
             _LIBC = False
     if _LIBC:
