@@ -366,7 +366,7 @@ def _shape_arg(profile: dict[str, list], which: int) -> str:
 
 
 def trtexec_script(meta: dict[str, Any], profiles: dict[str, dict[str, list]], strongly_typed: bool, flags: list[str],
-                   workspace_mib: int | None) -> str:
+                   workspace_mib: int | None, plugin: bool = True) -> str:
     """A POSIX shell script that rebuilds the engines with trtexec (for a Jetson with JetPack)."""
     lines = [
         "#!/bin/sh",
@@ -382,15 +382,16 @@ def trtexec_script(meta: dict[str, Any], profiles: dict[str, dict[str, list]], s
         'if [ -z "${TRTEXEC:-}" ]; then',
         "  if command -v trtexec >/dev/null 2>&1; then TRTEXEC=trtexec; else TRTEXEC=/usr/src/tensorrt/bin/trtexec; fi",
         "fi",
-        '[ -f "$PLUGIN" ] || { echo "build_engines.sh: no plugin library at $PLUGIN (set GLA_TRT_PLUGIN)" >&2; exit 1; }',
-        "",
     ]
+    if plugin:
+        lines.append('[ -f "$PLUGIN" ] || { echo "build_engines.sh: no plugin library at $PLUGIN (set GLA_TRT_PLUGIN)" >&2; exit 1; }')
+    lines.append("")
     typing = ["--stronglyTyped"] if strongly_typed else [f"--{f.lower()}" for f in flags]
     for graph in ("prefill", "step"):
         args = [
             '"$TRTEXEC"',
             f'--onnx="$EXPORT/{meta["files"][graph]}"',
-            '--dynamicPlugins="$PLUGIN"',
+            *(['--dynamicPlugins="$PLUGIN"'] if plugin else []),
             f'--saveEngine="$HERE/{ENGINE_FILES[graph]}"',
             f"--minShapes={_shape_arg(profiles[graph], 0)}",
             f"--optShapes={_shape_arg(profiles[graph], 1)}",
@@ -513,7 +514,7 @@ def build_engines(
         }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         script = tmp / SCRIPT_FILE
-        script.write_text(trtexec_script(meta, profiles, strongly_typed, flags, workspace_mib))
+        script.write_text(trtexec_script(meta, profiles, strongly_typed, flags, workspace_mib, plugin=bool(plugins)))
         script.chmod(0o755)
         umask = os.umask(0)
         os.umask(umask)

@@ -3,6 +3,9 @@ each way it can fail (no TensorRT, no plugin, not an export, existing engines, p
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -82,3 +85,34 @@ def test_bad_profile(export_dir, capsys, tmp_path):
     assert code == 2 and "positive" in err
     code, _, err = run(["build", str(export_dir), "--max-seq", "4", "--opt-seq", "8", "-o", str(tmp_path / "e")], capsys)
     assert code == 2 and "min <= opt <= max" in err
+
+
+def test_trtexec_script_runs_the_same_builds(export_dir, trt_module, plugin_lib, capsys, tmp_path):
+    import subprocess
+
+    engines = tmp_path / "engines"
+    code, _, err = run(["build", str(export_dir), "-o", str(engines), "--runtime", trt_module, "--plugin", plugin_lib,
+                        "--max-batch", "2", "--max-seq", "8", "--no-progress"], capsys)
+    assert code == 0, err
+    # a stand-in trtexec that records its arguments, one call per line
+    fake = tmp_path / "trtexec"
+    log = tmp_path / "calls.txt"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
+    fake.chmod(0o755)
+    # the script expects the engines folder inside the export (its default place)
+    inside = export_dir / "tensorrt"
+    shutil.copytree(engines, inside)
+    try:
+        env = {**os.environ, "TRTEXEC": str(fake), "GLA_TRT_PLUGIN": plugin_lib}
+        subprocess.run(["sh", str(inside / "build_engines.sh")], env=env, check=True, capture_output=True)
+        missing = subprocess.run(["sh", str(inside / "build_engines.sh")], env={**env, "GLA_TRT_PLUGIN": "/nope.so"},
+                                 capture_output=True, text=True, check=False)
+    finally:
+        shutil.rmtree(inside)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2
+    for call, graph in zip(calls, ("prefill", "step")):
+        assert f"--onnx={export_dir / graph}.onnx" in call and f"--dynamicPlugins={plugin_lib}" in call
+        assert f"--saveEngine={inside / graph}.engine" in call and "--stronglyTyped" in call
+    assert "--maxShapes=input_ids:2x8," in calls[0] and "--maxShapes=input_ids:2x1," in calls[1]
+    assert missing.returncode == 1 and "GLA_TRT_PLUGIN" in missing.stderr
