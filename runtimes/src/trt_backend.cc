@@ -61,7 +61,8 @@ class TrtBackend final : public Backend {
  public:
   TrtBackend(const TrtOptions& opt, const Metadata& meta) : opt_(opt), meta_(meta) {
     load_tensorrt();
-    cuda_check(cudaSetDevice(opt.device_id), "cudaSetDevice");
+    if (cudaError_t e = cudaSetDevice(opt.device_id); e != cudaSuccess)
+      throw Error(kMissingRuntime, "no usable CUDA device " + std::to_string(opt.device_id) + ": " + cudaGetErrorString(e));
     load_plugin();
 
     std::string blob = read_file(opt.engine);
