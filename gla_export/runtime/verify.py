@@ -273,6 +273,9 @@ def _torch_runner(model, meta: dict[str, Any], graph: str, device):
 
 
 def _ort_session_loader(path: Path, form: str, cuda: bool, device_id: int):
+    """A loader for Polygraphy's OnnxrtRunner: custom exports through the project's session factory
+    (:func:`gla_export.runtime.create_session`, which registers our library), the others plain."""
+
     def load():
         import onnxruntime as ort
 
@@ -281,16 +284,18 @@ def _ort_session_loader(path: Path, form: str, cuda: bool, device_id: int):
             os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        providers: list[Any] = [("cuda", {"device_id": device_id}), "cpu"] if cuda else ["cpu"]
         if form == "custom":
-            from .._native import library_path
+            from .session import create_session
 
-            so.register_custom_ops_library(library_path("ort"))
-        providers: list[Any] = (
-            [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-            if cuda
-            else ["CPUExecutionProvider"]
-        )
-        sess = ort.InferenceSession(str(path), so, providers=providers)
+            sess = create_session(path, providers, session_options=so)
+        else:
+            if cuda and hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # the CUDA libraries pip installed, as create_session does
+            full = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+            sess = ort.InferenceSession(
+                str(path), so, providers=[(full[p[0]], p[1]) if isinstance(p, tuple) else full[p] for p in providers]
+            )
         if cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
             raise MissingRuntimeError("ONNX Runtime could not create its CUDA execution provider (no usable GPU?)")
         return sess
