@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper
 
 from .graph import GraphBuilder
@@ -110,7 +111,7 @@ def _decomposed_step(b: GraphBuilder, q, k, v, g, s0, sh: GLAShape) -> tuple[str
     return b.op("Reshape", [o, b.i64(0, 1, sh.Hq * sh.V)]), s1
 
 
-def _scan_body(sh: GLAShape) -> "onnx.GraphProto":  # noqa: F821
+def _scan_body(sh: GLAShape) -> onnx.GraphProto:
     """Carry the state across chunks: ``S_start[c] = S``; ``S ← decay[c] ⊙ S + dS[c]``."""
     F = TensorProto.FLOAT
     nodes = [

@@ -90,7 +90,7 @@ class GatedLinearAttention(OpRun):
     op_domain = "gla"
 
     def _run(self, query, key, value, gate, past_state=None, cu_seqlens=None, g_gamma=None,
-             q_num_heads=None, kv_num_heads=None, scale=0.0, reverse=0, chunk_size=64):  # noqa: ARG002
+             q_num_heads=None, kv_num_heads=None, scale=0.0, reverse=0, chunk_size=64):
         if q_num_heads is None or kv_num_heads is None:
             raise GLAShapeError("attributes q_num_heads and kv_num_heads are required")
         return gla_packed(query, key, value, gate, past_state, cu_seqlens, g_gamma,

@@ -52,7 +52,7 @@ def _check_files(out, meta, form):
                 assert {e.key: e.value for e in init.external_data}["location"] == "weights.onnx.data"
     assert [i.name for i in step.graph.input][0] == "input_ids"
     assert step.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 1
-    ext = lambda m: {i.name: tuple((e.key, e.value) for e in i.external_data) for i in m.graph.initializer if i.external_data}  # noqa: E731
+    ext = lambda m: {i.name: tuple((e.key, e.value) for e in i.external_data) for i in m.graph.initializer if i.external_data}
     assert ext(prefill) == ext(step)  # both graphs point at the same bytes
 
 
@@ -162,7 +162,7 @@ def test_low_precision_limits_follow_pytorch_in_that_dtype_unless_tolerances_are
     model = make_model("gqa")
     res = export_model(model, tmp_path / "a", gla_op="decomposed", dtype="fp16", progress=False)
     assert res.validation.passed
-    fixed = lambda c: res.validation.atol + res.validation.rtol * c.ref_max  # noqa: E731
+    fixed = lambda c: res.validation.atol + res.validation.rtol * c.ref_max
     assert all(c.limit >= fixed(c) for c in res.validation.checks)
     assert all(c.allowance > 0 for c in res.validation.checks)  # PyTorch's own fp16 error was measured
     assert all(c.limit == max(fixed(c), c.allowance) for c in res.validation.checks)

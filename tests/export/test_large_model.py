@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peak memory")
 def test_340m_export_memory_is_bounded(tmp_path):
     root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out")], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out")], check=False, capture_output=True, text=True,
                          timeout=600, cwd=root, env={"OMP_NUM_THREADS": "2", **__import__("os").environ})
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])

@@ -57,7 +57,7 @@ def test_decomposed_graphs_build_in_tensorrt(tmp_path, dtype):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install '.[test]')")
     res = export_model(make_model("gqa-conv"), tmp_path / "out", gla_op="decomposed", dtype=dtype, validate=False, progress=False)
     paths = [str(res.prefill_path), str(res.step_path)]
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, *paths], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, *paths], check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for path, kind in zip(paths, ("prefill", "step")):
