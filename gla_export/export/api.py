@@ -104,7 +104,8 @@ def check_opset(gla_op: str, opset: int | None) -> int:
         lo, hi = ONNX_OP_OPSET, latest
     else:
         opset = DEFAULT_OPSET if opset is None else opset
-        lo, hi = MIN_OPSET, DECOMPOSED_MAX_OPSET if gla_op == "decomposed" else latest
+        # past 26 ONNX Runtime 1.31 loads a model only with ALLOW_RELEASED_ONNX_OPSET_ONLY=0
+        lo, hi = MIN_OPSET, DECOMPOSED_MAX_OPSET
     if not isinstance(opset, int) or not lo <= opset <= hi:
         raise UsageError(f"--opset {opset} is not valid for --gla-op {gla_op}: use {lo}..{hi}")
     return opset

@@ -81,14 +81,26 @@ class ReferenceRunner(Runner):
         return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
 
 
-def _ort_session(path: Path, custom_library: str | None = None):
+def _ort_session(path: Path, custom_library: str | None = None, allow_unreleased_opsets: bool = False):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # the opset-27 "under development" notice is expected for --gla-op onnx
     if custom_library is not None:
         so.register_custom_ops_library(custom_library)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if not allow_unreleased_opsets:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # LinearAttention is in opset 27, which ONNX Runtime 1.31 still calls "under development";
+    # it reads this variable when it loads a model, so set it only for that
+    key, before = "ALLOW_RELEASED_ONNX_OPSET_ONLY", os.environ.get("ALLOW_RELEASED_ONNX_OPSET_ONLY")
+    os.environ[key] = "0"
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
 
 
 def make_runner(path: Path, form: str, dtype: torch.dtype, runtime: str = "auto") -> Runner:
@@ -101,11 +113,8 @@ def make_runner(path: Path, form: str, dtype: torch.dtype, runtime: str = "auto"
         if runtime == "onnxruntime":
             raise UsageError("ONNX Runtime has no bfloat16 CPU kernels: validate bfloat16 exports with runtime='reference'")
         return ReferenceRunner(path)
-    if form == "onnx":
-        # LinearAttention is in opset 27, which ONNX Runtime 1.31 still calls "under development"
-        os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"
     if form != "custom":
-        return OrtRunner(_ort_session(path), "onnxruntime (CPU)")
+        return OrtRunner(_ort_session(path, allow_unreleased_opsets=form == "onnx"), "onnxruntime (CPU)")
     from .._native import find_library
 
     lib = find_library("ort")
