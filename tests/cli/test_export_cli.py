@@ -107,3 +107,14 @@ def test_help_is_fast_and_lists_the_options():
         assert opt in res.stdout
     imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if "|" in line}
     assert "onnx" not in imported and "gla_export.export" not in imported
+
+
+def test_missing_runtime_exits_5(ckpt, tmp_path, capsys, monkeypatch):
+    """--runtime onnxruntime for a custom graph without our ORT library fails rather than fall back."""
+    import gla_export._native
+
+    monkeypatch.setattr(gla_export._native, "find_library", lambda kind: None)
+    out = tmp_path / "out"
+    assert run(["export", str(ckpt), "-o", str(out), "--runtime", "onnxruntime", "-q"]) == EXIT_CODES["MissingRuntimeError"] == 5
+    assert "library is not built" in capsys.readouterr().err
+    assert not out.exists()
