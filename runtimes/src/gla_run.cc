@@ -214,6 +214,16 @@ std::string printable(const std::string& s) {
   return out;
 }
 
+// Resident set of this process in KiB (Linux), or -1.
+long long resident_kib() {
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return -1;
+  long long pages = 0, resident = 0;
+  int n = std::fscanf(f, "%lld %lld", &pages, &resident);
+  std::fclose(f);
+  return n == 2 ? resident * (::sysconf(_SC_PAGESIZE) / 1024) : -1;
+}
+
 std::string hex(const std::string& bytes) {
   static const char* d = "0123456789abcdef";
   std::string out;
@@ -271,10 +281,15 @@ int run(int argc, char** argv) {
                               ", outside the vocabulary [0, " + std::to_string(meta.vocab_size) + ")");
 
   const bool byte_tok = meta.tokenizer == "byte";
+  // text and json print the ids at the end, so they keep them (8 bytes a token); raw streams each
+  // token as it comes and keeps nothing, so its memory stays constant however many are asked for
+  const bool keep = a.format != "raw";
   std::vector<int64_t> generated;
+  size_t n_generated = 0;
   std::string bytes, stop = "max_new_tokens";
   size_t decode_steps = 0;
   double prompt_s = 0, decode_s = 0;
+  long long rss_prompt = -1, rss_end = -1;  // what decoding adds shows between the two
   const bool prefilled = backend->can_prefill();
 
   {
@@ -288,11 +303,13 @@ int run(int argc, char** argv) {
     }
     const auto t1 = clock::now();
     prompt_s = seconds(t0, t1);
+    rss_prompt = resident_kib();
     for (long long i = 0; i < a.max_new_tokens; ++i) {
       int64_t tok = argmax(logits, meta.vocab_size, size_t(i));
-      generated.push_back(tok);
+      ++n_generated;
+      if (keep) generated.push_back(tok);
       const bool is_eos = tok == meta.eos_token_id && meta.eos_token_id >= 0;
-      if (byte_tok && tok < 256) bytes += char(tok);
+      if (keep && byte_tok && tok < 256) bytes += char(tok);
       if (a.format == "raw") {
         if (byte_tok) {
           if (tok < 256) std::fputc(int(tok), stdout);
@@ -308,6 +325,7 @@ int run(int argc, char** argv) {
       }
     }
     decode_s = seconds(t1, clock::now());
+    rss_end = resident_kib();
   }
 
   const double ms_per_token = decode_steps ? 1e3 * decode_s / double(decode_steps) : 0.0;
@@ -328,16 +346,17 @@ int run(int argc, char** argv) {
     js << ",\"state_bytes\":" << backend->state_bytes() << ",\"timing\":{\"load_s\":" << load_s << ",\"prompt_s\":" << prompt_s
        << ",\"prompt_tokens\":" << prompt.size() << ",\"decode_s\":" << decode_s << ",\"decode_steps\":" << decode_steps
        << ",\"ms_per_token\":" << ms_per_token << ",\"tokens_per_s\":" << (decode_s > 0 ? double(decode_steps) / decode_s : 0.0)
-       << "}}";
+       << "},\"memory\":{\"rss_after_prompt_kib\":" << rss_prompt << ",\"rss_end_kib\":" << rss_end << "}}";
     std::printf("%s\n", js.str().c_str());
   }
   std::fflush(stdout);
   if (!a.quiet) {
     std::fprintf(stderr,
                  "gla-run: %s\ngla-run: prompt %zu tokens (%s) in %.2f ms; %zu tokens generated, %zu steps in %.2f ms "
-                 "(%.3f ms/token); state %zu bytes; stop: %s\n",
+                 "(%.3f ms/token); state %zu bytes; resident %lld KiB after the prompt, %lld KiB at the end; stop: %s\n",
                  backend->describe().c_str(), prompt.size(), prefilled ? "prefill.onnx" : "stepped", 1e3 * prompt_s,
-                 generated.size(), decode_steps, 1e3 * decode_s, ms_per_token, backend->state_bytes(), stop.c_str());
+                 n_generated, decode_steps, 1e3 * decode_s, ms_per_token, backend->state_bytes(), rss_prompt, rss_end,
+                 stop.c_str());
   }
   return 0;
 }
