@@ -18,7 +18,12 @@ Plan make_plan(const Problem& p) {
   plan.dv = p.head_dim_v;
   const int64_t heads = p.num_seqs * p.kv_heads;
 
-  int64_t nvb = (plan.dv + kMaxVBlock - 1) / kMaxVBlock;
+  // Workspace must not depend on the contents of cu_seqlens: any sequence may be as long as T.
+  plan.rows = p.seq_len >= kRecurrentMaxLen ? kChunk : 1;
+  // Step by step, a unit streams its state rows; whole rows keep that sequential (a block of
+  // columns would read a few lines of every row, and the prefetchers fetch the rest for nothing).
+  // Chunked, a dk x vb block of the state is the GEMMs' operand and should stay in L2.
+  int64_t nvb = plan.rows == 1 ? 1 : (plan.dv + kMaxVBlock - 1) / kMaxVBlock;
   // Few heads: split the value columns further so that every thread has work.
   while (heads * nvb < kMinUnits && (plan.dv + nvb) / (nvb + 1) >= kMinVBlock) ++nvb;
   plan.vb = round_up((plan.dv + nvb - 1) / nvb, kLane);
@@ -27,27 +32,25 @@ Plan make_plan(const Problem& p) {
   plan.vbp = round_up(plan.vb, kLane);
   plan.units = heads * plan.nvb;
   plan.slots = plan.units < kMaxSlots ? plan.units : kMaxSlots;
-  // Workspace must not depend on the contents of cu_seqlens: any sequence may be as long as T.
-  plan.rows = p.seq_len >= kRecurrentMaxLen ? kChunk : 1;
 
   const int64_t dk = plan.dk, C = plan.rows, G = plan.G, vbp = plan.vbp;
-  const int64_t Cp = round_up(C, kLane);
+  const int64_t Cp = round_up(C, kLane), dkp = round_up(dk, kLane);
   int64_t off = 0;
   auto take = [&](int64_t floats) {
     const int64_t at = off;
     off += round_up(floats, kLane);
     return at;
   };
-  plan.off_S = take(dk * vbp);    // the state block, fp32
-  plan.off_KTr = take(dk * Cp);   // keys of the chunk, transposed [dk][C]
-  plan.off_GT = take(dk * Cp);    // cumulative log decay, transposed [dk][C]
-  plan.off_Gm = take(C * dk);     // cumulative log decay [C][dk]
-  plan.off_Q = take(G * C * dk);  // queries [G][C][dk]
-  plan.off_KT = take(dk * Cp);    // scaled keys of one sub-chunk's pivot, transposed [dk][C]
-  plan.off_V = take(C * vbp);     // values [C][vbp]
-  plan.off_A = take(G * C * Cp);  // intra-chunk scores [G][C][C]
-  plan.off_O = take(G * C * vbp); // outputs [G][C][vbp]
-  plan.off_tmp = take(4 * dk);    // a few rows of dk
+  plan.off_S = take(dk * vbp);                 // the state block, fp32
+  plan.off_Kr = take(Cp * dkp);                // pivoted keys of the chunk [C][dkp]
+  plan.off_KTr = take(dkp * Cp);               // the same, transposed [dkp][C]
+  plan.off_Gm = take(Cp * dkp);                // cumulative log decay [C][dkp]
+  plan.off_Q = take(G * C * dk);               // queries [G][C][dk]
+  plan.off_KT = take(dkp * Cp);                // keys as one sub-chunk's scores see them [dkp][C]
+  plan.off_V = take(C * vbp);                  // values [C][vbp]
+  plan.off_A = take(G * C * Cp);               // intra-chunk scores [G][C][C]
+  plan.off_O = take(G * C * vbp);              // outputs [G][C][vbp]
+  plan.off_tmp = take((kChunk / kSub + 3) * dkp);  // per-sub-chunk factors and scratch rows
   plan.slot_floats = off;
   plan.workspace_bytes = plan.units == 0 ? 0 : size_t(plan.slots) * size_t(plan.slot_floats) * 4 + 64;
   return plan;

@@ -17,14 +17,15 @@
 //   chunk (Γ_i includes step i), so with S the state before the chunk
 //       o_i   = scale (q_i ⊙ e^{Γ_i}) S + scale Σ_{j≤i} (q_i · (k_j ⊙ e^{Γ_i − Γ_j})) v_j
 //       S_out = e^{Γ_last} ⊙ S + Σ_j (k_j ⊙ e^{Γ_last − Γ_j})ᵀ v_j
-//   as matrix products. Every exponential stays ≤ 1 except on the diagonal sub-chunks (below),
-//   so nothing overflows for a decay g ≤ 0, however strong:
-//   - the intra-chunk scores are computed per sub-chunk a of kSub rows with the pivot n = its first
-//     row: q_i e^{Γ_i − Γ_n} (≤ 1) times k_j e^{Γ_n − Γ_j}, which is ≤ 1 for every earlier
-//     sub-chunk (j < n). For j in the sub-chunk itself it is ≥ 1, bounded by e^{range} where range
-//     is how far Γ falls across the sub-chunk; when that exceeds kMaxDiagRange the diagonal block is
-//     computed pair by pair instead (exact, slower, only for extreme decays).
-//   - the carried state is read by (q_i e^{Γ_i − Γ_n}) e^{Γ_n}: two factors ≤ 1.
+//   as matrix products, with every factor that can be tiny kept ≤ 1, so nothing overflows or
+//   loses its exponent range for a decay g ≤ 0, however strong. The scores use sub-chunks of
+//   kSub rows: keys are taken as k_j e^{Γ_m(b) − Γ_j} (≤ 1) with m(b) the last row of j's
+//   sub-chunk b, queries as q_i e^{Γ_i − Γ_m(a)} (≥ 1, but at most e^{range} where range is how far
+//   Γ falls across i's sub-chunk a), and e^{Γ_m(a) − Γ_m(b)} (≤ 1) in between for b < a. When a
+//   sub-chunk's range exceeds kMaxDiagRange its queries pivot on its first row instead (every
+//   factor ≤ 1) and its diagonal block is computed pair by pair (exact, slower, extreme decays
+//   only). The carried state and the state update reuse the same pivoted rows times one factor.
+//   Exponentials: about 2 per key dimension and step, all in contiguous rows.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -178,6 +179,58 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return s;
 }
 
+// ---- transpose -----------------------------------------------------------------------------------
+
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define GLA_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t I16 __attribute__((vector_size(64)));
+#define GLA_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
+#endif
+
+// Swaps the off-diagonal B x B blocks of every 2B x 2B block of a 16 x 16 tile held in r[16];
+// B = 1, 2, 4, 8 in turn transposes the tile.
+template <int B>
+inline void swap_blocks(V16* r);
+
+#define GLA_SWAP_LEVEL(B, LO, HI)                      \
+  template <>                                          \
+  inline void swap_blocks<B>(V16 * r) {                \
+    for (int i = 0; i < 16; ++i) {                     \
+      if (i & B) continue;                             \
+      const V16 a = r[i], c = r[i + B];                \
+      r[i] = GLA_SHUFFLE(a, c, LO);                    \
+      r[i + B] = GLA_SHUFFLE(a, c, HI);                \
+    }                                                  \
+  }
+#define GLA_IDX(...) __VA_ARGS__
+GLA_SWAP_LEVEL(1, GLA_IDX(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+               GLA_IDX(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+GLA_SWAP_LEVEL(2, GLA_IDX(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+               GLA_IDX(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+GLA_SWAP_LEVEL(4, GLA_IDX(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+               GLA_IDX(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+GLA_SWAP_LEVEL(8, GLA_IDX(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+               GLA_IDX(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+#undef GLA_SWAP_LEVEL
+#undef GLA_IDX
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols; both multiples of 16.
+inline void transpose(const float* __restrict src, int64_t lds, float* __restrict dst, int64_t ldd, int64_t rows,
+                      int64_t cols) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      V16 t[16];
+      for (int i = 0; i < 16; ++i) t[i] = vload(src + (r0 + i) * lds + c0);
+      swap_blocks<1>(t);
+      swap_blocks<2>(t);
+      swap_blocks<4>(t);
+      swap_blocks<8>(t);
+      for (int i = 0; i < 16; ++i) vstore(dst + (c0 + i) * ldd + r0, t[i]);
+    }
+  }
+}
+
 // ---- GEMM ----------------------------------------------------------------------------------------
 // C[M x N] (= or +=) A[M x K] B[K x N] with A(i, p) = a[i*ars + p*acs] (any strides: its elements
 // are broadcast), B and C row-major, N a multiple of 16. `lower`: A(i, p) = 0 for p > i, so a row
@@ -313,6 +366,25 @@ inline void step_heads_upto(int64_t heads, int64_t dk, int64_t vwp, const float*
   }
 }
 
+// One step, row by row in address order, for a state read once from memory (a decode step): the
+// outputs accumulate in L1 instead of registers, and the state streams through with whole rows,
+// which the prefetchers follow (column tiles would visit every row once per tile).
+void step_streaming(int64_t dk, int64_t vwp, int64_t G, const float* S_in, int64_t ld_in, float* S_out,
+                    int64_t ld_out, const float* __restrict kr, const float* __restrict dr,
+                    const float* __restrict vr, const float* __restrict q, float* __restrict o) {
+  zero(o, G * vwp);
+  for (int64_t i = 0; i < dk; ++i) {
+    const float di = dr[i], ki = kr[i];
+    const float* si = S_in + i * ld_in;
+    float* so = S_out + i * ld_out;
+    for (int64_t j = 0; j < vwp; j += 16) {
+      const V16 sv = vload(si + j) * di + ki * vload(vr + j);
+      vstore(so + j, sv);
+      for (int64_t g = 0; g < G; ++g) vstore(o + g * vwp + j, vload(o + g * vwp + j) + q[g * dk + i] * sv);
+    }
+  }
+}
+
 // Runs the unit's steps one by one on a state block read from S_in and written to S_out (they may
 // be the same buffer, or the caller's past/present state rows directly).
 void run_steps(const Job& job, const Unit& u, const float* S_in, int64_t ld_in, float* S_out, int64_t ld_out,
@@ -320,8 +392,8 @@ void run_steps(const Job& job, const Unit& u, const float* S_in, int64_t ld_in, 
   const Problem& p = job.p;
   const Plan& pl = job.plan;
   const int64_t dk = pl.dk, dv = pl.dv, G = pl.G, Hq = p.q_heads, Hkv = p.kv_heads;
-  float* kr = scratch + pl.off_KTr;
-  float* dr = scratch + pl.off_GT;
+  float* kr = scratch + pl.off_Kr;
+  float* dr = scratch + pl.off_Gm;
   float* vr = scratch + pl.off_V;
   float* qr = scratch + pl.off_Q;
   float* o = scratch + pl.off_O;
@@ -333,14 +405,18 @@ void run_steps(const Job& job, const Unit& u, const float* S_in, int64_t ld_in, 
     for (int64_t k = 0; k < dk; ++k) dr[k] = exp_f32(dr[k]);
     load_row(vr, job.t.value, (r * Hkv + u.h) * dv + u.v0, p.act_dtype, u.vw);
     for (int64_t g = 0; g < G; ++g) load_row(qr + g * dk, job.t.query, (r * Hq + u.h * G + g) * dk, p.act_dtype, dk);
-    for (int64_t g0 = 0; g0 < G; g0 += GLA_REC_GB) {
-      const int64_t heads = G - g0 < GLA_REC_GB ? G - g0 : GLA_REC_GB;
-      const bool update = g0 == 0;
-      // later groups of heads read the block the first group has just updated
-      const float* src = update ? (s == 0 ? S_in : S_out) : S_out;
-      const int64_t ld_src = update ? (s == 0 ? ld_in : ld_out) : ld_out;
-      step_heads_upto<GLA_REC_GB>(heads, dk, u.vwp, src, ld_src, S_out, ld_out, update, kr, dr, vr, qr + g0 * dk,
-                                  o + g0 * u.vwp, u.vwp);
+    if (u.len == 1) {
+      step_streaming(dk, u.vwp, G, S_in, ld_in, S_out, ld_out, kr, dr, vr, qr, o);
+    } else {
+      for (int64_t g0 = 0; g0 < G; g0 += GLA_REC_GB) {
+        const int64_t heads = G - g0 < GLA_REC_GB ? G - g0 : GLA_REC_GB;
+        const bool update = g0 == 0;
+        // later groups of heads read the block the first group has just updated
+        const float* src = update ? (s == 0 ? S_in : S_out) : S_out;
+        const int64_t ld_src = update ? (s == 0 ? ld_in : ld_out) : ld_out;
+        step_heads_upto<GLA_REC_GB>(heads, dk, u.vwp, src, ld_src, S_out, ld_out, update, kr, dr, vr, qr + g0 * dk,
+                                    o + g0 * u.vwp, u.vwp);
+      }
     }
     for (int64_t g = 0; g < G; ++g)
       store_row(job.t.output, (r * Hq + u.h * G + g) * dv + u.v0, o + g * u.vwp, job.scale, p.act_dtype, u.vw);
@@ -353,91 +429,115 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
   const Plan& pl = job.plan;
   const int64_t dk = pl.dk, dv = pl.dv, G = pl.G, Hq = p.q_heads, Hkv = p.kv_heads;
   const int64_t C = kChunk, Cp = round_up(kChunk, kLane), vwp = u.vwp;
-  float* KTr = scratch + pl.off_KTr;  // [dk][Cp] raw keys, transposed; later k_j e^{Γ_last − Γ_j}
-  float* GT = scratch + pl.off_GT;    // [dk][Cp] Γ transposed
-  float* Gm = scratch + pl.off_Gm;    // [C][dk]  Γ
+  const int64_t dkp = round_up(dk, kLane);
+  constexpr int64_t kMaxSubs = kChunk / kSub;
+  static_assert(kSub == 16, "sub-chunks are one vector of score columns");
+  float* Kh = scratch + pl.off_Kr;    // [C][dkp]  k_j e^{Γ_m(b) − Γ_j}, row-major
+  float* KhT = scratch + pl.off_KTr;  // [dkp][Cp] the same, transposed; later k_j e^{Γ_last − Γ_j}
+  float* Gm = scratch + pl.off_Gm;    // [C][dkp]  Γ
   float* Q = scratch + pl.off_Q;      // [G][C][dk] queries, scaled in place
-  float* KT = scratch + pl.off_KT;    // [dk][Cp] keys scaled for one sub-chunk's pivot
+  float* KT = scratch + pl.off_KT;    // [dkp][Cp] the keys as sub-chunk a's scores see them
   float* V = scratch + pl.off_V;      // [C][vwp]
   float* A = scratch + pl.off_A;      // [G][C][Cp] intra-chunk scores, lower triangular
   float* O = scratch + pl.off_O;      // [G][C][vwp]
-  float* row = scratch + pl.off_tmp;  // [dk] scratch rows
-  float* row2 = row + dk;
-  float* row3 = row2 + dk;
+  float* M = scratch + pl.off_tmp;    // [kMaxSubs][dkp] e^{Γ_p(a) − Γ_m(b)} for the sub-chunks b < a
+  float* row = M + kMaxSubs * dkp;    // [dkp] scratch rows
+  float* row2 = row + dkp;
+  float* row3 = row2 + dkp;
 
   for (int64_t c0 = 0; c0 < u.len; c0 += C) {
     const int64_t L = u.len - c0 < C ? u.len - c0 : C;
+    const int64_t nsub = (L + kSub - 1) / kSub;
 
-    // ---- load the chunk: keys and Γ transposed, values padded, queries per head
+    // ---- load the chunk: keys, Γ (running sum of the log decay), values padded, queries per head
     for (int64_t i = 0; i < L; ++i) {
       const int64_t r = row_of(job, u, c0 + i);
-      load_row(row, job.t.key, (r * Hkv + u.h) * dk, p.act_dtype, dk);
-      for (int64_t k = 0; k < dk; ++k) KTr[k * Cp + i] = row[k];
+      load_row(Kh + i * dkp, job.t.key, (r * Hkv + u.h) * dk, p.act_dtype, dk);
       log_decay_row(job, u, r, row);
-      float* gi = Gm + i * dk;
+      float* gi = Gm + i * dkp;
       if (i == 0) {
         for (int64_t k = 0; k < dk; ++k) gi[k] = row[k];
       } else {
-        const float* gprev = gi - dk;
+        const float* gprev = gi - dkp;
         for (int64_t k = 0; k < dk; ++k) gi[k] = gprev[k] + row[k];
       }
-      for (int64_t k = 0; k < dk; ++k) GT[k * Cp + i] = gi[k];
       load_row(V + i * vwp, job.t.value, (r * Hkv + u.h) * dv + u.v0, p.act_dtype, u.vw);
       zero(V + i * vwp + u.vw, vwp - u.vw);
       for (int64_t g = 0; g < G; ++g)
         load_row(Q + (g * C + i) * dk, job.t.query, (r * Hq + u.h * G + g) * dk, p.act_dtype, dk);
     }
 
-    // ---- intra-chunk scores, one sub-chunk of rows at a time
-    for (int64_t n = 0; n < L; n += kSub) {
-      const int64_t e = L - n < kSub ? L : n + kSub;  // rows [n, e)
-      const int64_t wp = round_up(e, kLane);          // score columns computed: [0, wp)
-      const float* Gn = Gm + n * dk;
-      const float* Ge = Gm + (e - 1) * dk;
+    // ---- pivots: keys of sub-chunk b are seen from its last row m(b); queries of sub-chunk a from
+    // its last row too (a factor ≥ 1, bounded by the sub-chunk's range) when that range is safe,
+    // else from its first row (≤ 1) with the diagonal block computed pair by pair.
+    int64_t last[kMaxSubs], pivot[kMaxSubs];
+    bool safe[kMaxSubs];
+    for (int64_t b = 0; b < nsub; ++b) {
+      const int64_t n = b * kSub;
+      last[b] = n + kSub - 1 < L - 1 ? n + kSub - 1 : L - 1;
+      const float* Gn = Gm + n * dkp;
+      const float* Ge = Gm + last[b] * dkp;
       float range = 0.f;
       for (int64_t k = 0; k < dk; ++k) range = Gn[k] - Ge[k] > range ? Gn[k] - Ge[k] : range;
-      const bool diag_safe = range <= kMaxDiagRange;
-      const int64_t jmax = diag_safe ? e : n;
-
-      for (int64_t k = 0; k < dk; ++k) {
-        const float* kt = KTr + k * Cp;
-        const float* gt = GT + k * Cp;
-        float* out = KT + k * Cp;
-        const float gn = Gn[k];
-        for (int64_t j = 0; j < jmax; ++j) out[j] = kt[j] * exp_f32(gn - gt[j]);
-        for (int64_t j = jmax; j < wp; ++j) out[j] = 0.f;
+      safe[b] = range <= kMaxDiagRange;
+      pivot[b] = safe[b] ? last[b] : n;
+    }
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t b = i / kSub;
+      const float* gi = Gm + i * dkp;
+      const float* gm = Gm + last[b] * dkp;
+      const float* gp = Gm + pivot[b] * dkp;
+      float* ki = Kh + i * dkp;
+      for (int64_t k = 0; k < dk; ++k) ki[k] *= exp_f32(gm[k] - gi[k]);
+      for (int64_t k = 0; k < dk; ++k) row[k] = exp_f32(gi[k] - gp[k]);
+      for (int64_t g = 0; g < G; ++g) {
+        float* qi = Q + (g * C + i) * dk;
+        for (int64_t k = 0; k < dk; ++k) qi[k] *= row[k];
       }
-      for (int64_t i = n; i < e; ++i) {
-        const float* gi = Gm + i * dk;
-        for (int64_t k = 0; k < dk; ++k) row[k] = exp_f32(gi[k] - Gn[k]);
-        for (int64_t g = 0; g < G; ++g) {
-          float* qi = Q + (g * C + i) * dk;
-          for (int64_t k = 0; k < dk; ++k) qi[k] *= row[k];
-        }
+    }
+    // rows [L, 16 nsub) and columns [dk, dkp) of the transpose are never read
+    transpose(Kh, dkp, KhT, Cp, nsub * kSub, dkp);
+
+    // ---- intra-chunk scores, one sub-chunk of rows at a time
+    for (int64_t a = 0; a < nsub; ++a) {
+      const int64_t n = a * kSub, e = last[a] + 1, w = (a + 1) * kSub;
+      const float* gp = Gm + pivot[a] * dkp;
+      for (int64_t b = 0; b < a; ++b) {
+        const float* gm = Gm + last[b] * dkp;
+        float* mb = M + b * dkp;
+        for (int64_t k = 0; k < dk; ++k) mb[k] = exp_f32(gp[k] - gm[k]);
+      }
+      for (int64_t k = 0; k < dk; ++k) {
+        const float* src = KhT + k * Cp;
+        float* dst = KT + k * Cp;
+        for (int64_t b = 0; b < a; ++b) vstore(dst + b * kSub, vload(src + b * kSub) * M[b * dkp + k]);
+        vstore(dst + n, safe[a] ? vload(src + n) : V16{});
       }
       for (int64_t g = 0; g < G; ++g)
-        gemm(e - n, wp, dk, Q + (g * C + n) * dk, dk, 1, KT, Cp, A + (g * C + n) * Cp, Cp, false);
+        gemm(e - n, w, dk, Q + (g * C + n) * dk, dk, 1, KT, Cp, A + (g * C + n) * Cp, Cp, false);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = n; i < e; ++i) zero(A + (g * C + i) * Cp + i + 1, Cp - i - 1);
 
-      if (!diag_safe) {
+      if (!safe[a]) {
         // exact, pair by pair: sum_k q_i k_j e^{Γ_i − Γ_j} with every factor ≤ 1
-        for (int64_t g = 0; g < G; ++g) {
-          for (int64_t i = n; i < e; ++i) {
-            const int64_t r = row_of(job, u, c0 + i);
-            load_row(row2, job.t.query, (r * Hq + u.h * G + g) * dk, p.act_dtype, dk);
-            const float* gi = Gm + i * dk;
-            for (int64_t j = n; j <= i; ++j) {
-              const float* gj = Gm + j * dk;
-              for (int64_t k = 0; k < dk; ++k) row3[k] = KTr[k * Cp + j] * exp_f32(gi[k] - gj[k]);
-              A[(g * C + i) * Cp + j] = dot(row2, row3, dk);
+        for (int64_t j = n; j < e; ++j) {
+          const int64_t rj = row_of(job, u, c0 + j);
+          load_row(row3, job.t.key, (rj * Hkv + u.h) * dk, p.act_dtype, dk);
+          const float* gj = Gm + j * dkp;
+          for (int64_t i = j; i < e; ++i) {
+            const float* gi = Gm + i * dkp;
+            for (int64_t k = 0; k < dk; ++k) row[k] = row3[k] * exp_f32(gi[k] - gj[k]);
+            const int64_t ri = row_of(job, u, c0 + i);
+            for (int64_t g = 0; g < G; ++g) {
+              load_row(row2, job.t.query, (ri * Hq + u.h * G + g) * dk, p.act_dtype, dk);
+              A[(g * C + i) * Cp + j] = dot(row2, row, dk);
             }
           }
         }
       }
 
-      // these rows now read the carried state: (q_i e^{Γ_i − Γ_n}) e^{Γ_n}
-      for (int64_t k = 0; k < dk; ++k) row[k] = exp_f32(Gn[k]);
+      // these rows now read the carried state: q_i e^{Γ_i} = (q_i e^{Γ_i − Γ_p}) e^{Γ_p}
+      for (int64_t k = 0; k < dk; ++k) row[k] = exp_f32(gp[k]);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = n; i < e; ++i) {
           float* qi = Q + (g * C + i) * dk;
@@ -456,18 +556,21 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
       }
     }
 
-    // ---- the state after the chunk
-    const float* Gl = Gm + (L - 1) * dk;
-    for (int64_t k = 0; k < dk; ++k) {
-      const float gl = Gl[k];
-      const float decay = exp_f32(gl);
-      float* Sk = S + k * vwp;
-      for (int64_t j = 0; j < vwp; ++j) Sk[j] *= decay;
-      float* kt = KTr + k * Cp;
-      const float* gt = GT + k * Cp;
-      for (int64_t j = 0; j < L; ++j) kt[j] *= exp_f32(gl - gt[j]);
+    // ---- the state after the chunk: e^{Γ_last} S + Σ_j (k_j e^{Γ_last − Γ_j})ᵀ v_j
+    const float* Gl = Gm + (L - 1) * dkp;
+    for (int64_t b = 0; b < nsub; ++b) {
+      const float* gm = Gm + last[b] * dkp;
+      float* mb = M + b * dkp;
+      for (int64_t k = 0; k < dk; ++k) mb[k] = exp_f32(Gl[k] - gm[k]);
     }
-    gemm(dk, vwp, L, KTr, Cp, 1, V, vwp, S, vwp, true);
+    for (int64_t k = 0; k < dk; ++k) {
+      const float decay = exp_f32(Gl[k]);
+      float* Sk = S + k * vwp;
+      for (int64_t j = 0; j < vwp; j += kLane) vstore(Sk + j, vload(Sk + j) * decay);
+      float* kt = KhT + k * Cp;
+      for (int64_t b = 0; b < nsub; ++b) vstore(kt + b * kSub, vload(kt + b * kSub) * M[b * dkp + k]);
+    }
+    gemm(dk, vwp, L, KhT, Cp, 1, V, vwp, S, vwp, true);
   }
 }
 

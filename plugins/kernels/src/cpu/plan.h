@@ -21,7 +21,7 @@ constexpr int64_t kChunk = 64;       // rows per chunk of the chunked form
 constexpr int64_t kSub = 16;         // rows per sub-chunk (one decay pivot each, see kernels_impl.h)
 constexpr int64_t kLane = 16;        // fp32 row buffers are padded to a multiple of 16 floats
 constexpr int64_t kMaxSlots = 64;    // at most this many private scratch areas
-constexpr int64_t kMaxVBlock = 128;  // value columns per unit: keeps a dk x vb state block in L2
+constexpr int64_t kMaxVBlock = 128;  // value columns per chunked unit: keeps a dk x vb state block in L2
 constexpr int64_t kMinVBlock = 64;   // never narrower than this (narrow blocks waste the GEMMs)
 constexpr int64_t kMinUnits = 8;     // split value columns until there are this many units
 
@@ -40,7 +40,7 @@ struct Plan {
   int64_t slots = 0;       // parallel tasks, each with its own scratch
   int64_t rows = 0;        // rows of the chunk buffers: kChunk, or 1 when every sequence is short
   // offsets (in floats) of the buffers inside one slot's scratch; see kernels_impl.h
-  int64_t off_S = 0, off_KTr = 0, off_GT = 0, off_Gm = 0, off_Q = 0, off_KT = 0, off_V = 0, off_A = 0,
+  int64_t off_S = 0, off_Kr = 0, off_KTr = 0, off_Gm = 0, off_Q = 0, off_KT = 0, off_V = 0, off_A = 0,
           off_O = 0, off_tmp = 0;
   int64_t slot_floats = 0;
   size_t workspace_bytes = 0;  // slots * slot_floats * 4, plus room to align the start to 64 bytes
