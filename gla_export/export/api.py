@@ -279,7 +279,9 @@ def export_model(
     for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len)):
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    d_atol, d_rtol = DEFAULT_TOLERANCES[act]
+    # the coarser of the activation and state types sets the default tolerances
+    coarse = max(act, sdt, key=[torch.float32, torch.float16, torch.bfloat16].index)
+    d_atol, d_rtol = DEFAULT_TOLERANCES[coarse]
     default_tolerances = atol is None and rtol is None
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
@@ -345,7 +347,8 @@ def export_model(
                     t = time.perf_counter()
                     reference = _float32_reference(model)
                     # with default tolerances a low-precision graph may also be as far off as PyTorch in that dtype
-                    baseline = model if reference is not model and default_tolerances else None
+                    low_precision = act != torch.float32 or sdt != torch.float32
+                    baseline = model if low_precision and default_tolerances else None
                     was_training = model.training
                     model.eval()
                     reference.eval()

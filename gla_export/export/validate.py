@@ -16,8 +16,8 @@ relative norm error ``‖got − ref‖ / ‖ref‖``.
 
 Runtimes: stock ONNX Runtime (CPU) for ``decomposed`` and ``onnx`` graphs; for ``custom`` graphs
 our ONNX Runtime library when it is built, else the ONNX reference evaluator with the Python
-reference op. ONNX Runtime has no bfloat16 CPU kernels, so bfloat16 graphs run in the reference
-evaluator.
+reference op. ONNX Runtime has no bfloat16 CPU kernels, so graphs with bfloat16 activations or
+states run in the reference evaluator.
 """
 
 from __future__ import annotations
@@ -103,13 +103,13 @@ def _ort_session(path: Path, custom_library: str | None = None, allow_unreleased
             os.environ[key] = before
 
 
-def make_runner(path: Path, form: str, dtype: torch.dtype, runtime: str = "auto") -> Runner:
+def make_runner(path: Path, form: str, dtype: torch.dtype, runtime: str = "auto", state_dtype: torch.dtype | None = None) -> Runner:
     """A runner for one graph (see the module docstring for which runtime runs what)."""
     from ..errors import MissingRuntimeError, UsageError
 
     if runtime not in RUNTIMES:
         raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if runtime == "reference" or dtype == torch.bfloat16:
+    if runtime == "reference" or torch.bfloat16 in (dtype, state_dtype):
         if runtime == "onnxruntime":
             raise UsageError("ONNX Runtime has no bfloat16 CPU kernels: validate bfloat16 exports with runtime='reference'")
         return ReferenceRunner(path)
@@ -306,7 +306,8 @@ def build_cases(
     ``reference`` runs the exported weights in float32 (for fp16/bf16 exports: the rounded
     weights, upcast) with float32 states: PyTorch's own fp16 arithmetic is no better a reference
     than the graph's (on a 24-layer model it is 4x further from float64 than our fp16 graph).
-    ``baseline`` is the model in the export's dtype: its error against the reference, per output,
+    ``baseline`` is the model in the export's dtype, run with states in the export's state dtype:
+    its error against the reference, per output,
     is what the graph is allowed too (times :data:`BASELINE_FACTOR`) when that is more than the
     fixed tolerance — "no worse than PyTorch in this dtype".
     """
@@ -319,9 +320,9 @@ def build_cases(
     notes: list[str] = []
     graph_state_dtype = getattr(torch, meta["state_dtype"])
 
-    def fwd(model, ids, mask=None, states=None):
+    def fwd(model, sd, ids, mask=None, states=None):
+        """The model with states of dtype ``sd`` (float32 for the reference, the graph's for the baseline)."""
         if states is None:
-            sd = torch.float32 if model is reference else graph_state_dtype
             states = model.init_states(ids.shape[0], state_dtype=sd)
         return model(ids, attention_mask=mask, states=states, gla_backend="chunk")
 
@@ -342,16 +343,15 @@ def build_cases(
     # (name, graph, feeds, compute(model) -> results, collect)
     specs: list[tuple] = []
     ids = torch.randint(0, c.vocab_size, (2, T), generator=gen)
-    specs.append(("random", "prefill", [prefill_feeds(ids)], lambda m: results(fwd(m, ids)), last_run))
+    specs.append(("random", "prefill", [prefill_feeds(ids)], lambda m, sd: results(fwd(m, sd, ids)), last_run))
 
     # the past of "continue" is the reference's state after "random", rounded to the graph's dtypes
-    past = _rounded(fwd(reference, ids).states, states_meta)
+    past = _rounded(fwd(reference, torch.float32, ids).states, states_meta)
     ids2 = torch.randint(0, c.vocab_size, (2, 13), generator=gen)
 
-    def cont(m):
-        p = [LayerState(s.recurrent.to(graph_state_dtype if m is not reference else torch.float32),
-                        None if s.conv is None else s.conv.to(m.lm_head.weight.dtype)) for s in past]
-        return results(fwd(m, ids2, states=p))
+    def cont(m, sd):
+        p = [LayerState(s.recurrent.to(sd), None if s.conv is None else s.conv.to(m.lm_head.weight.dtype)) for s in past]
+        return results(fwd(m, sd, ids2, states=p))
 
     specs.append(("continue", "prefill", [prefill_feeds(ids2, past)], cont, last_run))
 
@@ -361,7 +361,7 @@ def build_cases(
         seq = torch.randint(0, c.vocab_size, (1, 16 if big else 24), generator=gen)
     else:
         seq = torch.tensor([real[: 24 if big else 96]])
-        specs.append(("real", "prefill", [prefill_feeds(seq)], lambda m: results(fwd(m, seq)), last_run))
+        specs.append(("real", "prefill", [prefill_feeds(seq)], lambda m, sd: results(fwd(m, sd, seq)), last_run))
 
     if has_mask:
         lens = [min(T, 23), min(T, 23) - 9]
@@ -373,8 +373,8 @@ def build_cases(
             pid[r, Tp - len(row):] = row
             pmask[r, Tp - len(row):] = 1
 
-        def padded(m, rows=rows):
-            alone = [results(fwd(m, row[None])) for row in rows]
+        def padded(m, sd, rows=rows):
+            alone = [results(fwd(m, sd, row[None])) for row in rows]
             # logits: the real positions of every row one after the other; states: one row each
             return {k: torch.cat([a[k][0] if k == "logits" else a[k] for a in alone]) for k in alone[0]}
 
@@ -389,14 +389,14 @@ def build_cases(
         return {**runs[-1], "logits": np.concatenate([r["logits"] for r in runs], axis=1)}
 
     step_feeds = [{"input_ids": seq[:, t: t + 1].numpy()} for t in range(seq.shape[1])]
-    specs.append(("step", "step", step_feeds, lambda m: results(fwd(m, seq)), step_collect))
+    specs.append(("step", "step", step_feeds, lambda m, sd: results(fwd(m, sd, seq)), step_collect))
 
     cases = []
     for name, graph, feeds, compute, collect in specs:
-        expected = compute(reference)
+        expected = compute(reference, torch.float32)
         allowance = {}
         if baseline is not None:
-            got = compute(baseline)
+            got = compute(baseline, graph_state_dtype)
             allowance = {k: BASELINE_FACTOR * (got[k] - v).abs().max().item() for k, v in expected.items()}
         cases.append(Case(name, graph, feeds, expected, collect, allowance))
     return cases, notes
@@ -424,7 +424,7 @@ def run_cases(
         shape = [1 if d == "batch" else d for d in st["shape"]]
         zeros[st["input"]] = _np(torch.zeros(shape, dtype=getattr(torch, st["dtype"])))
     for graph, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE)):
-        runner = make_runner(out_dir / file, form, dtype, runtime)
+        runner = make_runner(out_dir / file, form, dtype, runtime, getattr(torch, meta["state_dtype"]))
         report.runtimes[graph] = runner.name
         for case in (c for c in cases if c.graph == graph):
             runs = []

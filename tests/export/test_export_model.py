@@ -137,6 +137,8 @@ def test_fp16_state_and_bf16_activations(tmp_path):
     assert res.metadata["graphs"]["prefill"]["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", 77]}
     # the caller's model is left in float32
     assert model.lm_head.weight.dtype == torch.float32
+    res = export_model(model, tmp_path / "c", gla_op="onnx", state_dtype="bf16", progress=False)
+    assert res.validation.passed and res.validation.runtimes["step"].startswith("onnx.reference")
 
 
 def test_validation_can_fail(tmp_path, monkeypatch):
