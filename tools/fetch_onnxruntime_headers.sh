@@ -96,5 +96,7 @@ mv "$dest/extract/usr/include/onnxruntime" "$dest/include"
 mkdir -p "$dest/license"
 cp "$dest/extract/usr/share/doc/$PKG/copyright" "$dest/license/" 2>/dev/null || true
 rm -rf "$dest/extract" "$deb"
+# the package lists (tens of MB) served their purpose; keep only the log
+rm -rf "$apt_dir/lists" "$apt_dir/cache" "$apt_dir/state"
 echo "$PKG $VERSION $SHA256" > "$dest/STAMP"
 echo "fetch_onnxruntime_headers: headers in $dest/include" >&2
