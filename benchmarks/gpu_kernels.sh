@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_kernels}
 mkdir -p "$OUT"
-STEPS=${STEPS:-"build tests bench variants sanitizer"}
+STEPS=${STEPS:-"build tests bench variants sanitizer"}   # also: ncu
 export PYTHONUNBUFFERED=1
 status=0
 step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -58,13 +58,38 @@ if step bench; then
 fi
 
 if step variants; then
+  # the step kernel's rows a thread (GLA_CUDA_STEP_ROWS, default 4): decode only
+  for rows in ${VARIANT_ROWS:-8}; do
+    note "variant: GLA_CUDA_STEP_ROWS=$rows"
+    GLA_CUDA_STEP_ROWS=$rows python3 benchmarks/bench_kernels_gpu.py --no-peers --only decode \
+      --json "$OUT/bench_rows_$rows.json" > "$OUT/variant_rows_$rows.log" 2>&1 || status=1
+    grep -E "^decode" "$OUT/variant_rows_$rows.log" | cut -c1-40 | tee -a "$OUT/summary.txt"
+  done
   # how many blocks the segment split aims at (GLA_CUDA_TARGET_BLOCKS, default 256): prefill only
-  for tb in ${VARIANT_BLOCKS:-132 512}; do
+  for tb in ${VARIANT_BLOCKS:-}; do
     note "variant: GLA_CUDA_TARGET_BLOCKS=$tb"
     GLA_CUDA_TARGET_BLOCKS=$tb python3 benchmarks/bench_kernels_gpu.py --no-peers --only prefill_T \
       --json "$OUT/bench_blocks_$tb.json" > "$OUT/variant_$tb.log" 2>&1 || status=1
     grep -E "^prefill" "$OUT/variant_$tb.log" | cut -c1-40 | tee -a "$OUT/summary.txt"
   done
+fi
+
+if step ncu; then
+  # where the time goes: one prefill (segment passes + chunk kernel) and one decode step
+  cat > "$OUT/ncu_cases.py" <<'EOF'
+import sys, torch
+sys.path.insert(0, "benchmarks")
+from bench_kernels_gpu import Ours, _inputs
+for x in (_inputs(1, 8192, 16, 16, 128, 128, torch.float16, 0), _inputs(16, 1, 4, 4, 256, 512, torch.float16, 0, state=True)):
+    Ours(x)()
+torch.cuda.synchronize()
+EOF
+  note "ncu"
+  timeout 300 ncu --kernel-name regex:gla_ --launch-count 6 --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+    python3 "$OUT/ncu_cases.py" > "$OUT/ncu.txt" 2>&1 || note "ncu: exit $?"
+  grep -E "gla_|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Memory Throughput|Compute \(SM\) Throughput" "$OUT/ncu.txt" \
+    | head -80 | tee -a "$OUT/summary.txt"
 fi
 
 if step sanitizer; then
@@ -90,7 +115,7 @@ native_gla(**kw, output_final_state=True)
 torch.cuda.synchronize()
 print("sanitizer cases ran")
 EOF
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
     note "compute-sanitizer --tool $tool"
     timeout 240 compute-sanitizer --tool "$tool" --kernel-name kns=gla_ --error-exitcode 9 python3 "$OUT/sanitize_cases.py" \
       > "$OUT/sanitizer_$tool.log" 2>&1

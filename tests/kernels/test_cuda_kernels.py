@@ -177,7 +177,10 @@ BIG_CASES = [
     GLACase(B=1, T=t, Hq=4, Hkv=4, K=256, V=512, dtype=dt, initial_state=True)
     for t in (1, 65, 1000)
     for dt in (F32, F16, BF16)
-] + [GLACase(B=2, T=t, Hq=8, Hkv=8, K=128, V=128, dtype=F16, initial_state=True, reverse=True) for t in (2, 700)]
+] + [GLACase(B=2, T=t, Hq=8, Hkv=8, K=128, V=128, dtype=F16, initial_state=True, reverse=True) for t in (2, 700)] + [
+    # odd d_v: no paired stores, no vector state accesses
+    GLACase(B=2, T=t, Hq=2, Hkv=2, K=36, V=33, dtype=dt, initial_state=True) for t in (3, 130) for dt in (F32, F16)
+]
 
 RAGGED_CASES = [
     # long enough to be cut into segments, with empty sequences at both ends and inside
@@ -280,6 +283,7 @@ EMU_CASES = [
     GLACase(B=1, T=65, Hq=2, Hkv=1, K=100, V=60, dtype=F16, initial_state=True, reverse=True),  # chunk, 2 key blocks
     GLACase(B=2, T=63, K=16, V=16, dtype=BF16, gate_per_head=True, g_gamma=True),
     GLACase(B=1, T=70, Hq=1, Hkv=1, K=60, V=36),  # fp32: the two-plane bf16 split
+    GLACase(B=1, T=70, Hq=2, Hkv=2, K=20, V=33, dtype=F16, initial_state=True),  # odd d_v: scalar stores
     GLACase(Hq=2, Hkv=1, K=16, V=16, cu_seqlens=(0, 1300, 1300), initial_state=True),  # segments, ragged
 ]
 

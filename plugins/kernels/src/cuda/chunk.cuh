@@ -105,9 +105,17 @@ __device__ __forceinline__ void mma_planes(float (&acc)[4], const uint32_t (&a)[
 }
 
 // Raw inputs of one (chunk, 64 key columns) step, held in registers while the previous step's
-// products run. Thread (column c, sub-chunk a) holds rows 16a..16a+15 of column c.
+// products run. Thread (column c, sub-chunk a) holds rows 16a..16a+15 of column c. Kept in the
+// activation type: converting at load time would make the thread wait for every load right there,
+// instead of after the products.
+template <class Act>
 struct Raw {
-  float q[16], k[16], g[16], v[16];
+  Act q[16], k[16], g[16], v[16];
+  int nv, ng;  // rows that exist; rows whose gate is read (0 without a gate)
+  // the log2 decay of row r: the gate (if any) plus g_gamma for rows that exist
+  __device__ __forceinline__ float decay(int r, float gam) const {
+    return r < ng ? to_float(g[r]) * kLog2e + gam : (r < nv ? gam : 0.f);
+  }
 };
 
 struct ChunkCtx {
@@ -140,7 +148,8 @@ __device__ __forceinline__ RowRun row_run(const Params& p, const ChunkCtx& x, in
 // pointer per tensor stepped row by row, loads predicated on the row existing (missing rows and
 // columns past d_k read as zero: k = 0 and g = 0 leave the state alone).
 template <class Act>
-__device__ __forceinline__ void load_qkg(const Params& p, const ChunkCtx& x, Raw& raw, int64_t t0, int kb, bool want_q) {
+__device__ __forceinline__ void load_qkg(const Params& p, const ChunkCtx& x, Raw<Act>& raw, int64_t t0, int kb,
+                                         bool want_q) {
   const int col = kb * kBK + x.c;
   const RowRun rr = row_run(p, x, t0 + 16 * x.a, 1, 16);
   const int nv = col < p.K ? rr.nvalid : 0;
@@ -154,11 +163,14 @@ __device__ __forceinline__ void load_qkg(const Params& p, const ChunkCtx& x, Raw
                                                                                        int64_t(x.h) * p.K + colc)
                              : pk;  // never read
   const int ng = p.has_gate ? nv : 0;
+  raw.nv = nv;
+  raw.ng = ng;
+  const Act zero = from_float<Act>(0.f);
 #pragma unroll
   for (int r = 0; r < 16; ++r) {
-    raw.k[r] = r < nv ? to_float(*pk) : 0.f;
-    if (want_q) raw.q[r] = r < nv ? to_float(*pq) : 0.f;
-    raw.g[r] = r < ng ? to_float(*pg) * kLog2e + x.gam : (r < nv ? x.gam : 0.f);
+    raw.k[r] = r < nv ? *pk : zero;
+    if (want_q) raw.q[r] = r < nv ? *pq : zero;
+    raw.g[r] = r < ng ? *pg : zero;
     pk += kst;
     pq += qst;
     pg += gst;
@@ -167,14 +179,15 @@ __device__ __forceinline__ void load_qkg(const Params& p, const ChunkCtx& x, Raw
 
 // Prefetch of v for rows t0 + vrow0 + 4r (r < 16) of value column vcol.
 template <class Act>
-__device__ __forceinline__ void load_v(const Params& p, const ChunkCtx& x, Raw& raw, int64_t t0, int vcol, int vrow0) {
+__device__ __forceinline__ void load_v(const Params& p, const ChunkCtx& x, Raw<Act>& raw, int64_t t0, int vcol, int vrow0) {
   const RowRun rr = row_run(p, x, t0 + vrow0, 4, 16);
   const int nv = vcol < p.V ? rr.nvalid : 0;
   const int64_t vst = rr.dpos * int64_t(p.Hkv) * p.V;
   const Act* pv = static_cast<const Act*>(p.v) + rr.pos0 * p.Hkv * int64_t(p.V) + int64_t(x.h) * p.V + (vcol < p.V ? vcol : 0);
+  const Act zero = from_float<Act>(0.f);
 #pragma unroll
   for (int r = 0; r < 16; ++r) {
-    raw.v[r] = r < nv ? to_float(*pv) : 0.f;
+    raw.v[r] = r < nv ? *pv : zero;
     pv += vst;
   }
 }
@@ -289,7 +302,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
         }
   }
 
-  Raw raw;
+  Raw<Act> raw;
   if (nchunks > 0) {
     load_qkg<Act>(p, x, raw, t_begin, 0, true);
     load_v<Act>(p, x, raw, t_begin, vcol, vrow0);
@@ -313,7 +326,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
       float run = 0.f;
 #pragma unroll
       for (int r = 0; r < 16; ++r) {
-        run += raw.g[r];
+        run += raw.decay(r, x.gam);
         P[r] = run;
       }
       const bool exact = (P[0] - P[8] > OP::kTheta) || (P[8] - P[15] > OP::kTheta);
@@ -359,10 +372,10 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
 #pragma unroll
         for (int r = 0; r < 16; ++r) {
           const float e = fast_exp2(P[r] - Pr);
-          const float qe = raw.q[r] * e;
+          const float qe = to_float(raw.q[r]) * e;
           put<Act>(myQt + r * kPitch, qe);
           put<Act>(myQh + r * kPitch, qe * e_pivot);
-          const float ku = raw.k[r] * fast_exp2(P[15] - P[r]);
+          const float ku = to_float(raw.k[r]) * fast_exp2(P[15] - P[r]);
           put<Act>(myKh + r * kPitch, ku * e_after);
           put<Act>(myKtDiag + r * kPitch, ku * e_diag);
         }
@@ -373,12 +386,12 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
             E* const dst = myKt + kt_row0(b) * kPitch;
 #pragma unroll
             for (int r = 0; r < 16; ++r)
-              put<Act>(dst + r * kPitch, raw.k[r] * fast_exp2(P[15] - P[r]) * e_later[b]);
+              put<Act>(dst + r * kPitch, to_float(raw.k[r]) * fast_exp2(P[15] - P[r]) * e_later[b]);
           }
         }
         if (kb == 0) {
 #pragma unroll
-          for (int r = 0; r < 16; ++r) put<Act>(myV + 4 * r * kPitch, raw.v[r]);
+          for (int r = 0; r < 16; ++r) put<Act>(myV + 4 * r * kPitch, to_float(raw.v[r]));
         }
         // this warp's accumulators of S (start of the chunk) for Q̂S
         on_state<NKB>(S, kb, [&](float(&Sk)[4][4]) {
@@ -392,7 +405,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
         if (any_exact && __any_sync(0xffffffffu, exact ? 1 : 0)) {
           float tq[16], tk[16], tp[16];  // copies: only these go to local memory, the registers stay
 #pragma unroll
-          for (int r = 0; r < 16; ++r) tq[r] = raw.q[r], tk[r] = raw.k[r], tp[r] = P[r];
+          for (int r = 0; r < 16; ++r) tq[r] = to_float(raw.q[r]), tk[r] = to_float(raw.k[r]), tp[r] = P[r];
           exact_diagonal(tq, tk, tp, exact, sDiag + x.a * 16 * 16, lane);
         }
       }
@@ -551,12 +564,16 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
         if (rr.nvalid) {
           Act* orow = o + (rr.pos0 * p.Hq + hq) * int64_t(p.V);
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
+          for (int nt = 0; nt < 4; ++nt) {
+            const int col = col0 + 8 * nt;  // even
+            if (p.vec_out && col + 1 < p.V) {
+              store_pair(orow + col, O[nt][2 * half], O[nt][2 * half + 1]);
+            } else {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = col0 + 8 * nt + e;
-              if (col < p.V) orow[col] = from_float<Act>(O[nt][2 * half + e]);
+              for (int e = 0; e < 2; ++e)
+                if (col + e < p.V) orow[col + e] = from_float<Act>(O[nt][2 * half + e]);
             }
+          }
         }
       }
     }
@@ -626,7 +643,7 @@ __global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const 
     for (int e = 0; e < 4; ++e) S[nt][e] = 0.f;
   float carry = 0.f;  // log2 decay from the end of the current chunk to the end of the segment
 
-  Raw raw;
+  Raw<Act> raw;
   // walk backwards: the decay to the segment's end is a suffix sum
   if (nchunks > 0) {
     load_qkg<Act>(p, x, raw, t_begin + (nchunks - 1) * kChunk, kb, false);
@@ -637,7 +654,7 @@ __global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const 
     float run = 0.f;
 #pragma unroll
     for (int r = 0; r < 16; ++r) {
-      run += raw.g[r];
+      run += raw.decay(r, x.gam);
       P[r] = run;
     }
     sTot[x.a * 64 + x.c] = P[15];
@@ -654,8 +671,8 @@ __global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const 
 #pragma unroll
     for (int r = 0; r < 16; ++r) {
       const int row = 16 * x.a + r;
-      put<Act, kPlane>(Kh + row * kPitch + x.c, raw.k[r] * fast_exp2(P[15] - P[r] + after + carry));
-      put<Act, kPlane>(Vs + (vrow0 + 4 * r) * kPitch + x.c, raw.v[r]);
+      put<Act, kPlane>(Kh + row * kPitch + x.c, to_float(raw.k[r]) * fast_exp2(P[15] - P[r] + after + carry));
+      put<Act, kPlane>(Vs + (vrow0 + 4 * r) * kPitch + x.c, to_float(raw.v[r]));
     }
     carry += total;
     if (ci > 0) {

@@ -67,6 +67,15 @@ __device__ __forceinline__ void store_any(void* p, int64_t i, DType dt, float x)
   }
 }
 
+// Two adjacent outputs in one store (dst is aligned to two elements).
+__device__ __forceinline__ void store_pair(float* dst, float a, float b) { *reinterpret_cast<float2*>(dst) = make_float2(a, b); }
+__device__ __forceinline__ void store_pair(__half* dst, float a, float b) {
+  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void store_pair(bf16* dst, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+}
+
 __device__ __forceinline__ int64_t load_index(const void* p, int64_t i, bool is64) {
   return is64 ? static_cast<const int64_t*>(p)[i] : int64_t(static_cast<const int32_t*>(p)[i]);
 }

@@ -88,6 +88,16 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Tuning knob for benchmarks only: GLA_CUDA_TARGET_BLOCKS overrides kTargetBlocks (read once per
 // process, so the workspace size stays a function of the Problem within a process).
+// GLA_CUDA_STEP_ROWS (4, 8 or 16; default 4): the step kernel's state rows a thread, likewise.
+inline int step_rows() {
+  static const int value = [] {
+    const char* e = std::getenv("GLA_CUDA_STEP_ROWS");
+    const int v = e ? std::atoi(e) : 4;
+    return v == 8 || v == 16 ? v : 4;
+  }();
+  return value;
+}
+
 inline int64_t target_blocks() {
   static const int64_t value = [] {
     const char* e = std::getenv("GLA_CUDA_TARGET_BLOCKS");
@@ -127,7 +137,7 @@ inline Plan make_plan(const Problem& pr) {
   // loads in flight for a decode step to run at memory speed); a block is 256 threads, so its
   // columns (4 per thread) are what the rows leave; K past 256 takes more rows a thread.
   int ct = std::min(32, std::max(4, next_pow2(int(ceil_div(V, 4)))));
-  int R = 4;
+  int R = step_rows();
   while (ct > 4 && ceil_div(K, R) * ct > 256) ct /= 2;
   while (R < 16 && ceil_div(K, R) * ct > 256) R *= 2;
   const int threads = int(ceil_div(ceil_div(K, R) * ct, 32) * 32);  // past 256 only for K > 1024: refused
@@ -338,6 +348,8 @@ inline Status forward(const Problem& pr, const Tensors& t, void* workspace, size
   const size_t state_align = pr.state_dtype == DType::kFloat32 ? 16 : 8;
   p.vec_state = pr.head_dim_v % 4 == 0 && reinterpret_cast<uintptr_t>(t.present_state) % state_align == 0 &&
                 reinterpret_cast<uintptr_t>(t.past_state) % state_align == 0;
+  const size_t act_size = dtype_size(pr.act_dtype);
+  p.vec_out = pr.head_dim_v % 2 == 0 && reinterpret_cast<uintptr_t>(t.output) % (2 * act_size) == 0;
   // grid sizes stay within one dimension of a launch
   const int64_t blocks = std::max(pl.slots * std::max<int64_t>(pr.q_heads, int64_t(pr.kv_heads) * pl.nkb) * pl.nvb,
                                   pr.num_seqs * pr.kv_heads * pl.rnvb);

@@ -33,6 +33,7 @@ struct Params {
   int32_t ct;         // column threads (4 value columns each)
   int32_t gb;         // query heads reduced per pass
   int32_t vec_state;  // 16-byte (fp32) / 8-byte (16-bit) state accesses are aligned
+  int32_t vec_out;    // pairs of output elements can be stored at once (d_v even, output aligned)
 
   // chunk kernels
   int32_t nvb;         // value blocks (of 64 columns for the chunk kernels, of 4*ct for the recurrent one)
