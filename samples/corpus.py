@@ -101,7 +101,9 @@ def find_debian_mirror(apt_dir: Path = Path("/etc/apt")) -> Mirror:
         if not f.is_file():
             continue
         for line in f.read_text(errors="replace").splitlines():
-            m = re.match(r"deb\s+(?:\[(?P<opts>[^\]]*)\]\s+)?(?P<uri>\S+)\s+(?P<suite>\S+)\s+(?P<comps>.+)", line.strip())
+            m = re.match(
+                r"deb\s+(?:\[(?P<opts>[^\]]*)\]\s+)?(?P<uri>\S+)\s+(?P<suite>\S+)\s+(?P<comps>.+)", line.strip()
+            )
             if m and "main" in m["comps"].split():
                 signed = re.search(r"signed-by=(\S+)", m["opts"] or "")
                 candidates.append(Mirror(m["uri"], m["suite"], signed[1] if signed else None))
@@ -109,8 +111,7 @@ def find_debian_mirror(apt_dir: Path = Path("/etc/apt")) -> Mirror:
         if "/debian" in c.uri and "security" not in c.uri and "-" not in c.suite:
             return c
     raise CorpusError(
-        f"no Debian archive with component 'main' found in {apt_dir}/sources.list(.d); "
-        "pass --mirror URI --suite SUITE"
+        f"no Debian archive with component 'main' found in {apt_dir}/sources.list(.d); pass --mirror URI --suite SUITE"
     )
 
 
@@ -138,7 +139,7 @@ def download_debs(dest: Path, mirror: Mirror, verify: bool = True) -> list[Path]
         if os.geteuid() == 0:  # apt drops to _apt for downloads, which cannot write our folders
             apt += ["-o", "APT::Sandbox::User=root"]
         for cmd, cwd in ((apt + ["update"], t), (apt + ["download", *PACKAGES], dest)):
-            r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+            r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 raise CorpusError(f"{' '.join(cmd[:1] + cmd[-2:])} failed ({r.returncode}): {r.stderr.strip()[-800:]}")
     debs = sorted(dest.glob("*.deb"))
@@ -161,14 +162,14 @@ def print_bible(debs: list[Path], work: Path) -> str:
     """Unpack the packages and print the whole KJV with their ``bible`` program."""
     root = work / "root"
     for d in debs:
-        r = subprocess.run(["dpkg-deb", "-x", str(d), str(root)], capture_output=True, text=True)
+        r = subprocess.run(["dpkg-deb", "-x", str(d), str(root)], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise CorpusError(f"dpkg-deb -x {d.name} failed: {r.stderr.strip()}")
     program, lib = root / "usr/bin/bible", root / "usr/lib"
     if not program.is_file() or not (lib / "bible.data").is_file():
         raise CorpusError(f"{program} or {lib / 'bible.data'} missing after unpacking {[d.name for d in debs]}")
     # -l with a wide line keeps most verses on one line; clean() joins any that still wrap
-    r = subprocess.run([str(program), "-l4000", "-p", str(lib), WHOLE_BIBLE], capture_output=True)
+    r = subprocess.run([str(program), "-l4000", "-p", str(lib), WHOLE_BIBLE], capture_output=True, check=False)
     if r.returncode != 0 or not r.stdout:
         raise CorpusError(f"bible {WHOLE_BIBLE} failed ({r.returncode}): {r.stderr.decode(errors='replace').strip()}")
     return r.stdout.decode("ascii")
@@ -226,7 +227,9 @@ def split(text: str, heldout_books: tuple[str, ...] = HELDOUT_BOOKS) -> tuple[st
     return "\n\n".join(train) + "\n", "\n\n".join(held) + "\n"
 
 
-def heldout_excerpt(text: str, books: tuple[str, ...] = ("Ruth", "Ecclesiastes", "John", "James"), size: int = 1200) -> str:
+def heldout_excerpt(
+    text: str, books: tuple[str, ...] = ("Ruth", "Ecclesiastes", "John", "James"), size: int = 1200
+) -> str:
     """The opening verses (whole lines, at most ``size`` bytes) of the first chapter of each of ``books``.
 
     Every book must be held out: the tests measure bits per byte on this excerpt.
@@ -248,7 +251,9 @@ def sha256_text(text: str) -> str:
 # ---------------------------------------------------------------- entry points
 
 
-def prepare(out: Path = DEFAULT_CORPUS, mirror: Mirror | None = None, verify: bool = True, keep_debs: bool = False) -> Path:
+def prepare(
+    out: Path = DEFAULT_CORPUS, mirror: Mirror | None = None, verify: bool = True, keep_debs: bool = False
+) -> Path:
     """Download, print and clean the KJV into ``out`` (atomically); returns ``out``."""
     mirror = mirror or find_debian_mirror()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -268,34 +273,48 @@ def load(path: Path | str | None = None, prepare_if_missing: bool = True) -> str
     """The cleaned corpus at ``path`` (default ``samples/data/kjv.txt``, prepared when absent)."""
     path = Path(path) if path is not None else DEFAULT_CORPUS
     if not path.is_file():
-        if not (prepare_if_missing and path == DEFAULT_CORPUS):
+        if not (prepare_if_missing and path.resolve() == DEFAULT_CORPUS):
             raise CorpusError(f"{path}: corpus file not found (make it with: python samples/corpus.py --out {path})")
         print(f"{path} not found: downloading the KJV from Debian's packages", file=sys.stderr)
-        prepare(path)
+        try:
+            prepare(path)
+        except CorpusError as e:
+            raise CorpusError(
+                f"{e}\n(no network here? make {path} on a machine with one, with `python samples/corpus.py`, "
+                "and bring it, or pass --corpus PATH)"
+            ) from e
     text = path.read_text(encoding="utf-8")
     chapters_of(text[: text.find("\n\n") + 1] if "\n\n" in text else text)  # fails early on a foreign file
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_CORPUS, help="cleaned text to write (default %(default)s)")
     ap.add_argument("--mirror", help="Debian archive URI (default: the one this machine's apt sources name)")
     ap.add_argument("--suite", help="Debian suite (default: the mirror's, e.g. bookworm)")
     ap.add_argument("--no-verify", action="store_true", help="accept packages and text other than the pinned ones")
     ap.add_argument("--keep-debs", action="store_true", help="keep the .deb files beside the output")
-    ap.add_argument("--heldout-excerpt", type=Path, help="also write a few KB of held-out text here (the tests' excerpt)")
+    ap.add_argument(
+        "--heldout-excerpt", type=Path, help="also write a few KB of held-out text here (the tests' excerpt)"
+    )
     args = ap.parse_args(argv)
     try:
         mirror = None
         if args.mirror or args.suite:
             found = find_debian_mirror() if not (args.mirror and args.suite) else None
-            mirror = Mirror(args.mirror or found.uri, args.suite or found.suite, None if args.mirror else found.signed_by)
+            mirror = Mirror(
+                args.mirror or found.uri, args.suite or found.suite, None if args.mirror else found.signed_by
+            )
         path = prepare(args.out, mirror, verify=not args.no_verify, keep_debs=args.keep_debs)
         text = path.read_text()
         train, held = split(text)
         print(f"{path}: {len(text)} bytes, {len(chapters_of(text))} chapters, sha256 {sha256_text(text)}")
-        print(f"train {len(train)} bytes, held out {len(held)} bytes ({100 * len(held) / len(text):.1f} %: {', '.join(HELDOUT_BOOKS)})")
+        print(
+            f"train {len(train)} bytes, held out {len(held)} bytes ({100 * len(held) / len(text):.1f} %: {', '.join(HELDOUT_BOOKS)})"
+        )
         if args.heldout_excerpt:
             excerpt = heldout_excerpt(text)
             args.heldout_excerpt.write_text(excerpt)

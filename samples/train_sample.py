@@ -31,29 +31,30 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 # steps 3-5x slower than sleeping ones (measured with the machine's 2 cores oversubscribed)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import copy
+import datetime
+import itertools
+import json
+import math
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # run from a checkout without installing
 
-import corpus  # noqa: E402
+import corpus
 
-from gla_export.models import (  # noqa: E402
+from gla_export.models import (
     ByteTokenizer,
     GLAForCausalLM,
     count_parameters,
@@ -108,7 +109,7 @@ def split_streams(text: str, n: int) -> list[bytes]:
         at = data.find(b"\n", len(data) * i // n)
         cuts.append(len(data) if at < 0 else at + 1)
     cuts.append(len(data))
-    return [data[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
 
 # ---------------------------------------------------------------- evaluation and generation
@@ -220,7 +221,7 @@ class Log:
     def __init__(self, out: Path):
         self.final = out / "training_log.txt"
         self.partial = out / "training_log.txt.partial"
-        self.file = open(self.partial, "w", encoding="utf-8")
+        self.file = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115 - open for the whole run
 
     def __call__(self, line: str = "") -> None:
         print(line, flush=True)
@@ -248,9 +249,16 @@ def hardware(device: torch.device) -> str:
 
 def git_commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "samples", "gla_export"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--", "samples", "gla_export"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
         if head.returncode != 0:
             return "unknown"
@@ -265,10 +273,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--minutes", type=float, default=None, help="wall-clock budget of the whole run (default 30 when --steps is not given)")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget of the whole run (default 30 when --steps is not given)",
+    )
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (with --minutes: at most this many)")
     ap.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 8 on cpu, 64 on cuda)")
-    ap.add_argument("--seq-len", type=int, default=None, help="bytes per training sequence (default: 256 on cpu, 1024 on cuda)")
+    ap.add_argument(
+        "--seq-len", type=int, default=None, help="bytes per training sequence (default: 256 on cpu, 1024 on cuda)"
+    )
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at this fraction of --lr")
     ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
@@ -276,10 +291,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout on the residual branches (long GPU runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=sample_model_path(), help="checkpoint directory to write")
-    ap.add_argument("--corpus", type=Path, default=None, help=f"cleaned KJV text (default {corpus.DEFAULT_CORPUS}, downloaded when absent)")
+    ap.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help=f"cleaned KJV text (default {corpus.DEFAULT_CORPUS}, downloaded when absent)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast: auto = on for cuda only")
-    ap.add_argument("--backend", default="chunk", help="GLA backend of gla_export.ops for training (must be differentiable)")
+    ap.add_argument(
+        "--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast: auto = on for cuda only"
+    )
+    ap.add_argument(
+        "--backend", default="chunk", help="GLA backend of gla_export.ops for training (must be differentiable)"
+    )
     ap.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     ap.add_argument("--eval-every", type=int, default=200, help="steps between held-out estimates")
     ap.add_argument("--eval-streams", type=int, default=8, help="held-out split is read as this many parallel streams")
@@ -292,7 +316,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bs, sl = DEVICE_DEFAULTS[args.device]
     args.batch_size = args.batch_size or bs
     args.seq_len = args.seq_len or sl
-    for name in ("batch_size", "seq_len", "warmup", "eval_every", "eval_streams", "eval_subset", "log_every", "threads"):
+    for name in (
+        "batch_size",
+        "seq_len",
+        "warmup",
+        "eval_every",
+        "eval_streams",
+        "eval_subset",
+        "log_every",
+        "threads",
+    ):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.steps is not None and args.steps <= 0:
@@ -343,8 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"hardware: {hardware(device)}; bf16 autocast: {'on' if use_amp else 'off'}")
     log(f"corpus: King James Bible from Debian bible-kjv-text, {len(text)} bytes, sha256 {corpus.sha256_text(text)}")
     log(f"split: train {len(train_text)} bytes; held out {len(held_text)} bytes = {', '.join(corpus.HELDOUT_BOOKS)}")
-    log(f"held-out score: {len(streams)} streams, state carried, {args.seq_len} tokens per segment; periodic estimate on {sum(map(len, subset))} bytes")
-    log(f"model: GLAForCausalLM {count_parameters(model):,} parameters; config {json.dumps(config.to_dict(), sort_keys=True)}")
+    log(
+        f"held-out score: {len(streams)} streams, state carried, {args.seq_len} tokens per segment; periodic estimate on {sum(map(len, subset))} bytes"
+    )
+    log(
+        f"model: GLAForCausalLM {count_parameters(model):,} parameters; config {json.dumps(config.to_dict(), sort_keys=True)}"
+    )
     hp = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     log(f"hyperparameters: {json.dumps(hp, sort_keys=True)}")
     log(f"tokens per step: {args.batch_size * args.seq_len}")
@@ -379,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             per_step = step_s + eval_seconds / args.eval_every
             fit = step + int((budget - (time.time() - t_start) - final_s) / per_step)
             total = max(args.warmup + 1, fit if args.steps is None else min(args.steps, fit))
-            log(f"timing: {step_s:.3f} s/step, periodic estimate {eval_seconds:.1f} s -> {total} steps fit in {args.minutes:g} min (rerun with --steps {total} to reproduce)")
+            log(
+                f"timing: {step_s:.3f} s/step, periodic estimate {eval_seconds:.1f} s -> {total} steps fit in {args.minutes:g} min (rerun with --steps {total} to reproduce)"
+            )
 
         lr = lr_at(step, total or 10**9, args.warmup, args.lr, args.min_lr_ratio)
         for g in opt.param_groups:
@@ -426,10 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     size = (args.out / "model.safetensors").stat().st_size
     shipped = load_model(args.out, device=device)
     bpb, scored = evaluate_bpb(shipped, streams, args.seq_len, tok.bos_token_id, device, nullcontext, args.backend)
-    log(f"saved {args.out / 'model.safetensors'} ({size / 2**20:.2f} MiB, {args.save_dtype}) after {step} steps, {train_seconds / 60:.1f} min")
+    log(
+        f"saved {args.out / 'model.safetensors'} ({size / 2**20:.2f} MiB, {args.save_dtype}) after {step} steps, {train_seconds / 60:.1f} min"
+    )
     if size > MAX_WEIGHTS_BYTES:
         log(f"WARNING: the weights file exceeds {MAX_WEIGHTS_BYTES / 2**20:.0f} MiB, the bundled model's limit")
-    log(f"final heldout_bpb {bpb:.4f} over all {scored} held-out bytes (shipped {args.save_dtype} weights, float32 compute)")
+    log(
+        f"final heldout_bpb {bpb:.4f} over all {scored} held-out bytes (shipped {args.save_dtype} weights, float32 compute)"
+    )
     gen = torch.Generator().manual_seed(args.seed + 2)
     samples = []
     for prompt in PROMPTS:
@@ -454,17 +497,21 @@ def write_model_card(args, config, steps, seconds, bpb, scored, size, device, sa
         "",
         "| | |",
         "|---|---|",
-        f"| architecture | fla-compatible `GLAForCausalLM`: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-        f"{config.num_heads} heads (d_k {config.head_k_dim}, d_v {config.head_v_dim}), SwiGLU MLP {config.mlp_intermediate_size}, "
-        f"fused gated output norm, tied embeddings, no short convolution |",
+        (
+            f"| architecture | fla-compatible `GLAForCausalLM`: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+            f"{config.num_heads} heads (d_k {config.head_k_dim}, d_v {config.head_v_dim}), "
+            f"SwiGLU MLP {config.mlp_intermediate_size}, fused gated output norm, tied embeddings, no short convolution |"
+        ),
         f"| parameters | {count_parameters(config):,} |",
         f"| weights | `model.safetensors`, {args.save_dtype}, {size / 2**20:.2f} MiB (load_model casts to float32) |",
         f"| tokenizer | `gla_export.models.ByteTokenizer`: bytes 0-255, BOS 256, EOS 257 (vocab {config.vocab_size}) |",
         f"| corpus | KJV from Debian `bible-kjv-text` (public domain), {len(text):,} bytes, sha256 `{corpus.sha256_text(text)[:16]}…` |",
         f"| held out | {', '.join(corpus.HELDOUT_BOOKS)} ({scored:,} bytes), never trained on |",
         f"| **held-out bits per byte** | **{bpb:.3f}** (all held-out bytes, state carried) |",
-        f"| training | {steps} steps × {args.batch_size} × {args.seq_len} bytes, AdamW lr {args.lr:g} cosine, seed {args.seed}, "
-        f"{seconds / 60:.1f} min on {hardware(device)}{' (stopped early)' if stopped_early else ''} |",
+        (
+            f"| training | {steps} steps × {args.batch_size} × {args.seq_len} bytes, AdamW lr {args.lr:g} cosine, "
+            f"seed {args.seed}, {seconds / 60:.1f} min on {hardware(device)}{' (stopped early)' if stopped_early else ''} |"
+        ),
         "",
         "Continuations from BOS + prompt, greedy and then sampled (temperature 0.8, top-k 40):",
         "",

@@ -15,7 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gla_export.models import ByteTokenizer, GLAForCausalLM, count_parameters, load_config, load_model, sample_model_path
+from gla_export.models import (
+    ByteTokenizer,
+    GLAForCausalLM,
+    count_parameters,
+    load_config,
+    load_model,
+    sample_model_path,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXCERPT = ROOT / "tests" / "data" / "kjv_heldout_excerpt.txt"
@@ -24,7 +31,23 @@ MAX_WEIGHTS_BYTES = 10 * 2**20
 # retrained model must not be worse than this one by more than the margin
 MEASURED_EXCERPT_BPB = 2.023
 EXCERPT_BPB_LIMIT = 2.25
-COMMON_WORDS = {"the", "and", "of", "unto", "that", "he", "in", "god", "lord", "shall", "was", "is", "they", "them", "his"}
+COMMON_WORDS = {
+    "the",
+    "and",
+    "of",
+    "unto",
+    "that",
+    "he",
+    "in",
+    "god",
+    "lord",
+    "shall",
+    "was",
+    "is",
+    "they",
+    "them",
+    "his",
+}
 
 
 def _load_samples_module(name: str):
@@ -83,7 +106,11 @@ def test_sample_model_files_and_size_limit():
 def test_sample_model_config_matches_tokenizer_and_export_features():
     config = load_config(sample_model_path())
     tok = ByteTokenizer()
-    assert (config.vocab_size, config.bos_token_id, config.eos_token_id) == (tok.vocab_size, tok.bos_token_id, tok.eos_token_id)
+    assert (config.vocab_size, config.bos_token_id, config.eos_token_id) == (
+        tok.vocab_size,
+        tok.bos_token_id,
+        tok.eos_token_id,
+    )
     # the features exporters must handle: fused gated output norm and tied embeddings
     assert config.fuse_norm_and_gate and config.use_output_gate and config.tie_word_embeddings
     assert not config.use_short_conv
@@ -92,7 +119,9 @@ def test_sample_model_config_matches_tokenizer_and_export_features():
 
 def test_sample_model_log_records_a_finished_run():
     log = (sample_model_path() / "training_log.txt").read_text()
-    assert re.search(r"^final heldout_bpb \d+\.\d+ over all \d+ held-out bytes", log, re.M), "no final held-out score in the log"
+    assert re.search(r"^final heldout_bpb \d+\.\d+ over all \d+ held-out bytes", log, re.MULTILINE), (
+        "no final held-out score in the log"
+    )
     assert "In the beginning" in log and "And the LORD said unto Moses," in log
     assert not (sample_model_path() / "training_log.txt.partial").exists()
 
@@ -121,7 +150,9 @@ def test_sample_model_heldout_bits_per_byte(model, corpus):
     text = EXCERPT.read_text()
     assert 2000 < len(text) < 10000
     bpb = excerpt_bpb(model, text)
-    assert bpb < EXCERPT_BPB_LIMIT, f"held-out excerpt: {bpb:.3f} bits per byte, limit {EXCERPT_BPB_LIMIT} (measured {MEASURED_EXCERPT_BPB})"
+    assert bpb < EXCERPT_BPB_LIMIT, (
+        f"held-out excerpt: {bpb:.3f} bits per byte, limit {EXCERPT_BPB_LIMIT} (measured {MEASURED_EXCERPT_BPB})"
+    )
 
 
 def test_untrained_model_fails_the_bpb_threshold():
@@ -203,7 +234,11 @@ def test_mirror_is_read_from_deb822_and_one_line_sources(corpus, tmp_path):
         "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
     )
     m = corpus.find_debian_mirror(tmp_path)
-    assert (m.uri, m.suite, m.signed_by) == ("http://deb.example.org/debian", "trixie", "/usr/share/keyrings/debian-archive-keyring.gpg")
+    assert (m.uri, m.suite, m.signed_by) == (
+        "http://deb.example.org/debian",
+        "trixie",
+        "/usr/share/keyrings/debian-archive-keyring.gpg",
+    )
     (tmp_path / "sources.list.d" / "debian.sources").unlink()
     (tmp_path / "sources.list").write_text("deb [arch=amd64] http://mirror.example/debian bookworm main contrib\n")
     m = corpus.find_debian_mirror(tmp_path)
@@ -216,4 +251,3 @@ def test_mirror_is_read_from_deb822_and_one_line_sources(corpus, tmp_path):
 def test_corpus_load_names_a_missing_file(corpus, tmp_path):
     with pytest.raises(corpus.CorpusError, match=re.escape(str(tmp_path / "none.txt"))):
         corpus.load(tmp_path / "none.txt")
-
