@@ -31,23 +31,7 @@ MAX_WEIGHTS_BYTES = 10 * 2**20
 # retrained model must not be worse than this one by more than the margin
 MEASURED_EXCERPT_BPB = 2.023
 EXCERPT_BPB_LIMIT = 2.25
-COMMON_WORDS = {
-    "the",
-    "and",
-    "of",
-    "unto",
-    "that",
-    "he",
-    "in",
-    "god",
-    "lord",
-    "shall",
-    "was",
-    "is",
-    "they",
-    "them",
-    "his",
-}
+COMMON_WORDS = {"the", "and", "of", "unto", "that", "he", "in", "god", "lord", "shall", "was", "is", "his", "they"}
 
 
 def _load_samples_module(name: str):
