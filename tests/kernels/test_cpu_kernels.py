@@ -341,6 +341,27 @@ def test_c_api_checks_cu_seqlens_contents(cu, message):
     del keep
 
 
+@pytest.mark.parametrize("T", [1, 5, 70])
+def test_present_state_may_be_the_past_state_buffer(T):
+    # capi.h promises in-place state updates on the CPU (a decoder can keep one state buffer)
+    from gla_export.ops.native import make_problem
+
+    kw = make_inputs(GLACase(B=2, T=T, Hq=4, Hkv=2, K=32, V=64, initial_state=True))
+    _, s_ref = native_gla(**kw, output_final_state=True)
+    problem = make_problem(kw["q"], kw["k"], kw["v"], kw["g"], initial_state=kw["initial_state"])
+    B = kw["q"].shape[0]
+    q, k, v, g = (kw[n].reshape(B, T, -1).contiguous() for n in ("q", "k", "v", "g"))
+    state = kw["initial_state"].clone()
+    o = torch.empty(B, T, 4 * 64)
+    t = Tensors(query=q.data_ptr(), key=k.data_ptr(), value=v.data_ptr(), gate=g.data_ptr(), past_state=state.data_ptr(),
+                output=o.data_ptr(), present_state=state.data_ptr())
+    lib = load_library()
+    need = lib.gla_cpu_workspace_bytes(ctypes.byref(problem))
+    ws = torch.empty(max(need, 1), dtype=torch.uint8)
+    assert lib.gla_cpu_forward(ctypes.byref(problem), ctypes.byref(t), ws.data_ptr(), need, 2) == 0
+    assert torch.equal(state, s_ref)
+
+
 def test_c_api_cuda_entry_points_answer_without_a_gpu():
     # Either build answers without touching a GPU: a CUDA build validates the problem first, a
     # CPU-only build says it has no CUDA kernels.
