@@ -303,6 +303,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
   }
 
   Raw<Act> raw;
+  raw.nv = raw.ng = 0;
   if (nchunks > 0) {
     load_qkg<Act>(p, x, raw, t_begin, 0, true);
     load_v<Act>(p, x, raw, t_begin, vcol, vrow0);
@@ -644,6 +645,7 @@ __global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const 
   float carry = 0.f;  // log2 decay from the end of the current chunk to the end of the segment
 
   Raw<Act> raw;
+  raw.nv = raw.ng = 0;
   // walk backwards: the decay to the segment's end is a suffix sum
   if (nchunks > 0) {
     load_qkg<Act>(p, x, raw, t_begin + (nchunks - 1) * kChunk, kb, false);
@@ -736,12 +738,25 @@ __global__ void __launch_bounds__(256) gla_segment_scan_kernel(const Params p) {
     slot0 = n * nseg;
   }
   float run = p.h0 ? load_any(p.h0, e, p.state_dt) : 0.f;
-  for (int64_t si = 0; si < nseg; ++si) {
-    const int64_t slot = slot0 + si;
-    const int64_t idx = (slot * p.Hkv + h) * KV + kv;
-    const float own = p.seg_state[idx];
-    p.seg_state[idx] = run;
-    run = fast_exp2(p.seg_decay[(slot * p.Hkv + h) * int64_t(p.K) + row]) * run + own;
+  // the loads do not depend on the running state: issue a batch of them, then chain
+  constexpr int kBatch = 8;
+  for (int64_t s0 = 0; s0 < nseg; s0 += kBatch) {
+    float own[kBatch], dec[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t slot = slot0 + s0 + u;
+      const bool ok = s0 + u < nseg;
+      own[u] = ok ? p.seg_state[(slot * p.Hkv + h) * KV + kv] : 0.f;
+      dec[u] = ok ? p.seg_decay[(slot * p.Hkv + h) * int64_t(p.K) + row] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (s0 + u < nseg) {
+        const int64_t slot = slot0 + s0 + u;
+        p.seg_state[(slot * p.Hkv + h) * KV + kv] = run;
+        run = fast_exp2(dec[u]) * run + own[u];
+      }
+    }
   }
 }
 

@@ -142,25 +142,32 @@ __global__ void __launch_bounds__(recurrent_max_threads(R)) gla_recurrent_kernel
   const float gam = gamma_log2(p, h);
   const int64_t kstride = int64_t(p.Hkv) * K, vstride = int64_t(p.Hkv) * V, qstride = int64_t(p.Hq) * K;
   int parity = 0;
+  const int64_t qhead_stride = K;
   for (int64_t t = 0; t < len; ++t) {
     const int64_t pos = bos + (p.reverse ? len - 1 - t : t);
+    // every input of the step is loaded up front (q of the first query head too): one round trip
     float vv[4];
     const Act* vrow = v + pos * vstride + int64_t(h) * V + col0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) vv[j] = j < ncol ? to_float(vrow[j]) : 0.f;
     const Act* krow = k + pos * kstride + int64_t(h) * K + rg;
     const Act* grow = p.has_gate ? (p.gate_per_head ? g + pos * p.Hkv + h : g + pos * kstride + int64_t(h) * K + rg) : krow;
-    const float g_head = (p.has_gate && p.gate_per_head) ? to_float(*grow) : 0.f;
+    const Act* q0row = q + pos * qstride + int64_t(h * G) * qhead_stride + rg;
+    float kv[R], gl[R], q0[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      if (i < nrows) {
-        const float kv = to_float(krow[i * RT]);
-        const float gl = p.has_gate ? (p.gate_per_head ? g_head : to_float(grow[i * RT])) : 0.f;
-        const float decay = fast_exp2(gl * kLog2e + gam);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) S[i][j] = decay * S[i][j] + kv * vv[j];
-      }
+      kv[i] = i < nrows ? to_float(krow[i * RT]) : 0.f;
+      gl[i] = i < nrows && p.has_gate ? to_float(grow[p.gate_per_head ? 0 : i * RT]) : 0.f;
+      q0[i] = i < nrows ? to_float(q0row[i * RT]) : 0.f;
     }
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const float decay = fast_exp2(gl[i] * kLog2e + gam);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) S[i][j] = decay * S[i][j] + kv[i] * vv[j];
+    }
+    // after the last step the state is final: write it before the output's reduction and barrier
+    if (t == len - 1 && ncol > 0) store_rows<R>(p, p.ht, my_state, int64_t(RT) * V, nrows, ncol, S);
     // o[hq] = scale * q[hq] . S for the G query heads of this key/value head, gb at a time
     for (int gq0 = 0; gq0 < G; gq0 += p.gb) {
       const int nb = G - gq0 < p.gb ? G - gq0 : p.gb;
@@ -168,11 +175,12 @@ __global__ void __launch_bounds__(recurrent_max_threads(R)) gla_recurrent_kernel
       parity ^= 1;
       for (int gg = 0; gg < nb; ++gg) {
         const Act* qrow = q + pos * qstride + int64_t(h * G + gq0 + gg) * K + rg;
+        const bool first = gq0 + gg == 0;
         float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int i = 0; i < R; ++i) {
           if (i < nrows) {
-            const float qv = to_float(qrow[i * RT]);
+            const float qv = first ? q0[i] : to_float(qrow[i * RT]);
 #pragma unroll
             for (int j = 0; j < 4; ++j) part[j] += qv * S[i][j];
           }
@@ -194,7 +202,7 @@ __global__ void __launch_bounds__(recurrent_max_threads(R)) gla_recurrent_kernel
     }
   }
 
-  if (ncol > 0) store_rows<R>(p, p.ht, my_state, int64_t(RT) * V, nrows, ncol, S);
+  if (len == 0 && ncol > 0) store_rows<R>(p, p.ht, my_state, int64_t(RT) * V, nrows, ncol, S);
 }
 
 }  // namespace cuda
