@@ -127,8 +127,8 @@ def bench_case(name: str, c: dict, threads: int, runs: int, warmup: int, seed: i
         raise SystemExit(f"{name}: our output and ONNX Runtime's differ ({agree}); not timing a wrong kernel")
 
     out_shapes = {"o": [B, T, H * V], "so": [B, H, K, V]}
-    io_ours, keep_ours = _bound(ours, feeds, out_shapes)
-    io_theirs, keep_theirs = _bound(theirs, feeds, out_shapes)
+    io_ours, _buffers_ours = _bound(ours, feeds, out_shapes)  # the buffers must outlive the runs
+    io_theirs, _buffers_theirs = _bound(theirs, feeds, out_shapes)
     # interleave the two so that machine noise hits both alike
     t_ours, t_theirs = [], []
     rounds = 5
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:

@@ -9,6 +9,7 @@ library, onnxruntime itself, the CUDA execution provider) raises
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -120,10 +121,8 @@ def create_session(
         # onnxruntime-gpu finds the CUDA libraries that pip installed only once they are loaded
         preload = getattr(ort, "preload_dlls", None)
         if preload is not None:
-            try:
+            with contextlib.suppress(Exception):  # the system's CUDA may be found without it
                 preload()
-            except Exception:  # noqa: BLE001 - the system's CUDA may be found without it
-                pass
         if _has_cuda_kernels() is False:
             warnings.warn(
                 "gla-export was built without CUDA kernels: GatedLinearAttention nodes will run on the CPU "

@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+# onnxruntime comes with the [cpu]/[gpu] extra, which CI installs: without it these tests fail
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
 from ort_helpers import INPUTS, feeds_for, make_model, require_provider, run, session
 
 from gla_export.testing import GLACase, assert_close, reference
-
-# onnxruntime comes with the [cpu]/[gpu] extra, which CI installs: without it these tests fail
-from onnxruntime.capi.onnxruntime_pybind11_state import (  # noqa: E402
-    Fail,
-    InvalidArgument,
-    InvalidGraph,
-    RuntimeException,
-)
 
 # run_with_iobinding raises RuntimeError; session creation ORT's own exception types
 ORT_ERRORS = (Fail, InvalidArgument, InvalidGraph, RuntimeException, RuntimeError)
@@ -108,7 +103,7 @@ def test_node_without_present_state(provider):
 
 def test_empty_sequence_passes_the_state_through(provider):
     case = GLACase(B=2, T=1, K=16, V=16, initial_state=True)
-    feeds, kw = feeds_for(case, device=_device(provider))
+    feeds, _ = feeds_for(case, device=_device(provider))
     feeds = {n: (t[:, :0] if n in ("query", "key", "value", "gate") else t) for n, t in feeds.items()}
     sess = session(make_model(feeds, q_num_heads=4, kv_num_heads=4), provider)
     o, s = run(sess, feeds, provider)
