@@ -215,7 +215,7 @@ __device__ __forceinline__ void on_state(float (&S)[NKB][4][4], int kb, F&& f) {
 // fast for the pivot split, per pair: q_i k_j 2^(Γ_i − Γ_j) summed over the warp's columns, added
 // to diag[i][j] (two warps share a sub-chunk, hence the atomics). Out of line: it is rare, and
 // unrolled it would be most of the kernel's code.
-__device__ __noinline__ void exact_diagonal(const float* q, const float* k, const float* P, bool exact, float* diag,
+static __device__ __noinline__ void exact_diagonal(const float* q, const float* k, const float* P, bool exact, float* diag,
                                             int lane) {
 #pragma unroll 1
   for (int i = 0; i < 16; ++i) {
@@ -719,9 +719,11 @@ __global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const 
   if (vb == 0 && x.a == 0 && krow < p.K) p.seg_decay[(slot * p.Hkv + h) * int64_t(p.K) + krow] = carry;
 }
 
+// (Non-template functions here are static: every per-dtype translation unit has its own copy.)
+
 // ---- segment scan: every segment's start state --------------------------------------------------
 
-__global__ void __launch_bounds__(256) gla_segment_scan_kernel(const Params p) {
+static __global__ void __launch_bounds__(256) gla_segment_scan_kernel(const Params p) {
   const int64_t KV = int64_t(p.K) * p.V;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= p.N * p.Hkv * KV) return;
@@ -762,7 +764,7 @@ __global__ void __launch_bounds__(256) gla_segment_scan_kernel(const Params p) {
 
 // ---- segment offsets (cu_seqlens): seg_off[n] = Σ_{m<n} max(1, ceil(len_m / seg_len)) ----------
 
-__global__ void __launch_bounds__(1024) gla_segment_offsets_kernel(const Params p) {
+static __global__ void __launch_bounds__(1024) gla_segment_offsets_kernel(const Params p) {
 #if defined(GLA_EMULATE)
   int* buf = reinterpret_cast<int*>(gla_emu::dynamic_smem());
 #else

@@ -1,7 +1,8 @@
 // The CUDA launchers declared in gla/kernels.h. Everything lives in the headers beside this file
-// (forward.cuh plans and launches; recurrent.cuh and chunk.cuh are the kernels) so that the tests'
-// CPU emulation compiles exactly the same code.
-#include "cuda/forward.cuh"
+// (entry.cuh checks a call, forward.cuh plans and launches, recurrent.cuh and chunk.cuh are the
+// kernels) so that the tests' CPU emulation compiles exactly the same code. The kernels of each
+// activation type are compiled in gla_cuda_<type>.cu.
+#include "cuda/entry.cuh"
 
 namespace gla {
 

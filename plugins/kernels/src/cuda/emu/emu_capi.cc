@@ -5,7 +5,7 @@
 #include <vector_functions.h>
 #include <vector_types.h>
 
-#include "cuda/forward.cuh"
+#include "cuda/entry.cuh"
 
 extern "C" {
 
