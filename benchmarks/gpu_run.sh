@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The whole GPU pass on the GPU test machine, in a few unattended calls (each under 10 minutes):
+#
+#   bash benchmarks/gpu_run.sh train   # start the sample-model training in the background (setsid)
+#   bash benchmarks/gpu_run.sh tests   # every gpu-marked test + compute-sanitizer on the kernels
+#   bash benchmarks/gpu_run.sh bench   # kernels, Triton, ONNX Runtime and end-to-end benchmarks
+#   bash benchmarks/gpu_run.sh fetch   # copy the trained sample model into $OUT
+#
+# Needs: the staged wheels installed into /tmp/site (onnxruntime-gpu, polygraphy, fla; see
+# shared/gpu/README.md), the native libraries built for the GPU in .gpu-bin (libgla_kernels_capi,
+# libgla_onnxruntime, libgla_tensorrt, gla_trt_plugin_harness, gla-run; build them elsewhere with
+# `cmake -S . -B build/gpu -DGLA_CUDA_ARCHITECTURES=90` and carry the folder) or nvcc to build
+# them here, and samples/data/kjv.txt for training. Logs go to $OUT; a summary is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-all}
+OUT=${OUT:-out/gpu_run}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+export NCCL_NVLS_ENABLE=0
+status=0
+note() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+BIN=${GLA_GPU_BIN:-$PWD/.gpu-bin}
+if [ ! -f "$BIN/libgla_onnxruntime.so" ] && [ "$mode" != train ] && [ "$mode" != fetch ]; then
+  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+  note "building the native libraries for sm_$arch"
+  { cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DGLA_CUDA_ARCHITECTURES="$arch" \
+      ${ONNXRUNTIME_INCLUDE_DIR:+-DONNXRUNTIME_INCLUDE_DIR=$ONNXRUNTIME_INCLUDE_DIR} \
+    && cmake --build build/gpu -j"$(nproc)"; } > "$OUT/build.log" 2>&1 || { note "build FAILED"; tail -30 "$OUT/build.log"; exit 1; }
+  mkdir -p "$BIN"
+  cp build/gpu/plugins/kernels/libgla_kernels_capi.so build/gpu/plugins/onnxruntime/libgla_onnxruntime.so \
+     build/gpu/plugins/tensorrt/libgla_tensorrt.so build/gpu/plugins/tensorrt/gla_trt_plugin_harness \
+     build/gpu/runtimes/gla-run "$BIN/" 2>/dev/null
+fi
+export GLA_EXPORT_LIB_DIR=$BIN GLA_RUN_BINARY=$BIN/gla-run GLA_TRT_HARNESS=$BIN/gla_trt_plugin_harness
+chmod +x "$BIN"/gla-run "$BIN"/gla_trt_plugin_harness 2>/dev/null
+
+case "$mode" in
+train)
+  rm -rf /tmp/sample-train && mkdir -p /tmp/sample-train
+  setsid nohup bash -c "python3 samples/train_sample.py --device cuda --minutes ${TRAIN_MINUTES:-6} \
+      --dropout ${TRAIN_DROPOUT:-0.1} --out /tmp/sample-train/model > /tmp/sample-train/log.txt 2>&1; \
+      echo \$? > /tmp/sample-train/done" > /dev/null 2>&1 < /dev/null &
+  sleep 45
+  tail -5 /tmp/sample-train/log.txt
+  ;;
+fetch)
+  for _ in $(seq 1 100); do [ -f /tmp/sample-train/done ] && break; sleep 5; done
+  tail -25 /tmp/sample-train/log.txt
+  mkdir -p "$OUT/sample-model" && cp /tmp/sample-train/model/* "$OUT/sample-model/" && ls -la "$OUT/sample-model"
+  ;;
+tests)
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+  python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__)"
+  note "gpu tests"
+  timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra" -n ${JOBS:-6} \
+    tests/kernels/test_cuda_kernels.py tests/ops/test_triton.py tests/onnxruntime tests/runtime tests/runtimes \
+    tests/models/test_fla_parity_gpu.py tests/tensorrt_plugin/test_plugin_gpu.py tests/cli -rP > "$OUT/tests.log" 2>&1 || status=1
+  grep -E "^PARITY" "$OUT/tests.log" | sort | tee -a "$OUT/summary.txt"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
+  tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+  note "compute-sanitizer on the kernel core (benchmarks/gpu_kernels.sh sanitizer step)"
+  STEPS=sanitizer OUT=$OUT/sanitizer timeout 150 bash benchmarks/gpu_kernels.sh > "$OUT/sanitizer.log" 2>&1 || status=1
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|exit" "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
+  ;;
+bench)
+  note "kernel core vs fla vs SDPA"
+  timeout 200 python3 benchmarks/bench_kernels_gpu.py --json "$OUT/bench_kernels_gpu.json" > "$OUT/bench_kernels.log" 2>&1 || status=1
+  note "ONNX Runtime: ours vs com.microsoft LinearAttention"
+  timeout 150 python3 benchmarks/bench_ort_gpu.py --json "$OUT/bench_ort_gpu.json" > "$OUT/bench_ort.log" 2>&1 || status=1
+  note "Triton vs fla"
+  timeout 150 python3 benchmarks/bench_triton.py > "$OUT/bench_triton.log" 2>&1 || status=1
+  note "end to end: export, verify, bench (sample model)"
+  python3 -c "from gla_export.cli import main; main()" export -o /tmp/sample-export --force --no-validate > "$OUT/export.log" 2>&1 || status=1
+  timeout 120 python3 -c "from gla_export.cli import main; main()" verify /tmp/sample-export --json "$OUT/verify.json" > "$OUT/verify.log" 2>&1 || status=1
+  timeout 150 python3 -c "from gla_export.cli import main; main()" bench /tmp/sample-export -o "$OUT/e2e" > "$OUT/bench_e2e.log" 2>&1 || status=1
+  for f in bench_kernels bench_ort bench_triton verify bench_e2e; do echo; echo "---- $f"; tail -28 "$OUT/$f.log"; done
+  ;;
+*)
+  echo "usage: $0 train|tests|bench|fetch" >&2
+  exit 2
+  ;;
+esac
+cat "$OUT/summary.txt" 2>/dev/null
+exit $status
