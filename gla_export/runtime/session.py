@@ -59,6 +59,10 @@ def _resolve(providers: Iterable[ProviderSpec], available: list[str]) -> list[st
                 f"the ONNX Runtime execution provider {full} is not available here{hint}; "
                 f"available: {', '.join(available) or 'none'}"
             )
+        if full == PROVIDERS["cuda"]:
+            # ONNX Runtime's CUDA provider runs float32 MatMul/Gemm on TF32 by default, which moves a
+            # float32 model's logits by ~1e-2 (measured on an H200); exact float32 unless asked otherwise
+            options = {"use_tf32": "0", **(options or {})}
         resolved.append(full if options is None else (full, options))
     if not resolved:
         raise UsageError("providers must name at least one execution provider")

@@ -284,7 +284,7 @@ def _ort_session_loader(path: Path, form: str, cuda: bool, device_id: int):
             os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        providers: list[Any] = [("cuda", {"device_id": device_id}), "cpu"] if cuda else ["cpu"]
+        providers: list[Any] = [("cuda", {"device_id": device_id, "use_tf32": "0"}), "cpu"] if cuda else ["cpu"]
         if form == "custom":
             from .session import create_session
 

@@ -317,9 +317,10 @@ class OrtBackend final : public Backend {
       std::unique_ptr<OrtCUDAProviderOptionsV2, void (*)(OrtCUDAProviderOptionsV2*)> guard(
           cuda, Ort::GetApi().ReleaseCUDAProviderOptions);
       std::string dev = std::to_string(opt_.device_id);
-      const char* keys[] = {"device_id"};
-      const char* values[] = {dev.c_str()};
-      Ort::ThrowOnError(Ort::GetApi().UpdateCUDAProviderOptions(cuda, keys, values, 1));
+      // TF32 off: ONNX Runtime's default TF32 MatMul moves float32 logits by ~1e-2 and flips greedy tokens
+      const char* keys[] = {"device_id", "use_tf32"};
+      const char* values[] = {dev.c_str(), "0"};
+      Ort::ThrowOnError(Ort::GetApi().UpdateCUDAProviderOptions(cuda, keys, values, 2));
       so.AppendExecutionProvider_CUDA_V2(*cuda);
     } else if (opt_.provider != "cpu") {
       throw Error(kUsage, "--provider must be cpu or cuda, got '" + opt_.provider + "'");

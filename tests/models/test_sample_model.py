@@ -27,10 +27,10 @@ from gla_export.models import (
 ROOT = Path(__file__).resolve().parents[2]
 EXCERPT = ROOT / "tests" / "data" / "kjv_heldout_excerpt.txt"
 MAX_WEIGHTS_BYTES = 10 * 2**20
-# measured on the shipped model (its whole held-out split scores 2.015, training_log.txt); a
+# measured on the shipped model (its whole held-out split scores 1.385, training_log.txt); a
 # retrained model must not be worse than this one by more than the margin
-MEASURED_EXCERPT_BPB = 2.023
-EXCERPT_BPB_LIMIT = 2.25
+MEASURED_EXCERPT_BPB = 1.466
+EXCERPT_BPB_LIMIT = 1.6
 COMMON_WORDS = {"the", "and", "of", "unto", "that", "he", "in", "god", "lord", "shall", "was", "is", "his", "they"}
 
 

@@ -18,6 +18,12 @@ from gla_export.testing import GLACase, assert_close, reference
 ORT_ERRORS = (Fail, InvalidArgument, InvalidGraph, RuntimeException, RuntimeError)
 
 TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# the CUDA kernels compute float32 products as two bf16 planes (~6e-6 measured on an H200): the shared tolerance
+TOL_CUDA = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _tol(provider: str) -> dict:
+    return TOL_CUDA if provider == "cuda" else TOL
 
 PROVIDER_PARAMS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -47,8 +53,9 @@ def check_case(case: GLACase, provider: str, state_dtype=None, int64_cu=False, *
     assert o.dtype == case.dtype and tuple(o.shape) == (*o_ref.shape[:2], case.Hq * case.V)
     want_state = feeds["past_state"].dtype if "past_state" in feeds else torch.float32
     assert s.dtype == want_state and s.shape == s_ref.shape
-    assert_close("output", o.reshape(o_ref.shape), o_ref, TOL[case.dtype])
-    assert_close("present_state", s, s_ref, max(TOL[case.dtype], TOL[want_state]))
+    tol = _tol(provider)
+    assert_close("output", o.reshape(o_ref.shape), o_ref, tol[case.dtype])
+    assert_close("present_state", s, s_ref, max(tol[case.dtype], tol[want_state]))
     return sess, feeds
 
 
@@ -98,7 +105,7 @@ def test_node_without_present_state(provider):
     o_ref, _ = reference(kw)
     sess = session(make_model(feeds, outputs=("output",), q_num_heads=4, kv_num_heads=4), provider)
     (o,) = run(sess, feeds, provider)
-    assert_close("output", o.reshape(o_ref.shape), o_ref, TOL[torch.float32])
+    assert_close("output", o.reshape(o_ref.shape), o_ref, _tol(provider)[torch.float32])
 
 
 def test_empty_sequence_passes_the_state_through(provider):
