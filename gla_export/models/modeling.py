@@ -9,7 +9,9 @@ Recurrent inference: every layer takes and returns a :class:`LayerState` (the GL
 ``[B, Hkv, d_k, d_v]`` and, with short convolutions, the last ``conv_size - 1`` inputs of the q, k
 and v convolutions ``[B, conv_channels, conv_size - 1]``). Padded batches must be left-padded:
 a position with ``attention_mask == 0`` gets ``k = 0`` and ``g = 0`` (it leaves the state alone)
-and zero convolution input, so each row ends with its own state.
+and is cut out of the convolution windows (the row's cached inputs move up to its first real
+token), so each row gets the logits and the states it would get run alone, whether it starts
+a context or continues one.
 """
 
 from __future__ import annotations
@@ -56,16 +58,42 @@ class ShortConvolution(nn.Conv1d):
     def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False):
         super().__init__(hidden_size, hidden_size, kernel_size, padding=kernel_size - 1, groups=hidden_size, bias=bias)
 
-    def forward_with_cache(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: ``[B, T, D]``; cache: the previous ``kernel_size - 1`` inputs ``[B, D, W-1]`` (zeros if None)."""
+    def forward_with_cache(
+        self, x: torch.Tensor, cache: torch.Tensor | None, pad: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: ``[B, T, D]``; cache: the previous ``kernel_size - 1`` inputs ``[B, D, W-1]`` (zeros if None);
+        pad: ``[B]`` number of left-padding positions of each row (None: no padding).
+
+        With padding, each row's window sees ``[cache, real tokens]``: the padded positions are cut
+        out and the cache moved right next to the row's first real token (see :func:`close_left_padding`).
+        """
         B, T, D = x.shape
         W = self.kernel_size[0]
         xt = x.transpose(1, 2)
         if cache is None:
             cache = xt.new_zeros(B, D, W - 1)
         full = torch.cat([cache.to(xt.dtype), xt], dim=-1)  # [B, D, W-1+T]
+        if pad is not None:
+            full = close_left_padding(full, pad, W - 1)
         y = F.conv1d(full, self.weight, self.bias, groups=D)  # [B, D, T]
         return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - (W - 1) :]
+
+
+def close_left_padding(full: torch.Tensor, pad: torch.Tensor, n_cache: int) -> torch.Tensor:
+    """``full = [cache, x]`` ``[B, D, n_cache + T]`` where the first ``pad[b]`` positions of row b's
+    ``x`` are padding: move the cache right by ``pad[b]`` onto the padding (zeros enter on the
+    left), so that the cache sits right before the row's real tokens, which keep their places.
+
+    A convolution over the result gives every real token the window it would have had with the
+    row run alone, and the last ``n_cache`` columns are the row's new cache (the old cache for a
+    row that is all padding).
+    """
+    L = full.shape[-1]
+    j = torch.arange(L, device=full.device)
+    shift = pad.to(device=full.device, dtype=j.dtype)[:, None]  # [B, 1]
+    src = torch.where(j < n_cache + shift, j - shift, j)  # [B, L]; < 0 where zeros enter
+    gathered = full.gather(-1, src.clamp_min(0)[:, None, :].expand(-1, full.shape[1], -1))
+    return gathered * (src >= 0)[:, None, :].to(full.dtype)
 
 
 @dataclass
@@ -132,9 +160,11 @@ class GatedLinearAttention(nn.Module):
             prev = None if state is None else state.conv
             splits = (c.key_dim, c.key_dim_per_group, c.value_dim_per_group)
             caches = (None, None, None) if prev is None else torch.split(prev, splits, dim=1)
-            q, cq = self.q_conv1d.forward_with_cache(q, caches[0])
-            k, ck = self.k_conv1d.forward_with_cache(k, caches[1])
-            v, cv = self.v_conv1d.forward_with_cache(v, caches[2])
+            # a zero cache needs no closing of the padding: the padded inputs are zeros already
+            pad = None if mask is None or prev is None else T - attention_mask[:, -T:].sum(-1)
+            q, cq = self.q_conv1d.forward_with_cache(q, caches[0], pad)
+            k, ck = self.k_conv1d.forward_with_cache(k, caches[1], pad)
+            v, cv = self.v_conv1d.forward_with_cache(v, caches[2], pad)
             conv_state = torch.cat([cq, ck, cv], dim=1)
         gk = self.gate(x)
         if mask is not None:
@@ -205,6 +235,19 @@ class GLAModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
 
+def _check_left_padded(attention_mask: torch.Tensor, ids_shape: torch.Size) -> None:
+    """The short convolutions take padding out of their windows by position (the first
+    ``T - sum(mask)`` positions of a row), so any other mask would silently mix up the windows."""
+    B, T = ids_shape
+    m = attention_mask
+    if m.dim() != 2 or m.shape[0] != B or m.shape[1] < T:
+        raise ValueError(f"attention_mask (shape {list(m.shape)}) must be [batch, >= {T}] for input_ids of shape {[B, T]}")
+    m = m[:, -T:]
+    if ((m != 0) & (m != 1)).any() or (m[:, 1:] < m[:, :-1]).any():
+        raise ValueError(f"attention_mask (shape {list(attention_mask.shape)}) must hold 0s then 1s in each row: "
+                         "padding goes on the left")
+
+
 class GLAForCausalLM(nn.Module):
     """``forward(input_ids, attention_mask=None, states=None)`` -> :class:`CausalLMOutput`."""
 
@@ -235,6 +278,8 @@ class GLAForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         if states is not None and len(states) != len(self.model.layers):
             raise ValueError(f"expected {len(self.model.layers)} layer states, got {len(states)}")
+        if attention_mask is not None and self.config.use_short_conv:
+            _check_left_padded(attention_mask, input_ids.shape)
         x = self.model.embeddings(input_ids)
         new_states = []
         for i, layer in enumerate(self.model.layers):

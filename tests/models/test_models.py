@@ -102,6 +102,56 @@ def test_left_padding_gives_each_row_its_own_result(name):
                     assert rel_err(lb.conv[i], la.conv[0]) < 1e-5
 
 
+def _left_padded(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s) :] = s
+        mask[i, T - len(s) :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["base", "gqa-conv-tied", "mqa-conv3"])
+def test_left_padded_prefill_continuing_contexts_gives_each_row_its_own_result(name):
+    """Rows of different lengths, then a second left-padded prefill continuing each row: the
+    padding of the second call sits between the rows' cached convolution inputs and their new
+    tokens and must not reach the windows. Continuations shorter than the convolution cache
+    (1 token) and an all-padding row (0 tokens: its states stay as they were) included."""
+    torch.manual_seed(3)
+    model = GLAForCausalLM(GLAConfig(**CONFIGS[name], initializer_range=0.3)).eval()
+    V = model.config.vocab_size
+    first = [torch.randint(0, V, (n,)) for n in (11, 4, 7, 9)]
+    second = [torch.randint(0, V, (n,)) for n in (6, 1, 13, 0)]
+    with torch.no_grad():
+        ids, mask = _left_padded(first)
+        out1 = model(ids, attention_mask=mask, states=model.init_states(len(first)))
+        ids, mask = _left_padded(second)
+        out2 = model(ids, attention_mask=mask, states=out1.states)
+        T = ids.shape[1]
+        for i, (a, b) in enumerate(zip(first, second)):
+            alone = model(torch.cat([a, b])[None])
+            if len(b):
+                assert rel_err(out2.logits[i, T - len(b) :], alone.logits[0, len(a) :]) < 1e-5, f"row {i}"
+            for layer, (lb, la) in enumerate(zip(out2.states, alone.states)):
+                assert rel_err(lb.recurrent[i], la.recurrent[0]) < 1e-5, f"row {i} layer {layer}"
+                if la.conv is not None:
+                    assert rel_err(lb.conv[i], la.conv[0]) < 1e-5, f"row {i} layer {layer} conv"
+
+
+def test_short_conv_model_refuses_a_mask_that_is_not_left_padding():
+    model = GLAForCausalLM(GLAConfig(**CONFIGS["gqa-conv-tied"])).eval()
+    ids = torch.randint(0, 101, (2, 5))
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match=r"attention_mask \(shape \[2, 5\]\).*left"):
+        model(ids, attention_mask=right)
+    with pytest.raises(ValueError, match=r"attention_mask \(shape \[2, 3\]\)"):
+        model(ids, attention_mask=torch.ones(2, 3, dtype=torch.long))
+    with torch.no_grad():  # a boolean mask and a mask covering the past as well are fine
+        model(ids, attention_mask=torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool))
+        model(ids, attention_mask=torch.ones(2, 9, dtype=torch.long))
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = build_model(vocab_size=64, embed_dim=64, num_layers=2, num_heads=2, tie_word_embeddings=True)
     save_model(model, tmp_path)
