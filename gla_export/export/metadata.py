@@ -131,6 +131,9 @@ def build_metadata(
         "graphs": {"prefill": graph_io(spec, "prefill"), "step": graph_io(spec, "step")},
         "states": states,
         "padding": "left" if spec.attention_mask else None,
+        # exports written before this field pad exactly only from zero states when the model has
+        # short convolutions (the padding took slots of the convolution windows): runtimes read it
+        "padding_with_past": True if spec.attention_mask else None,
         "shape_hints": shape_hints,
     }
 

@@ -168,11 +168,13 @@ def build_graph(spec: GraphSpec, table: WeightTable, kind: str) -> GraphBuilder:
     for st in states:
         b.input(st["input"], st["elem_type"], st["shape"])
 
-    mask_act = mask_f = None
+    mask_act = mask_f = close_pad = None
     if has_mask:
         b.scope = "/model/mask"
         mask_act = b.op("Unsqueeze", [b.op("Cast", [mask], to=act), b.i64(-1)])  # [B,T,1]
         mask_f = mask_act if act == F else b.op("Unsqueeze", [b.op("Cast", [mask], to=F), b.i64(-1)])
+        if c.use_short_conv:
+            close_pad = _close_padding_indices(b, mask, c.conv_size - 1, act)
 
     b.scope = "/model/embeddings"
     x = b.op("Gather", [b.weight("model.embeddings.weight"), ids], axis=0)
@@ -196,7 +198,7 @@ def build_graph(spec: GraphSpec, table: WeightTable, kind: str) -> GraphBuilder:
             qkv = b.op("Mul", [qkv, mask_act])
         if c.use_short_conv:
             st = by_layer[i]["conv_state"]
-            qkv, conv_out = _short_conv(b, qkv, st["input"], p, c, act)
+            qkv, conv_out = _short_conv(b, qkv, st["input"], p, c, act, close_pad)
             present[st["output"]] = conv_out
         q, k, v = b.op("Split", [qkv, b.i64(c.key_dim, c.key_dim_per_group, c.value_dim_per_group)], n_out=3, axis=-1)
         if has_mask:
@@ -253,10 +255,40 @@ def build_graph(spec: GraphSpec, table: WeightTable, kind: str) -> GraphBuilder:
     return b
 
 
-def _short_conv(b: GraphBuilder, x: str, cache: str, p: str, c: GLAConfig, act: int) -> tuple[str, str]:
+def _close_padding_indices(b: GraphBuilder, mask: str, n_cache: int, act: int) -> tuple[str, str]:
+    """Where each column of ``[cache, x]`` (``[B, L = n_cache + T, C]``, flattened to ``[B·L, C]``)
+    comes from once a row's left padding is cut out of its convolution windows, as
+    ``close_left_padding`` in gla_export/models/modeling.py: with ``p_b`` padded positions, the
+    cache moves right by ``p_b`` onto the padding (zeros enter on the left), the real tokens keep
+    their places. Returns (flat gather indices ``[B, L]``, 0/1 keep factor ``[B, L, 1]`` in ``act``).
+    The same for every layer, so computed once."""
+    zero, one = b.const(0, np.int64, "i64"), b.const(1, np.int64, "i64")
+    T = b.op("Shape", [mask], start=1, end=2)  # [1]
+    pad = b.op("Sub", [T, b.op("ReduceSum", [mask, b.i64(1)], keepdims=1)])  # [B,1]
+    L = b.op("Add", [T, b.i64(n_cache)])
+    j = b.op("Range", [zero, b.op("Squeeze", [L, b.i64(0)]), one])  # [L]
+    src = b.op("Where", [b.op("Less", [j, b.op("Add", [pad, b.i64(n_cache)])]), b.op("Sub", [j, pad]), j])  # [B,L]
+    keep = b.op("Unsqueeze", [b.op("Cast", [b.op("GreaterOrEqual", [src, zero])], to=act), b.i64(-1)])
+    B = b.op("Shape", [mask], start=0, end=1)
+    rows = b.op("Range", [zero, b.op("Squeeze", [B, b.i64(0)]), one])  # [B]
+    base = b.op("Mul", [b.op("Unsqueeze", [rows, b.i64(1)]), L])  # [B,1]: each row's first flat column
+    flat = b.op("Add", [b.op("Max", [src, zero]), base])
+    return flat, keep
+
+
+def _short_conv(b: GraphBuilder, x: str, cache: str, p: str, c: GLAConfig, act: int,
+                close_pad: tuple[str, str] | None = None) -> tuple[str, str]:
     """Depthwise causal convolution + SiLU over ``[cache, x]``; the new cache is the last
-    ``conv_size − 1`` inputs. ``x``: ``[B, T, C]``, cache ``[B, C, W−1]``."""
-    full = b.op("Concat", [cache, b.op("Transpose", [x], perm=[0, 2, 1])], axis=2)  # [B, C, W-1+T]
+    ``conv_size − 1`` inputs. ``x``: ``[B, T, C]``, cache ``[B, C, W−1]``. ``close_pad``
+    (from :func:`_close_padding_indices`) takes each row's left padding out of the windows."""
+    if close_pad is None:
+        full = b.op("Concat", [cache, b.op("Transpose", [x], perm=[0, 2, 1])], axis=2)  # [B, C, W-1+T]
+    else:
+        flat, keep = close_pad
+        full = b.op("Concat", [b.op("Transpose", [cache], perm=[0, 2, 1]), x], axis=1)  # [B, W-1+T, C]
+        # one Gather over [B·L, C] rows: indices of B·L, not B·L·C as GatherElements would need
+        full = b.op("Gather", [b.op("Reshape", [full, b.i64(-1, c.conv_channels)]), flat], axis=0)  # [B, L, C]
+        full = b.op("Transpose", [b.op("Mul", [full, keep])], perm=[0, 2, 1])
     inputs = [full, b.weight(f"{p}.attn.conv1d.weight")]
     if c.conv_bias:
         inputs.append(b.weight(f"{p}.attn.conv1d.bias"))

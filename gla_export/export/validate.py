@@ -8,6 +8,8 @@ Cases (all with fixed seeds, so a failure reproduces):
 - ``real``: prefill of an English sentence, tokenised when the model's tokenizer is known;
 - ``padded``: a left-padded batch with ``attention_mask``: each row's logits and final states
   against that row run alone (only when the prefill graph has the mask);
+- ``padded-continue``: the same for left-padded prompts that continue the rows of ``random``
+  (the padding sits between each row's past and its new tokens; only with the mask);
 - ``step``: the step graph run once per token of the ``real`` (or a random) sequence from zero
   states, reproducing the full forward's logits at every position and its final states.
 
@@ -384,6 +386,28 @@ def build_cases(
             return o
 
         specs.append(("padded", "prefill", [prefill_feeds(pid, mask=pmask)], padded, padded_collect))
+
+        # the rows of "random" continued by left-padded prompts of different lengths: the padding
+        # sits between each row's past (its convolution cache) and its new tokens
+        clens = [9, 2]
+        Tc = max(clens)
+        cid = torch.zeros(2, Tc, dtype=torch.long)
+        cmask = torch.zeros(2, Tc, dtype=torch.long)
+        crows = [torch.randint(0, c.vocab_size, (n,), generator=gen) for n in clens]
+        for r, row in enumerate(crows):
+            cid[r, Tc - len(row):] = row
+            cmask[r, Tc - len(row):] = 1
+
+        def padded_continue(m, sd, rows=crows):
+            alone = []
+            for r, row in enumerate(rows):
+                p = [LayerState(s.recurrent[r:r + 1].to(sd), None if s.conv is None else s.conv[r:r + 1].to(m.lm_head.weight.dtype))
+                     for s in past]
+                alone.append(results(fwd(m, sd, row[None], states=p)))
+            return {k: torch.cat([a[k][0] if k == "logits" else a[k] for a in alone]) for k in alone[0]}
+
+        specs.append(("padded-continue", "prefill", [prefill_feeds(cid, past, mask=cmask)], padded_continue,
+                      lambda runs, lens=clens, Tp=Tc: padded_collect(runs, lens, Tp)))
 
     def step_collect(runs):
         return {**runs[-1], "logits": np.concatenate([r["logits"] for r in runs], axis=1)}

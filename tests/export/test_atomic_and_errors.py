@@ -124,6 +124,7 @@ def test_no_attention_mask(tmp_path):
     assert res.validation.passed
     names = [i["name"] for i in res.metadata["graphs"]["prefill"]["inputs"]]
     assert "attention_mask" not in names and res.metadata["padding"] is None
+    assert res.metadata["padding_with_past"] is None
     assert {c.case for c in res.validation.checks} == {"random", "continue", "step"}
 
 

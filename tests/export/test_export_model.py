@@ -64,10 +64,11 @@ def test_export_validates(tmp_path, form, config, dtype):
     res = _export(model, tmp_path, form, dtype)
     meta = read_metadata(res.out_dir)
     assert meta == res.metadata and meta["format_version"] == FORMAT_VERSION
+    assert meta["padding"] == "left" and meta["padding_with_past"] is True
     assert res.validation.passed, res.validation.failures
     checked = {(c.case, c.output) for c in res.validation.checks}
     outputs = ["logits"] + [st["output"] for st in meta["states"]]
-    for case in ("random", "continue", "padded", "step"):
+    for case in ("random", "continue", "padded", "padded-continue", "step"):
         assert all((case, o) in checked for o in outputs), case
     _check_files(res.out_dir, meta, form)
     kinds = {st["kind"] for st in meta["states"]}
@@ -123,6 +124,45 @@ def test_left_padded_rows_get_their_own_results(tmp_path, form):
         assert rel_err(torch.from_numpy(batched["logits"][i, T - len(r):]), torch.from_numpy(alone["logits"][0])) < 1e-5
         for st in res.metadata["states"]:
             assert rel_err(torch.from_numpy(batched[st["output"]][i]), torch.from_numpy(alone[st["output"]][0])) < 1e-5
+
+
+def _left_padded(rows: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    T = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), T), np.int64)
+    mask = np.zeros((len(rows), T), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r.numpy()
+        mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_left_padded_prefill_continuing_contexts_gives_each_row_its_own_results(tmp_path, form):
+    """Rows of different lengths, then a second left-padded prefill continuing each row (its
+    padding sits between the rows' convolution caches and their new tokens): every row's logits
+    and final states, recurrent and conv, are those of the PyTorch model running that row alone.
+    Continuations shorter than the convolution cache (1 token) and of no token at all included."""
+    model = make_model("gqa-conv")
+    res = _export(model, tmp_path, form, validate=False)
+    meta = res.metadata
+    run = session(res.prefill_path, form)
+    V = model.config.vocab_size
+    first = [torch.randint(0, V, (n,)) for n in (11, 4, 7, 9)]
+    second = [torch.randint(0, V, (n,)) for n in (6, 1, 13, 0)]
+    ids, mask = _left_padded(first)
+    out = run({"input_ids": ids, "attention_mask": mask, **zero_state_feeds(meta, len(first))})
+    ids, mask = _left_padded(second)
+    out = run({"input_ids": ids, "attention_mask": mask, **{st["input"]: out[st["output"]] for st in meta["states"]}})
+    T = ids.shape[1]
+    for i, (a, b) in enumerate(zip(first, second)):
+        with torch.no_grad():
+            alone = model(torch.cat([a, b])[None])
+        if len(b):
+            assert rel_err(torch.from_numpy(out["logits"][i, T - len(b):]), alone.logits[0, len(a):]) < 1e-5, f"row {i}"
+        for st in meta["states"]:
+            layer = alone.states[st["layer"]]
+            want = layer.recurrent if st["kind"] == "recurrent_state" else layer.conv
+            assert rel_err(torch.from_numpy(out[st["output"]][i]), want[0]) < 1e-5, f"row {i}: {st['output']}"
 
 
 def test_fp16_state_and_bf16_activations(tmp_path):
