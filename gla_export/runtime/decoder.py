@@ -19,9 +19,11 @@ runtimes by pointer, so that rows can be copied, zeroed, snapshotted and restore
 without a trip through the host.
 
 Batches are left-padded: rows of different lengths are aligned on their last token and the
-prefill graph's ``attention_mask`` marks the padding, which leaves the recurrent state untouched.
-One exception: the short-convolution cache of a row that already holds a context would be
-shifted by padding, so such rows are prefilled in groups of equal length instead.
+prefill graph's ``attention_mask`` marks the padding, which leaves the recurrent state untouched
+and is cut out of the short-convolution windows, so rows that already hold contexts are read in
+one prefill too (docs/export.md, section 3). Exports written before the metadata's
+``padding_with_past`` lack that cut: for models with short convolutions their rows holding a
+context are prefilled in groups of equal length.
 
 A conversation's state is its layer states plus the *pending token* (sampled, shown, not yet
 consumed; see :mod:`.state`). Decoding that is interrupted, saved and resumed runs exactly the
@@ -470,6 +472,11 @@ class StatefulDecoder:
         if isinstance(self._engine, _TrtEngine):  # the engine decides (a builder may have narrowed int64 ids)
             self._id_dtypes["prefill"] = self._id_dtypes["step"] = self._engine.input_dtypes["input_ids"]
             self._id_dtypes["mask"] = self._engine.input_dtypes.get("attention_mask", torch.int64)
+        # padding is exact over any past, except in exports older than the metadata's
+        # padding_with_past for models with short convolutions (their padding took slots of the
+        # convolution windows): there, rows that hold a context are prefilled in groups of equal length
+        conv = any(s.kind == "conv_state" for s in self.specs)
+        self._padding_with_past = bool(self.metadata.get("padding_with_past")) or not conv
         self.prefill_chunk = prefill_chunk
         if self._engine.max_seq is not None:
             self.prefill_chunk = min(prefill_chunk or self._engine.max_seq, self._engine.max_seq)
@@ -646,13 +653,12 @@ class StatefulDecoder:
             self._check_ids(ids, f"prompt {i} (row {rows[i]})")
         lengths = {len(ids) for ids in lists}
         with self._lock:
-            conv = any(s.kind == "conv_state" for s in self.specs)
             by_len: dict[int, list[int]] = {}
             for i, ids in enumerate(lists):
                 by_len.setdefault(len(ids), []).append(i)
             if len(lengths) == 1:
                 groups = [list(range(len(rows)))]
-            elif self._engine.has_mask and not (conv and any(self._consumed[r] for r in rows)):
+            elif self._engine.has_mask and (self._padding_with_past or not any(self._consumed[r] for r in rows)):
                 # one padded prefill, but single tokens go through the step graph as in uninterrupted decoding
                 groups = [g for g in (by_len.pop(1, None), sorted(i for g in by_len.values() for i in g)) if g]
             else:

@@ -154,19 +154,82 @@ def test_left_padded_batch_equals_rows_alone(exports, kind):
         assert rel_err(torch.from_numpy(dec.prefill([ids], rows=[i])[0]), torch_logits(model, ids)[-1]) < TOL
 
 
+def record_graph_calls(dec: StatefulDecoder) -> list[tuple[str, tuple[int, ...]]]:
+    """(graph, input_ids shape) of every graph call the decoder makes from now on."""
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    run = dec._engine.run
+
+    def recording(graph, feeds, outputs):
+        calls.append((graph, tuple(feeds["input_ids"].shape)))
+        return run(graph, feeds, outputs)
+
+    dec._engine.run = recording
+    return calls
+
+
+FIRST = [[256, 10, 20, 30], [256, 40], [256, 50, 60, 70, 80, 90], [256, 7, 8]]
+SECOND = [[1, 2, 3, 4, 5], [6], [7, 8], [9, 11, 12, 13, 14, 15, 16]]
+
+
+def check_rows_continued(dec: StatefulDecoder, model, got: np.ndarray) -> None:
+    """Each row's logits and states (recurrent and conv) are those of its whole text run alone."""
+    for i, (a, b) in enumerate(zip(FIRST, SECOND)):
+        assert rel_err(torch.from_numpy(got[i]), torch_logits(model, a + b)[-1]) < TOL, f"row {i}"
+        snap = dec.snapshot(i)
+        for layer, st in enumerate(torch_states(model, a + b)):
+            assert rel_err(snap.tensors[f"past_key_values.{layer}.recurrent_state"], st.recurrent) < TOL, f"row {i}"
+            if st.conv is not None:
+                assert rel_err(snap.tensors[f"past_key_values.{layer}.conv_state"], st.conv) < TOL, f"row {i} conv"
+        assert snap.consumed == len(a) + len(b)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_continuing_conversations_in_a_padded_batch(exports, kind):
-    """Rows holding a context get continuations of different lengths in one call (for the
-    short-convolution model they are prefilled in groups, since padding would shift the cache)."""
-    model, path = exports[kind, "decomposed"]
-    dec = decoder(path, batch_size=3)
-    first = [[256, 10, 20, 30], [256, 40], [256, 50, 60, 70, 80, 90]]
-    second = [[1, 2, 3, 4, 5], [6], [7, 8]]
-    dec.prefill(first)
-    got = dec.prefill(second)
-    for i in range(3):
-        ref = torch_logits(model, first[i] + second[i])[-1]
-        assert rel_err(torch.from_numpy(got[i]), ref) < TOL, f"row {i}"
+def test_continuing_conversations_in_a_padded_batch(exports, kind, form, chunk):
+    """Rows holding contexts of different lengths get continuations of different lengths in one
+    left-padded prefill (the single token goes through the step graph, as in uninterrupted
+    decoding). With chunks of 3, the shorter rows are all padding in the first chunks."""
+    model, path = exports[kind, form]
+    dec = decoder(path, batch_size=4, prefill_chunk=chunk)
+    dec.prefill(FIRST)
+    calls = record_graph_calls(dec)
+    got = dec.prefill(SECOND)
+    padded = [c for c in calls if c[0] == "prefill"]
+    assert ("step", (1, 1)) in calls
+    assert {shape[0] for _, shape in padded} == {3}, calls  # rows 0, 2 and 3 together
+    assert sum(shape[1] for _, shape in padded) == 7, calls
+    check_rows_continued(dec, model, got)
+
+
+def test_exports_older_than_padding_with_past_prefill_continuing_rows_in_groups(exports, tmp_path, monkeypatch):
+    """An export written before the metadata had padding_with_past (its graphs let padding take
+    slots of the convolution windows) still gives every continued row its own result: rows
+    holding a context are prefilled in groups of equal length."""
+    import gla_export.export.api as api
+    import gla_export.export.model_graph as model_graph
+
+    short_conv, build_metadata = model_graph._short_conv, api.build_metadata
+
+    def old_short_conv(b, x, cache, p, c, act, close_pad=None):
+        return short_conv(b, x, cache, p, c, act)  # the graphs as they were: no cut
+
+    def old_metadata(*args, **kw):
+        meta = build_metadata(*args, **kw)
+        del meta["padding_with_past"]
+        return meta
+
+    monkeypatch.setattr(model_graph, "_short_conv", old_short_conv)
+    monkeypatch.setattr(api, "build_metadata", old_metadata)
+    model, _ = exports["conv-gqa", "decomposed"]
+    path = export_model(model, tmp_path / "old", gla_op="decomposed", validate=False, progress=False).out_dir
+    assert "padding_with_past" not in json.loads((path / "metadata.json").read_text())
+    dec = decoder(path, batch_size=4)
+    dec.prefill(FIRST)  # zero states: one padded prefill is exact in any export
+    calls = record_graph_calls(dec)
+    got = dec.prefill(SECOND)
+    assert sorted(shape for g, shape in calls if g == "prefill") == [(1, 2), (1, 5), (1, 7)], calls
+    check_rows_continued(dec, model, got)
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
