@@ -206,8 +206,7 @@ def test_exports_older_than_padding_with_past_prefill_continuing_rows_in_groups(
     """An export written before the metadata had padding_with_past (its graphs let padding take
     slots of the convolution windows) still gives every continued row its own result: rows
     holding a context are prefilled in groups of equal length."""
-    import gla_export.export.api as api
-    import gla_export.export.model_graph as model_graph
+    from gla_export.export import api, model_graph
 
     short_conv, build_metadata = model_graph._short_conv, api.build_metadata
 
