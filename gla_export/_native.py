@@ -2,9 +2,17 @@
 
 ``library_path("ort")`` is the ONNX Runtime custom-op library, ``library_path("trt")`` the
 TensorRT plugin, ``library_path("kernels")`` a thin C entry to the kernel core (tests and
-benchmarks call it through ctypes). They are installed into ``gla_export/lib`` by the package
-build; ``GLA_EXPORT_LIB_DIR`` overrides the search, and a CMake build tree under ``build/``
-is looked at last (for developers).
+benchmarks call it through ctypes).
+
+Search order, first match wins:
+
+1. ``GLA_EXPORT_LIB_DIR`` (directories separated by ``os.pathsep``);
+2. the installed locations: ``gla_export/lib`` beside this file, then where the installed
+   ``gla-export`` distribution put its ``gla_export/lib`` (a wheel or an editable install);
+3. a developer's CMake build trees under the source checkout's ``build/``: ``build/*/lib``,
+   ``build/*/plugins/{kernels,onnxruntime,tensorrt}``, ``build/*/runtimes``, ``build/lib`` and
+   ``build``. Several trees may hold the same library (one per configuration): the most
+   recently built one is taken, which is the one a developer has just rebuilt.
 """
 
 from __future__ import annotations
@@ -19,6 +27,12 @@ LIBRARIES = {
     "kernels": "libgla_kernels_capi",
 }
 
+# where the package lives; its parent is the source checkout when running from one (tests point it elsewhere)
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+# output folders of the CMake targets inside one build tree (CMakeLists.txt, plugins/*, runtimes)
+BUILD_TREE_SUBDIRS = ("lib", "plugins/kernels", "plugins/onnxruntime", "plugins/tensorrt", "runtimes")
+
 
 class NativeLibraryError(RuntimeError):
     """A native library was asked for but is not built or not found."""
@@ -28,44 +42,62 @@ def _suffix() -> str:
     return {"win32": ".dll", "darwin": ".dylib"}.get(sys.platform, ".so")
 
 
-def _search_dirs() -> list[Path]:
-    dirs = []
+def _env_dirs() -> list[Path]:
     env = os.environ.get("GLA_EXPORT_LIB_DIR")
-    if env:
-        dirs += [Path(p) for p in env.split(os.pathsep) if p]
-    pkg = Path(__file__).resolve().parent
-    dirs.append(pkg / "lib")
-    try:  # an installed wheel or an editable install records where its files went
-        from importlib.metadata import PackageNotFoundError, distribution
+    return [Path(p) for p in env.split(os.pathsep) if p] if env else []
 
-        try:
-            for f in distribution("gla-export").files or []:
-                if f.parent.name == "lib" and f.parent.parent.name == "gla_export":
-                    dirs.append(Path(f.locate()).parent)
-                    break
-        except PackageNotFoundError:
-            pass
+
+def _distribution_lib_dir() -> Path | None:
+    """``gla_export/lib`` of the installed distribution, which need not be the package imported
+    (tests run the checkout's package while the wheel is installed in site-packages)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
     except ImportError:  # pragma: no cover
-        pass
-    root = pkg.parent
-    dirs += sorted(root.glob("build/*/lib")) + sorted(root.glob("build/lib")) + [root / "build"]
-    seen, out = set(), []
-    for d in dirs:
-        if d not in seen:
-            seen.add(d)
-            out.append(d)
-    return out
+        return None
+    try:
+        files = distribution("gla-export").files or []
+    except PackageNotFoundError:
+        return None
+    for f in files:
+        if f.parent.name == "lib" and f.parent.parent.name == "gla_export":
+            return Path(f.locate()).parent
+    return None
+
+
+def _installed_dirs(package_dir: Path) -> list[Path]:
+    dirs = [package_dir / "lib"]
+    dist = _distribution_lib_dir()
+    if dist is not None:
+        dirs.append(dist)
+    return dirs
+
+
+def _build_tree_dirs(root: Path) -> list[Path]:
+    """Candidate output folders of the CMake build trees under ``root/build``."""
+    build = root / "build"
+    dirs = [d for tree in sorted(p for p in build.glob("*") if p.is_dir()) for d in (tree / s for s in BUILD_TREE_SUBDIRS)]
+    return [*dirs, build / "lib", build]
+
+
+def _newest(paths: list[Path]) -> Path | None:
+    """The most recently modified of ``paths`` (the first of equals), or None."""
+    best, best_mtime = None, None
+    for p in paths:
+        mtime = p.stat().st_mtime
+        if best_mtime is None or mtime > best_mtime:
+            best, best_mtime = p, mtime
+    return best
 
 
 def find_library(kind: str) -> Path | None:
-    """Path of a native library, or None when it is not built."""
+    """Path of a native library, or None when it is not built (search order: module docstring)."""
     if kind not in LIBRARIES:
         raise ValueError(f"kind must be one of {', '.join(LIBRARIES)}, got {kind!r}")
     name = LIBRARIES[kind] + _suffix()
-    for d in _search_dirs():
+    for d in [*_env_dirs(), *_installed_dirs(_PACKAGE_DIR)]:
         if (d / name).is_file():
             return d / name
-    return None
+    return _newest([d / name for d in _build_tree_dirs(_PACKAGE_DIR.parent) if (d / name).is_file()])
 
 
 def library_path(kind: str) -> str:
