@@ -161,7 +161,8 @@ def _load(model_or_path: Any, dtype: torch.dtype) -> tuple[GLAForCausalLM, Path 
     try:
         # keep the checkpoint's tensors as the parameters (no second copy while loading), then
         # convert one parameter at a time: peak memory stays near one copy of the weights
-        return _to_dtype(load_model(path, dtype=None), dtype), path
+        # the metadata records it: absolute, so that verify and bench find it from any directory
+        return _to_dtype(load_model(path, dtype=None), dtype), path.resolve()
     except (CheckpointError, ConfigError) as e:
         raise ModelError(str(e)) from e
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from export_helpers import make_model
 
 from gla_export.errors import ExportFailedError, ModelError, OutputExistsError, UsageError
-from gla_export.export import export_model
+from gla_export.export import export_model, read_metadata
 from gla_export.export.graph import WeightTable
 from gla_export.models import GLAConfig, GLAForCausalLM, save_model
 
@@ -113,10 +114,20 @@ def test_checkpoint_directory_and_shape_hints(tmp_path):
                        progress=False)
     assert res.validation.passed
     meta = res.metadata
-    assert meta["source"] == str(tmp_path / "ckpt")
+    assert meta["source"] == str((tmp_path / "ckpt").resolve())
     assert meta["shape_hints"] == {"batch": {"min": 1, "opt": 1, "max": 4}, "sequence": {"min": 1, "opt": 128, "max": 512}}
     assert meta["tokenizer"] == {"kind": "none"}
     assert meta["model"]["num_parameters"] == sum(p.numel() for p in model.parameters())  # tied weights once
+
+
+def test_source_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
+    save_model(make_model("mha"), tmp_path / "work" / "ckpt")
+    monkeypatch.chdir(tmp_path / "work")
+    res = export_model("ckpt", "../out", gla_op="decomposed", validate=False, progress=False)
+    want = str((tmp_path / "work" / "ckpt").resolve())
+    assert res.metadata["source"] == want and read_metadata(tmp_path / "out")["source"] == want
+    monkeypatch.chdir(tmp_path)  # elsewhere, the recorded path still names the checkpoint
+    assert (Path(res.metadata["source"]) / "config.json").is_file()
 
 
 def test_no_attention_mask(tmp_path):
