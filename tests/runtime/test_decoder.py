@@ -175,7 +175,7 @@ def check_rows_continued(dec: StatefulDecoder, model, got: np.ndarray) -> None:
     """Each row's logits and states (recurrent and conv) are those of its whole text run alone."""
     for i, (a, b) in enumerate(zip(FIRST, SECOND)):
         assert rel_err(torch.from_numpy(got[i]), torch_logits(model, a + b)[-1]) < TOL, f"row {i}"
-        snap = dec.snapshot(i)
+        snap = dec.snapshot(i, device="cpu")
         for layer, st in enumerate(torch_states(model, a + b)):
             assert rel_err(snap.tensors[f"past_key_values.{layer}.recurrent_state"], st.recurrent) < TOL, f"row {i}"
             if st.conv is not None:
@@ -617,6 +617,20 @@ def test_ort_cuda_matches_cpu_and_keeps_states_on_the_device(exports, form):
         assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < TOL, f"step {tok}"
     assert {t.data_ptr() for bufs in gpu._states for t in bufs.values()} == ptrs  # the same two buffers throughout
     assert cpu.generate("Hi", max_new_tokens=16).run()[0].tokens == gpu.generate("Hi", max_new_tokens=16).run()[0].tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["decomposed", "custom"])
+def test_ort_cuda_continues_conversations_in_a_padded_batch(exports, form):
+    """The padding cut of the convolution windows (Gather with indices computed from the mask) on
+    the CUDA execution provider: the continued rows against PyTorch, as on the CPU."""
+    model, path = exports["conv-gqa", form]
+    dec = StatefulDecoder(path, "ort-cuda", batch_size=4, prefill_chunk=3)
+    dec.prefill(FIRST)
+    calls = record_graph_calls(dec)
+    got = dec.prefill(SECOND)
+    assert {shape[0] for g, shape in calls if g == "prefill"} == {3}, calls
+    check_rows_continued(dec, model, got)
 
 
 @pytest.mark.gpu
