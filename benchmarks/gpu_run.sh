@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_run.sh train   # start the sample-model training in the background (setsid)
 #   bash benchmarks/gpu_run.sh tests   # every gpu-marked test + compute-sanitizer on the kernels
 #   bash benchmarks/gpu_run.sh bench   # kernels, Triton, ONNX Runtime and end-to-end benchmarks
+#   bash benchmarks/gpu_run.sh e2e     # verify + gla-export bench on the sample model
 #   bash benchmarks/gpu_run.sh fetch   # copy the trained sample model into $OUT
 #
 # Needs: the staged wheels installed into /tmp/site (onnxruntime-gpu, polygraphy, fla; see
@@ -54,31 +55,47 @@ tests)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
   python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__)"
   note "gpu tests"
-  timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra" -n ${JOBS:-6} \
-    tests/kernels/test_cuda_kernels.py tests/ops/test_triton.py tests/onnxruntime tests/runtime tests/runtimes \
-    tests/models/test_fla_parity_gpu.py tests/tensorrt_plugin/test_plugin_gpu.py tests/cli -rP > "$OUT/tests.log" 2>&1 || status=1
+  # test names stream to the log as they finish (-v), so a run cut by the time limit still says what failed
+  timeout ${TEST_SECONDS:-330} python3 -m pytest -v -m gpu -p no:cacheprovider -o addopts="-ra" -n ${JOBS:-8} --timeout 200 \
+    --tb=short ${TEST_PATHS:-tests/kernels/test_cuda_kernels.py tests/onnxruntime tests/runtime tests/runtimes \
+    tests/models/test_fla_parity_gpu.py tests/tensorrt_plugin/test_plugin_gpu.py tests/cli} -rP > "$OUT/tests.log" 2>&1 || status=1
   grep -E "^PARITY" "$OUT/tests.log" | sort | tee -a "$OUT/summary.txt"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
+  grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -60 | tee -a "$OUT/summary.txt"
   tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+  if [ "${TRITON_TESTS:-1}" != 0 ]; then
+    note "triton gpu tests"
+    timeout ${TRITON_SECONDS:-200} python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra" -n ${JOBS:-8} --tb=line \
+      tests/ops/test_triton.py > "$OUT/tests_triton.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_triton.log" | tail -30 | tee -a "$OUT/summary.txt"
+  fi
   note "compute-sanitizer on the kernel core (benchmarks/gpu_kernels.sh sanitizer step)"
-  STEPS=sanitizer OUT=$OUT/sanitizer timeout 150 bash benchmarks/gpu_kernels.sh > "$OUT/sanitizer.log" 2>&1 || status=1
+  [ "${SANITIZER:-1}" != 0 ] && STEPS=sanitizer OUT=$OUT/sanitizer timeout 150 bash benchmarks/gpu_kernels.sh > "$OUT/sanitizer.log" 2>&1 || status=1
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|exit" "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
   ;;
 bench)
   note "kernel core vs fla vs SDPA"
-  timeout 200 python3 benchmarks/bench_kernels_gpu.py --json "$OUT/bench_kernels_gpu.json" > "$OUT/bench_kernels.log" 2>&1 || status=1
+  timeout ${T_KERNELS:-150} python3 benchmarks/bench_kernels_gpu.py --json "$OUT/bench_kernels_gpu.json" > "$OUT/bench_kernels.log" 2>&1 || status=1
   note "ONNX Runtime: ours vs com.microsoft LinearAttention"
-  timeout 150 python3 benchmarks/bench_ort_gpu.py --json "$OUT/bench_ort_gpu.json" > "$OUT/bench_ort.log" 2>&1 || status=1
+  timeout ${T_ORT:-120} python3 benchmarks/bench_ort_gpu.py --json "$OUT/bench_ort_gpu.json" > "$OUT/bench_ort.log" 2>&1 || status=1
   note "Triton vs fla"
-  timeout 150 python3 benchmarks/bench_triton.py > "$OUT/bench_triton.log" 2>&1 || status=1
+  timeout ${T_TRITON:-110} python3 benchmarks/bench_triton.py > "$OUT/bench_triton.log" 2>&1 || status=1
   note "end to end: export, verify, bench (sample model)"
   python3 -c "from gla_export.cli import main; main()" export -o /tmp/sample-export --force --no-validate > "$OUT/export.log" 2>&1 || status=1
-  timeout 120 python3 -c "from gla_export.cli import main; main()" verify /tmp/sample-export --json "$OUT/verify.json" > "$OUT/verify.log" 2>&1 || status=1
-  timeout 150 python3 -c "from gla_export.cli import main; main()" bench /tmp/sample-export -o "$OUT/e2e" > "$OUT/bench_e2e.log" 2>&1 || status=1
+  timeout ${T_VERIFY:-60} python3 -c "from gla_export.cli import main; main()" verify /tmp/sample-export --json "$OUT/verify.json" > "$OUT/verify.log" 2>&1 || status=1
+  timeout ${T_E2E:-100} python3 -c "from gla_export.cli import main; main()" bench /tmp/sample-export -o "$OUT/e2e" > "$OUT/bench_e2e.log" 2>&1 || status=1
   for f in bench_kernels bench_ort bench_triton verify bench_e2e; do echo; echo "---- $f"; tail -28 "$OUT/$f.log"; done
   ;;
+e2e)
+  note "end to end on the sample model: verify and bench (ours on ORT CUDA vs PyTorch eager vs fla's model)"
+  python3 -c "from gla_export.cli import main; main()" export -o /tmp/sample-export --force -q > "$OUT/export.log" 2>&1 || status=1
+  timeout ${T_VERIFY:-60} python3 -c "from gla_export.cli import main; main()" verify /tmp/sample-export > "$OUT/verify.log" 2>&1 || status=1
+  timeout ${T_E2E:-200} python3 -c "from gla_export.cli import main; main()" bench /tmp/sample-export -o "$OUT/e2e" \
+    --only ort-cuda --only eager --only fla --contexts ${E2E_CONTEXTS:-64,1024,16384} --decode-tokens 64 -q \
+    > "$OUT/bench_e2e.log" 2>&1 || status=1
+  for f in verify bench_e2e; do echo; echo "---- $f"; tail -40 "$OUT/$f.log"; done
+  ;;
 *)
-  echo "usage: $0 train|tests|bench|fetch" >&2
+  echo "usage: $0 train|tests|bench|e2e|fetch" >&2
   exit 2
   ;;
 esac
