@@ -4,6 +4,15 @@ import pytest
 import torch
 
 
+def pytest_runtest_logreport(report):
+    # GLA_FAILURE_LOG=FILE: each failure's traceback is appended the moment it happens, so a run
+    # cut short by a time limit (the GPU test machine's) still says why its failed tests failed
+    path = os.environ.get("GLA_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"==== {report.nodeid} [{report.when}, {report.duration:.1f} s]\n{report.longreprtext}\n\n")
+
+
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     for item in items:
