@@ -8,7 +8,7 @@ def pytest_runtest_logreport(report):
     # GLA_FAILURE_LOG=FILE: each failure's traceback is appended the moment it happens, so a run
     # cut short by a time limit (the GPU test machine's) still says why its failed tests failed
     path = os.environ.get("GLA_FAILURE_LOG")
-    if path and report.failed:
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # once: by the controller
         with open(path, "a", encoding="utf-8") as f:
             f.write(f"==== {report.nodeid} [{report.when}, {report.duration:.1f} s]\n{report.longreprtext}\n\n")
 

@@ -205,7 +205,8 @@ class OrtBackend final : public Backend {
     const int64_t logits_shape[3] = {1, 1, meta.vocab_size};
     logits_value_ = Ort::Value::CreateTensor<float>(cpu_info_, logits_.data(), logits_.size(), logits_shape, 3);
 
-    // two bindings made once: state in buffer k -> state in buffer 1-k; a step only picks one
+    // two bindings made once: state in buffer k -> state in buffer 1-k; a step only picks one (on
+    // CUDA it also binds the token id again: see step())
     for (int k = 0; k < 2; ++k) {
       step_bindings_[k] = std::make_unique<Ort::IoBinding>(step_);
       auto& b = *step_bindings_[k];
@@ -290,6 +291,12 @@ class OrtBackend final : public Backend {
       cur_ = 1;
       zeros_.clear();  // needed once per conversation only
       return logits_.data();
+    }
+    if (opt_.provider == "cuda") {
+      // ONNX Runtime copies a host input to the device when it is bound, not when the graph runs:
+      // the token id, which changes every step, must be bound again (a 8-byte copy) or every step
+      // would read the id the binding was made with.
+      step_bindings_[cur_]->BindInput("input_ids", ids_value_);
     }
     step_.Run(Ort::RunOptions{nullptr}, *step_bindings_[cur_]);
     if (opt_.provider == "cuda") step_bindings_[cur_]->SynchronizeOutputs();
