@@ -83,12 +83,12 @@ def bench(
     """
     from pathlib import Path
 
-    from rich.console import Console
+    from . import console
 
     from ..runtime.bench import KEYS, BenchSettings, write_json, write_plot
     from ..runtime.bench import bench as run_bench
 
-    err = Console(stderr=True)
+    err = console(stderr=True)
     settings = BenchSettings(
         batches=batches,
         prefill_len=prefill_len,
@@ -112,7 +112,7 @@ def bench(
     write_json(report, out / "bench.json")
     write_plot(report, out / "bench.png")
 
-    con = Console()
+    con = console()
     for table in report.tables():
         con.print(table)
     for r in report.results:

@@ -43,14 +43,14 @@ def build(out_dir: Path, precision: str | None, max_batch: int | None, max_seq: 
     where only trtexec is at hand. Engines only run on the GPU model and TensorRT version that
     built them.
     """
-    from rich.console import Console
+    from . import console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from ..runtime.tensorrt import build_engines
 
-    console = Console(stderr=True)
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+    err = console(stderr=True)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                         disable=no_progress, transient=False)
     tasks: dict[str, int] = {}
 
@@ -91,5 +91,5 @@ def build(out_dir: Path, precision: str | None, max_batch: int | None, max_seq: 
         e = info["engines"][graph]
         maxima = ", ".join(f"{n}={'x'.join(map(str, s[2]))}" for n, s in list(info["profiles"][graph].items())[:2])
         table.add_row(graph, str(path), f"{(e['bytes'] or 0) / 2**20:.1f} MiB", f"{e['seconds'] or 0:.1f} s", maxima)
-    Console().print(table)
+    console().print(table)
     click.echo(f"trtexec commands for other devices: {result.script}")

@@ -42,11 +42,11 @@ def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq
     Writes prefill.onnx and step.onnx sharing weights.onnx.data, and metadata.json. Validation
     failures exit with code 4 and write nothing.
     """
-    from rich.console import Console
+    from . import console
 
     from ..export import ExportValidationError, export_model
 
-    err = Console(stderr=True)
+    err = console(stderr=True)
     try:
         result = export_model(
             model, out_dir, gla_op=gla_op, dtype=dtype, state_dtype=state_dtype, opset=opset, max_batch=max_batch,
@@ -56,7 +56,7 @@ def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq
     except ExportValidationError as e:
         err.print(e.report.table())
         raise
-    out = Console()
+    out = console()
     if result.validation is not None:
         out.print(result.validation.table())
         for note in result.validation.notes:

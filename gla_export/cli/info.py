@@ -50,7 +50,7 @@ def info(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    from rich.console import Console
+    from . import console
     from rich.table import Table
 
     table = Table(title="gla-export info", show_header=False)
@@ -60,4 +60,4 @@ def info(as_json: bool) -> None:
                 table.add_row(f"library {kind}", path or "[yellow]not built[/yellow]")
         else:
             table.add_row(key, "[dim]not installed[/dim]" if value is None else str(value))
-    Console().print(table)
+    console().print(table)

@@ -113,12 +113,12 @@ def verify(
     import json
     from pathlib import Path
 
-    from rich.console import Console
+    from . import console
 
     from ..runtime.verify import raise_if_failed
     from ..runtime.verify import verify as run_verify
 
-    err = Console(stderr=True)
+    err = console(stderr=True)
     verbose = bool((ctx.find_root().obj or {}).get("verbose"))
     report = run_verify(
         export_dir,
@@ -139,7 +139,7 @@ def verify(
         verbose=verbose,
         progress=None if quiet else (lambda msg: err.print(f"[dim]verify: {msg}[/dim]")),
     )
-    out = Console()
+    out = console()
     out.print(report.table())
     out.print(f"[dim]reference: {report.reference}[/dim]")
     for b in report.backends:

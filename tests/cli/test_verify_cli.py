@@ -62,6 +62,8 @@ def test_verify_passes_and_reports_every_case(form, tmp_path, capsys):
         assert not status["ort-cuda"]["available"] and not status["trt"]["available"]
     text = capsys.readouterr().out
     assert "skipped" in text and "verified" in text
+    # redirected output (logs, CI) keeps every number whole: rich's default 80 columns cut them to "1.02e-…"
+    assert "…" not in text and " ok " in text and "max|err|" in text
     for b in rep["backends"]:
         if not b["available"]:
             assert f"skipped {b['name']}: " in text.replace("\n", " ")
@@ -150,3 +152,8 @@ def test_saved_inputs_replay_with_the_polygraphy_cli(tmp_path):
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "PASSED" in r.stdout + r.stderr
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "gla_export", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("gla-export, version"), proc.stdout + proc.stderr
