@@ -23,6 +23,7 @@ import onnx
 import torch
 from onnx import helper
 
+from .._files import swap_into_place
 from ..errors import ExportFailedError, GlaExportError, ModelError, OutputExistsError, UsageError, ValidationError
 from ..models.config import ConfigError
 from ..models.loader import CheckpointError, load_model, sample_model_path
@@ -390,15 +391,4 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
     """Rename the finished export to ``out_dir``; an old export is swapped out first and removed
     only once the new one is in place."""
     _check_out_dir(out_dir, force)  # again: something may have appeared while we worked
-    if out_dir.is_dir():
-        backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        backup.rmdir()
-        os.rename(out_dir, backup)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            os.rename(backup, out_dir)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
+    swap_into_place(tmp, out_dir)

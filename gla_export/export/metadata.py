@@ -142,6 +142,27 @@ def dumps(meta: dict[str, Any]) -> str:
     return json.dumps(meta, indent=2, sort_keys=False) + "\n"
 
 
+def open_export(export_dir: str | Path, graphs: tuple[str, ...] = ("prefill", "step")) -> dict[str, Any]:
+    """The metadata of an export directory for the commands that read one (generate, verify,
+    bench, build): UsageError (exit 2) when the directory is not an export, ModelError (exit 3)
+    when its metadata is unreadable, of another format or a newer version, or a graph is missing."""
+    from ..errors import ModelError, UsageError
+
+    export_dir = Path(export_dir)
+    if not (export_dir / METADATA_FILE).is_file():
+        raise UsageError(f"{export_dir} is not an export directory (no {METADATA_FILE}): "
+                         f"run `gla-export export -o {export_dir}` first")
+    try:
+        meta = read_metadata(export_dir)
+    except (OSError, ValueError) as e:  # json's errors are ValueErrors
+        raise ModelError(f"cannot read {export_dir / METADATA_FILE}: {e}") from e
+    for graph in graphs:
+        path = export_dir / meta.get("files", {}).get(graph, f"{graph}.onnx")
+        if not path.is_file():
+            raise ModelError(f"{path} is missing: the export in {export_dir} is incomplete")
+    return meta
+
+
 def read_metadata(export_dir: str | Path) -> dict[str, Any]:
     """The metadata of an export directory (checks the format name and version)."""
     path = Path(export_dir) / METADATA_FILE

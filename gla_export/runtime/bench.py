@@ -540,19 +540,14 @@ def bench(
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Measure every available contender (module docstring) on the export; returns the report."""
-    from ..export.metadata import read_metadata
+    from ..export.metadata import open_export
 
     t_start = time.perf_counter()
     settings = settings or BenchSettings()
     settings.check()
     say = progress or (lambda msg: None)
     export_dir = Path(export_dir)
-    try:
-        meta = read_metadata(export_dir)
-    except FileNotFoundError as e:
-        raise UsageError(f"{export_dir} is not an export directory (no metadata.json)") from e
-    except ValueError as e:
-        raise ModelError(str(e)) from e
+    meta = open_export(export_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -77,22 +77,10 @@ class StateSpec:
 
 
 def read_export(export_dir: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an export directory; UsageError naming what is missing otherwise."""
-    from ..export.metadata import METADATA_FILE, read_metadata
+    """The metadata of an export directory (gla_export.export.metadata.open_export)."""
+    from ..export.metadata import open_export
 
-    export_dir = Path(export_dir)
-    if not (export_dir / METADATA_FILE).is_file():
-        raise UsageError(f"{export_dir} is not an export directory (no {METADATA_FILE}): "
-                         f"run `gla-export export -o {export_dir}` first")
-    try:
-        meta = read_metadata(export_dir)
-    except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from e
-    for key in ("prefill", "step"):
-        path = export_dir / meta["files"][key]
-        if not path.is_file():
-            raise UsageError(f"{path} is missing: the export in {export_dir} is incomplete")
-    return meta
+    return open_export(export_dir)
 
 
 def state_specs(meta: dict[str, Any]) -> list[StateSpec]:

@@ -268,19 +268,10 @@ class EngineResult:
 
 
 def read_export(export_dir: str | os.PathLike) -> dict[str, Any]:
-    """The metadata.json of an export directory (UsageError when it is not one)."""
-    from ..errors import UsageError
+    """The metadata of an export directory (gla_export.export.metadata.open_export)."""
+    from ..export.metadata import open_export
 
-    path = Path(export_dir) / "metadata.json"
-    if not path.is_file():
-        raise UsageError(f"{export_dir} is not an export directory (no metadata.json): run `gla-export export` first")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from e
-    if meta.get("format") != "gla-export" or "graphs" not in meta or "files" not in meta:
-        raise UsageError(f"{path} is not gla-export metadata")
-    return meta
+    return open_export(export_dir)
 
 
 def _ranges(meta: dict[str, Any], max_batch: int | None, max_seq: int | None, opt_batch: int | None,
@@ -527,19 +518,10 @@ def build_engines(
 
 
 def _move_into_place(tmp: Path, final: Path, force: bool) -> None:
-    _check_engines_dir(final, force)
-    if final.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        backup.rmdir()
-        os.rename(final, backup)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            os.rename(backup, final)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    from .._files import swap_into_place  # not at the top: the worker loads this file on its own
+
+    _check_engines_dir(final, force)  # again: something may have appeared while the engines built
+    swap_into_place(tmp, final)
 
 
 # ---- the worker (child process: standard library and TensorRT only) ----------------------------

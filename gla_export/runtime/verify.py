@@ -605,20 +605,12 @@ def verify(
     Returns the report; it does not raise on a mismatch (the CLI turns ``not report.passed`` into
     a ValidationError, exit code 4).
     """
-    from ..export.metadata import read_metadata
+    from ..export.metadata import open_export
 
     t_start = time.perf_counter()
     say = progress or (lambda msg: None)
     export_dir = Path(export_dir)
-    try:
-        meta = read_metadata(export_dir)
-    except FileNotFoundError as e:
-        raise UsageError(f"{export_dir} is not an export directory (no metadata.json)") from e
-    except ValueError as e:
-        raise ModelError(str(e)) from e
-    for graph in ("prefill", "step"):
-        if not (export_dir / meta["files"][graph]).is_file():
-            raise ModelError(f"{export_dir / meta['files'][graph]} is missing")
+    meta = open_export(export_dir)
     if check_error_stat not in ERROR_STATS:
         raise UsageError(f"check_error_stat must be one of {', '.join(ERROR_STATS)}, got {check_error_stat!r}")
     for name, value, lo in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("steps", steps, 1)):

@@ -123,6 +123,31 @@ def test_state_files_are_checked(exports, tmp_path, capsysbinary):
     assert code == EXIT_CODES["UsageError"] and "not a gla-export state file" in err
 
 
+@pytest.mark.parametrize("command", ["generate", "verify", "bench"])
+def test_a_broken_export_is_a_model_error(command, exports, tmp_path, capsysbinary):
+    import shutil
+
+    def attempt(d: Path) -> tuple[int, str]:
+        try:
+            main([command, str(d), *(["-p", "x"] if command == "generate" else [])])
+        except SystemExit as e:
+            return int(e.code or 0), capsysbinary.readouterr().err.decode()
+        return 0, capsysbinary.readouterr().err.decode()
+
+    for broken in ("metadata", "graph"):
+        d = tmp_path / broken
+        shutil.copytree(exports["a"], d)
+        if broken == "metadata":
+            (d / "metadata.json").write_text('{"format": "gla-export", "files": ')
+        else:
+            (d / "step.onnx").unlink()
+        code, err = attempt(d)
+        assert code == EXIT_CODES["ModelError"], err
+        assert (("cannot read" in err and "metadata.json" in err) if broken == "metadata" else "step.onnx is missing" in err), err
+    code, err = attempt(tmp_path / "nothing")
+    assert code == EXIT_CODES["UsageError"] and "not an export directory" in err
+
+
 def test_errors_and_exit_codes(exports, tmp_path, capsysbinary):
     code, _, err = run([str(tmp_path), "-p", "x"], capsysbinary)
     assert code == EXIT_CODES["UsageError"] and "not an export directory" in err
