@@ -487,7 +487,9 @@ def _gla_run_result(export_dir: Path, settings: BenchSettings, provider: str, vo
     res = Result(OURS_CPP, runs[0].backend)
     res.prefill[1] = {"tokens_per_s": settings.prefill_len / prompt_s, "ms": 1e3 * prompt_s}
     res.decode[1] = {"ms_per_token": ms, "tokens_per_s": 1e3 / ms}
-    res.notes.append("batch 1 only; timings reported by gla-run itself (process start and loading excluded)")
+    res.notes.append("batch 1 only; timings reported by gla-run itself (process start and loading excluded; its "
+                     "prefill is the one run of the prefill session per process, so it includes that session's "
+                     "first-run set-up: on CUDA, the provider's library and kernel initialisation)")
     return res
 
 
