@@ -76,13 +76,6 @@ class StateSpec:
         return n * torch.tensor([], dtype=self.dtype).element_size()
 
 
-def read_export(export_dir: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an export directory (gla_export.export.metadata.open_export)."""
-    from ..export.metadata import open_export
-
-    return open_export(export_dir)
-
-
 def state_specs(meta: dict[str, Any]) -> list[StateSpec]:
     specs = []
     for s in meta["states"]:
@@ -441,7 +434,9 @@ class StatefulDecoder:
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
         self.export_dir = Path(export_dir)
         self.backend = backend
-        self.metadata = read_export(self.export_dir)
+        from ..export.metadata import open_export
+
+        self.metadata = open_export(self.export_dir)
         self.specs = state_specs(self.metadata)
         self.vocab_size = int(self.metadata["model"]["vocab_size"])
         self.tokenizer: Tokenizer = load_tokenizer(self.export_dir, self.metadata)

@@ -267,13 +267,6 @@ class EngineResult:
     info: dict[str, Any]
 
 
-def read_export(export_dir: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an export directory (gla_export.export.metadata.open_export)."""
-    from ..export.metadata import open_export
-
-    return open_export(export_dir)
-
-
 def _ranges(meta: dict[str, Any], max_batch: int | None, max_seq: int | None, opt_batch: int | None,
             opt_seq: int | None) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of every symbolic dimension: the export's shape hints, overridden."""
@@ -438,9 +431,10 @@ def build_engines(
     """
     from .. import __version__
     from ..errors import ExportFailedError
+    from ..export.metadata import open_export
 
     export_dir = Path(export_dir)
-    meta = read_export(export_dir)
+    meta = open_export(export_dir)
     module = require_module(runtime)
     precision, strongly_typed, flags = precision_plan(meta, precision, module)
     ranges = _ranges(meta, max_batch, max_seq, opt_batch, opt_seq)
