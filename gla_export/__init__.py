@@ -7,7 +7,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 from ._native import NativeLibraryError, library_path  # noqa: E402
-from .models import load_model, sample_model_path  # noqa: E402
+
+_FROM_MODELS = ("load_model", "sample_model_path")
+
+
+def __getattr__(name: str) -> Any:
+    # torch is loaded on first use, not by `import gla_export`: the CLI imports the package for
+    # its version, and `gla-export --help` should not wait seconds for torch
+    if name in _FROM_MODELS:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def export(model_or_path: Any, out_dir: Any, **kwargs: Any) -> Any:

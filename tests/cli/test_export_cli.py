@@ -107,6 +107,7 @@ def test_help_is_fast_and_lists_the_options():
         assert opt in res.stdout
     imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if "|" in line}
     assert "onnx" not in imported and "gla_export.export" not in imported
+    assert "torch" not in imported and "gla_export.models" not in imported
 
 
 def test_missing_runtime_exits_5(ckpt, tmp_path, capsys, monkeypatch):
