@@ -45,7 +45,6 @@ def _ort():
 
 
 def _onnx_node_model(op: str, domain: str, inputs: list, attrs: dict, shapes: dict, state_dtype, opset_extra=()):
-    import onnx
     from onnx import TensorProto, helper
 
     act = TensorProto.FLOAT16
@@ -102,7 +101,6 @@ def time_wall(call, n: int, groups: int = 7) -> float:
 
 
 def run_case(case, quick: bool, results: list) -> None:
-    from gla_export import library_path
     from gla_export.runtime import create_session
 
     ort = _ort()

@@ -81,9 +81,11 @@ tests)
       tests/ops/test_triton.py > "$OUT/tests_triton.log" 2>&1 || status=1
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_triton.log" | tail -30 | tee -a "$OUT/summary.txt"
   fi
-  note "compute-sanitizer on the kernel core (benchmarks/gpu_kernels.sh sanitizer step)"
-  [ "${SANITIZER:-1}" != 0 ] && STEPS=sanitizer OUT=$OUT/sanitizer timeout 150 bash benchmarks/gpu_kernels.sh > "$OUT/sanitizer.log" 2>&1 || status=1
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|exit" "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
+  if [ "${SANITIZER:-1}" != 0 ]; then
+    note "compute-sanitizer on the kernel core (benchmarks/gpu_kernels.sh sanitizer step)"
+    STEPS=sanitizer OUT=$OUT/sanitizer timeout 150 bash benchmarks/gpu_kernels.sh > "$OUT/sanitizer.log" 2>&1 || status=1
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|exit" "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
+  fi
   ;;
 bench)
   note "kernel core vs fla vs SDPA"

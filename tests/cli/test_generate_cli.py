@@ -57,7 +57,7 @@ def test_stdout_is_only_the_generated_text(exports, capsysbinary):
     code, out, err = run([str(exports["a"]), "-p", "In the beginning", "-n", "24"], capsysbinary)
     assert code == 0, err
     ref = StatefulDecoder(exports["a"], threads=1).generate("In the beginning", max_new_tokens=24).run()[0]
-    assert out == ref.text_bytes and len(ref.tokens) == 24 or ref.finish_reason == "eos"
+    assert out == ref.text_bytes and (len(ref.tokens) == 24 or ref.finish_reason == "eos")
     assert "ort-cpu" in err and "stopped: " in err
 
 
@@ -163,7 +163,7 @@ def test_errors_and_exit_codes(exports, tmp_path, capsysbinary):
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not torch.cuda.is_available():
         code, _, err = run([str(exports["a"]), "-p", "x", "-b", "ort-cuda"], capsysbinary)
-        assert code == EXIT_CODES["MissingRuntimeError"] and "onnxruntime-gpu" in err or "CUDA GPU" in err
+        assert code == EXIT_CODES["MissingRuntimeError"] and ("onnxruntime-gpu" in err or "CUDA GPU" in err)
 
 
 def test_ctrl_c_saves_a_state_that_resumes_exactly(exports, tmp_path):

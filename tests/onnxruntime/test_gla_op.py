@@ -254,3 +254,9 @@ def test_bad_types_and_attributes_fail_session_creation_clearly(provider, what, 
 def test_inputs_are_named_in_order():
     # a guard for the documentation and the exporter: the op's positional inputs
     assert INPUTS == ("query", "key", "value", "gate", "past_state", "cu_seqlens", "g_gamma")
+    # ... and the order the exporter's Python reference op takes them in
+    import inspect
+
+    from gla_export.export.reference_op import gla_packed
+
+    assert tuple(inspect.signature(gla_packed).parameters)[: len(INPUTS)] == INPUTS

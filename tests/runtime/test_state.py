@@ -308,6 +308,17 @@ def test_save_state_leaves_no_file_when_writing_fails(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="dtype torch.int8"):
         save_state(tmp_path / "c.state", st)
     assert list(tmp_path.iterdir()) == []
+    # a failure after the temporary file exists (the final rename): it is removed, and an older
+    # file at the destination is left as it was
+    (tmp_path / "c.state").write_bytes(b"older")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(state_mod.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_state(tmp_path / "c.state", fake_state())
+    assert [p.name for p in tmp_path.iterdir()] == ["c.state"] and (tmp_path / "c.state").read_bytes() == b"older"
 
 
 def test_copy_of_export_keeps_identity(exports, tmp_path):

@@ -4,7 +4,6 @@ the plugin's packed layout."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,9 +141,3 @@ def tensor_from(path: Path, dtype: str, shape: list[int]) -> torch.Tensor:
 def packed(t: torch.Tensor) -> torch.Tensor:
     """[B, T, H, D] -> [B, T, H*D], the op's layout."""
     return t.reshape(*t.shape[:2], -1)
-
-
-def env_with_lib_dir(lib_dir: str) -> dict:
-    env = dict(os.environ)
-    env["GLA_EXPORT_LIB_DIR"] = lib_dir
-    return env
