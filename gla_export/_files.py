@@ -1,4 +1,4 @@
-"""Atomic placement of a finished output directory (exports, engines)."""
+"""Atomic placement of a finished output directory (exports, engines): written into a\n:func:`staging_dir`, then :func:`swap_into_place`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def staging_dir(final: Path) -> Path:
+    """An empty hidden directory beside ``final`` (same file system, so the last step is a rename),
+    with the permissions a plain ``mkdir`` would give: mkdtemp's 0700 would outlive the rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
 
 
 def swap_into_place(tmp: Path, final: Path) -> None:

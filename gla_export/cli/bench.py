@@ -83,10 +83,9 @@ def bench(
     """
     from pathlib import Path
 
-    from . import console
-
     from ..runtime.bench import KEYS, BenchSettings, write_json, write_plot
     from ..runtime.bench import bench as run_bench
+    from . import console
 
     err = console(stderr=True)
     settings = BenchSettings(

@@ -43,11 +43,11 @@ def build(out_dir: Path, precision: str | None, max_batch: int | None, max_seq: 
     where only trtexec is at hand. Engines only run on the GPU model and TensorRT version that
     built them.
     """
-    from . import console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from ..runtime.tensorrt import build_engines
+    from . import console
 
     err = console(stderr=True)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,

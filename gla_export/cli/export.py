@@ -42,9 +42,8 @@ def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq
     Writes prefill.onnx and step.onnx sharing weights.onnx.data, and metadata.json. Validation
     failures exit with code 4 and write nothing.
     """
-    from . import console
-
     from ..export import ExportValidationError, export_model
+    from . import console
 
     err = console(stderr=True)
     try:

@@ -50,8 +50,9 @@ def info(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    from . import console
     from rich.table import Table
+
+    from . import console
 
     table = Table(title="gla-export info", show_header=False)
     for key, value in data.items():

@@ -113,10 +113,9 @@ def verify(
     import json
     from pathlib import Path
 
-    from . import console
-
     from ..runtime.verify import raise_if_failed
     from ..runtime.verify import verify as run_verify
+    from . import console
 
     err = console(stderr=True)
     verbose = bool((ctx.find_root().obj or {}).get("verbose"))

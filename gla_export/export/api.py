@@ -13,7 +13,6 @@ import gc
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,11 @@ import onnx
 import torch
 from onnx import helper
 
-from .._files import swap_into_place
+from .._files import staging_dir, swap_into_place
 from ..errors import ExportFailedError, GlaExportError, ModelError, OutputExistsError, UsageError, ValidationError
 from ..models.config import ConfigError
-from ..models.loader import CheckpointError, load_model, sample_model_path
-from ..models.modeling import GatedLinearAttention, GLAForCausalLM
+from ..models.loader import CheckpointError, cast_model, load_model, sample_model_path
+from ..models.modeling import GLAForCausalLM
 from .gla_ops import CUSTOM_DOMAIN, CUSTOM_VERSION, DECOMPOSED_MAX_OPSET, FORMS, ONNX_OP_OPSET
 from .graph import GraphBuilder, WeightTable, min_ir_version
 from .metadata import (
@@ -136,22 +135,11 @@ def _float32_reference(model: GLAForCausalLM) -> GLAForCausalLM:
     return copy.deepcopy(model).float()
 
 
-def _to_dtype(model: GLAForCausalLM, dtype: torch.dtype) -> GLAForCausalLM:
-    """Convert in place, parameter by parameter, as the loader does: the unfused output norm
-    stays float32."""
-    if any(p.dtype != dtype for n, p in model.named_parameters() if ".g_norm." not in n):
-        model.to(dtype)
-    for m in model.modules():
-        if isinstance(m, GatedLinearAttention) and hasattr(m, "g_norm"):
-            m.g_norm.float()
-    return model
-
-
 def _load(model_or_path: Any, dtype: torch.dtype) -> tuple[GLAForCausalLM, Path | None]:
     if isinstance(model_or_path, GLAForCausalLM):
         model = model_or_path
         if model.lm_head.weight.dtype != dtype:
-            model = _to_dtype(copy.deepcopy(model), dtype)  # the caller's model is left as it was
+            model = cast_model(copy.deepcopy(model), dtype)  # the caller's model is left as it was
         return model, None
     if model_or_path is not None and not isinstance(model_or_path, (str, os.PathLike)):
         raise UsageError(f"model must be a checkpoint directory or a GLAForCausalLM, got {type(model_or_path).__name__}")
@@ -163,7 +151,7 @@ def _load(model_or_path: Any, dtype: torch.dtype) -> tuple[GLAForCausalLM, Path 
         # keep the checkpoint's tensors as the parameters (no second copy while loading), then
         # convert one parameter at a time: peak memory stays near one copy of the weights
         # the metadata records it: absolute, so that verify and bench find it from any directory
-        return _to_dtype(load_model(path, dtype=None), dtype), path.resolve()
+        return cast_model(load_model(path, dtype=None), dtype), path.resolve()
     except (CheckpointError, ConfigError) as e:
         raise ModelError(str(e)) from e
 
@@ -317,11 +305,7 @@ def export_model(
             )
             timings["build"] = time.perf_counter() - t
 
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+        tmp = staging_dir(out_dir)
         try:
             with prog.step("write", total=table.nbytes) as advance:
                 t = time.perf_counter()

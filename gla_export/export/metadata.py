@@ -142,7 +142,7 @@ def dumps(meta: dict[str, Any]) -> str:
     return json.dumps(meta, indent=2, sort_keys=False) + "\n"
 
 
-def open_export(export_dir: str | Path, graphs: tuple[str, ...] = ("prefill", "step")) -> dict[str, Any]:
+def open_export(export_dir: str | Path) -> dict[str, Any]:
     """The metadata of an export directory for the commands that read one (generate, verify,
     bench, build): UsageError (exit 2) when the directory is not an export, ModelError (exit 3)
     when its metadata is unreadable, of another format or a newer version, or a graph is missing."""
@@ -156,7 +156,7 @@ def open_export(export_dir: str | Path, graphs: tuple[str, ...] = ("prefill", "s
         meta = read_metadata(export_dir)
     except (OSError, ValueError) as e:  # json's errors are ValueErrors
         raise ModelError(f"cannot read {export_dir / METADATA_FILE}: {e}") from e
-    for graph in graphs:
+    for graph in ("prefill", "step"):
         path = export_dir / meta.get("files", {}).get(graph, f"{graph}.onnx")
         if not path.is_file():
             raise ModelError(f"{path} is missing: the export in {export_dir} is incomplete")

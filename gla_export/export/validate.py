@@ -83,13 +83,11 @@ class ReferenceRunner(Runner):
         return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
 
 
-def _ort_session(path: Path, custom_library: str | None = None, allow_unreleased_opsets: bool = False):
+def _ort_session(path: Path, allow_unreleased_opsets: bool = False):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # the opset-27 "under development" notice is expected for --gla-op onnx
-    if custom_library is not None:
-        so.register_custom_ops_library(custom_library)
     if not allow_unreleased_opsets:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     # LinearAttention is in opset 27, which ONNX Runtime 1.31 still calls "under development";
@@ -124,11 +122,9 @@ def make_runner(path: Path, form: str, dtype: torch.dtype, runtime: str = "auto"
         if runtime == "onnxruntime":
             raise MissingRuntimeError("the gla ONNX Runtime library is not built, so custom graphs cannot run in ONNX Runtime")
         return ReferenceRunner(path)
-    try:
-        from ..runtime import create_session
-    except ImportError:
-        return OrtRunner(_ort_session(path, str(lib)), "onnxruntime (CPU) + libgla_onnxruntime")
-    return OrtRunner(create_session(str(path), providers=("cpu",)), "onnxruntime (CPU) + libgla_onnxruntime")
+    from ..runtime import create_session
+
+    return OrtRunner(create_session(str(path), providers=("cpu",), library=lib), "onnxruntime (CPU) + libgla_onnxruntime")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,11 +318,28 @@ def build_cases(
     notes: list[str] = []
     graph_state_dtype = getattr(torch, meta["state_dtype"])
 
+    # forwards from zero states by (model, state dtype, ids): "random" and "real"/"step" are each asked for twice
+    from_zero: dict[tuple[int, torch.dtype, int], tuple[torch.Tensor, Any]] = {}
+
     def fwd(model, sd, ids, mask=None, states=None):
         """The model with states of dtype ``sd`` (float32 for the reference, the graph's for the baseline)."""
-        if states is None:
-            states = model.init_states(ids.shape[0], state_dtype=sd)
-        return model(ids, attention_mask=mask, states=states, gla_backend="chunk")
+        if states is not None or mask is not None:
+            return model(ids, attention_mask=mask, states=states, gla_backend="chunk")
+        key = (id(model), sd, id(ids))  # the entry keeps `ids` alive, so its id is not reused
+        if key not in from_zero:
+            from_zero[key] = (ids, model(ids, states=model.init_states(ids.shape[0], state_dtype=sd), gla_backend="chunk"))
+        return from_zero[key][1]
+
+    def left_pad(lens):
+        """Random rows of the given lengths, left-padded into one batch: (ids, mask, rows)."""
+        width = max(lens)
+        pid = torch.zeros(len(lens), width, dtype=torch.long)
+        pmask = torch.zeros(len(lens), width, dtype=torch.long)
+        rows = [torch.randint(0, c.vocab_size, (n,), generator=gen) for n in lens]
+        for r, row in enumerate(rows):
+            pid[r, width - len(row):] = row
+            pmask[r, width - len(row):] = 1
+        return pid, pmask, rows
 
     def results(out) -> dict[str, torch.Tensor]:
         return {"logits": out.logits.float(), **{k: v.float() for k, v in _state_outputs(out.states, states_meta).items()}}
@@ -368,12 +381,7 @@ def build_cases(
     if has_mask:
         lens = [min(T, 23), min(T, 23) - 9]
         Tp = max(lens)
-        pid = torch.zeros(2, Tp, dtype=torch.long)
-        pmask = torch.zeros(2, Tp, dtype=torch.long)
-        rows = [torch.randint(0, c.vocab_size, (n,), generator=gen) for n in lens]
-        for r, row in enumerate(rows):
-            pid[r, Tp - len(row):] = row
-            pmask[r, Tp - len(row):] = 1
+        pid, pmask, rows = left_pad(lens)
 
         def padded(m, sd, rows=rows):
             alone = [results(fwd(m, sd, row[None])) for row in rows]
@@ -391,12 +399,7 @@ def build_cases(
         # sits between each row's past (its convolution cache) and its new tokens
         clens = [9, 2]
         Tc = max(clens)
-        cid = torch.zeros(2, Tc, dtype=torch.long)
-        cmask = torch.zeros(2, Tc, dtype=torch.long)
-        crows = [torch.randint(0, c.vocab_size, (n,), generator=gen) for n in clens]
-        for r, row in enumerate(crows):
-            cid[r, Tc - len(row):] = row
-            cmask[r, Tc - len(row):] = 1
+        cid, cmask, crows = left_pad(clens)
 
         def padded_continue(m, sd, rows=crows):
             alone = []

@@ -131,15 +131,23 @@ def load_model(
 
     model = model.to_empty(device=device)
     if dtype is not None:
-        model = model.to(dtype)
-        for m in model.modules():  # the unfused output norm keeps float32 weights, as fla's does
-            if isinstance(m, GatedLinearAttention) and hasattr(m, "g_norm"):
-                m.g_norm.float()
+        model = cast_model(model, dtype)
     # copy_ casts each tensor to its parameter's dtype; with dtype=None the checkpoint's are kept
     model.load_state_dict(sd, strict=False, assign=dtype is None)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embeddings.weight
     return model.eval()
+
+
+def cast_model(model: GLAForCausalLM, dtype: torch.dtype) -> GLAForCausalLM:
+    """Convert in place to ``dtype``, except the unfused output norm, which keeps float32 weights
+    as fla's does (the loader and the exporter both convert through here)."""
+    if any(p.dtype != dtype for n, p in model.named_parameters() if ".g_norm." not in n):
+        model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, GatedLinearAttention) and hasattr(m, "g_norm"):
+            m.g_norm.float()
+    return model
 
 
 def save_model(model: GLAForCausalLM, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:

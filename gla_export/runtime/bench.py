@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ..errors import MissingRuntimeError, ModelError, UsageError
+from .verify import _one_line
 
 DEFAULT_BATCHES = (1, 16)
 DEFAULT_CONTEXTS = (64, 256, 1024, 4096, 16384)
@@ -708,11 +709,6 @@ def _target(report: BenchReport) -> dict[str, Any]:
         "ratio": ratio,
         "met": ratio >= TARGET_RATIO,
     }
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 # ---------------------------------------------------------------------------------------------

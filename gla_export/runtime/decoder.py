@@ -113,12 +113,15 @@ class _Engine:
             torch.cuda.current_stream(self.device).synchronize()
 
 
-def _ort_element_type(dtype: torch.dtype) -> Any:
-    if dtype == torch.bfloat16:
-        from onnx import TensorProto
+_ORT_ELEMENT_TYPES: dict[torch.dtype, Any] = {
+    torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+    torch.bfloat16: 16,  # numpy has no bfloat16: ONNX Runtime takes the ONNX type code (TensorProto.BFLOAT16)
+}
 
-        return TensorProto.BFLOAT16  # numpy has no bfloat16: ONNX Runtime takes the ONNX type code
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}[dtype]
+
+def _bind_args(dev: str, dev_id: int, tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    """``bind_input``/``bind_output`` arguments for buffers that stay where they are."""
+    return [(n, dev, dev_id, _ORT_ELEMENT_TYPES[t.dtype], tuple(t.shape), t.data_ptr()) for n, t in tensors.items()]
 
 
 class _OrtEngine(_Engine):
@@ -186,26 +189,24 @@ class _OrtEngine(_Engine):
 
     def _binding(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Any:
         b = self.sessions[graph].io_binding()
-        dev, dev_id = self._dev
-        for name, t in feeds.items():
-            b.bind_input(name, dev, dev_id, _ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
-        for name, t in outputs.items():
-            b.bind_output(name, dev, dev_id, _ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
+        for args in _bind_args(*self._dev, feeds):
+            b.bind_input(*args)
+        for args in _bind_args(*self._dev, outputs):
+            b.bind_output(*args)
         return b
 
     def bind_step(self, feeds, outputs):
-        return self._binding("step", feeds, outputs), feeds
+        return self._binding("step", feeds, outputs), _bind_args(*self._dev, feeds)
 
     def run_step(self, handle) -> None:
-        binding, feeds = handle
+        binding, feed_args = handle
         if self._dev[0] != "cpu":
             # ONNX Runtime copies an input to the device of the node that reads it when it is bound,
             # not when it runs: a state read by a node that fell back to the CPU (the onnx form's
             # LinearAttention has no CUDA kernel) would be a stale copy. Rebinding the same
-            # pointers is cheap where no copy is needed.
-            dev, dev_id = self._dev
-            for name, t in feeds.items():
-                binding.bind_input(name, dev, dev_id, _ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
+            # pointers (arguments computed once, in bind_step) is cheap where no copy is needed.
+            for args in feed_args:
+                binding.bind_input(*args)
         try:
             self.sessions["step"].run_with_iobinding(binding)
         except Exception as e:  # noqa: BLE001

@@ -106,7 +106,7 @@ class Sampler:
         if np.isnan(x).any() or not np.isfinite(x).any():
             raise UsageError("the logits hold NaN or are all -inf: nothing can be sampled (is the model broken?)")
         if p.top_k == 0 and p.top_p >= 1.0:
-            return _draw(x, np.arange(x.shape[0]), u)
+            return _draw(x, None, u)
         order = np.argsort(-x, kind="stable")
         xs = x[order]
         if 0 < p.top_k < xs.shape[0]:
@@ -124,8 +124,9 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def _draw(x: np.ndarray, ids: np.ndarray, u: float) -> int:
-    """Inverse-CDF draw from softmax(x) with the uniform number ``u`` in [0, 1)."""
+def _draw(x: np.ndarray, ids: np.ndarray | None, u: float) -> int:
+    """Inverse-CDF draw from softmax(x) with the uniform number ``u`` in [0, 1); ``ids`` maps
+    positions of ``x`` to token ids (None: the positions are the ids)."""
     cdf = np.cumsum(_softmax(x))
-    i = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
-    return int(ids[min(i, ids.shape[0] - 1)])
+    i = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), x.shape[0] - 1)
+    return i if ids is None else int(ids[i])

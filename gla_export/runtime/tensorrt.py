@@ -430,6 +430,7 @@ def build_engines(
         ExportFailedError (TensorRT could not build an engine).
     """
     from .. import __version__
+    from .._files import staging_dir
     from ..errors import ExportFailedError
     from ..export.metadata import open_export
 
@@ -442,16 +443,9 @@ def build_engines(
     profiles = {"prefill": graph_profile(meta, "prefill", ranges), "step": graph_profile(meta, "step", step_ranges)}
     form = (meta.get("gla_op") or {}).get("form", "custom")
     plugins = [plugin_library(plugin)] if form != "decomposed" or plugin is not None else []
-    for graph in ("prefill", "step"):
-        if not (export_dir / meta["files"][graph]).is_file():
-            from ..errors import UsageError
-
-            raise UsageError(f"{export_dir / meta['files'][graph]} is missing")
-
     final = Path(out_dir) if out_dir is not None else export_dir / ENGINES_DIR
     _check_engines_dir(final, force)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = staging_dir(final)
     try:
         jobs = [
             {
@@ -501,9 +495,6 @@ def build_engines(
         script = tmp / SCRIPT_FILE
         script.write_text(trtexec_script(meta, profiles, strongly_typed, flags, workspace_mib, plugin=bool(plugins)))
         script.chmod(0o755)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
         _move_into_place(tmp, final, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -49,8 +49,6 @@ CASES = ("prefill", "step", "decode")
 # the export's own validation; Polygraphy gets it as a per-output atol (its elemwise check then
 # passes exactly those elements). The others are Polygraphy's statistics with atol/rtol as given.
 ERROR_STATS = ("scaled", "elemwise", "max", "mean", "median")
-# (atol, rtol) per activation dtype: those of the export's own validation (gla_export.export.validate)
-DEFAULT_TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,10 +357,10 @@ def _backend_status(
         return BackendStatus(name, True, f"onnxruntime {ort.__version__}"), {}
 
     # trt
-    import importlib.util
+    from .tensorrt import available_module
 
-    if importlib.util.find_spec("tensorrt") is None:
-        rtx = importlib.util.find_spec("tensorrt_rtx") is not None
+    if available_module("tensorrt") is None:
+        rtx = available_module("tensorrt_rtx") is not None
         why = "the `tensorrt` Python package is not installed" + (
             " (tensorrt_rtx is, but Polygraphy's TensorRT runner drives `tensorrt`, and TensorRT-RTX engines need "
             "a GPU it supports)"
@@ -595,7 +593,7 @@ def verify(
         backends: some of :data:`BACKENDS`; None runs every available one and reports the others as
             skipped. A requested backend that is not available raises MissingRuntimeError.
         batch, prompt_len, steps: the shape of the prefill batch and the number of decode steps.
-        atol, rtol: defaults per dtype (:data:`DEFAULT_TOLERANCES`); ``check_error_stat``: ``scaled`` (the
+        atol, rtol: defaults per dtype (:data:`gla_export.export.DEFAULT_TOLERANCES`, the export's own); ``check_error_stat``: ``scaled`` (the
             export validation's rule, see the module docstring) or one of Polygraphy's statistics.
         device: where PyTorch runs (``auto``: CUDA when available).
         save_dir: write the ``prefill``/``step`` inputs and PyTorch outputs as Polygraphy JSON there,
@@ -620,7 +618,9 @@ def verify(
         bad = [b for b in backends if b not in BACKENDS]
         if bad:
             raise UsageError(f"unknown backend {bad[0]!r}: choose from {', '.join(BACKENDS)}")
-    d_atol, d_rtol = DEFAULT_TOLERANCES[meta["dtype"]]
+    from ..export.validate import DEFAULT_TOLERANCES
+
+    d_atol, d_rtol = DEFAULT_TOLERANCES[getattr(torch, meta["dtype"])]
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
     if atol < 0 or rtol < 0:
