@@ -228,6 +228,17 @@ DType parse_dtype(const std::string& name, const std::string& what) {
   throw Error(kModel, what + ": unsupported dtype '" + name + "'");
 }
 
+size_t Metadata::state_bytes() const {
+  size_t n = 0;
+  for (const auto& st : states) n += size_t(st.elements_per_row()) * dtype_size(st.dtype);
+  return n;
+}
+
+std::string env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::string(v) : std::string();
+}
+
 int64_t StateInfo::elements_per_row() const {
   int64_t n = 1;
   for (size_t d = 1; d < shape.size(); ++d) n *= shape[d];

@@ -82,12 +82,16 @@ struct Metadata {
   std::string prefill_file = "prefill.onnx", step_file = "step.onnx";
   bool prefill_has_mask = false;
   std::vector<StateInfo> states;
+
+  size_t state_bytes() const;  // one conversation's states, all layers
 };
 
 constexpr int kMetadataFormatVersion = 1;  // gla_export/export/metadata.py FORMAT_VERSION
 constexpr const char* kMetadataKey = "gla_export.metadata";
 
 Metadata parse_metadata(const std::string& json_text, const std::string& origin);
+
+std::string env(const char* name);  // the variable's value, empty when unset
 
 // ---- backends -------------------------------------------------------------------------------------
 
@@ -104,7 +108,6 @@ class Backend {
   virtual void reset() = 0;
   // One token from the current state; returns its logits (vocab_size floats, valid until the next call).
   virtual const float* step(int64_t id) = 0;
-  virtual size_t state_bytes() const = 0;  // one copy of all layer states
 };
 
 struct OrtOptions {

@@ -343,7 +343,7 @@ int run(int argc, char** argv) {
     if (byte_tok) {
       js << ",\"bytes_hex\":" << json_string(hex(bytes)) << ",\"text\":" << (valid_utf8(bytes) ? json_string(bytes) : "null");
     }
-    js << ",\"state_bytes\":" << backend->state_bytes() << ",\"timing\":{\"load_s\":" << load_s << ",\"prompt_s\":" << prompt_s
+    js << ",\"state_bytes\":" << meta.state_bytes() << ",\"timing\":{\"load_s\":" << load_s << ",\"prompt_s\":" << prompt_s
        << ",\"prompt_tokens\":" << prompt.size() << ",\"decode_s\":" << decode_s << ",\"decode_steps\":" << decode_steps
        << ",\"ms_per_token\":" << ms_per_token << ",\"tokens_per_s\":" << (decode_s > 0 ? double(decode_steps) / decode_s : 0.0)
        << "},\"memory\":{\"rss_after_prompt_kib\":" << rss_prompt << ",\"rss_end_kib\":" << rss_end << "}}";
@@ -355,7 +355,7 @@ int run(int argc, char** argv) {
                  "gla-run: %s\ngla-run: prompt %zu tokens (%s) in %.2f ms; %zu tokens generated, %zu steps in %.2f ms "
                  "(%.3f ms/token); state %zu bytes; resident %lld KiB after the prompt, %lld KiB at the end; stop: %s\n",
                  backend->describe().c_str(), prompt.size(), prefilled ? "prefill.onnx" : "stepped", 1e3 * prompt_s,
-                 n_generated, decode_steps, 1e3 * decode_s, ms_per_token, backend->state_bytes(), rss_prompt, rss_end,
+                 n_generated, decode_steps, 1e3 * decode_s, ms_per_token, meta.state_bytes(), rss_prompt, rss_end,
                  stop.c_str());
   }
   return 0;

@@ -22,11 +22,6 @@ namespace {
 
 using GetApiBaseFn = const OrtApiBase* (*)();
 
-std::string env(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::string(v) : std::string();
-}
-
 std::vector<std::string> glob_paths(const std::string& pattern) {
   std::vector<std::string> out;
   glob_t g;
@@ -226,12 +221,6 @@ class OrtBackend final : public Backend {
   }
 
   bool can_prefill() const override { return has_prefill_; }
-
-  size_t state_bytes() const override {
-    size_t n = 0;
-    for (const auto& st : meta_.states) n += size_t(st.elements_per_row()) * dtype_size(st.dtype);
-    return n;
-  }
 
   void reset() override {
     // Host states are zeroed in place; device states are zeroed by the first run of a conversation,

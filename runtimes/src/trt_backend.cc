@@ -43,11 +43,6 @@ DType from_trt(nvinfer1::DataType t, const std::string& name) {
   }
 }
 
-std::string env(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::string(v) : std::string();
-}
-
 struct DeviceBuffer {
   void* ptr = nullptr;
   size_t bytes = 0;
@@ -94,12 +89,6 @@ class TrtBackend final : public Backend {
   std::string describe() const override { return "TensorRT " + version_ + " (" + lib_ + "), engine " + opt_.engine; }
   bool can_prefill() const override { return false; }
   const float* prefill(const std::vector<int64_t>&) override { throw Error(kInternal, "no prefill engine"); }
-
-  size_t state_bytes() const override {
-    size_t n = 0;
-    for (const auto& st : meta_.states) n += size_t(st.elements_per_row()) * dtype_size(st.dtype);
-    return n;
-  }
 
   void reset() override {
     for (auto& b : states_[0]) cuda_check(cudaMemsetAsync(b->ptr, 0, b->bytes, stream_), "cudaMemsetAsync");

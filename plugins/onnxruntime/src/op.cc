@@ -279,7 +279,6 @@ AttrKind attr_kind(const OrtApi* api, const OrtKernelInfo* info, const char* nam
   } else {
     return AttrKind::kOther;
   }
-  std::vector<int64_t> ints;
   size = 0;
   if (OrtStatus* st = api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size)) {
     api->ReleaseStatus(st);

@@ -164,7 +164,7 @@ nvinfer1::IPluginV3* GlaPluginCreator::createPlugin(char const* name, nvinfer1::
 
 nvinfer1::PluginFieldCollection const* GlaPluginCreator::getFieldNames() noexcept { return &mFieldCollection; }
 char const* GlaPluginCreator::getPluginName() const noexcept { return opName(mKind); }
-char const* GlaPluginCreator::getPluginVersion() const noexcept { return "1"; }
-char const* GlaPluginCreator::getPluginNamespace() const noexcept { return ""; }
+char const* GlaPluginCreator::getPluginVersion() const noexcept { return kPluginVersion; }
+char const* GlaPluginCreator::getPluginNamespace() const noexcept { return kPluginNamespace; }
 
 }  // namespace gla_trt

@@ -27,8 +27,6 @@ using Severity = nvinfer1::ILogger::Severity;
 
 namespace {
 
-constexpr char const* kPluginVersion = "1";
-constexpr char const* kPluginNamespace = "";
 // The kernel core wants a 256-byte aligned workspace; TensorRT's is aligned in practice, but the
 // slack makes that an assumption we do not have to rely on.
 constexpr size_t kWorkspaceAlign = 256;

@@ -24,6 +24,11 @@ enum class OpKind : int32_t { kGatedLinearAttention = 0, kLinearAttention = 1 };
 
 char const* opName(OpKind kind);
 
+// Version and namespace of both creators' plugins: the creator and the plugin must report the
+// same pair, or TensorRT cannot find the creator when it deserialises an engine.
+inline constexpr char const* kPluginVersion = "1";
+inline constexpr char const* kPluginNamespace = "";
+
 // The node's attributes, exactly as the ONNX attributes of each op.
 struct Config {
   OpKind kind = OpKind::kGatedLinearAttention;
