@@ -1,9 +1,10 @@
-"""Helpers shared by the test suites and benchmarks: random GLA inputs and error measures."""
+"""Helpers shared by the test suites and benchmarks: random GLA inputs, error measures, zero state feeds."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -89,3 +90,12 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6) -> float:
 def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     err = rel_err(got, ref)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def zero_state_feeds(meta: dict, batch: int) -> dict[str, np.ndarray]:
+    """Zero initial states for an export's graphs: ``{state input name: zeros}``, with the metadata's
+    ``"batch"`` dimension set to ``batch``."""
+    return {
+        st["input"]: np.zeros([batch if d == "batch" else d for d in st["shape"]], dtype=np.dtype(st["dtype"]))
+        for st in meta["states"]
+    }

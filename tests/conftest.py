@@ -27,3 +27,14 @@ def _seed_per_test(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch limited to one thread for the test (restored afterwards): the models in these tests are
+    tiny, so threads only add OpenMP overhead (and contention on shared CI cores). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run
 
-from gla_export.cli import main
 from gla_export.runtime import bench as bench_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtimes"))
@@ -36,14 +36,6 @@ TINY = [
     "-q",
 ]
 CPU = [*TINY, "--device", "cpu"]
-
-
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(autouse=True)

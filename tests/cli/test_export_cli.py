@@ -9,18 +9,12 @@ import sys
 import onnx
 import pytest
 import torch
+from cli_helpers import run
 
-from gla_export.cli import main
 from gla_export.errors import EXIT_CODES
 from gla_export.models import GLAConfig, GLAForCausalLM, save_model
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -29,14 +23,6 @@ def ckpt(tmp_path):
     config = GLAConfig(vocab_size=258, hidden_size=32, num_hidden_layers=2, num_heads=2, num_kv_heads=1,
                        use_short_conv=True, bos_token_id=256, eos_token_id=257, tie_word_embeddings=True)
     return save_model(GLAForCausalLM(config), tmp_path / "ckpt")
-
-
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_export_writes_the_artifacts(ckpt, tmp_path, capsys):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run
 
-from gla_export.cli import main
 from gla_export.errors import EXIT_CODES
 from gla_export.models import load_model, save_model
 
@@ -20,21 +20,7 @@ from runtime_helpers import tiny_checkpoint, tiny_export  # noqa: E402
 
 TINY = ["--batch", "2", "--prompt-len", "9", "--steps", "3", "-q"]
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(before)
-
-
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _report(path: Path) -> dict:

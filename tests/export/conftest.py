@@ -1,11 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # the models here are tiny: one thread avoids OpenMP overhead (and contention on shared CI cores)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
+    # every test in tests/export: tiny models, one thread (tests/conftest.py's one_torch_thread)
     yield
-    torch.set_num_threads(before)

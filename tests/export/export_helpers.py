@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
 from gla_export.models import GLAConfig, GLAForCausalLM
@@ -56,11 +55,3 @@ def session(path, form: str):
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in s.get_outputs()]
     return lambda feeds: dict(zip(names, s.run(None, feeds)))
-
-
-def zero_state_feeds(meta: dict, batch: int) -> dict[str, np.ndarray]:
-    feeds = {}
-    for st in meta["states"]:
-        shape = [batch if d == "batch" else d for d in st["shape"]]
-        feeds[st["input"]] = np.zeros(shape, dtype=np.dtype(st["dtype"]))
-    return feeds

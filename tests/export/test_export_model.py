@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import CONFIGS, EXTRA_CONFIGS, make_model, session, zero_state_feeds
+from export_helpers import CONFIGS, EXTRA_CONFIGS, make_model, session
 
 from gla_export.export import FORMAT_VERSION, export_model, read_metadata
 from gla_export.export.metadata import METADATA_KEY
-from gla_export.testing import rel_err
+from gla_export.testing import rel_err, zero_state_feeds
 
 FORMS = ["custom", "onnx", "decomposed"]
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from export_helpers import session, zero_state_feeds
+from export_helpers import session
 
 from gla_export.export import export_model
 from gla_export.models import load_model
-from gla_export.testing import rel_err
+from gla_export.testing import rel_err, zero_state_feeds
 
 FLA_CONFIGS = {
     "gqa-conv-tied": dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2,

@@ -6,21 +6,14 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
+from gla_export.export.graph import TORCH_TO_ONNX
+from gla_export.runtime import PROVIDERS, create_session
 from gla_export.testing import GLACase, make_inputs
 
 INPUTS = ("query", "key", "value", "gate", "past_state", "cu_seqlens", "g_gamma")
 OUTPUTS = ("output", "present_state")
-ONNX_TYPES = {
-    torch.float32: TensorProto.FLOAT,
-    torch.float16: TensorProto.FLOAT16,
-    torch.bfloat16: TensorProto.BFLOAT16,
-    torch.float64: TensorProto.DOUBLE,
-    torch.int32: TensorProto.INT32,
-    torch.int64: TensorProto.INT64,
-}
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def make_model(
@@ -35,7 +28,7 @@ def make_model(
     while names and names[-1] == "":
         names.pop()
     graph_inputs = [
-        helper.make_tensor_value_info(n, ONNX_TYPES[feeds[n].dtype], list(feeds[n].shape) if static_shapes else None)
+        helper.make_tensor_value_info(n, TORCH_TO_ONNX[feeds[n].dtype], list(feeds[n].shape) if static_shapes else None)
         for n in names
         if n
     ]
@@ -70,8 +63,6 @@ def feeds_for(case: GLACase, device: str = "cpu", seed: int | None = None) -> tu
 def session(model: bytes, provider: str, threads: int = 2):
     """A session through gla_export.runtime.create_session; on CUDA the op must run on the GPU."""
     import onnxruntime as ort
-
-    from gla_export.runtime import create_session
 
     so = ort.SessionOptions()
     so.log_severity_level = 3

@@ -12,7 +12,7 @@ from ort_helpers import require_provider
 from gla_export.export import export_model
 from gla_export.models import GLAConfig, GLAForCausalLM
 from gla_export.runtime import create_session
-from gla_export.testing import rel_err
+from gla_export.testing import rel_err, zero_state_feeds
 
 CONFIGS = {
     "gqa": dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2),
@@ -25,13 +25,6 @@ CONFIGS = {
 def provider(request):
     require_provider(request.param)
     return request.param
-
-
-def _zero_states(meta: dict, batch: int) -> dict[str, np.ndarray]:
-    return {
-        st["input"]: np.zeros([batch if d == "batch" else d for d in st["shape"]], dtype=np.dtype(st["dtype"]))
-        for st in meta["states"]
-    }
 
 
 def _runner(path, provider):
@@ -52,7 +45,7 @@ def test_custom_export_runs_on_our_library(tmp_path, provider, config):
         ref = model.double()(ids, gla_backend="naive")
 
     prefill = _runner(res.prefill_path, provider)
-    out = prefill({"input_ids": ids.numpy(), "attention_mask": np.ones((B, T), np.int64), **_zero_states(meta, B)})
+    out = prefill({"input_ids": ids.numpy(), "attention_mask": np.ones((B, T), np.int64), **zero_state_feeds(meta, B)})
     assert rel_err(torch.from_numpy(out["logits"]), ref.logits) < 2e-5
     for st in meta["states"]:
         layer = ref.states[st["layer"]]
@@ -60,7 +53,7 @@ def test_custom_export_runs_on_our_library(tmp_path, provider, config):
         assert rel_err(torch.from_numpy(out[st["output"]]), want) < 2e-5, st["output"]
 
     step = _runner(res.step_path, provider)
-    states = _zero_states(meta, B)
+    states = zero_state_feeds(meta, B)
     logits = []
     for t in range(T):
         r = step({"input_ids": ids[:, t : t + 1].numpy(), **states})

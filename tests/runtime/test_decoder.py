@@ -34,12 +34,7 @@ def make_model(kind: str, seed: int = 0) -> GLAForCausalLM:
     return GLAForCausalLM(config).eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and the CPUs are shared)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

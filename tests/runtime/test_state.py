@@ -28,13 +28,7 @@ from gla_export.runtime.state import (
     weights_fingerprint,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed: int, **kw) -> GLAForCausalLM:

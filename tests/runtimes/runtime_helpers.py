@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gla_export.models import build_model, save_model
+from gla_export.testing import zero_state_feeds
 
 _ROOT: Path | None = None
 _EXPORTS: dict[tuple, Path] = {}
@@ -102,10 +103,7 @@ def greedy_onnxruntime(
 
     meta = read_metadata(export_dir)
     sess = ort_sessions(export_dir, meta)
-    states = {
-        st["input"]: np.zeros([1 if d == "batch" else d for d in st["shape"]], dtype=np.dtype(st["dtype"]))
-        for st in meta["states"]
-    }
+    states = zero_state_feeds(meta, 1)
 
     def run(graph, ids):
         feeds = {"input_ids": np.asarray([ids], dtype=np.int64), **states}
