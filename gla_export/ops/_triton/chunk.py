@@ -125,7 +125,7 @@ def _gate_cumsum_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _chunk_state_kernel(
     k, v, gc, h0, h, ht, cu_seqlens, chunk_offsets, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, HEAD_GATE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
     REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -181,7 +181,7 @@ def _chunk_state_kernel(
 @triton.jit(do_not_specialize=["T", "NCP"])
 def _chunk_scores_kernel(
     q, k, gc, A, cu_seqlens, chunk_indices, T, NCP,
-    HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, KG: tl.constexpr,
+    HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
     USE_G: tl.constexpr, HEAD_GATE: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -261,7 +261,7 @@ def _chunk_scores_kernel(
 @triton.jit(do_not_specialize=["T", "NCP"])
 def _chunk_output_kernel(
     q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T, NCP,
-    HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
+    HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, HEAD_GATE: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
     IEEE: tl.constexpr, FIT_FP16: tl.constexpr, UPCAST: tl.constexpr,
@@ -394,7 +394,7 @@ def chunk_forward(
     BK, BV = _state_blocks(K, V, N * H, dev)
     _chunk_state_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * N * H,)](
         k, v, gc, h0, h, ht, cu_dev, offsets, T,
-        H=H, K=K, V=V, KG=KG, BT=BT, BK=BK, BV=BV,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=use_g, HEAD_GATE=head_gate, USE_H0=h0 is not None, STORE_HT=ht is not None, IEEE=ieee, UPCAST=upcast,
         **flags,
     )
@@ -404,14 +404,14 @@ def chunk_forward(
     A = new_buffer((B, T, HQ, BT), torch.float32, dev)
     _chunk_scores_kernel[(grid_c * (BT // BC) * grid_b * HQ,)](
         q, k, gc, A, cu_dev, table, T, grid_c,
-        HQ=HQ, H=H, K=K, KG=KG, BT=BT, BC=BC, BK=min(64, pow2_at_least(K)), BKD=16,
+        HQ=HQ, H=H, K=K, BT=BT, BC=BC, BK=min(64, pow2_at_least(K)), BKD=16,
         USE_G=use_g, HEAD_GATE=head_gate, **flags,
     )
     BK = min(64, pow2_at_least(K))
     BV = min(32 if ieee else 64, pow2_at_least(V))
     _chunk_output_kernel[(triton.cdiv(V, BV) * grid_c * grid_b * HQ,)](
         q, v, gc, h, A, o, cu_dev, table, scale, T, grid_c,
-        HQ=HQ, H=H, K=K, V=V, KG=KG, BT=BT, BK=BK, BV=BV,
+        HQ=HQ, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=use_g, HEAD_GATE=head_gate, IEEE=ieee, FIT_FP16=fit_fp16, UPCAST=upcast, **flags,
         # four 64-wide float32 tiles are live (q ⊙ exp(Γ), the state, A, the output): eight
         # warps, and narrower d_v tiles for the exact float32 dots that run on FMA units,
