@@ -270,6 +270,20 @@ def _torch_runner(model, meta: dict[str, Any], graph: str, device):
     return TorchRunner(lambda: module, input_meta, module.output_names, name=f"pytorch-{graph}")
 
 
+def _load_once(load):
+    """``load``, called on the first call only: Polygraphy's OnnxrtRunner and TrtRunner call their loader on
+    every activation (each ``Comparator.run``, each ``with runner``), and verify activates a graph's runner
+    once per case; with this the session or engine is built once and the activations share it."""
+    loaded = []
+
+    def once():
+        if not loaded:
+            loaded.append(load())
+        return loaded[0]
+
+    return once
+
+
 def _ort_session_loader(path: Path, form: str, cuda: bool, device_id: int):
     """A loader for Polygraphy's OnnxrtRunner: custom exports through the project's session factory
     (:func:`gla_export.runtime.create_session`, which registers our library), the others plain."""
@@ -325,7 +339,7 @@ def _trt_runner(engine: Path, plugin: str | None, name: str):
             _load_trt_plugin(plugin)
         return EngineFromPath(str(engine))()
 
-    return TrtRunner(load, name=name)
+    return TrtRunner(_load_once(load), name=name)
 
 
 def _backend_status(
@@ -523,6 +537,35 @@ def _decode_loop(
     return results
 
 
+def _decode_from_cases(prefill_ref: list, step_ref: list, inputs: _Inputs, meta: dict[str, Any]) -> list | None:
+    """PyTorch's decode (what ``_decode_loop`` returns for the PyTorch runners) out of the prefill and step
+    cases' PyTorch results, or None where their inputs do not prove it equal.
+
+    The decode's first call is the prefill case's first (both are fed ``inputs.prefill[0]``); its call t+1
+    is fed ``tokens[:, t]`` and the states its call t returned. That is the step case's call t exactly when
+    those states are, bit for bit as the runner takes them, the ones ``inputs.step[t]`` holds: checked here,
+    since ``_make_inputs`` reached those by calling the model itself (no all-ones attention mask, other
+    buffers), which need not give the same bits. The same inputs then give the same outputs as far as the
+    PyTorch forward is deterministic, which the equal states themselves attest."""
+    tokens = inputs.tokens
+    if len(prefill_ref) < 1 or len(step_ref) != len(inputs.step) or tokens.shape[1] != len(inputs.step):
+        return None
+    dtypes = {io["name"]: getattr(torch, io["dtype"]) for io in meta["graphs"]["step"]["inputs"]}
+
+    def bits(a: np.ndarray, name: str) -> torch.Tensor:  # what TorchRunner.infer_impl makes of it, as bytes
+        return _to_torch(a, dtypes[name], "cpu").reshape(-1).view(torch.uint8)
+
+    prev = prefill_ref[0]
+    for t, feeds in enumerate(inputs.step):
+        fed = {"input_ids": tokens[:, t : t + 1], **{st["input"]: prev[st["output"]] for st in meta["states"]}}
+        if set(fed) != set(feeds) or any(
+            np.shape(fed[n]) != np.shape(feeds[n]) or not torch.equal(bits(fed[n], n), bits(feeds[n], n)) for n in fed
+        ):
+            return None
+        prev = step_ref[t]
+    return [prefill_ref[0], *step_ref]
+
+
 def _quiet_polygraphy(verbose: bool) -> None:
     from polygraphy.logger import G_LOGGER
 
@@ -697,60 +740,69 @@ def verify(
     def make_runner(status: BackendStatus, graph: str):
         path = export_dir / meta["files"][graph]
         if status.name == "ort-cpu":
-            return OnnxrtRunner(_ort_session_loader(path, form, False, device_id), name=f"ort-cpu-{graph}")
+            return OnnxrtRunner(_load_once(_ort_session_loader(path, form, False, device_id)), name=f"ort-cpu-{graph}")
         if status.name == "ort-cuda":
-            return OnnxrtRunner(_ort_session_loader(path, form, True, device_id), name=f"ort-cuda-{graph}")
+            return OnnxrtRunner(_load_once(_ort_session_loader(path, form, True, device_id)), name=f"ort-cuda-{graph}")
         need = needs[status.name]
         return _trt_runner(need["engines"][graph], need["plugin"], name=f"trt-{graph}")
 
     from polygraphy.comparator.struct import RunResults
 
-    saved = {}
+    # the PyTorch reference of every case first, then one backend at a time through all three cases: a
+    # backend's runners (one per graph) load their session or engine once (_load_once) and serve every
+    # case, and are dropped before the next backend's load (one backend's sessions in memory at a time)
+    saved, cases = {}, []
     for case, graph, feeds in (("prefill", "prefill", inputs.prefill), ("step", "step", inputs.step)):
-        # Comparator.run runs its runners one after the other anyway; one call per backend lets a
-        # backend that fails be reported without losing the others
         ref_runner = _torch_runner(torch_model, meta, graph, dev)
         say(f"{case}: PyTorch")
         ref = Comparator.run([ref_runner], data_loader=feeds)
         func, limits = compare_func(ref[ref_runner.name])
         saved[graph] = (feeds, ref, ref_runner.name, limits)
-        for st in statuses:
-            if not st.available or st.error is not None:
-                continue
-            runner = make_runner(st, graph)
+        cases.append((case, graph, feeds, ref, ref_runner.name, func, limits))
+    # decode: each backend carries its own states; PyTorch's decode is the prefill and step cases' own
+    # calls where their inputs prove it (_decode_from_cases), else it runs
+    say("decode: PyTorch")
+    ref_iters = _decode_from_cases(*(ref[name] for _, _, _, ref, name, _, _ in cases), inputs, meta)
+    if ref_iters is None:
+        ref_iters = _decode_loop(
+            _torch_runner(torch_model, meta, "prefill", dev),
+            _torch_runner(torch_model, meta, "step", dev),
+            inputs.prefill[0],
+            inputs.tokens,
+            meta["states"],
+        )
+    decode_func, decode_limits = compare_func(ref_iters)
+
+    rows: dict[str, list[Row]] = {case: [] for case in CASES}
+    for st in statuses:
+        if not st.available or st.error is not None:
+            continue
+        runners = {graph: make_runner(st, graph) for graph in ("prefill", "step")}
+        # Comparator.run runs its runners one after the other anyway; one call per backend lets a
+        # backend that fails be reported without losing the others
+        for case, graph, feeds, ref, ref_name, func, limits in cases:
+            runner = runners[graph]
             say(f"{case}: {st.name}")
             try:
                 got = Comparator.run([runner], data_loader=feeds)
             except Exception as e:  # noqa: BLE001 - a backend that fails is a finding, not a crash
                 st.error = _one_line(e)
-                continue
-            pair = RunResults([(runner.name, got[runner.name]), (ref_runner.name, ref[ref_runner.name])])
+                break
+            pair = RunResults([(runner.name, got[runner.name]), (ref_name, ref[ref_name])])
             accuracy = Comparator.compare_accuracy(pair, comparisons=[(0, 1)], compare_func=func)
-            report.rows += _rows(case, accuracy, {runner.name: st.name}, limits)
-
-    # decode: each backend carries its own states
-    say("decode: prefill then step, each backend on its own states")
-    ref_iters = _decode_loop(
-        _torch_runner(torch_model, meta, "prefill", dev),
-        _torch_runner(torch_model, meta, "step", dev),
-        inputs.prefill[0],
-        inputs.tokens,
-        meta["states"],
-    )
-    func, limits = compare_func(ref_iters)
-    for st in statuses:
-        if not st.available or st.error is not None:
+            rows[case] += _rows(case, accuracy, {runner.name: st.name}, limits)
+        if st.error is not None:
             continue
+        say(f"decode: {st.name}, prefill then step on its own states")
         try:
-            iters = _decode_loop(
-                make_runner(st, "prefill"), make_runner(st, "step"), inputs.prefill[0], inputs.tokens, meta["states"]
-            )
+            iters = _decode_loop(runners["prefill"], runners["step"], inputs.prefill[0], inputs.tokens, meta["states"])
         except Exception as e:  # noqa: BLE001
             st.error = _one_line(e)
             continue
         run_results = RunResults([(f"{st.name}-decode", iters), ("pytorch-decode", ref_iters)])
-        accuracy = Comparator.compare_accuracy(run_results, comparisons=[(0, 1)], compare_func=func)
-        report.rows += _rows("decode", accuracy, {f"{st.name}-decode": st.name}, limits)
+        accuracy = Comparator.compare_accuracy(run_results, comparisons=[(0, 1)], compare_func=decode_func)
+        rows["decode"] += _rows("decode", accuracy, {f"{st.name}-decode": st.name}, decode_limits)
+    report.rows = [row for case in CASES for row in rows[case]]
 
     if save_dir is not None:
         report.polygraphy_commands = _save_for_polygraphy(
