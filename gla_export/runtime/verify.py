@@ -537,35 +537,6 @@ def _decode_loop(
     return results
 
 
-def _decode_from_cases(prefill_ref: list, step_ref: list, inputs: _Inputs, meta: dict[str, Any]) -> list | None:
-    """PyTorch's decode (what ``_decode_loop`` returns for the PyTorch runners) out of the prefill and step
-    cases' PyTorch results, or None where their inputs do not prove it equal.
-
-    The decode's first call is the prefill case's first (both are fed ``inputs.prefill[0]``); its call t+1
-    is fed ``tokens[:, t]`` and the states its call t returned. That is the step case's call t exactly when
-    those states are, bit for bit as the runner takes them, the ones ``inputs.step[t]`` holds: checked here,
-    since ``_make_inputs`` reached those by calling the model itself (no all-ones attention mask, other
-    buffers), which need not give the same bits. The same inputs then give the same outputs as far as the
-    PyTorch forward is deterministic, which the equal states themselves attest."""
-    tokens = inputs.tokens
-    if len(prefill_ref) < 1 or len(step_ref) != len(inputs.step) or tokens.shape[1] != len(inputs.step):
-        return None
-    dtypes = {io["name"]: getattr(torch, io["dtype"]) for io in meta["graphs"]["step"]["inputs"]}
-
-    def bits(a: np.ndarray, name: str) -> torch.Tensor:  # what TorchRunner.infer_impl makes of it, as bytes
-        return _to_torch(a, dtypes[name], "cpu").reshape(-1).view(torch.uint8)
-
-    prev = prefill_ref[0]
-    for t, feeds in enumerate(inputs.step):
-        fed = {"input_ids": tokens[:, t : t + 1], **{st["input"]: prev[st["output"]] for st in meta["states"]}}
-        if set(fed) != set(feeds) or any(
-            np.shape(fed[n]) != np.shape(feeds[n]) or not torch.equal(bits(fed[n], n), bits(feeds[n], n)) for n in fed
-        ):
-            return None
-        prev = step_ref[t]
-    return [prefill_ref[0], *step_ref]
-
-
 def _quiet_polygraphy(verbose: bool) -> None:
     from polygraphy.logger import G_LOGGER
 
@@ -759,18 +730,15 @@ def verify(
         func, limits = compare_func(ref[ref_runner.name])
         saved[graph] = (feeds, ref, ref_runner.name, limits)
         cases.append((case, graph, feeds, ref, ref_runner.name, func, limits))
-    # decode: each backend carries its own states; PyTorch's decode is the prefill and step cases' own
-    # calls where their inputs prove it (_decode_from_cases), else it runs
+    # decode: each backend carries its own states
     say("decode: PyTorch")
-    ref_iters = _decode_from_cases(*(ref[name] for _, _, _, ref, name, _, _ in cases), inputs, meta)
-    if ref_iters is None:
-        ref_iters = _decode_loop(
-            _torch_runner(torch_model, meta, "prefill", dev),
-            _torch_runner(torch_model, meta, "step", dev),
-            inputs.prefill[0],
-            inputs.tokens,
-            meta["states"],
-        )
+    ref_iters = _decode_loop(
+        _torch_runner(torch_model, meta, "prefill", dev),
+        _torch_runner(torch_model, meta, "step", dev),
+        inputs.prefill[0],
+        inputs.tokens,
+        meta["states"],
+    )
     decode_func, decode_limits = compare_func(ref_iters)
 
     rows: dict[str, list[Row]] = {case: [] for case in CASES}
