@@ -110,6 +110,9 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
            f"state {decoder.state_nbytes / 2**10:.0f} KiB; {desc}")
 
     first = prompt is not None or ids is not None or state is not None or not interactive
+    if interactive and hasattr(sys.stdin, "reconfigure"):
+        # bytes that are not text in stdin's encoding become U+FFFD (and a note), not a traceback
+        sys.stdin.reconfigure(errors="replace")
     while True:
         if not first:  # interactive: the next prompt is a line of stdin
             if not quiet:
@@ -118,6 +121,9 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
             if not line:
                 break
             line = line.rstrip("\n")
+            if "\ufffd" in line:
+                encoding = getattr(sys.stdin, "encoding", None) or "UTF-8"
+                status(f"note: bytes of that line that are not {encoding} text were replaced by U+FFFD")
             prompt, ids = (line if line or state is None else None), None
         first = False
         stop_requested: list = []  # Ctrl-C appends: the generation stops after the current token
