@@ -272,7 +272,7 @@ def export_model(
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
     if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # NaN fails every comparison
-        raise UsageError(f"atol and rtol must be finite numbers >= 0, got atol={atol}, rtol={rtol}")
+        raise UsageError(f"atol and rtol must be >= 0 and finite, got atol={atol}, rtol={rtol}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, force, model_or_path)
 

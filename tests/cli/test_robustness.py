@@ -143,10 +143,10 @@ def test_export_leaves_no_hidden_entries(ckpt, tmp_path):
                          ids=lambda o: "".join(o))
 def test_bad_tolerance_is_a_usage_error(opt, ckpt, export_dir, tmp_path, capsys):
     assert run(["export", str(ckpt), "-o", str(tmp_path / "o"), "-q", *opt]) == EXIT_CODES["UsageError"]
-    assert "must be finite numbers >= 0" in _one_line_error(capsys)
+    assert "must be >= 0 and finite" in _one_line_error(capsys)
     assert not (tmp_path / "o").exists()
     assert run(["verify", str(export_dir), "--backend", "ort-cpu", *opt]) == EXIT_CODES["UsageError"]
-    assert "must be finite numbers >= 0" in capsys.readouterr().err
+    assert "must be >= 0 and finite" in capsys.readouterr().err
 
 
 # ---- token ids outside the vocabulary -----------------------------------------------------------------
