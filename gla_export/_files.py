@@ -50,11 +50,7 @@ def check_output_dir(
     from .errors import OutputExistsError, UsageError
 
     final = Path(final)
-    for ancestor in final.absolute().parents:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise UsageError(f"{final}: {ancestor} is a file, not a directory")
-            break
+    check_output_path(final)
     if final.exists() and not final.is_dir():
         raise OutputExistsError(f"{final} exists and is not a directory")
     here = final.resolve()
@@ -69,6 +65,19 @@ def check_output_dir(
             raise OutputExistsError(f"{final} already exists and is not empty (use --force to replace it)")
         if not ours(final):
             raise OutputExistsError(f"{final} is not {what}: refusing to replace it even with --force")
+
+
+def check_output_path(path: Path) -> None:
+    """Raise UsageError when ``path`` (a file or directory to write) lies under a regular file, so
+    that it could never be created; checked before any work is done."""
+    from .errors import UsageError
+
+    path = Path(path)
+    for ancestor in path.absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise UsageError(f"{path}: {ancestor} is a file, not a directory")
+            return
 
 
 def _lock_name(final: Path) -> re.Pattern[str]:

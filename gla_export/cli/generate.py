@@ -60,6 +60,7 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
     --temperature, --top-k, --top-p and --seed sample. --save-state and --load-state stop and
     resume a conversation exactly; --interactive keeps it going, one prompt per line of stdin.
     """
+    from .._files import check_output_path
     from ..errors import UsageError
     from ..runtime.decoder import FINISH_INTERRUPTED, StatefulDecoder
     from ..runtime.sampling import SamplingParams
@@ -73,6 +74,18 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
 
     if prompt is not None and prompt_ids is not None:
         raise UsageError("give --prompt or --prompt-ids, not both")
+    if save_state is not None:
+        check_output_path(save_state)
+    if prompt is not None:
+        # bytes of the command line that are not UTF-8 reach Python as lone surrogates: take the
+        # bytes back and replace what is not text by U+FFFD, as for --interactive's stdin
+        try:
+            text = prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # surrogates that no byte stands for
+            text = prompt.encode("utf-8", "replace").decode("utf-8")
+        if text != prompt:
+            status("note: bytes of --prompt that are not UTF-8 text were replaced by U+FFFD")
+        prompt = text
     t0 = time.perf_counter()
     decoder = StatefulDecoder(export_dir, backend, device_id=device_id, threads=threads, prefill_chunk=prefill_chunk,
                               engines_dir=engines_dir)

@@ -184,3 +184,39 @@ def test_interactive_stdin_with_invalid_utf8_is_replaced_not_a_crash(export_dir,
     assert code == 0, err
     assert "Traceback" not in err and "internal error" not in err
     assert err.count("replaced by U+FFFD") == 2 and err.count("stopped: length") == 2
+
+
+def test_prompt_with_bytes_that_are_not_utf8_is_replaced_not_a_crash(export_dir, capsysbinary):
+    from gla_export.cli import main
+
+    try:  # what Python makes of the command-line bytes b"\xff\xfeIn the": lone surrogates
+        main(["generate", str(export_dir), "--threads", "1", "-p", "\udcff\udcfeIn the", "-n", "2", "--ignore-eos"])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    err = capsysbinary.readouterr().err.decode()
+    assert code == 0, err
+    assert "replaced by U+FFFD" in err and "stopped: length" in err
+
+
+# ---- other outputs under a regular file: checked before any work -----------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "{export}", "-p", "hi", "-n", "1", "--save-state", "{file}/chat.state"],
+    ["verify", "{export}", "--backend", "ort-cpu", "--save-dir", "{file}/sub"],
+    ["bench", "{export}", "-o", "{file}/sub"],
+], ids=lambda a: a[0])
+def test_other_outputs_under_a_regular_file_are_usage_errors(args, export_dir, tmp_path, capsys, monkeypatch):
+    import gla_export.runtime.bench as bench
+    import gla_export.runtime.verify as verify
+
+    def never(*a, **k):
+        raise AssertionError("ran before checking its output path")
+
+    monkeypatch.setattr(bench, "bench", never)
+    monkeypatch.setattr(verify, "verify", never)
+    (tmp_path / "file").write_text("x")
+    argv = [a.format(export=export_dir, file=tmp_path / "file") for a in args]
+    assert run(argv) == EXIT_CODES["UsageError"]
+    assert "is a file, not a directory" in _one_line_error(capsys)
