@@ -159,6 +159,7 @@ def test_trt_pip_of_this_interpreter_first(trt, monkeypatch):
     assert cmd == [sys.executable, "-m", "pip"]
     # no pip importable (an isolated build environment): the one on PATH, without that environment's paths
     monkeypatch.setattr(trt.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(trt, "_imports_pip", lambda python, env: False)
     monkeypatch.setattr(trt.shutil, "which", lambda name: "/opt/x/bin/pip3" if name == "pip3" else None)
     monkeypatch.setenv("PYTHONPATH", "/overlay/site")
     monkeypatch.setenv("PIP_INDEX_URL", "http://index.test/simple")
@@ -220,3 +221,20 @@ def test_trt_extract_flattens_and_replaces(trt, tmp_path):
     with pytest.raises(trt.FetchError, match="lacks NvInferVersion.h"):
         trt.extract(_wheel({f"{trt.PREFIX}{h}": b"" for h in trt.REQUIRED[:-1]}), tmp_path / "h2")
     assert not (tmp_path / "h2").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["h"]
+
+
+def test_trt_pip_found_from_inside_an_isolated_build_environment(tmp_path):
+    # as pip's build isolation does: a sitecustomize takes the installation's packages (pip too) off
+    # sys.path and no pip is on PATH; the script still reaches this interpreter's pip
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "sitecustomize.py").write_text("import sys\nsys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "GLA_TENSORRT_HEADERS_WHEEL"}
+    env.update(PYTHONPATH=str(overlay), PYTHONNOUSERSITE="1", PATH=str(tmp_path / "no-bin"),
+               PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('pip') is None)"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "True"  # pip is hidden as in the build environment
+    run = subprocess.run([sys.executable, str(TRT_SCRIPT), str(tmp_path / "h")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1 and "pip download kernel-lens==2.0.1 failed" in run.stderr, run.stderr

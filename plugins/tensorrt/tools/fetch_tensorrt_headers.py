@@ -47,17 +47,27 @@ class FetchError(RuntimeError):
     pass
 
 
+def _imports_pip(python: str, env: dict[str, str]) -> bool:
+    try:
+        return subprocess.run([python, "-c", "import pip"], env=env, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def pip_command() -> tuple[list[str], dict[str, str]] | None:
-    """How to run pip: this interpreter's, else the one on PATH (with pip's own configuration
-    untouched: every PIP_* variable and config file still applies)."""
+    """How to run pip, with pip's own configuration untouched (every PIP_* variable and config file
+    still applies): this interpreter's pip; else, inside pip's isolated build environment, the pip
+    of this interpreter's own installation (the environment's paths taken out); else the pip on PATH."""
     env = dict(os.environ)
     if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"], env
+    for var in _BUILD_ENV_VARS:
+        env.pop(var, None)
+    if _imports_pip(sys.executable, env):
         return [sys.executable, "-m", "pip"], env
     for name in ("pip3", "pip"):
         found = shutil.which(name)
         if found:
-            for var in _BUILD_ENV_VARS:
-                env.pop(var, None)
             return [found], env
     return None
 
