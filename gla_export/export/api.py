@@ -154,6 +154,10 @@ def _load(model_or_path: Any, dtype: torch.dtype) -> tuple[GLAForCausalLM, Path 
 
 def _check_supported(model: GLAForCausalLM) -> None:
     c = model.config
+    try:
+        c.validate()  # again: a model's config may have been changed since it was built
+    except ConfigError as e:
+        raise ModelError(str(e)) from e
     if c.use_short_conv and c.conv_size < 2:
         raise ModelError(f"config field 'conv_size' = {c.conv_size}: export needs conv_size >= 2 when use_short_conv is set")
 

@@ -220,3 +220,13 @@ def test_other_outputs_under_a_regular_file_are_usage_errors(args, export_dir, t
     argv = [a.format(export=export_dir, file=tmp_path / "file") for a in args]
     assert run(argv) == EXIT_CODES["UsageError"]
     assert "is a file, not a directory" in _one_line_error(capsys)
+
+
+def test_token_id_changed_after_the_model_was_built_is_a_model_error(tmp_path):
+    from gla_export.errors import ModelError
+
+    model = GLAForCausalLM(_config())
+    model.config.bos_token_id = 258
+    with pytest.raises(ModelError, match="'bos_token_id' = 258: must be a token id in the vocabulary"):
+        export_model(model, tmp_path / "o", gla_op="decomposed", validate=False, progress=False)
+    assert not (tmp_path / "o").exists()
