@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .errors import ExportFailedError, OutputExistsError, UsageError
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no locks, so no stale-folder cleaning either
@@ -43,12 +45,10 @@ def check_output_dir(
     """Refuse an output directory that cannot or may not be written.
 
     ``final`` may be absent or an empty directory; a non-empty one only with ``force`` and only when
-    ``ours(final)`` says this tool wrote it (``what`` describes such a directory for the message). It may
-    never be, or hold, one of ``inputs``. Raises UsageError (a path under a regular file, an input
+    ``ours(final)`` says this tool wrote it (``what`` describes such a directory for the message).
+    It may never be, or hold, one of ``inputs``. Raises UsageError (a path under a regular file, an input
     in the way) or OutputExistsError.
     """
-    from .errors import OutputExistsError, UsageError
-
     final = Path(final)
     check_output_path(final)
     if final.exists() and not final.is_dir():
@@ -70,8 +70,6 @@ def check_output_dir(
 def check_output_path(path: Path) -> None:
     """Raise UsageError when ``path`` (a file or directory to write) lies under a regular file, so
     that it could never be created; checked before any work is done."""
-    from .errors import UsageError
-
     path = Path(path)
     for ancestor in path.absolute().parents:
         if ancestor.exists():
@@ -141,8 +139,6 @@ def staging_dir(final: Path) -> Path:
     with the permissions a plain ``mkdir`` would give: mkdtemp's 0700 would outlive the rename.
     Stale staging folders of ``final`` are removed first. Raises ExportFailedError when the folder
     cannot be made."""
-    from .errors import ExportFailedError
-
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
