@@ -60,6 +60,9 @@ def _fake_apt(tmp_path: Path, targets: str, origins: str = "", broken: str = "")
     apt = bin_dir / "apt-get"
     apt.write_text(FAKE_APT)
     apt.chmod(0o755)
+    dpkg = bin_dir / "dpkg-deb"  # never reached: the stand-in .deb fails its sha256 first
+    dpkg.write_text("#!/bin/sh\nexit 1\n")
+    dpkg.chmod(0o755)
     log = tmp_path / "apt.args"
     log.touch()
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log),
