@@ -4,7 +4,9 @@
 #   1. ONNXRUNTIME_INCLUDE_DIR (CMake variable or environment): a folder holding
 #      onnxruntime_c_api.h, directly or in an onnxruntime/ subfolder;
 #   2. else tools/fetch_onnxruntime_headers.sh fetches Debian trixie's libonnxruntime-dev
-#      1.21.0+dfsg-1 (sha256-pinned) into the build folder, once; later configures reuse it.
+#      1.21.0+dfsg-1 (sha256-pinned) into the build folder, once, through apt and only from the
+#      Debian mirrors apt is configured with; later configures reuse it. Without such a source the
+#      script fails with one line saying to set ONNXRUNTIME_INCLUDE_DIR.
 # On failure <out-include-dir> is empty and <out-why> says why, so the caller can build everything
 # else and report it.
 set(GLA_ORT_HEADERS_PIN "libonnxruntime-dev 1.21.0+dfsg-1 14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
@@ -51,8 +53,13 @@ function(gla_onnxruntime_headers out_dir out_why)
         ERROR_VARIABLE err
         TIMEOUT 300)
       if(NOT rc EQUAL 0)
+        # the script's last line says why (and to set ONNXRUNTIME_INCLUDE_DIR); earlier ones are progress
         string(STRIP "${err}" err)
-        set(${out_why} "fetching the ONNX Runtime headers failed (${rc}): ${err}; set ONNXRUNTIME_INCLUDE_DIR to a folder with onnxruntime_c_api.h" PARENT_SCOPE)
+        string(REGEX MATCH "[^\n]*$" last "${err}")
+        if(NOT last)
+          set(last "fetch_onnxruntime_headers.sh failed (${rc}); set ONNXRUNTIME_INCLUDE_DIR to a folder with onnxruntime_c_api.h")
+        endif()
+        set(${out_why} "${last}" PARENT_SCOPE)
         return()
       endif()
     endif()

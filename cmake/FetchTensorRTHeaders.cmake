@@ -4,9 +4,10 @@
 #   1. TENSORRT_INCLUDE_DIR (CMake or environment variable), when it holds NvInferRuntime.h;
 #   2. a TensorRT install: TENSORRT_ROOT / TensorRT_ROOT, the Debian/JetPack packages
 #      (/usr/include/<triplet>), /usr/local/tensorrt, /opt/tensorrt;
-#   3. else the headers of the PyPI wheel kernel-lens==2.0.1 (TensorRT 10.14, Apache-2.0), fetched
-#      at configure time into the build folder by plugins/tensorrt/tools/fetch_tensorrt_headers.py
-#      (sha256-pinned; GLA_TENSORRT_HEADERS_WHEEL=<wheel on disk> works offline). Never committed.
+#   3. else the headers of the wheel kernel-lens==2.0.1 (TensorRT 10.14, Apache-2.0), fetched at
+#      configure time into the build folder by plugins/tensorrt/tools/fetch_tensorrt_headers.py
+#      with `pip download` (pip's configured index, mirrors and proxies; sha256-pinned;
+#      GLA_TENSORRT_HEADERS_WHEEL=<wheel on disk> works offline). Never committed.
 # On failure <out-include-dir> is empty and <out-reason> says why.
 
 function(_gla_tensorrt_major dir out)
@@ -82,7 +83,9 @@ function(gla_find_tensorrt_headers out_dir out_reason)
                   RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err
                   OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_STRIP_TRAILING_WHITESPACE)
   if(NOT rc EQUAL 0)
-    set(${out_reason} "no TensorRT headers found (set TENSORRT_INCLUDE_DIR), and fetching them failed: ${err}" PARENT_SCOPE)
+    # the script's last line says why and to set TENSORRT_INCLUDE_DIR
+    string(REGEX MATCH "[^\n]*$" last "${err}")
+    set(${out_reason} "no TensorRT headers found, and fetching them failed: ${last}" PARENT_SCOPE)
     return()
   endif()
   message(STATUS "gla-export: ${out}")

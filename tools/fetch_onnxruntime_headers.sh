@@ -5,17 +5,21 @@
 #
 #   tools/fetch_onnxruntime_headers.sh DEST
 #
-# leaves DEST/include/onnxruntime_c_api.h and friends. apt runs under a private configuration:
-# its own sources list (the machine's own Debian mirror, suite trixie), its own lists, cache and
-# status under DEST/apt, no lock on the system's files. So the system's apt state is untouched and
-# no root is needed. Override the mirror with GLA_DEBIAN_MIRROR=http://... when the machine has none.
-# Exit status 0 on success; otherwise one line on stderr says why.
+# leaves DEST/include/onnxruntime_c_api.h and friends. Only what apt is configured with is used:
+# the Debian archive mirrors among apt's own sources (as apt itself lists them, `apt-get
+# indextargets`), with the suite swapped for trixie; apt's configuration (proxies, credentials)
+# applies as it does to any apt-get. No host name is written here. apt runs with a private sources
+# list, lists, cache and status under DEST/apt and no lock on the system's files, so the system's
+# apt state is untouched and no root is needed. Exit status 0 on success; otherwise one line on
+# stderr says why (and, when apt has no Debian source, to set ONNXRUNTIME_INCLUDE_DIR instead).
 set -euo pipefail
 
 PKG=libonnxruntime-dev
 VERSION=1.21.0+dfsg-1
+SUITE=trixie
 ARCH=amd64  # the headers are the same on every architecture: one .deb, one pin
 SHA256=14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08
+INSTEAD="set ONNXRUNTIME_INCLUDE_DIR to a folder with onnxruntime_c_api.h instead"
 
 die() { echo "fetch_onnxruntime_headers: $*" >&2; exit 1; }
 
@@ -25,32 +29,34 @@ mkdir -p "$dest"
 dest=$(cd "$dest" && pwd)
 
 for tool in apt-get dpkg-deb sha256sum; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool is not available (a Debian-family system is needed to fetch the headers; or set ONNXRUNTIME_INCLUDE_DIR)"
+  command -v "$tool" >/dev/null 2>&1 || die "$tool is not available (the headers come from apt's Debian sources): $INSTEAD"
 done
 
-# The machine's own Debian mirror: the first archive URI (not the security one) in its sources.
-find_mirror() {
-  local files=() f
-  for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list /etc/apt/sources.list; do
-    [ -f "$f" ] && files+=("$f")
-  done
-  [ ${#files[@]} -gt 0 ] || return 0
-  # deb822 "URIs: a b" lines and one-line "deb [opts] URI suite ..." entries
-  awk '
-    /^[[:space:]]*URIs:/ { for (i = 2; i <= NF; i++) print $i; next }
-    /^[[:space:]]*deb[[:space:]]/ {
-      for (i = 2; i <= NF; i++) { if ($i ~ /^\[/) { while ($i !~ /\]$/ && i < NF) i++; continue } print $i; break }
-    }' "${files[@]}" |
-    grep -E '^(https?|file)://' | grep -E '/debian/?$' | head -n 1
+# The archive URIs among apt's configured sources, Debian's first. apt parses its sources itself
+# (one-line and deb822, options, sources.list.d, APT_CONFIG); ORIGIN is known only for sources
+# whose lists were fetched. Security repositories carry no plain suite: skipped. Repositories of
+# another origin (Ubuntu, vendors) are skipped; an unknown origin is tried after Debian's.
+candidates() {
+  local origins
+  origins=$(apt-get indextargets --format '$(TARGET_OF) $(REPO_URI) $(ORIGIN) $(LABEL)' 2>/dev/null || true)
+  apt-get indextargets --no-release-info --format '$(TARGET_OF) $(REPO_URI) $(RELEASE)' 2>/dev/null |
+    awk -v origins="$origins" '
+      BEGIN {
+        n = split(origins, lines, "\n")
+        for (i = 1; i <= n; i++) { split(lines[i], f, " "); if (f[1] == "deb" && f[2] != "") { origin[f[2]] = f[3]; label[f[2]] = f[4] } }
+      }
+      $1 == "deb" && $2 ~ /^(https?|file|ftp|mirror[+a-z]*):\/\// && $3 !~ /\// && $3 !~ /-security$/ && !seen[$2]++ {
+        o = ($2 in origin) ? origin[$2] : ""
+        if (o == "Debian" && label[$2] == "Debian") debian[++nd] = $2
+        else if (o == "" || o == "$(ORIGIN)") other[++no] = $2
+      }
+      END { for (i = 1; i <= nd; i++) print debian[i]; for (i = 1; i <= no; i++) print other[i] }'
 }
 
-mirror=${GLA_DEBIAN_MIRROR:-$(find_mirror)}
-mirror=${mirror:-http://deb.debian.org/debian}
-mirror=${mirror%/}
+mapfile -t mirrors < <(candidates)
+[ ${#mirrors[@]} -gt 0 ] || die "apt has no Debian archive among its sources to fetch $PKG $VERSION from: $INSTEAD"
 
 apt_dir="$dest/apt"
-mkdir -p "$apt_dir"/{lists/partial,cache/archives/partial,etc/sources.list.d,etc/preferences.d,etc/apt.conf.d,state}
-: > "$apt_dir/state/status"
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 if [ -r "$keyring" ]; then
   opts="signed-by=$keyring"
@@ -58,7 +64,6 @@ else
   # no Debian keyring here: the index cannot be verified, the .deb itself still is (sha256 below)
   opts="trusted=yes"
 fi
-echo "deb [$opts] $mirror trixie main" > "$apt_dir/etc/sources.list"
 
 apt_opts=(
   -o "Dir::State=$apt_dir/state"
@@ -69,7 +74,6 @@ apt_opts=(
   -o "Dir::Etc::sourceparts=$apt_dir/etc/sources.list.d"
   -o "Dir::Etc::preferences=$apt_dir/etc/preferences"
   -o "Dir::Etc::preferencesparts=$apt_dir/etc/preferences.d"
-  -o "Dir::Etc::parts=$apt_dir/etc/apt.conf.d"
   -o "APT::Architecture=$ARCH"
   -o "APT::Architectures=$ARCH"
   -o "APT::Sandbox::User=$(id -un)"
@@ -78,14 +82,24 @@ apt_opts=(
   -o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
 )
 
-echo "fetch_onnxruntime_headers: $PKG $VERSION from $mirror (trixie)" >&2
 log="$apt_dir/apt.log"
-apt-get "${apt_opts[@]}" -q update >"$log" 2>&1 || die "apt-get update failed for $mirror trixie (see $log)"
-rm -f "$apt_dir"/*.deb
-(cd "$apt_dir" && apt-get "${apt_opts[@]}" -q download "$PKG:$ARCH=$VERSION") >>"$log" 2>&1 ||
-  die "apt-get download $PKG=$VERSION failed (see $log)"
-deb=$(ls "$apt_dir"/*.deb 2>/dev/null | head -n 1)
-[ -n "$deb" ] || die "apt-get download left no .deb in $apt_dir"
+deb=""
+tried=()
+for mirror in "${mirrors[@]}"; do
+  mirror=${mirror%/}
+  rm -rf "$apt_dir"
+  mkdir -p "$apt_dir"/{lists/partial,cache/archives/partial,etc/sources.list.d,etc/preferences.d,state}
+  : > "$apt_dir/state/status"
+  echo "deb [$opts] $mirror $SUITE main" > "$apt_dir/etc/sources.list"
+  echo "fetch_onnxruntime_headers: $PKG $VERSION from $mirror ($SUITE)" >&2
+  tried+=("$mirror")
+  if apt-get "${apt_opts[@]}" -q update >"$log" 2>&1 &&
+     (cd "$apt_dir" && apt-get "${apt_opts[@]}" -q download "$PKG:$ARCH=$VERSION") >>"$log" 2>&1; then
+    deb=$(ls "$apt_dir"/*.deb 2>/dev/null | head -n 1)
+    [ -n "$deb" ] && break
+  fi
+done
+[ -n "$deb" ] || die "apt could not download $PKG $VERSION ($SUITE) from ${tried[*]} (see $log): $INSTEAD"
 got=$(sha256sum "$deb" | cut -d' ' -f1)
 [ "$got" = "$SHA256" ] || die "sha256 of $(basename "$deb") is $got, expected $SHA256"
 

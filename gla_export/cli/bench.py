@@ -83,6 +83,7 @@ def bench(
     """
     from pathlib import Path
 
+    from .._files import check_output_path
     from ..runtime.bench import KEYS, BenchSettings, write_json, write_plot
     from ..runtime.bench import bench as run_bench
     from . import console
@@ -97,6 +98,7 @@ def bench(
         repeats=repeats,
         threads=threads,
     )
+    check_output_path(Path(out_dir))  # before the runs, not after
     report = run_bench(
         export_dir,
         model=model,

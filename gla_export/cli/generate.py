@@ -60,6 +60,7 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
     --temperature, --top-k, --top-p and --seed sample. --save-state and --load-state stop and
     resume a conversation exactly; --interactive keeps it going, one prompt per line of stdin.
     """
+    from .._files import check_output_path
     from ..errors import UsageError
     from ..runtime.decoder import FINISH_INTERRUPTED, StatefulDecoder
     from ..runtime.sampling import SamplingParams
@@ -73,6 +74,18 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
 
     if prompt is not None and prompt_ids is not None:
         raise UsageError("give --prompt or --prompt-ids, not both")
+    if save_state is not None:
+        check_output_path(save_state)
+    if prompt is not None:
+        # bytes of the command line that are not UTF-8 reach Python as lone surrogates: take the
+        # bytes back and replace what is not text by U+FFFD, as for --interactive's stdin
+        try:
+            text = prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # surrogates that no byte stands for
+            text = prompt.encode("utf-8", "replace").decode("utf-8")
+        if text != prompt:
+            status("note: bytes of --prompt that are not UTF-8 text were replaced by U+FFFD")
+        prompt = text
     t0 = time.perf_counter()
     decoder = StatefulDecoder(export_dir, backend, device_id=device_id, threads=threads, prefill_chunk=prefill_chunk,
                               engines_dir=engines_dir)
@@ -110,6 +123,9 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
            f"state {decoder.state_nbytes / 2**10:.0f} KiB; {desc}")
 
     first = prompt is not None or ids is not None or state is not None or not interactive
+    if interactive and hasattr(sys.stdin, "reconfigure"):
+        # bytes that are not text in stdin's encoding become U+FFFD (and a note), not a traceback
+        sys.stdin.reconfigure(errors="replace")
     while True:
         if not first:  # interactive: the next prompt is a line of stdin
             if not quiet:
@@ -118,6 +134,9 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
             if not line:
                 break
             line = line.rstrip("\n")
+            if "\ufffd" in line:
+                encoding = getattr(sys.stdin, "encoding", None) or "UTF-8"
+                status(f"note: bytes of that line that are not {encoding} text were replaced by U+FFFD")
             prompt, ids = (line if line or state is None else None), None
         first = False
         stop_requested: list = []  # Ctrl-C appends: the generation stops after the current token

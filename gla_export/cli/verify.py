@@ -113,12 +113,15 @@ def verify(
     import json
     from pathlib import Path
 
+    from .._files import check_output_path
     from ..runtime.verify import raise_if_failed
     from ..runtime.verify import verify as run_verify
     from . import console
 
     err = console(stderr=True)
     verbose = bool((ctx.find_root().obj or {}).get("verbose"))
+    if save_dir is not None:
+        check_output_path(Path(save_dir))
     report = run_verify(
         export_dir,
         model=model,

@@ -11,8 +11,8 @@ import contextlib
 import copy
 import gc
 import json
+import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +22,8 @@ import onnx
 import torch
 from onnx import helper
 
-from .._files import staging_dir, swap_into_place
-from ..errors import ExportFailedError, GlaExportError, ModelError, OutputExistsError, UsageError, ValidationError
+from .._files import check_output_dir, discard_staging, staging_dir, swap_into_place
+from ..errors import ExportFailedError, GlaExportError, ModelError, UsageError, ValidationError
 from ..models.config import ConfigError
 from ..models.loader import CheckpointError, cast_model, load_model, sample_model_path
 from ..models.modeling import GLAForCausalLM
@@ -118,14 +118,10 @@ def _is_export_dir(path: Path) -> bool:
         return False
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not force:
-            raise OutputExistsError(f"{out_dir} already exists and is not empty (use --force to replace it)")
-        if not _is_export_dir(out_dir):
-            raise OutputExistsError(f"{out_dir} is not a gla-export directory (no {METADATA_FILE}): refusing to replace it even with --force")
+def _check_out_dir(out_dir: Path, force: bool, source: Any = None) -> None:
+    """``out_dir`` is new, empty, or (with ``force``) an export; never the checkpoint or above it."""
+    check_output_dir(out_dir, force=force, ours=_is_export_dir, what=f"a gla-export directory (no {METADATA_FILE})",
+                     inputs=[Path(source)] if isinstance(source, (str, os.PathLike)) else [])
 
 
 def _float32_reference(model: GLAForCausalLM) -> GLAForCausalLM:
@@ -158,6 +154,10 @@ def _load(model_or_path: Any, dtype: torch.dtype) -> tuple[GLAForCausalLM, Path 
 
 def _check_supported(model: GLAForCausalLM) -> None:
     c = model.config
+    try:
+        c.validate()  # again: a model's config may have been changed since it was built
+    except ConfigError as e:
+        raise ModelError(str(e)) from e
     if c.use_short_conv and c.conv_size < 2:
         raise ModelError(f"config field 'conv_size' = {c.conv_size}: export needs conv_size >= 2 when use_short_conv is set")
 
@@ -275,10 +275,10 @@ def export_model(
     default_tolerances = atol is None and rtol is None
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
-    if atol < 0 or rtol < 0:
-        raise UsageError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # NaN fails every comparison
+        raise UsageError(f"atol and rtol must be >= 0 and finite, got atol={atol}, rtol={rtol}")
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, force)
+    _check_out_dir(out_dir, force, model_or_path)
 
     timings: dict[str, float] = {}
     with _Progress(progress, console) as prog:
@@ -357,22 +357,22 @@ def export_model(
                         f"nothing was written to {out_dir}",
                         report,
                     )
-            _move_into_place(tmp, out_dir, force)
+            _move_into_place(tmp, out_dir, force, source)
         except GlaExportError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard_staging(tmp)
             raise
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard_staging(tmp)
             raise ExportFailedError(f"writing the export failed: {e}") from e
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard_staging(tmp)
             raise
     timings["total"] = time.perf_counter() - t_start
     return ExportResult(out_dir, meta, report, timings)
 
 
-def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
+def _move_into_place(tmp: Path, out_dir: Path, force: bool, source: Path | None) -> None:
     """Rename the finished export to ``out_dir``; an old export is swapped out first and removed
     only once the new one is in place."""
-    _check_out_dir(out_dir, force)  # again: something may have appeared while we worked
+    _check_out_dir(out_dir, force, source)  # again: something may have appeared while we worked
     swap_into_place(tmp, out_dir)

@@ -156,6 +156,14 @@ class GLAConfig:
             raise bad("clamp_min", "a log decay is at most 0, so clamp_min must be <= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "must be in [0, 1)")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            # None (no such token) or an id in the vocabulary; eos may be a list (HF generation configs)
+            value = getattr(self, name)
+            ids = value if isinstance(value, (list, tuple)) and name == "eos_token_id" else [value]
+            if value is None:
+                continue
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids) or not ids:
+                raise bad(name, f"must be a token id in the vocabulary [0, {self.vocab_size}) or null")
 
     # ---- (de)serialisation ----
     @classmethod

@@ -391,11 +391,19 @@ def trtexec_script(meta: dict[str, Any], profiles: dict[str, dict[str, list]], s
     return "\n".join(lines)
 
 
-def _check_engines_dir(path: Path, force: bool) -> None:
-    from ..errors import OutputExistsError
+def _is_engines_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / INFO_FILE).read_text())["producer"]["name"] == "gla-export"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists (use --force to replace it)")
+
+def _check_engines_dir(path: Path, force: bool, export_dir: Path) -> None:
+    """``path`` is new, empty, or (with ``force``) engines we built; never the export or above it."""
+    from .._files import check_output_dir
+
+    check_output_dir(path, force=force, ours=_is_engines_dir, what=f"a gla-export engines directory (no {INFO_FILE} of gla-export)",
+                     inputs=[export_dir])
 
 
 def build_engines(
@@ -430,12 +438,14 @@ def build_engines(
         ExportFailedError (TensorRT could not build an engine).
     """
     from .. import __version__
-    from .._files import staging_dir
+    from .._files import discard_staging, staging_dir
     from ..errors import ExportFailedError
     from ..export.metadata import open_export
 
     export_dir = Path(export_dir)
     meta = open_export(export_dir)
+    final = Path(out_dir) if out_dir is not None else export_dir / ENGINES_DIR
+    _check_engines_dir(final, force, export_dir)
     module = require_module(runtime)
     precision, strongly_typed, flags = precision_plan(meta, precision, module)
     ranges = _ranges(meta, max_batch, max_seq, opt_batch, opt_seq)
@@ -443,8 +453,6 @@ def build_engines(
     profiles = {"prefill": graph_profile(meta, "prefill", ranges), "step": graph_profile(meta, "step", step_ranges)}
     form = (meta.get("gla_op") or {}).get("form", "custom")
     plugins = [plugin_library(plugin)] if form != "decomposed" or plugin is not None else []
-    final = Path(out_dir) if out_dir is not None else export_dir / ENGINES_DIR
-    _check_engines_dir(final, force)
     tmp = staging_dir(final)
     try:
         jobs = [
@@ -495,17 +503,17 @@ def build_engines(
         script = tmp / SCRIPT_FILE
         script.write_text(trtexec_script(meta, profiles, strongly_typed, flags, workspace_mib, plugin=bool(plugins)))
         script.chmod(0o755)
-        _move_into_place(tmp, final, force)
+        _move_into_place(tmp, final, force, export_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_staging(tmp)
         raise
     return EngineResult(final, {g: final / ENGINE_FILES[g] for g in ENGINE_FILES}, final / SCRIPT_FILE, info)
 
 
-def _move_into_place(tmp: Path, final: Path, force: bool) -> None:
+def _move_into_place(tmp: Path, final: Path, force: bool, export_dir: Path) -> None:
     from .._files import swap_into_place  # not at the top: the worker loads this file on its own
 
-    _check_engines_dir(final, force)  # again: something may have appeared while the engines built
+    _check_engines_dir(final, force, export_dir)  # again: something may have appeared while the engines built
     swap_into_place(tmp, final)
 
 

@@ -30,6 +30,7 @@ results to ``compare_accuracy``.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import time
@@ -637,8 +638,8 @@ def verify(
     d_atol, d_rtol = DEFAULT_TOLERANCES[getattr(torch, meta["dtype"])]
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
-    if atol < 0 or rtol < 0:
-        raise UsageError(f"atol and rtol must be >= 0, got {atol}, {rtol}")
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # NaN fails every comparison
+        raise UsageError(f"atol and rtol must be >= 0 and finite, got atol={atol}, rtol={rtol}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
