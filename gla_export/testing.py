@@ -96,6 +96,8 @@ def zero_state_feeds(meta: dict, batch: int) -> dict[str, np.ndarray]:
     """Zero initial states for an export's graphs: ``{state input name: zeros}``, with the metadata's
     ``"batch"`` dimension set to ``batch``."""
     return {
-        st["input"]: np.zeros([batch if d == "batch" else d for d in st["shape"]], dtype=np.dtype(st["dtype"]))
+        # a full-attention cache ("past_sequence") is empty in an empty context
+        st["input"]: np.zeros([batch if d == "batch" else 0 if isinstance(d, str) else d for d in st["shape"]],
+                              dtype=np.dtype(st["dtype"]))
         for st in meta["states"]
     }

@@ -66,7 +66,7 @@ def graph_io(spec: GraphSpec, kind: str) -> dict[str, list[dict[str, Any]]]:
     outputs = [_io("logits", onnx.TensorProto.FLOAT, [BATCH, T, c.vocab_size])]
     for st in state_specs(spec):
         inputs.append(_io(st["input"], st["elem_type"], st["shape"]))
-        outputs.append(_io(st["output"], st["elem_type"], st["shape"]))
+        outputs.append(_io(st["output"], st["elem_type"], st["output_shape"]))
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -96,6 +96,12 @@ def build_metadata(
             "shape": st["shape"],
             "dtype": ONNX_TYPE_NAMES[st["elem_type"]],
             "initial_value": 0,
+            # hybrids: a full-attention KV cache grows along axis 2 (past_sequence -> present_sequence)
+            # by bytes_per_token per row and token; every other state keeps its size
+            "output_shape": st["output_shape"],
+            "memory": st["memory"],
+            "bytes_per_token": st["bytes_per_token"],
+            **({"window_size": st["window_size"]} if st["kind"] in ("key", "value") else {}),
         }
         for st in state_specs(spec)
     ]
@@ -130,6 +136,9 @@ def build_metadata(
         "tokenizer": tokenizer,
         "graphs": {"prefill": graph_io(spec, "prefill"), "step": graph_io(spec, "step")},
         "states": states,
+        "attention_layers": c.attention_layers,
+        # bytes one row's state grows by per token (0: constant-memory decoding)
+        "state_bytes_per_token": sum(st["bytes_per_token"] for st in states),
         "padding": "left" if spec.attention_mask else None,
         # exports written before this field pad exactly only from zero states when the model has
         # short convolutions (the padding took slots of the convolution windows): runtimes read it
