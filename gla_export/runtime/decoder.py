@@ -63,8 +63,8 @@ class StateSpec:
 
     name: str  # graph input, past_key_values.{layer}.{kind}
     output: str  # graph output, present.{layer}.{kind}
-    layer: int
-    kind: str  # recurrent_state | conv_state
+    layer: int  # -1: shared by the layers (a hybrid's position)
+    kind: str  # recurrent_state | conv_state | key | value | position
     shape: tuple[int, ...]
     dtype: torch.dtype
 
@@ -81,8 +81,12 @@ def state_specs(meta: dict[str, Any]) -> list[StateSpec]:
     for s in meta["states"]:
         if s["dtype"] not in TORCH_DTYPES:
             raise ModelError(f"state {s['input']} has dtype {s['dtype']}, which the decoder does not support")
+        if s.get("memory", "fixed") != "fixed":  # a hybrid's full-attention KV cache
+            raise ModelError(f"state {s['input']} grows with the context (a full-attention layer's KV cache), which "
+                             "the decoder does not drive yet; hybrids whose attention layers are all windowed decode")
         shape = tuple(int(d) for d in s["shape"][1:])  # the first dimension is the batch
-        specs.append(StateSpec(s["input"], s["output"], int(s["layer"]), s["kind"], shape, TORCH_DTYPES[s["dtype"]]))
+        layer = -1 if s["layer"] is None else int(s["layer"])
+        specs.append(StateSpec(s["input"], s["output"], layer, s["kind"], shape, TORCH_DTYPES[s["dtype"]]))
     return specs
 
 
