@@ -51,6 +51,7 @@ class GraphSpec:
     state_dtype: torch.dtype  # the GLA recurrent state
     form: str
     attention_mask: bool = True
+    attention_op: str = "decomposed"  # hybrids: "decomposed" (MatMul/Softmax) or "onnx" (Attention, RotaryEmbedding; opset 23)
 
     @property
     def act_type(self) -> int:
@@ -243,7 +244,8 @@ def build_graph(spec: GraphSpec, table: WeightTable, kind: str) -> GraphBuilder:
         if c.attention_spec(i) is not None:
             kst, vst = by_layer[i]["key"], by_layer[i]["value"]
             o, present[kst["output"]], present[vst["output"]] = _attention(
-                b, h, p, c, c.attention_spec(i), kst["input"], vst["input"], pos_ctx, act, has_mask, table)
+                b, h, p, c, c.attention_spec(i), kst["input"], vst["input"], pos_ctx, act, has_mask, table,
+                spec.attention_op)
             x = b.op("Add", [x, b.op("MatMul", [o, b.weight(f"{p}.attn.o_proj.weight")])])
             x = _mlp(b, x, p, c, w_type, act, i)
             continue
@@ -336,9 +338,16 @@ def _position_context(b: GraphBuilder, ids: str, mask: str | None, past_pos: str
     return dict(positions=positions, n_real=n_real, pad=pad, T=T, seen=seen, present=b.op("Identity", [seen]), cos_sin={})
 
 
-def _rotary_tables(b: GraphBuilder, ctx: dict, d: int, theta: float, act: int) -> tuple[str, str]:
+def _rotary_tables(b: GraphBuilder, ctx: dict, d: int, theta: float, act: int, squeeze: bool = False) -> tuple[str, str]:
     """cos, sin ``[B, T, 1, d/2]`` float32 at the new tokens' positions, rounded to ``act`` first
-    (fla caches its tables in the activation dtype); shared by the layers of one (d, theta)."""
+    (fla caches its tables in the activation dtype); shared by the layers of one (d, theta).
+    ``squeeze``: ``[B, T, d/2]`` in ``act``, as the ``RotaryEmbedding`` node takes them."""
+    if squeeze:
+        key = (d, float(theta), "act")
+        if key not in ctx["cos_sin"]:
+            cos, sin = _rotary_tables(b, ctx, d, theta, act)
+            ctx["cos_sin"][key] = tuple(b.cast(b.op("Squeeze", [t, b.i64(2)]), act, TensorProto.FLOAT) for t in (cos, sin))
+        return ctx["cos_sin"][key]
     key = (d, float(theta))
     if key not in ctx["cos_sin"]:
         F = TensorProto.FLOAT
@@ -365,9 +374,11 @@ def _rotate(b: GraphBuilder, x: str, cos: str, sin: str, d: int, act: int) -> st
 
 
 def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k: str, past_v: str, ctx: dict,
-               act: int, has_mask: bool, table: WeightTable) -> tuple[str, str, str]:
+               act: int, has_mask: bool, table: WeightTable, attention_op: str = "decomposed") -> tuple[str, str, str]:
     """One softmax-attention layer as modeling.py's ``Attention.forward`` (before o_proj): returns
-    (output ``[B, T, H·d]``, present key, present value)."""
+    (output ``[B, T, H·d]``, present key, present value). ``attention_op="onnx"``: the rotation
+    and the masked softmax as the standard ``RotaryEmbedding`` and ``Attention`` nodes (opset 23,
+    tables given per position, a boolean mask); otherwise plain ops (MatMul, Softmax)."""
     F, I64 = TensorProto.FLOAT, TensorProto.INT64
     H, Hkv = spec["num_heads"], spec["num_kv_heads"]
     d, G, W = c.hidden_size // H, H // Hkv, spec["window_size"]
@@ -375,9 +386,14 @@ def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k
     if f"{p}.attn.qkv_proj.bias" in table.weights:
         qkv = b.op("Add", [qkv, b.weight(f"{p}.attn.qkv_proj.bias")])
     q, k, v = b.op("Split", [qkv, b.i64(H * d, Hkv * d, Hkv * d)], n_out=3, axis=-1)
-    cos, sin = _rotary_tables(b, ctx, d, spec["rope_theta"], act)
-    q = _rotate(b, b.op("Reshape", [q, b.i64(0, 0, H, d)]), cos, sin, d, act)
-    k = _rotate(b, b.op("Reshape", [k, b.i64(0, 0, Hkv, d)]), cos, sin, d, act)
+    if attention_op == "onnx":
+        cos, sin = _rotary_tables(b, ctx, d, spec["rope_theta"], act, squeeze=True)
+        q = b.op("Reshape", [b.op("RotaryEmbedding", [q, cos, sin], num_heads=H), b.i64(0, 0, H, d)])
+        k = b.op("Reshape", [b.op("RotaryEmbedding", [k, cos, sin], num_heads=Hkv), b.i64(0, 0, Hkv, d)])
+    else:
+        cos, sin = _rotary_tables(b, ctx, d, spec["rope_theta"], act)
+        q = _rotate(b, b.op("Reshape", [q, b.i64(0, 0, H, d)]), cos, sin, d, act)
+        k = _rotate(b, b.op("Reshape", [k, b.i64(0, 0, Hkv, d)]), cos, sin, d, act)
     v = b.op("Reshape", [v, b.i64(0, 0, Hkv, d)])
     # the cache and the new keys/values side by side on the last axis: [B, Hkv, L+T, 2d]
     past = b.op("Concat", [past_k, past_v], axis=-1)
@@ -407,6 +423,16 @@ def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k
     if W is not None:
         ok = b.op("And", [ok, b.op("Less", [b.op("Sub", [qi, j]), b.const(W, np.int64, "window")])])
     ok = b.op("Or", [ok, b.op("Equal", [j, qi])])
+    if attention_op == "onnx":
+        ok4 = b.op("Squeeze", [ok, b.i64(1)])  # [B,1,1,T,Lk] -> [B,1,T,Lk]
+        qh = b.op("Transpose", [q], perm=[0, 2, 1, 3])  # [B,H,T,d]
+        o = b.op("Attention", [qh, full_k, full_v, ok4], scale=d ** -0.5)  # 4D: the head counts come from the shapes
+        o = b.op("Reshape", [b.op("Transpose", [o], perm=[0, 2, 1, 3]), b.i64(0, 0, H * d)])
+        if W is not None:
+            big = b.i64(np.iinfo(np.int64).max)
+            full_k = b.op("Slice", [full_k, b.i64(-W), big, b.i64(2)])
+            full_v = b.op("Slice", [full_v, b.i64(-W), big, b.i64(2)])
+        return o, full_k, full_v
     bias = b.op("Where", [ok, b.scalar(0.0, F), b.scalar(-1e30, F)])
 
     qg = b.op("Reshape", [b.op("Transpose", [b.cast(q, F, act)], perm=[0, 2, 1, 3]), b.i64(0, Hkv, G, -1, d)])  # [B,Hkv,G,T,d]

@@ -144,3 +144,27 @@ def test_hybrid_graphs_build_in_tensorrt(tmp_path, form):
         assert {"name": "past_key_values.3.key", "shape": [-1, 2, 4, 16], "dtype": "FLOAT"} in info["inputs"]
     assert built.info["profiles"]["step"]["past_key_values.1.key"][0] == [1, 2, 0, 8]
     assert res.metadata["attention_layers"] == [1, 3]
+
+
+@pytest.mark.parametrize("form, opset, dtype", [("onnx", None, "fp32"), ("onnx", None, "fp16"), ("decomposed", 23, "fp32"),
+                                                ("custom", 23, "fp32")])
+def test_standard_attention_nodes_validate(tmp_path, form, opset, dtype):
+    """``attention_op="onnx"``: the attention layers as ONNX ``RotaryEmbedding`` + ``Attention``
+    (opset 23) nodes, validated against PyTorch like the plain-op form."""
+    torch.manual_seed(7)
+    model = GLAForCausalLM(GLAConfig(**HYBRID)).eval()
+    res = export_model(model, tmp_path / "out", gla_op=form, opset=opset, dtype=dtype, attention_op="onnx", progress=False,
+                       runtime="reference" if form == "custom" else "auto")
+    assert res.validation.passed, res.validation.failures
+    for path in (res.prefill_path, res.step_path):
+        ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+        assert ops.count("Attention") == 2 and ops.count("RotaryEmbedding") == 4 and "Softmax" not in ops
+
+
+def test_standard_attention_nodes_need_opset_23(tmp_path):
+    from gla_export.errors import UsageError
+
+    with pytest.raises(UsageError, match="opset >= 23"):
+        export_model(GLAForCausalLM(GLAConfig(**HYBRID)), tmp_path / "out", gla_op="decomposed", attention_op="onnx",
+                     progress=False)
+    assert not (tmp_path / "out").exists()
