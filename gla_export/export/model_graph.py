@@ -379,7 +379,7 @@ def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k
     (output ``[B, T, H·d]``, present key, present value). ``attention_op="onnx"``: the rotation
     and the masked softmax as the standard ``RotaryEmbedding`` and ``Attention`` nodes (opset 23,
     tables given per position, a boolean mask); otherwise plain ops (MatMul, Softmax)."""
-    F, I64 = TensorProto.FLOAT, TensorProto.INT64
+    F = TensorProto.FLOAT
     H, Hkv = spec["num_heads"], spec["num_kv_heads"]
     d, G, W = c.hidden_size // H, H // Hkv, spec["window_size"]
     qkv = b.op("MatMul", [h, b.weight(f"{p}.attn.qkv_proj.weight")])

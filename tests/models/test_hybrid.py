@@ -75,7 +75,7 @@ def test_attention_layer_matches_fla_layer_reference(case):
     x = torch.randn(1, 13, 32)
     with torch.no_grad():
         ref = reference_attention(fla, x)
-        got, st = ours(x)
+        got, _ = ours(x)
         assert rel_err(got, ref) < 1e-5
         # one token at a time through the cache
         steps, state = [], None
@@ -182,3 +182,21 @@ def _row(s, r):
 def test_bad_attention_spec_names_the_field(attn, field):
     with pytest.raises(ConfigError, match=field):
         GLAConfig(vocab_size=10, hidden_size=32, num_hidden_layers=2, num_heads=2, attn=attn)
+
+
+def test_builder_takes_an_attention_spec():
+    from gla_export.models import attention_spec, build_model, count_parameters, make_config, state_shapes
+
+    spec = [attention_spec([1], num_heads=4, num_kv_heads=2), attention_spec([2], num_heads=2, window_size=8, qkv_bias=True)]
+    cfg = make_config(vocab_size=50, embed_dim=32, num_layers=3, num_heads=2, attn=spec)
+    assert cfg.attention_layers == [1, 2]
+    model = build_model(vocab_size=50, embed_dim=32, num_layers=3, num_heads=2, attn=spec)
+    assert isinstance(model.model.layers[2].attn, Attention) and model.model.layers[2].attn.q_proj.bias is not None
+    assert count_parameters(cfg) == count_parameters(model)
+    assert state_shapes(cfg, 2, layer=1, context=10)["key"] == (2, 2, 10, 8)
+    assert state_shapes(cfg, 2, layer=2, context=10)["value"] == (2, 2, 8, 16)
+    assert "recurrent_state" in state_shapes(cfg, 2, layer=0)
+    with torch.no_grad():
+        st = model(torch.randint(0, 50, (2, 10))).states
+    assert tuple(st[1].key.shape) == state_shapes(cfg, 2, layer=1, context=10)["key"]
+    assert tuple(st[2].key.shape) == state_shapes(cfg, 2, layer=2, context=10)["key"]

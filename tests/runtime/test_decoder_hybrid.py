@@ -59,7 +59,7 @@ def test_windowed_hybrid_prefill_and_steps_match_pytorch(windowed, form):
 
 
 def test_windowed_hybrid_padded_batch_and_restore(windowed):
-    model, paths = windowed
+    _, paths = windowed
     prompts = ["A", "In the beginning", "Hello, world"]
     dec = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1)
     batch = dec.generate(prompts, max_new_tokens=10).run()
