@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.modeling import GLAForCausalLM, LayerState
+from ..models.modeling import STATE_FIELDS, GLAForCausalLM, LayerState, state_tensor
 from ..models.tokenizer import ByteTokenizer
 from .metadata import PREFILL_FILE, STEP_FILE
 
@@ -240,14 +240,9 @@ class Case:
     allowance: dict[str, float] = field(default_factory=dict)  # limit from PyTorch's own low-precision error
 
 
-_STATE_FIELDS = {"recurrent_state": "recurrent", "conv_state": "conv", "key": "key", "value": "value", "position": "position"}
-
-
 def _state_tensor(states: list[LayerState], st: dict) -> torch.Tensor:
     """The PyTorch tensor behind one graph state (the shared position: any attention layer's)."""
-    if st["layer"] is None:
-        return next(s.position for s in states if s.position is not None)
-    return getattr(states[st["layer"]], _STATE_FIELDS[st["kind"]])
+    return state_tensor(states, st["layer"], st["kind"])
 
 
 def _state_feeds(states: list[LayerState], state_names: list[dict]) -> dict[str, np.ndarray]:
@@ -258,7 +253,7 @@ def _state_feeds(states: list[LayerState], state_names: list[dict]) -> dict[str,
 def _rounded(states: list[LayerState], state_names: list[dict]) -> list[LayerState]:
     """States rounded to the graph's dtypes (and back), so that PyTorch and the graph continue
     from the very same values."""
-    dtypes = {(st["layer"], _STATE_FIELDS[st["kind"]]): getattr(torch, st["dtype"]) for st in state_names}
+    dtypes = {(st["layer"], STATE_FIELDS[st["kind"]]): getattr(torch, st["dtype"]) for st in state_names}
     out = []
     for i, s in enumerate(states):
         fields = {}

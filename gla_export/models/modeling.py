@@ -117,6 +117,31 @@ class LayerState:
     position: torch.Tensor | None = None  # attention: real tokens seen per row [B] int64
 
 
+# a graph state's kind (docs/export.md) -> the LayerState field that holds it
+STATE_FIELDS = {"recurrent_state": "recurrent", "conv_state": "conv", "key": "key", "value": "value", "position": "position"}
+
+
+def state_tensor(states: list[LayerState], layer: int | None, kind: str) -> torch.Tensor:
+    """The tensor of one graph state in ``states`` (``layer`` None: the shared position, which
+    every attention layer's LayerState carries)."""
+    if layer is None:
+        return next(s.position for s in states if s.position is not None)
+    return getattr(states[layer], STATE_FIELDS[kind])
+
+
+def layer_states(num_layers: int, tensors: list[tuple[int | None, str, torch.Tensor]]) -> list[LayerState]:
+    """LayerStates from graph states ``(layer, kind, tensor)`` (the inverse of :func:`state_tensor`)."""
+    states = [LayerState() for _ in range(num_layers)]
+    shared = [t for layer, _, t in tensors if layer is None]
+    for layer, kind, t in tensors:
+        if layer is not None:
+            setattr(states[layer], STATE_FIELDS[kind], t)
+    for s in states:
+        if s.key is not None and shared:
+            s.position = shared[0]
+    return states
+
+
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fla's ``RotaryEmbedding`` tables at ``positions`` (any shape): ``cos, sin [..., head_dim/2]``
     in float32, from ``inv_freq = 1 / theta^(2i/d)`` and float32 positions."""

@@ -80,3 +80,22 @@ def test_full_attention_hybrid_is_refused_clearly(tmp_path):
     res = export_model(model, tmp_path / "out", gla_op="decomposed", validate=False, progress=False)
     with pytest.raises(ModelError, match=r"past_key_values\.1\.key grows with the context"):
         StatefulDecoder(res.out_dir, "ort-cpu", threads=1)
+
+
+def test_verify_covers_hybrid_kv_caches(tmp_path):
+    """``gla-export verify`` on ort-cpu: a full-attention cache (growing) and a windowed one,
+    compared with PyTorch in prefill, step and decode."""
+    from gla_export.runtime.verify import verify
+
+    torch.manual_seed(0)
+    attn = [dict(layers=[0], num_heads=2), dict(layers=[2], num_heads=4, num_kv_heads=1, window_size=3)]
+    model = GLAForCausalLM(GLAConfig(**{**WINDOWED, "attn": attn})).eval()
+    model_dir = tmp_path / "model"
+    from gla_export.models import save_model
+
+    save_model(model, model_dir)
+    res = export_model(model_dir, tmp_path / "out", gla_op="decomposed", validate=False, progress=False)
+    rep = verify(res.out_dir, backends=["ort-cpu"], batch=2, prompt_len=9, steps=4, device="cpu")
+    assert rep.passed
+    outputs = {r.output for r in rep.rows}
+    assert {"key", "value", "position"} <= outputs and {r.case for r in rep.rows} == {"prefill", "step", "decode"}
