@@ -124,8 +124,8 @@ def test_fp16_hybrid_export_validates(tmp_path):
 
 
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("form", ["decomposed", "custom"])
-def test_hybrid_graphs_build_in_tensorrt(tmp_path, form):
+@pytest.mark.parametrize("form, dtype", [("decomposed", "fp32"), ("custom", "fp32"), ("custom", "fp16")])
+def test_hybrid_graphs_build_in_tensorrt(tmp_path, form, dtype):
     """``gla-export build``'s path: the KV caches get a profile from an empty cache (0) to the
     longest sequence; TensorRT-RTX parses both graphs and builds both plans (the custom form with
     our plugin for its GLA layers)."""
@@ -134,14 +134,16 @@ def test_hybrid_graphs_build_in_tensorrt(tmp_path, form):
 
     torch.manual_seed(6)
     model = GLAForCausalLM(GLAConfig(**HYBRID)).eval()
-    res = export_model(model, tmp_path / "out", gla_op=form, validate=False, progress=False)
+    res = export_model(model, tmp_path / "out", gla_op=form, dtype=dtype, validate=False, progress=False)
     built = build_engines(tmp_path / "out", max_batch=2, max_seq=64)
+    assert built.info["precision"] == dtype
+    trt_type = {"fp32": "FLOAT", "fp16": "HALF"}[dtype]
     for graph in ("prefill", "step"):
         assert built.engines[graph].stat().st_size > 0
         info = built.info["engines"][graph]
         assert info["plugin_layers"] == (2 if form == "custom" else 0)
-        assert {"name": "past_key_values.1.key", "shape": [-1, 2, -1, 8], "dtype": "FLOAT"} in info["inputs"]
-        assert {"name": "past_key_values.3.key", "shape": [-1, 2, 4, 16], "dtype": "FLOAT"} in info["inputs"]
+        assert {"name": "past_key_values.1.key", "shape": [-1, 2, -1, 8], "dtype": trt_type} in info["inputs"]
+        assert {"name": "past_key_values.3.key", "shape": [-1, 2, 4, 16], "dtype": trt_type} in info["inputs"]
     assert built.info["profiles"]["step"]["past_key_values.1.key"][0] == [1, 2, 0, 8]
     assert res.metadata["attention_layers"] == [1, 3]
 
