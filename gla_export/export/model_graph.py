@@ -35,8 +35,6 @@ from ..models.modeling import GLAForCausalLM
 from .gla_ops import GLAShape, emit_gla
 from .graph import TORCH_TO_ONNX, GraphBuilder, WeightTable
 
-TORCH_TO_NP_NAME = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64"}
-
 BATCH = "batch"
 SEQUENCE = "sequence"
 PAST_SEQUENCE = "past_sequence"  # a full-attention layer's cache length before the call ...
@@ -63,19 +61,21 @@ class GraphSpec:
 
 
 def state_names(layer: int, kind: str) -> tuple[str, str]:
-    """(input name, output name) of one layer's state; kind is ``recurrent_state`` or ``conv_state``."""
+    """(input name, output name) of one layer's state; kind is ``recurrent_state``, ``conv_state``,
+    ``key`` or ``value``."""
     return f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}"
 
 
 def state_specs(spec: GraphSpec) -> list[dict]:
-    """Every state tensor: name in and out, shape (``"batch"`` first), ONNX element type."""
+    """Every state tensor: name in and out, shape (``"batch"`` first) in and out, ONNX element type,
+    and how it grows (``memory``: ``fixed`` or ``grows``, with ``bytes_per_token`` per row)."""
     c = spec.config
     out = []
     for i in range(c.num_hidden_layers):
         a = c.attention_spec(i)
         if a is not None:
             d, hkv, w = c.hidden_size // a["num_heads"], a["num_kv_heads"], a["window_size"]
-            itemsize = np.dtype(TORCH_TO_NP_NAME[spec.dtype]).itemsize if spec.dtype in TORCH_TO_NP_NAME else 2
+            itemsize = torch.empty((), dtype=spec.dtype).element_size()
             for kind in ("key", "value"):
                 name_in, name_out = state_names(i, kind)
                 out.append(dict(layer=i, kind=kind, input=name_in, output=name_out,
