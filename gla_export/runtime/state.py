@@ -51,7 +51,8 @@ STATE_FORMAT_VERSION = 1
 _PREAMBLE = struct.Struct("<8sIIQ")
 _DIGEST = 32
 _ALIGN = 64
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# int64: a hybrid model's position (real tokens seen), beside its KV caches
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # weights files up to this size are hashed whole; larger ones by size and sampled blocks
 FULL_HASH_LIMIT = 256 * 2**20

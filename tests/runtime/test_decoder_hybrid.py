@@ -74,6 +74,24 @@ def test_windowed_hybrid_padded_batch_and_restore(windowed):
     assert cont.tokens == cont2.tokens and len(cont.tokens) == 6
 
 
+def test_windowed_hybrid_state_file_round_trip(windowed, tmp_path):
+    """A state file holds the KV caches and the position (int64) and continues exactly."""
+    from gla_export.runtime.state import load_state, save_state
+
+    _, paths = windowed
+    dec = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1)
+    first = dec.generate("Once upon", max_new_tokens=7).run()[0]
+    path = save_state(tmp_path / "conv.glastate", first.state, dec.metadata)
+    loaded = load_state(path, dec.identity)
+    assert loaded.tensors["past_key_values.position"].dtype == torch.int64
+    for name, t in first.state.tensors.items():
+        assert torch.equal(loaded.tensors[name], t), name
+    a = dec.generate(states=[first.state], prompts=[" a"], max_new_tokens=5).run()[0]
+    b = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1).generate(states=[loaded], prompts=[" a"],
+                                                                            max_new_tokens=5).run()[0]
+    assert a.tokens == b.tokens
+
+
 def test_full_attention_hybrid_is_refused_clearly(tmp_path):
     torch.manual_seed(0)
     model = GLAForCausalLM(GLAConfig(**{**WINDOWED, "attn": dict(layers=[1], num_heads=2)})).eval()
