@@ -466,6 +466,7 @@ class StatefulDecoder:
             self.prefill_chunk = min(prefill_chunk or self._engine.max_seq, self._engine.max_seq)
         self.device = self._engine.device
         self._lock = threading.RLock()  # one graph call at a time: the buffers are shared
+        self._version = 0  # counts the calls that change the buffers (a generation checks it between rounds)
         self.batch_size = 0
         self.resize(batch_size)
 
@@ -499,6 +500,7 @@ class StatefulDecoder:
             raise UsageError(f"batch_size {batch_size} exceeds the engines' maximum batch {self._engine.max_batch} "
                              "(rebuild them with a larger --max-batch)")
         with self._lock:
+            self._version += 1
             self._step_handles = None
             dev, B = self.device, batch_size
             pin = dev.type == "cuda"
@@ -538,6 +540,7 @@ class StatefulDecoder:
         """Zero the states of ``rows`` (default: every row): empty contexts."""
         rows = self._rows(rows)
         with self._lock:
+            self._version += 1
             cur = self._states[self._cur]
             for t in cur.values():
                 if len(rows) == self.batch_size:
@@ -585,6 +588,7 @@ class StatefulDecoder:
             extra = sorted(set(state.tensors) - {s.name for s in self.specs})
             raise StateFileError(f"the conversation state has tensors this export does not: {extra}")
         with self._lock:
+            self._version += 1
             cur = self._states[self._cur]
             for s in self.specs:
                 cur[s.name][row].copy_(state.tensors[s.name][0])
@@ -605,6 +609,7 @@ class StatefulDecoder:
         The array is a view of the decoder's logits buffer: valid until the next call.
         """
         with self._lock:
+            self._version += 1
             ids = self._ids_np
             if len(tokens) != self.batch_size:
                 raise UsageError(
@@ -637,6 +642,7 @@ class StatefulDecoder:
             self._check_ids(ids, f"prompt {i} (row {rows[i]})")
         lengths = {len(ids) for ids in lists}
         with self._lock:
+            self._version += 1
             by_len: dict[int, list[int]] = {}
             for i, ids in enumerate(lists):
                 by_len.setdefault(len(ids), []).append(i)
@@ -782,6 +788,11 @@ class StatefulDecoder:
 
     def _generate(self, n, prompt_rows, id_rows, state_rows, sampling_rows, max_new_tokens, eos, stops, keep_tokens,
                   snapshot, should_stop, results):
+        # The lock is held while a round of tokens is computed, never across a ``yield``: a
+        # Generation that its consumer abandons (or pauses) must not block every other thread's
+        # calls until it is garbage-collected. Another call that changes the buffers in between
+        # (another generation, step, prefill, reset, restore, resize) ends this one with a
+        # UsageError at its next round instead of decoding from someone else's states.
         with self._lock:
             if self.batch_size != n:
                 self.resize(n)
@@ -822,7 +833,8 @@ class StatefulDecoder:
                 results[i] = RowResult(i, tokens[i], reason, state, bytes(text[i]), prompt_tokens[i])
                 return tail
 
-            while True:
+            def sample_round(logits: np.ndarray) -> list[TokenEvent]:
+                events = []
                 for i in range(n):
                     if not active[i]:
                         continue
@@ -838,16 +850,33 @@ class StatefulDecoder:
                         FINISH_LENGTH if counts[i] >= max_new_tokens else None
                     if reason is not None:
                         piece += finish(i, reason)
-                    yield TokenEvent(i, tok, piece)
-                if any(active) and should_stop is not None and should_stop():
+                    events.append(TokenEvent(i, tok, piece))
+                return events
+
+            events = sample_round(logits)
+            version = self._version
+        while True:
+            yield from events
+            if not any(active):
+                return
+            stop = should_stop is not None and should_stop()
+            with self._lock:
+                if self._version != version:
+                    raise UsageError("this generation was interrupted by another call on the same decoder (generate, "
+                                     "step, prefill, reset, restore or resize): finish or drop one generation "
+                                     "before starting the next, or use one decoder per thread")
+                events = []
+                if stop:
                     for i in range(n):
                         if active[i]:
                             tail = finish(i, FINISH_INTERRUPTED)
                             if tail:
-                                yield TokenEvent(i, -1, tail)
+                                events.append(TokenEvent(i, -1, tail))
                 if not any(active):
-                    return
-                logits = self.step(next_ids)
+                    break
+                events += sample_round(self.step(next_ids))
+                version = self._version
+        yield from events
 
 
 def _sampler_for(state: ConversationState, sampling: SamplingParams | None) -> Sampler:

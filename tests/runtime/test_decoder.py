@@ -280,6 +280,37 @@ def test_events_stream_pieces_in_order(exports):
         assert [e.token for e in events if e.row == i] == r.tokens
 
 
+def test_a_paused_generation_blocks_no_other_thread(exports):
+    """The decoder's lock is not held across a ``yield``: a Generation abandoned (or paused) by its
+    consumer must not block other threads' calls until it is garbage-collected. Once another call
+    has changed the buffers, resuming the paused generation is an error, not a decode from
+    someone else's states."""
+    import threading
+
+    _, path = exports["plain", "decomposed"]
+    dec = decoder(path)
+    base = dec.generate("x", max_new_tokens=6).run()[0].tokens
+    paused = iter(dec.generate("x", max_new_tokens=6))
+    assert next(paused).token == base[0]
+    got = {}
+
+    def other():
+        got["step"] = dec.step([5]).copy()
+        got["generate"] = dec.generate("x", max_new_tokens=6).run()[0].tokens
+
+    t = threading.Thread(target=other, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "another thread's step/generate waited for the paused generation"
+    assert got["generate"] == base
+    with pytest.raises(UsageError, match="interrupted by another call"):
+        next(paused)
+    # a paused generation that nobody interrupts continues as if it had not paused
+    paused = iter(dec.generate("x", max_new_tokens=6))
+    first = next(paused)
+    assert [first.token] + [e.token for e in paused] == base
+
+
 # ---- sampling ---------------------------------------------------------------------------------------
 
 
