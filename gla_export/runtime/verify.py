@@ -537,6 +537,19 @@ def _decode_loop(
     return results
 
 
+POLYGRAPHY_HINT = "pip install 'gla-export[verify]'"
+
+
+def _require_polygraphy() -> None:
+    """MissingRuntimeError (exit 5) with the install command when Polygraphy is not installed (the
+    README's quick start installs ``.[cpu]`` only)."""
+    try:
+        import polygraphy  # noqa: F401
+        from polygraphy.comparator import Comparator  # noqa: F401
+    except ImportError as e:
+        raise MissingRuntimeError(f"gla-export verify needs Polygraphy, which is not installed: {POLYGRAPHY_HINT}") from e
+
+
 def _quiet_polygraphy(verbose: bool) -> None:
     from polygraphy.logger import G_LOGGER
 
@@ -645,13 +658,8 @@ def verify(
         raise MissingRuntimeError("device cuda: PyTorch sees no CUDA GPU")
     dev = torch.device(device, device_id) if device == "cuda" else torch.device("cpu")
 
+    _require_polygraphy()
     _quiet_polygraphy(verbose)
-    try:
-        import polygraphy  # noqa: F401
-    except ImportError as e:
-        raise MissingRuntimeError(
-            "gla-export verify needs Polygraphy: pip install polygraphy (or gla-export[verify])"
-        ) from e
 
     # which backends run
     statuses, needs = [], {}

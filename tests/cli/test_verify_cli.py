@@ -160,3 +160,13 @@ def test_sessions_load_once(monkeypatch):
     rep = V.verify(tiny_export("decomposed"), backends=["ort-cpu"], batch=2, prompt_len=9, steps=3, device="cpu")
     assert rep.passed and {r.case for r in rep.rows} == {"prefill", "step", "decode"}
     assert sorted(loads) == ["prefill.onnx", "step.onnx"]  # not once per case
+
+
+def test_verify_without_polygraphy_exits_5_with_the_install_hint(monkeypatch, capsys):
+    """The README's quick start installs ``.[cpu]`` only: verify then says what to install."""
+    for name in [m for m in sys.modules if m == "polygraphy" or m.startswith("polygraphy.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "polygraphy", None)  # `import polygraphy` raises ImportError
+    assert run(["verify", str(tiny_export("decomposed")), *TINY]) == EXIT_CODES["MissingRuntimeError"] == 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'gla-export[verify]'" in err and "internal error" not in err
