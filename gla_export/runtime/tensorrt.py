@@ -13,8 +13,8 @@ TensorRT runs in a child process (:func:`run_jobs`), never in the caller's:
   else aborts, the caller reports it instead of dying.
 - The child reports progress as JSON lines, which the CLI turns into a progress display.
 
-The worker half of this file (``_worker_main``) imports only the standard library and TensorRT,
-and is loaded by file path in the child, so the child starts fast and without torch.
+The worker (``tensorrt_worker.py``, which the child loads by file path) imports only the standard
+library and TensorRT, so the child starts fast and without torch; a test checks that rule.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .tensorrt_worker import EVENT_PREFIX, PLUGIN_OPS, PluginLoadError, load_plugin  # noqa: F401 - re-exported
+
 MODULES = ("tensorrt", "tensorrt_rtx")
 PRECISIONS = ("fp32", "fp16", "bf16")
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -41,8 +43,6 @@ ENGINES_DIR = "tensorrt"
 ENGINE_FILES = {"prefill": "prefill.engine", "step": "step.engine"}
 SCRIPT_FILE = "build_engines.sh"
 INFO_FILE = "engines.json"
-PLUGIN_OPS = ("GatedLinearAttention", "LinearAttention")
-EVENT_PREFIX = "@@gla-trt@@ "
 INSTALL_HINT = (
     "install TensorRT's Python package: `pip install tensorrt` (NVIDIA TensorRT 10.x) or "
     "`pip install tensorrt-rtx-cu13` (TensorRT-RTX), or use JetPack's python3-libnvinfer on a Jetson"
@@ -190,12 +190,12 @@ def run_jobs(
     """
     module = module or require_module()
     request = {"module": module, "plugins": [str(p) for p in plugins or []], "jobs": jobs}
-    worker = Path(__file__).resolve()
+    worker = Path(__file__).resolve().with_name("tensorrt_worker.py")
     bootstrap = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('gla_trt_worker', {str(worker)!r})\n"
         "mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)\n"
-        "sys.exit(mod._worker_main())\n"
+        "sys.exit(mod.worker_main())\n"
     )
     try:
         proc = subprocess.Popen(
@@ -507,153 +507,3 @@ def _move_into_place(tmp: Path, final: Path, force: bool) -> None:
 
     _check_engines_dir(final, force)  # again: something may have appeared while the engines built
     swap_into_place(tmp, final)
-
-
-# ---- the worker (child process: standard library and TensorRT only) ----------------------------
-
-
-def _emit(event: dict[str, Any]) -> None:
-    sys.stdout.write(EVENT_PREFIX + json.dumps(event) + "\n")
-    sys.stdout.flush()
-
-
-def _worker_main() -> int:
-    request = json.loads(sys.stdin.read())
-    import importlib
-
-    try:
-        trt = importlib.import_module(request["module"])
-    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
-        _emit({"event": "fatal", "error": f"cannot import {request['module']}: {type(e).__name__}: {e}"})
-        return 1
-
-    class Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages: list[str] = []
-
-        def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.WARNING:
-                self.messages.append(f"[{str(severity).split('.')[-1]}] {msg}")
-
-    logger = Logger()
-    builder = trt.Builder(logger)
-    registry = builder.get_plugin_registry() if hasattr(builder, "get_plugin_registry") else trt.get_plugin_registry()
-    loaded = []
-    for lib in request.get("plugins", []):
-        before = {(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators}
-        handle = registry.load_library(lib)
-        after = {(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators}
-        new = sorted(after - before)
-        # load_library can fail without raising (a library without setLoggerFinder is refused
-        # silently): the handle and the creator list are the evidence
-        if handle is None or not new:
-            why = "; ".join(logger.messages[-3:]) or "no message from TensorRT"
-            _emit({"event": "fatal", "error": f"TensorRT could not load the plugin library {lib}: it registered no creator ({why})"})
-            return 1
-        loaded.extend([list(c) for c in new])
-    _emit({"event": "loaded", "module": request["module"], "version": trt.__version__, "creators": loaded})
-
-    for job in request["jobs"]:
-        logger.messages.clear()
-        _emit({"event": "start", "job": job["name"]})
-        t0 = time.perf_counter()
-        with _CapturedStderr() as captured:
-            try:
-                data, error = _run_job(trt, builder, logger, job), None
-            except Exception as e:  # noqa: BLE001 - one failed job is a result, not the end
-                data, error = {}, str(e)
-        # The plugin reports on stderr when TensorRT's logger finder gives it no logger (as
-        # TensorRT-RTX's does while parsing): its messages say why a node was refused.
-        plugin = [ln.strip() for ln in captured.text.splitlines() if ln.startswith("[gla_tensorrt]")]
-        if error is None:
-            _emit({"event": "done", "job": job["name"], "seconds": round(time.perf_counter() - t0, 3),
-                   "plugin_messages": plugin, **data})
-        else:
-            if plugin:
-                error += " (plugin: " + "; ".join(m[len("[gla_tensorrt] "):] for m in plugin[-3:]) + ")"
-            _emit({"event": "failed", "job": job["name"], "error": error, "messages": logger.messages[-20:],
-                   "plugin_messages": plugin})
-    _emit({"event": "finished"})
-    return 0
-
-
-class _CapturedStderr:
-    """Captures file descriptor 2 (what native code prints) and replays it on exit."""
-
-    def __enter__(self) -> _CapturedStderr:
-        sys.stderr.flush()
-        self._file = tempfile.TemporaryFile(mode="w+b")
-        self._saved = os.dup(2)
-        os.dup2(self._file.fileno(), 2)
-        self.text = ""
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._file.seek(0)
-        raw = self._file.read()
-        self._file.close()
-        self.text = raw.decode("utf-8", "replace")
-        if raw:
-            os.write(2, raw)
-
-
-def _tensor_info(t) -> dict[str, Any]:
-    return {"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
-
-
-def _run_job(trt, builder, logger, job: dict[str, Any]) -> dict[str, Any]:
-    flags = 0
-    if job.get("strongly_typed") and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(job["onnx"]):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        detail = " | ".join(e.strip().replace("\n", " ") for e in errors) or "; ".join(logger.messages[-5:])
-        if "Plugin not found" in detail and any(op in detail for op in PLUGIN_OPS):
-            detail += " (load libgla_tensorrt.so: it registers the GatedLinearAttention and LinearAttention creators)"
-        raise RuntimeError(f"cannot parse {job['onnx']}: {detail}")
-    plugin_layers = []
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if "PLUGIN" in str(layer.type):
-            plugin_layers.append(layer.name)
-    data: dict[str, Any] = {
-        "inputs": [_tensor_info(network.get_input(i)) for i in range(network.num_inputs)],
-        "outputs": [_tensor_info(network.get_output(i)) for i in range(network.num_outputs)],
-        "plugin_layers": len(plugin_layers),
-        "layers": network.num_layers,
-    }
-    if job.get("kind", "build") == "parse":
-        return data
-
-    config = builder.create_builder_config()
-    for name in job.get("flags") or []:
-        config.set_flag(getattr(trt.BuilderFlag, name))
-    if job.get("workspace_bytes"):
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(job["workspace_bytes"]))
-    names = {network.get_input(i).name for i in range(network.num_inputs)}
-    for shapes in job.get("profiles") or []:
-        unknown = sorted(set(shapes) - names)
-        if unknown:
-            raise RuntimeError(f"the profile names inputs the network does not have: {', '.join(unknown)}")
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise RuntimeError("the builder returned no plan: " + (" | ".join(logger.messages[-8:]) or "no message"))
-    out = job.get("output")
-    size = plan.nbytes
-    if out:
-        tmp = out + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(plan)
-        os.replace(tmp, out)
-    data["bytes"] = int(size)
-    return data

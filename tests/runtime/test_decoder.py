@@ -152,13 +152,13 @@ def test_left_padded_batch_equals_rows_alone(exports, kind):
 def record_graph_calls(dec: StatefulDecoder) -> list[tuple[str, tuple[int, ...]]]:
     """(graph, input_ids shape) of every graph call the decoder makes from now on."""
     calls: list[tuple[str, tuple[int, ...]]] = []
-    run = dec._engine.run
+    run = dec._runtime.run
 
     def recording(graph, feeds, outputs):
         calls.append((graph, tuple(feeds["input_ids"].shape)))
         return run(graph, feeds, outputs)
 
-    dec._engine.run = recording
+    dec._runtime.run = recording
     return calls
 
 
@@ -494,7 +494,7 @@ def test_custom_form_needs_the_library(exports, monkeypatch, tmp_path):
 
 
 class _FakeTensorRT:
-    """Just enough of TensorRT's Python API for _TrtEngine, executing the ONNX graphs with ONNX
+    """Just enough of TensorRT's Python API for TrtRuntime, executing the ONNX graphs with ONNX
     Runtime on CPU buffers read and written through the raw addresses the decoder binds: the
     decoder's shapes, addresses, buffer swaps and prefill chunking are exercised as TensorRT
     would see them (TensorRT itself cannot run on any machine we have)."""
@@ -588,8 +588,8 @@ def fake_trt(exports, tmp_path, monkeypatch):
     import sys
     import types
 
-    from gla_export.runtime import decoder as decoder_mod
     from gla_export.runtime import tensorrt as trt_build
+    from gla_export.runtime.engines import trt as trt_runtime
 
     _, src = exports["conv-gqa", "decomposed"]
     path = shutil.copytree(src, tmp_path / "export")
@@ -605,7 +605,7 @@ def fake_trt(exports, tmp_path, monkeypatch):
     module.get_plugin_registry = lambda: pytest.fail("a decomposed export needs no plugin")
     monkeypatch.setitem(sys.modules, "fake_tensorrt", module)
     monkeypatch.setattr(trt_build, "available_module", lambda prefer=None: prefer)
-    monkeypatch.setattr(decoder_mod, "_trt_device", lambda device_id: torch.device("cpu"))
+    monkeypatch.setattr(trt_runtime, "_trt_device", lambda device_id: torch.device("cpu"))
     return path
 
 
