@@ -65,3 +65,19 @@ def check_graph_io(metadata: ExportMetadata, graph: str, inputs: list[str], outp
         diff.append(f"missing outputs {sorted(want_out - got_out)[:3]}")
     raise ModelError(f"{what} is not this export's {graph} graph ({'; '.join(diff)}): "
                      "the export is damaged or mixed (export it again)")
+
+
+def check_graph_files(metadata: ExportMetadata) -> None:
+    """:func:`check_graph_io` on both graph files, read without their weights (milliseconds): for
+    callers that hand the files to another loader (``verify``'s Polygraphy runners)."""
+    import onnx
+
+    for graph in ("prefill", "step"):
+        path = metadata.path(graph)
+        try:
+            g = onnx.load(str(path), load_external_data=False).graph
+        except Exception as e:  # noqa: BLE001 - protobuf's errors: the file is not an ONNX model
+            raise ModelError(f"{path} is not a readable ONNX model: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        initializers = {t.name for t in g.initializer}
+        inputs = [i.name for i in g.input if i.name not in initializers]
+        check_graph_io(metadata, graph, inputs, [o.name for o in g.output], str(path))
