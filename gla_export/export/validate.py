@@ -24,7 +24,6 @@ states run in the reference evaluator.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,26 +82,6 @@ class ReferenceRunner(Runner):
         return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
 
 
-def _ort_session(path: Path, allow_unreleased_opsets: bool = False):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # the opset-27 "under development" notice is expected for --gla-op onnx
-    if not allow_unreleased_opsets:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    # LinearAttention is in opset 27, which ONNX Runtime 1.31 still calls "under development";
-    # it reads this variable when it loads a model, so set it only for that
-    key, before = "ALLOW_RELEASED_ONNX_OPSET_ONLY", os.environ.get("ALLOW_RELEASED_ONNX_OPSET_ONLY")
-    os.environ[key] = "0"
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    finally:
-        if before is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = before
-
-
 def make_runner(path: Path, form: str, dtype: torch.dtype, runtime: str = "auto", state_dtype: torch.dtype | None = None) -> Runner:
     """A runner for one graph (see the module docstring for which runtime runs what)."""
     from ..errors import MissingRuntimeError, UsageError
@@ -114,7 +93,11 @@ def make_runner(path: Path, form: str, dtype: torch.dtype, runtime: str = "auto"
             raise UsageError("ONNX Runtime has no bfloat16 CPU kernels: validate bfloat16 exports with runtime='reference'")
         return ReferenceRunner(path)
     if form != "custom":
-        return OrtRunner(_ort_session(path, allow_unreleased_opsets=form == "onnx"), "onnxruntime (CPU)")
+        from ..runtime.session import create_session
+
+        # the one session factory (gla_export.runtime.session): the opset variable scoped to the load
+        session = create_session(path, ("cpu",), library=False, allow_unreleased_opsets=form == "onnx")
+        return OrtRunner(session, "onnxruntime (CPU)")
     from .._native import find_library
 
     lib = find_library("ort")

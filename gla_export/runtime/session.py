@@ -73,8 +73,9 @@ def _resolve(providers: Iterable[ProviderSpec], available: list[str], tf32: bool
             )
         if full == PROVIDERS["cuda"]:
             # ONNX Runtime's CUDA provider runs float32 MatMul/Gemm on TF32 by default, which moves a
-            # float32 model's logits by ~1e-2 (measured on an H200): off unless asked (see the docstring)
-            options = {**(options or {}), "use_tf32": "1" if tf32 else "0"}
+            # float32 model's logits by ~1e-2 (measured on an H200): off unless asked (tf32=True, or the
+            # provider option itself)
+            options = {"use_tf32": "1" if tf32 else "0", **(options or {})}
         resolved.append(full if options is None else (full, options))
     if not resolved:
         raise UsageError("providers must name at least one execution provider")

@@ -481,6 +481,19 @@ def test_trt_backend_explains_what_is_missing(exports, tmp_path):
             trt_build.available_module = orig
 
 
+def test_the_onnx_form_leaves_the_process_environment_alone(exports, monkeypatch):
+    """ALLOW_RELEASED_ONNX_OPSET_ONLY=0 (opset 27's LinearAttention) is set only while the sessions
+    load; the decoder used to leave it set for the whole process."""
+    import os
+
+    from gla_export.runtime.session import OPSET_ENV
+
+    monkeypatch.delenv(OPSET_ENV, raising=False)
+    _, path = exports["plain", "onnx"]
+    assert len(decoder(path).generate("x", max_new_tokens=2).run()[0].tokens) == 2
+    assert OPSET_ENV not in os.environ
+
+
 def test_custom_form_needs_the_library(exports, monkeypatch, tmp_path):
     from gla_export import _native
 
