@@ -118,6 +118,7 @@ def verify(
     from rich.markup import escape
 
     from . import console
+    from .render import verify_table
 
     err = console(stderr=True)
     verbose = bool((ctx.find_root().obj or {}).get("verbose"))
@@ -141,7 +142,7 @@ def verify(
         progress=None if quiet else (lambda msg: err.print(f"[dim]verify: {msg}[/dim]")),
     )
     out = console()
-    out.print(report.table())
+    out.print(verify_table(report))
     out.print(f"[dim]reference: {report.reference}[/dim]")
     for b in report.backends:
         if not b.available:

@@ -118,42 +118,6 @@ class VerifyReport:
     def passed(self) -> bool:
         return bool(self.rows) and not self.failures and not self.errors
 
-    def table(self):
-        from rich.table import Table
-
-        rule = (
-            f"|err| <= {self.atol:g} + {self.rtol:g}·max|ref| per output"
-            if self.check_error_stat == "scaled"
-            else f"{self.check_error_stat} error within atol {self.atol:g} or rtol {self.rtol:g}"
-        )
-        t = Table(title=f"PyTorch vs runtimes, {self.dtype} (pass: {rule}; state = worst layer)")
-        for col, just in (
-            ("case", "left"),
-            ("backend", "left"),
-            ("output", "left"),
-            ("iters", "right"),
-            ("max|err|", "right"),
-            ("atol", "right"),
-            ("max rel", "right"),
-            ("mean|err|", "right"),
-            ("", "left"),
-        ):
-            t.add_column(col, justify=just, no_wrap=True)
-        short = {"recurrent_state": "state", "conv_state": "conv state"}
-        for r in self.rows:
-            t.add_row(
-                r.case,
-                r.backend,
-                short.get(r.output, r.output),
-                str(r.iterations),
-                f"{r.max_abs:.2e}",
-                f"{r.limit:.2e}",
-                f"{r.max_rel:.2e}",
-                f"{r.mean_abs:.2e}",
-                "[green]ok[/green]" if r.passed else "[red]FAIL[/red]",
-            )
-        return t
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
