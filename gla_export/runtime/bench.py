@@ -526,17 +526,17 @@ def bench(
             raise UsageError(f"unknown contender {bad[0]!r}: choose from {', '.join(known)}")
     wanted = lambda name: contenders is None or name in contenders  # noqa: E731
 
-    vocab = int(meta["model"]["vocab_size"])
+    vocab = meta.model.vocab_size
     report = BenchReport(
         str(export_dir),
         _device_info(dev),
         {
-            "dtype": meta["dtype"],
-            "state_dtype": meta["state_dtype"],
-            "form": meta["gla_op"]["form"],
-            "num_parameters": meta["model"]["num_parameters"],
-            "num_layers": meta["model"]["num_layers"],
-            "hidden_size": meta["model"]["hidden_size"],
+            "dtype": meta.dtype,
+            "state_dtype": meta.state_dtype,
+            "form": meta.form,
+            "num_parameters": meta.model.num_parameters,
+            "num_layers": meta.model.num_layers,
+            "hidden_size": meta.model.hidden_size,
             "vocab_size": vocab,
         },
         {

@@ -32,7 +32,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..export.metadata import ExportMetadata
 
 from .tensorrt_worker import EVENT_PREFIX, PLUGIN_OPS, PluginLoadError, load_plugin  # noqa: F401 - re-exported
 
@@ -267,12 +270,12 @@ class EngineResult:
     info: dict[str, Any]
 
 
-def _ranges(meta: dict[str, Any], max_batch: int | None, max_seq: int | None, opt_batch: int | None,
+def _ranges(meta: ExportMetadata, max_batch: int | None, max_seq: int | None, opt_batch: int | None,
             opt_seq: int | None) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of every symbolic dimension: the export's shape hints, overridden."""
     from ..errors import UsageError
 
-    hints = meta.get("shape_hints") or {}
+    hints = meta.shape_hints or {}
     batch = dict(hints.get("batch") or {"min": 1, "opt": 1, "max": 8})
     seq = dict(hints.get("sequence") or {"min": 1, "opt": 128, "max": 2048})
     if max_batch is not None:
@@ -294,15 +297,15 @@ def _ranges(meta: dict[str, Any], max_batch: int | None, max_seq: int | None, op
     return out
 
 
-def graph_profile(meta: dict[str, Any], graph: str, ranges: dict[str, tuple[int, int, int]]) -> dict[str, list]:
+def graph_profile(meta: ExportMetadata, graph: str, ranges: dict[str, tuple[int, int, int]]) -> dict[str, list]:
     """``{input: [min, opt, max]}`` for one graph: symbolic dimensions take their range, a fixed
     one (the step's T = 1, the state's head sizes) stays as it is."""
     from ..errors import UsageError
 
     profile = {}
-    for io in meta["graphs"][graph]["inputs"]:
+    for io in meta.graphs[graph].inputs:
         shapes: list[list[int]] = [[], [], []]
-        for dim in io["shape"]:
+        for dim in io.shape:
             if isinstance(dim, int) and dim >= 0:
                 for s in shapes:
                     s.append(dim)
@@ -310,12 +313,12 @@ def graph_profile(meta: dict[str, Any], graph: str, ranges: dict[str, tuple[int,
                 for s, v in zip(shapes, ranges[dim]):
                     s.append(v)
             else:
-                raise UsageError(f"{graph} input {io['name']} has dimension {dim!r}, which has no range (known: {', '.join(ranges)})")
-        profile[io["name"]] = shapes
+                raise UsageError(f"{graph} input {io.name} has dimension {dim!r}, which has no range (known: {', '.join(ranges)})")
+        profile[io.name] = shapes
     return profile
 
 
-def precision_plan(meta: dict[str, Any], precision: str | None, module: str) -> tuple[str, bool, list[str]]:
+def precision_plan(meta: ExportMetadata, precision: str | None, module: str) -> tuple[str, bool, list[str]]:
     """(precision, strongly_typed, builder flags).
 
     The export's own dtype builds a strongly typed network: every tensor keeps the type the
@@ -325,7 +328,7 @@ def precision_plan(meta: dict[str, Any], precision: str | None, module: str) -> 
     """
     from ..errors import UsageError
 
-    graph_dtype = meta.get("dtype", "float32")
+    graph_dtype = meta.dtype
     names = {v: k for k, v in PRECISION_DTYPES.items()}
     native = names.get(graph_dtype, "fp32")
     precision = precision or native
@@ -349,7 +352,7 @@ def _shape_arg(profile: dict[str, list], which: int) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[which])}" for name, shapes in profile.items())
 
 
-def trtexec_script(meta: dict[str, Any], profiles: dict[str, dict[str, list]], strongly_typed: bool, flags: list[str],
+def trtexec_script(meta: ExportMetadata, profiles: dict[str, dict[str, list]], strongly_typed: bool, flags: list[str],
                    workspace_mib: int | None, plugin: bool = True) -> str:
     """A POSIX shell script that rebuilds the engines with trtexec (for a Jetson with JetPack)."""
     lines = [
@@ -374,7 +377,7 @@ def trtexec_script(meta: dict[str, Any], profiles: dict[str, dict[str, list]], s
     for graph in ("prefill", "step"):
         args = [
             '"$TRTEXEC"',
-            f'--onnx="$EXPORT/{meta["files"][graph]}"',
+            f'--onnx="$EXPORT/{meta.path(graph).name}"',
             *(['--dynamicPlugins="$PLUGIN"'] if plugin else []),
             f'--saveEngine="$HERE/{ENGINE_FILES[graph]}"',
             f"--minShapes={_shape_arg(profiles[graph], 0)}",
@@ -441,7 +444,7 @@ def build_engines(
     ranges = _ranges(meta, max_batch, max_seq, opt_batch, opt_seq)
     step_ranges = {**ranges, "sequence": (1, 1, 1)}
     profiles = {"prefill": graph_profile(meta, "prefill", ranges), "step": graph_profile(meta, "step", step_ranges)}
-    form = (meta.get("gla_op") or {}).get("form", "custom")
+    form = meta.form
     plugins = [plugin_library(plugin)] if form != "decomposed" or plugin is not None else []
     final = Path(out_dir) if out_dir is not None else export_dir / ENGINES_DIR
     _check_engines_dir(final, force)
@@ -451,7 +454,7 @@ def build_engines(
             {
                 "name": graph,
                 "kind": "build",
-                "onnx": str((export_dir / meta["files"][graph]).resolve()),
+                "onnx": str(meta.path(graph).resolve()),
                 "output": str(tmp / ENGINE_FILES[graph]),
                 "profiles": [profiles[graph]],
                 "strongly_typed": strongly_typed,
