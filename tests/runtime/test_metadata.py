@@ -93,3 +93,19 @@ def test_damaged_metadata_is_one_line_and_exit_3(export, capsys, damage, message
     assert err.count("\n") == 1 and message.split("'")[0] in err and "internal error" not in err
     assert run(["verify", str(export), "--batch", "1", "--prompt-len", "3", "--steps", "1", "-q"]) == 3
     assert "internal error" not in capsys.readouterr().err
+
+
+def test_the_dtype_table_matches_onnx_and_torch():
+    import numpy as np
+    import torch
+    from onnx import TensorProto, helper
+
+    from gla_export._dtypes import DTYPES, numpy_dtype, to_numpy
+
+    for name, d in DTYPES.items():
+        assert d.torch == getattr(torch, name)
+        assert helper.tensor_dtype_to_np_dtype(d.onnx) == np.dtype(numpy_dtype(name)), name
+        onnx_name = {"FLOAT": "float32", "DOUBLE": "float64"}.get(TensorProto.DataType.Name(d.onnx))
+        assert (onnx_name or TensorProto.DataType.Name(d.onnx).lower()) == name
+    x = torch.tensor([1.5, -2.25], dtype=torch.bfloat16)
+    assert to_numpy(x).dtype == numpy_dtype("bfloat16") and to_numpy(x).astype(np.float32).tolist() == [1.5, -2.25]

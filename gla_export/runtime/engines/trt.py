@@ -51,6 +51,23 @@ def _trt_device(device_id: int) -> torch.device:
     return device
 
 
+def _module(metadata: ExportMetadata, edir: Path, module: str | None = None) -> str:
+    """The TensorRT Python module that runs the engines in ``edir``: ``module`` if given, else the one
+    that built them (engines.json); MissingRuntimeError/UsageError when it or the engines are absent."""
+    if module is None:
+        info_path = edir / trt_build.INFO_FILE
+        if not info_path.is_file():
+            raise UsageError(f"no TensorRT engines in {edir} (no {trt_build.INFO_FILE}): "
+                             f"run `gla-export build {metadata.export_dir}` first")
+        module = (json.loads(info_path.read_text()).get("runtime") or {}).get("module") or "tensorrt"
+        if trt_build.available_module(module) is None:
+            raise MissingRuntimeError(f"the engines in {edir} were built with `{module}`, "
+                                      f"which is not installed: {trt_build.INSTALL_HINT}")
+    elif trt_build.available_module(module) is None:
+        raise MissingRuntimeError(f"the `{module}` Python package is not installed: {trt_build.INSTALL_HINT}")
+    return module
+
+
 class TrtRuntime:
     """``trt``: the export's two TensorRT engines."""
 
@@ -63,17 +80,7 @@ class TrtRuntime:
         ``module``: the TensorRT Python module that must run the engines (default: the one that
         built them, as engines.json records)."""
         edir = engines_dir_of(metadata, engines_dir)
-        info_path = edir / trt_build.INFO_FILE
-        if module is None:
-            if not info_path.is_file():
-                raise UsageError(f"no TensorRT engines in {edir} (no {trt_build.INFO_FILE}): "
-                                 f"run `gla-export build {metadata.export_dir}` first")
-            module = (json.loads(info_path.read_text()).get("runtime") or {}).get("module") or "tensorrt"
-            if trt_build.available_module(module) is None:
-                raise MissingRuntimeError(f"the engines in {edir} were built with `{module}`, "
-                                          f"which is not installed: {trt_build.INSTALL_HINT}")
-        elif trt_build.available_module(module) is None:
-            raise MissingRuntimeError(f"the `{module}` Python package is not installed: {trt_build.INSTALL_HINT}")
+        module = _module(metadata, edir, module)
         missing = [str(edir / f) for f in trt_build.ENGINE_FILES.values() if not (edir / f).is_file()]
         if missing:
             raise UsageError(f"no engines ({', '.join(missing)}): run `gla-export build {metadata.export_dir} --force`")
@@ -86,14 +93,7 @@ class TrtRuntime:
     def __init__(self, metadata: ExportMetadata, *, device_id: int = 0, engines_dir: str | os.PathLike | None = None,
                  plugin: str | os.PathLike | None = None):
         edir = engines_dir_of(metadata, engines_dir)
-        info_path = edir / trt_build.INFO_FILE
-        if not info_path.is_file():
-            raise UsageError(f"no TensorRT engines in {edir} (no {trt_build.INFO_FILE}): "
-                             f"run `gla-export build {metadata.export_dir}` first")
-        module = (json.loads(info_path.read_text()).get("runtime") or {}).get("module") or "tensorrt"
-        if trt_build.available_module(module) is None:
-            raise MissingRuntimeError(f"the engines in {edir} were built with `{module}`, "
-                                      f"which is not installed: {trt_build.INSTALL_HINT}")
+        module = _module(metadata, edir)
         self.device = _trt_device(device_id)
         trt = importlib.import_module(module)
         self.trt = trt
