@@ -140,6 +140,10 @@ class GenerationMixin:
         (when ``snapshot``) is the conversation to continue later, its pending token the last one
         generated. ``keep_tokens=False`` keeps no token list or text in the results (constant
         memory however long the generation).
+
+        Threads: the decoder is locked only while a round of tokens is computed, so a Generation
+        left paused (or dropped) blocks no other thread; another call that changes the decoder's
+        buffers in the meantime ends the paused one with a UsageError at its next round.
         """
         n, prompt_rows, id_rows, state_rows, sampling_rows = _normalise(prompts, prompt_ids, states, sampling)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
