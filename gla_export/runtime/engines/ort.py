@@ -63,11 +63,6 @@ class OrtRuntime:
             raise MissingRuntimeError(
                 "onnxruntime is not installed: pip install 'gla-export[cpu]' (or '[gpu]' for ort-cuda)") from e
         if cuda:
-            if hasattr(ort, "preload_dlls"):
-                try:  # onnxruntime-gpu finds CUDA's libraries through torch's or the system's
-                    ort.preload_dlls()
-                except Exception:  # noqa: BLE001 - a failure shows up below as a missing provider
-                    pass
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise MissingRuntimeError(
                     "ort-cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available in this "
