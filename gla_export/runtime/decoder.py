@@ -1,7 +1,7 @@
 """Constant-memory decoding of an export: prefill once with ``prefill.onnx``, then one
 ``step.onnx`` call per token, the recurrent states carried from call to call.
 
-Backends:
+Runtimes (``backend``; the adapters are in :mod:`.engines`, generation in :mod:`.generation`):
 
 - ``ort-cpu``: ONNX Runtime on the CPU;
 - ``ort-cuda``: ONNX Runtime's CUDA execution provider; the states never leave the GPU;
