@@ -131,8 +131,8 @@ class StepProgress:
             )
 
             self._progress = Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                console=console or Console(stderr=True), transient=False,
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                TimeElapsedColumn(), console=console or Console(stderr=True), transient=False,
             )
 
     def __enter__(self) -> StepProgress:

@@ -16,5 +16,6 @@ from .state import ConversationState, StateCache, StateFileError, load_state, sa
 
 BACKENDS = RUNTIMES  # the former name, kept for code written against it; `BACKENDS` in gla_export.ops are op algorithms
 
-__all__ += ["BACKENDS", "RUNTIMES", "ConversationState", "Generation", "RowResult", "Sampler", "SamplingParams", "StateCache",
+__all__ += ["BACKENDS", "RUNTIMES",
+            "ConversationState", "Generation", "RowResult", "Sampler", "SamplingParams", "StateCache",
             "StateFileError", "StatefulDecoder", "TokenEvent", "load_state", "save_state"]

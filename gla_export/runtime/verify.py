@@ -428,7 +428,8 @@ def _require_polygraphy() -> None:
         import polygraphy  # noqa: F401
         from polygraphy.comparator import Comparator  # noqa: F401
     except ImportError as e:
-        raise MissingRuntimeError(f"gla-export verify needs Polygraphy, which is not installed: {POLYGRAPHY_HINT}") from e
+        raise MissingRuntimeError(
+            f"gla-export verify needs Polygraphy, which is not installed: {POLYGRAPHY_HINT}") from e
 
 
 def _quiet_polygraphy(verbose: bool) -> None:

@@ -77,7 +77,8 @@ def check_graph_files(metadata: ExportMetadata) -> None:
         try:
             g = onnx.load(str(path), load_external_data=False).graph
         except Exception as e:  # noqa: BLE001 - protobuf's errors: the file is not an ONNX model
-            raise ModelError(f"{path} is not a readable ONNX model: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{path} is not a readable ONNX model: {why}") from e
         initializers = {t.name for t in g.initializer}
         inputs = [i.name for i in g.input if i.name not in initializers]
         check_graph_io(metadata, graph, inputs, [o.name for o in g.output], str(path))

@@ -68,7 +68,8 @@ class OrtRuntime:
                     "ort-cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available in this "
                     f"onnxruntime {ort.__version__}): {CUDA_HINT}")
             if not torch.cuda.is_available():
-                raise MissingRuntimeError("ort-cuda needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
+                raise MissingRuntimeError(
+                    "ort-cuda needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
             detail = f"onnxruntime {ort.__version__} (CUDA)"
         else:
             if metadata.dtype == "bfloat16":
