@@ -247,6 +247,10 @@ size_t gla_cuda_workspace_bytes(const GlaProblem* problem) {
   return problem ? gla::cuda_workspace_bytes(as_problem(problem)) : 0;
 }
 
+size_t gla_cuda_workspace_bound(const GlaProblem* largest) {
+  return largest ? gla::cuda_workspace_bound(as_problem(largest)) : 0;
+}
+
 int32_t gla_cuda_forward(const GlaProblem* problem, const GlaTensors* tensors, void* workspace,
                          size_t workspace_bytes, void* stream) {
   return guarded([&]() -> int32_t {

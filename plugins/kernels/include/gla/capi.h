@@ -144,6 +144,9 @@ GLA_CAPI_EXPORT const char* gla_cpu_isa(void);
  * memory, 256-byte aligned. Enqueues only: no allocation, no synchronisation. */
 GLA_CAPI_EXPORT int32_t gla_cuda_compiled(void);
 GLA_CAPI_EXPORT size_t gla_cuda_workspace_bytes(const GlaProblem* problem);
+/* The most gla_cuda_workspace_bytes() asks for over every problem like `largest` with a smaller or
+ * equal batch, num_seqs and seq_len (what an engine declares for a profile). */
+GLA_CAPI_EXPORT size_t gla_cuda_workspace_bound(const GlaProblem* largest);
 GLA_CAPI_EXPORT int32_t gla_cuda_forward(const GlaProblem* problem, const GlaTensors* tensors, void* workspace,
                                          size_t workspace_bytes, void* stream);
 
