@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import acc_dtype, check_inputs, default_scale, state_dtype
+from ._common import GLADims, acc_dtype, check_inputs, default_scale, state_dtype
 
 CHUNK = 64
 SUB = 16
@@ -121,8 +121,10 @@ def chunk_gla(
     reverse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = CHUNK,
+    *,
+    _dims: GLADims | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    dims = check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens)
+    dims = _dims or check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens)
     if chunk_size % SUB != 0:
         raise ValueError(f"chunk_size must be a multiple of {SUB}, got {chunk_size}")
     acc = acc_dtype(q, initial_state)

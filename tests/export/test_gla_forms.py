@@ -183,9 +183,10 @@ def test_reference_op_omitted_optional_inputs_mean_zero_state():
 
 def test_reference_op_names_bad_input():
     q = np.zeros((2, 5, 32), np.float32)
-    with pytest.raises(GLAShapeError, match=r"gate must be \[B, T, Hkv\*d_k\] = \[2, 5, 32\], got shape \[2, 5, 7\]"):
+    # the op contract's messages (gla_export/ops/contract.py), the same as the engines'
+    with pytest.raises(GLAShapeError, match=r"input 'gate' has shape \[2,5,7\], expected \[B=2, T=5, kv_num_heads\*d_k=32\]"):
         gla_packed(q, q, q, np.zeros((2, 5, 7), np.float32), q_num_heads=2, kv_num_heads=2)
-    with pytest.raises(GLAShapeError, match=r"query must be 3-D"):
+    with pytest.raises(GLAShapeError, match=r"input 'query' has shape \[5,32\], expected rank 3"):
         gla_packed(q[0], q, q, q, q_num_heads=2, kv_num_heads=2)
-    with pytest.raises(GLAShapeError, match=r"initial_state must be"):
+    with pytest.raises(GLAShapeError, match=r"input 'past_state' has shape \[2,2,16,15\], expected"):
         gla_packed(q, q, q, q, np.zeros((2, 2, 16, 15), np.float32), q_num_heads=2, kv_num_heads=2)
