@@ -50,7 +50,7 @@ int64_t readInt(PluginField const& f) {
     case PluginFieldType::kINT16: v = *static_cast<int16_t const*>(f.data); break;
     case PluginFieldType::kINT32: v = *static_cast<int32_t const*>(f.data); break;
     case PluginFieldType::kINT64: v = *static_cast<int64_t const*>(f.data); break;
-    default: throw badField(f, std::string("must be an integer, got ") + fieldTypeName(f.type));
+    default: throw badField(f, std::string("must be an int, got ") + fieldTypeName(f.type));
   }
   return v;
 }
@@ -74,10 +74,6 @@ float readFloat(PluginField const& f) {
     case PluginFieldType::kFLOAT32: return *static_cast<float const*>(f.data);
     case PluginFieldType::kFLOAT64: return static_cast<float>(*static_cast<double const*>(f.data));
     case PluginFieldType::kFLOAT16: return halfToFloat(*static_cast<uint16_t const*>(f.data));
-    case PluginFieldType::kINT32:
-    case PluginFieldType::kINT64:
-    case PluginFieldType::kINT16:
-    case PluginFieldType::kINT8: return static_cast<float>(readInt(f));  // exact for any head count
     default: throw badField(f, std::string("must be a float, got ") + fieldTypeName(f.type));
   }
 }
