@@ -135,7 +135,8 @@ def check_attributes(op: str, attrs: Mapping[str, object]) -> dict:
                 "attribute update_rule is missing: the ONNX default 'gated_delta' is not supported (supported: "
                 "'gated', 'linear'; set the attribute explicitly)")
         if out["update_rule"] not in UPDATE_RULES:
-            raise ContractError("attribute update_rule is not supported (supported: 'gated', 'linear')")
+            raise ContractError(f"attribute update_rule='{out['update_rule']}' is not supported (supported: 'gated', "
+                                "'linear')")
     return out
 
 
@@ -291,3 +292,20 @@ def check_node(node) -> dict:
         return check_attributes(op, onnx_attributes(node))
     except ContractError as e:
         raise ContractError(f"{op} '{node.name}': {e}") from None
+
+
+def check_onnx_file(path) -> None:
+    """Checks the attributes of every GLA and LinearAttention node of an ONNX file (its graph only;
+    external weights are not read). Raises :class:`ContractError` naming the node."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for node in iter_gla_nodes(model):
+        check_node(node)
+
+
+def iter_gla_nodes(model):
+    """The GLA and LinearAttention nodes of a model's main graph."""
+    for node in model.graph.node:
+        if (node.op_type == GLA and node.domain == "gla") or (node.op_type == LA and node.domain in ("", "ai.onnx")):
+            yield node

@@ -122,7 +122,7 @@ def test_build_interface(case, harness, plugin_lib, tmp_path):
 BAD = [
     # (id, op, fields, inputs, stage, words in the message)
     ("la-delta", "LinearAttention", la_fields(4, 4, rule="delta"),
-     [act("float32", 64)] * 3, "createPlugin", ["update_rule 'delta'", "'gated', 'linear'"]),
+     [act("float32", 64)] * 3, "createPlugin", ["attribute update_rule='delta' is not supported", "'gated', 'linear'"]),
     ("la-no-rule", "LinearAttention", {"q_num_heads": ("int32", 4), "kv_num_heads": ("int32", 4)},
      [act("float32", 64)] * 3, "createPlugin", ["update_rule is missing", "'gated_delta'", "set the attribute"]),
     ("gla-no-heads", "GatedLinearAttention", {"scale": ("float32", 0.0)},

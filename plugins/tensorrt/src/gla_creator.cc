@@ -147,7 +147,9 @@ Config GlaPluginCreator::parse(nvinfer1::PluginFieldCollection const* fc, bool r
   if (gla::check_attributes(mKind, a) != gla::Status::kOk) {
     std::string const why = gla::last_error_message();
     if (!gla && hasRule && a.update_rule == static_cast<int32_t>(gla::UpdateRule::kUnsupported)) {
-      throw std::invalid_argument("update_rule '" + c.update_rule + "': " + why);
+      // the contract's sentence with the value in it (the C struct carries only the rule's enum)
+      throw std::invalid_argument("attribute update_rule='" + c.update_rule +
+                                  "' is not supported (supported: 'gated', 'linear')");
     }
     throw std::invalid_argument(why);
   }
