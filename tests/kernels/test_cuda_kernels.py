@@ -355,3 +355,28 @@ def test_cpu_and_chunk_positive_log_gates(case):
         o, s = gated_linear_attention(kw["q"], kw["k"], kw["v"], kw["g"], output_final_state=True, backend=backend, **args)
         assert_close(f"{backend} output", o, o_ref, _tol(case.dtype)[0])
         assert_close(f"{backend} final state", s, s_ref, _tol(case.dtype)[1])
+
+
+# The workspace a TensorRT plan declares for its profile is the planner's closed-form bound
+# (forward.cuh, workspace_bound): it must cover every smaller problem, which the sampled search it
+# replaced could not promise (the need is not monotonic: fewer sequences, more segments).
+@pytest.mark.parametrize("heads, K, V, cu", [((2, 2), 64, 64, False), ((4, 2), 128, 128, False), ((1, 1), 256, 512, False),
+                                             ((8, 8), 64, 64, False), ((2, 1), 64, 64, True), ((4, 4), 128, 96, True)],
+                         ids=lambda x: str(x))
+def test_emulated_workspace_bound_covers_the_profile(emu, heads, K, V, cu):
+    from gla_export.ops.native import Problem
+
+    lib = emu.lib
+    lib.gla_emu_workspace_bound.restype = ctypes.c_size_t
+    hq, hkv = heads
+    max_n, max_t = 40, 2600
+
+    def problem(n, t):
+        return Problem(batch=1 if cu else n, seq_len=t, num_seqs=n, q_heads=hq, kv_heads=hkv, head_dim_k=K,
+                       head_dim_v=V, act_dtype=1, has_gate=1, has_cu_seqlens=int(cu))
+
+    bound = lib.gla_emu_workspace_bound(ctypes.byref(problem(max_n, max_t)))
+    worst = max(lib.gla_emu_workspace_bytes(ctypes.byref(problem(n, t)))
+                for n in range(1, max_n + 1) for t in list(range(1, 600, 7)) + list(range(600, max_t + 1, 61)) + [max_t])
+    assert worst > 0, "no problem of this profile needs a workspace: it tests nothing"
+    assert worst <= bound <= 4 * worst + (1 << 20), (worst, bound)
