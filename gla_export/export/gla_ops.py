@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..ops.contract import check_attributes
 from .graph import GraphBuilder
 
 FORMS = ("custom", "onnx", "decomposed")
@@ -62,31 +63,20 @@ def emit_gla(
     single_step: bool,
 ) -> tuple[str, str]:
     """Emit the GLA op; returns ``(output, present_state)`` value names."""
-    if form == "custom":
+    if form in ("custom", "onnx"):
+        # the op contract's attribute table (gla_export/ops/contract.py): what every engine accepts,
+        # and nothing else (ONNX Runtime's custom-op API could not see an unknown attribute)
+        attrs = dict(q_num_heads=shape.Hq, kv_num_heads=shape.Hkv, scale=float(shape.scale))
+        if form == "onnx":
+            attrs["update_rule"] = "gated"
+        check_attributes(CUSTOM_OP if form == "custom" else ONNX_OP, attrs)
         gate = b.cast(gate_f32, act_type, TensorProto.FLOAT)
-        o, s = b.op(
-            CUSTOM_OP,
-            [query, key, value, gate, past_state],
-            n_out=2,
-            domain=CUSTOM_DOMAIN,
-            hint=CUSTOM_OP,
-            q_num_heads=shape.Hq,
-            kv_num_heads=shape.Hkv,
-            scale=float(shape.scale),
-        )
-        return o, s
-    if form == "onnx":
-        gate = b.cast(gate_f32, act_type, TensorProto.FLOAT)
-        o, s = b.op(
-            ONNX_OP,
-            [query, key, value, past_state, gate],
-            n_out=2,
-            hint=ONNX_OP,
-            q_num_heads=shape.Hq,
-            kv_num_heads=shape.Hkv,
-            scale=float(shape.scale),
-            update_rule="gated",
-        )
+        if form == "custom":
+            inputs, extra = [query, key, value, gate, past_state], dict(domain=CUSTOM_DOMAIN)
+        else:
+            inputs, extra = [query, key, value, past_state, gate], {}
+        o, s = b.op(CUSTOM_OP if form == "custom" else ONNX_OP, inputs, n_out=2,
+                    hint=CUSTOM_OP if form == "custom" else ONNX_OP, **extra, **attrs)
         return o, s
     if form != "decomposed":
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")

@@ -99,6 +99,7 @@ def load_library() -> ctypes.CDLL:
                 "gla_cuda_compiled": (ctypes.c_int32, []),
                 "gla_cuda_workspace_bytes": (ctypes.c_size_t, [P]),
                 "gla_cuda_forward": (ctypes.c_int32, [P, T, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]),
+                "gla_cuda_workspace_bound": (ctypes.c_size_t, [P]),
             }
             for name, (res, args) in sig.items():
                 fn = getattr(lib, name)
