@@ -294,14 +294,23 @@ def check_node(node) -> dict:
         raise ContractError(f"{op} '{node.name}': {e}") from None
 
 
-def check_onnx_file(path) -> None:
+def check_onnx_file(path, *, tensorrt: bool = False) -> None:
     """Checks the attributes of every GLA and LinearAttention node of an ONNX file (its graph only;
-    external weights are not read). Raises :class:`ContractError` naming the node."""
+    external weights are not read). Raises :class:`ContractError` naming the node.
+
+    ``tensorrt``: also what TensorRT's ONNX parser needs beyond the contract: a node that names
+    both outputs (a plugin's output count is fixed before the parser sees the node, and the parser
+    refuses a node with fewer, in words that do not say why)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     for node in iter_gla_nodes(model):
         check_node(node)
+        if tensorrt and (len(node.output) < 2 or not node.output[1]):
+            raise ContractError(
+                f"{node.op_type} '{node.name}': the node has no present_state output, which the TensorRT "
+                "plugin needs (its ONNX parser requires a plugin node to name every output); add it, "
+                "unused if need be (ONNX Runtime runs the node either way)")
 
 
 def iter_gla_nodes(model):

@@ -197,7 +197,7 @@ def run_jobs(
     for job in jobs:
         if "onnx" in job:
             try:
-                check_onnx_file(job["onnx"])
+                check_onnx_file(job["onnx"], tensorrt=True)
             except ContractError as e:
                 refused[job["name"]] = JobResult(job["name"], False, {"error": f"{job['onnx']}: {e}"})
     all_jobs, jobs = jobs, [j for j in jobs if j["name"] not in refused]

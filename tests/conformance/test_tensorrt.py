@@ -118,3 +118,19 @@ def test_plugin_harness(case, device, harness, plugin_lib, tmp_path):
             ref = np.asarray(ref, np.float64)
             err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-6)
             assert err <= max(TOL[case.inputs[0][0]], TOL[sdt]), f"relative error {err:.2e}"
+
+
+def test_node_without_present_state_is_refused_clearly(tmp_path, trt_module, plugin_lib):
+    """ONNX Runtime runs a node that omits present_state (tests/onnxruntime/test_gla_op.py); the
+    TensorRT plugin's two outputs are fixed before its parser sees the node, so gla-export's
+    builds refuse it up front, saying why, instead of the parser's output-count assertion."""
+    from gla_export.runtime.tensorrt import run_jobs
+
+    case = next(c for c in CASES if c.id == "gla-full-fp32")
+    model = _model(Case("one-output", case.inputs[:5]))
+    del model.graph.node[0].output[1]
+    del model.graph.output[1]
+    path = tmp_path / "one_output.onnx"
+    path.write_bytes(model.SerializeToString())
+    _, (r,) = run_jobs([{"name": "one", "kind": "parse", "onnx": str(path)}], module=trt_module, plugins=[plugin_lib])
+    assert not r.ok and "has no present_state output, which the TensorRT plugin needs" in r.error, r.error
