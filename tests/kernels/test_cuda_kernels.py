@@ -380,3 +380,19 @@ def test_emulated_workspace_bound_covers_the_profile(emu, heads, K, V, cu):
                 for n in range(1, max_n + 1) for t in list(range(1, 600, 7)) + list(range(600, max_t + 1, 61)) + [max_t])
     assert worst > 0, "no problem of this profile needs a workspace: it tests nothing"
     assert worst <= bound <= 4 * worst + (1 << 20), (worst, bound)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", POSITIVE_GATE_CASES, ids=lambda c: c.id)
+def test_gpu_triton_positive_log_gates(case):
+    from gla_export.ops import gated_linear_attention, triton_available
+
+    if not torch.cuda.is_available() or not triton_available():
+        pytest.skip("needs a CUDA GPU and Triton")
+    kw = _positive_gates(make_inputs(case, device="cuda"))
+    o_ref, s_ref = reference(kw)
+    args = {k: v for k, v in kw.items() if k not in ("q", "k", "v", "g")}
+    with torch.no_grad():
+        o, s = gated_linear_attention(kw["q"], kw["k"], kw["v"], kw["g"], output_final_state=True, backend="triton", **args)
+    assert_close("triton output", o, o_ref, _tol(case.dtype)[0])
+    assert_close("triton final state", s, s_ref, _tol(case.dtype)[1])
