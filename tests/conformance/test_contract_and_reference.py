@@ -84,6 +84,9 @@ def test_python_contract(case, cuda):
         p = infer_problem(case.op, case.attrs, case.inputs, cuda=cuda)
     except ContractError as e:
         assert want is not None and matches(str(e), want), f"refused: {e}; expected {want!r}"
+        if case.typed_attrs and not _unknown_attr(case) and "capi" not in case.exceptions:
+            status, message, _ = capi_infer(case, cuda)
+            assert status != 0 and message == str(e), "the C and Python contracts word it differently"
         return
     assert want is None, f"accepted; expected a refusal with {want!r}"
     # the same problem as the C API's
@@ -131,3 +134,30 @@ def test_check_node_refuses_unknown_attributes_and_names_the_node():
                             q_num_heads=4, kv_num_heads=2, window=8)
     with pytest.raises(ContractError, match=r"GatedLinearAttention 'layer3': unknown attribute 'window'"):
         check_node(node)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.typed_attrs and not _unknown_attr(c)], ids=lambda c: c.id)
+def test_c_api_attributes_agree_with_python(case):
+    """gla_check_attributes (what the ONNX Runtime kernel and the TensorRT creator call before any
+    shape is known) and the Python contract refuse the same attributes with the same words."""
+    from gla_export.ops.contract import check_attributes
+    from gla_export.ops.native import load_library
+
+    lib = load_library()
+    fn = lib.gla_check_attributes
+    fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.c_int32, ctypes.POINTER(OpAttributes)]
+    a = case.attrs
+    rule = a.get("update_rule")
+    attrs = OpAttributes(q_num_heads=a.get("q_num_heads", MISSING), kv_num_heads=a.get("kv_num_heads", MISSING),
+                         reverse=a.get("reverse", 0), chunk_size=a.get("chunk_size", 64), scale=a.get("scale", 0.0),
+                         update_rule=3 if rule is None else RULES.get(rule, 2))
+    status = fn(0 if case.op == GLA else 1, ctypes.byref(attrs))
+    try:
+        check_attributes(case.op, case.attrs)
+        py = None
+    except ContractError as e:
+        py = str(e)
+    c_msg = lib.gla_last_error_message().decode()
+    assert (status == 0) == (py is None), (status, c_msg, py)
+    if py is not None and rule in (None, "gated", "linear"):
+        assert c_msg == py
