@@ -192,6 +192,18 @@ def run_jobs(
     TensorRT's messages; a child that dies raises :class:`WorkerError`.
     """
     module = module or require_module()
+    # the op contract on the GLA nodes' attributes first: TensorRT's parser narrows int attributes
+    # to int32 before the plugin sees them (a q_num_heads of 2^32+4 would build as 4)
+    from ..ops.contract import ContractError, check_onnx_file
+
+    refused: dict[str, JobResult] = {}
+    for job in jobs:
+        if "onnx" in job:
+            try:
+                check_onnx_file(job["onnx"], tensorrt=True)
+            except ContractError as e:
+                refused[job["name"]] = JobResult(job["name"], False, {"error": f"{job['onnx']}: {e}"})
+    all_jobs, jobs = jobs, [j for j in jobs if j["name"] not in refused]
     request = {"module": module, "plugins": [str(p) for p in plugins or []], "jobs": jobs}
     worker = Path(__file__).resolve().with_name("tensorrt_worker.py")
     bootstrap = (
@@ -254,7 +266,8 @@ def run_jobs(
         running = next((e for e in jobs if e["name"] not in results), None)
         during = f" while running job {running['name']!r}" if running else ""
         raise WorkerError(f"the TensorRT process {how}{during}" + (f":\n{tail}" if tail else ""))
-    return info, [results.get(j["name"], JobResult(j["name"], False, {"error": "no result"})) for j in jobs]
+    results.update(refused)
+    return info, [results.get(j["name"], JobResult(j["name"], False, {"error": "no result"})) for j in all_jobs]
 
 
 # ---- engines for an export directory -------------------------------------------------------------

@@ -1,5 +1,6 @@
 // CPU launcher: checks the problem and the pointers, plans the work units (plan.h), picks the
 // instruction set the hot loops were built for, and spreads the slots over the caller's threads.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -33,8 +34,12 @@ Plan make_plan(const Problem& p) {
   plan.units = heads * plan.nvb;
   plan.slots = plan.units < kMaxSlots ? plan.units : kMaxSlots;
 
-  const int64_t dk = plan.dk, C = plan.rows, G = plan.G, vbp = plan.vbp;
+  const int64_t dk = plan.dk, C = plan.rows, vbp = plan.vbp;
   const int64_t Cp = round_up(C, kLane), dkp = round_up(dk, kLane);
+  // step by step the heads' rows are few (one row each); chunked, a group of query heads at a time
+  const int64_t per_head = C * (dk + Cp + vbp);
+  plan.gq = C == 1 ? plan.G : std::max<int64_t>(1, std::min<int64_t>(plan.G, kMaxHeadGroupFloats / per_head));
+  const int64_t G = plan.gq, Gall = plan.G;
   int64_t off = 0;
   auto take = [&](int64_t floats) {
     const int64_t at = off;
@@ -45,11 +50,12 @@ Plan make_plan(const Problem& p) {
   plan.off_Kr = take(Cp * dkp);                // pivoted keys of the chunk [C][dkp]
   plan.off_KTr = take(dkp * Cp);               // the same, transposed [dkp][C]
   plan.off_Gm = take(Cp * dkp);                // cumulative log decay [C][dkp]
-  plan.off_Q = take(G * C * dk);               // queries [G][C][dk]
+  // (a short sequence of a packed batch runs step by step even in a chunked plan: all G heads' rows)
+  plan.off_Q = take(std::max(G * C * dk, Gall * dk));  // queries [gq][C][dk]
   plan.off_KT = take(dkp * Cp);                // keys as one sub-chunk's scores see them [dkp][C]
   plan.off_V = take(C * vbp);                  // values [C][vbp]
-  plan.off_A = take(G * C * Cp);               // intra-chunk scores [G][C][C]
-  plan.off_O = take(G * C * vbp);              // outputs [G][C][vbp]
+  plan.off_A = take(G * C * Cp);               // intra-chunk scores [gq][C][C]
+  plan.off_O = take(std::max(G * C * vbp, Gall * vbp));  // outputs [gq][C][vbp]
   plan.off_tmp = take((kChunk / kSub + 3) * dkp);  // per-sub-chunk factors and scratch rows
   plan.slot_floats = off;
   plan.workspace_bytes = plan.units == 0 ? 0 : size_t(plan.slots) * size_t(plan.slot_floats) * 4 + 64;

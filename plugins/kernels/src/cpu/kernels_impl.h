@@ -435,11 +435,11 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
   float* Kh = scratch + pl.off_Kr;    // [C][dkp]  k_j e^{Γ_m(b) − Γ_j}, row-major
   float* KhT = scratch + pl.off_KTr;  // [dkp][Cp] the same, transposed; later k_j e^{Γ_last − Γ_j}
   float* Gm = scratch + pl.off_Gm;    // [C][dkp]  Γ
-  float* Q = scratch + pl.off_Q;      // [G][C][dk] queries, scaled in place
+  float* Q = scratch + pl.off_Q;      // [gq][C][dk] queries of one group of heads, scaled in place
   float* KT = scratch + pl.off_KT;    // [dkp][Cp] the keys as sub-chunk a's scores see them
   float* V = scratch + pl.off_V;      // [C][vwp]
-  float* A = scratch + pl.off_A;      // [G][C][Cp] intra-chunk scores, lower triangular
-  float* O = scratch + pl.off_O;      // [G][C][vwp]
+  float* A = scratch + pl.off_A;      // [gq][C][Cp] intra-chunk scores, lower triangular
+  float* O = scratch + pl.off_O;      // [gq][C][vwp]
   float* M = scratch + pl.off_tmp;    // [kMaxSubs][dkp] e^{Γ_p(a) − Γ_m(b)} for the sub-chunks b < a
   float* row = M + kMaxSubs * dkp;    // [dkp] scratch rows
   float* row2 = row + dkp;
@@ -463,8 +463,6 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
       }
       load_row(V + i * vwp, job.t.value, (r * Hkv + u.h) * dv + u.v0, p.act_dtype, u.vw);
       zero(V + i * vwp + u.vw, vwp - u.vw);
-      for (int64_t g = 0; g < G; ++g)
-        load_row(Q + (g * C + i) * dk, job.t.query, (r * Hq + u.h * G + g) * dk, p.act_dtype, dk);
     }
 
     // ---- pivots: keys of sub-chunk b are seen from its last row m(b); queries of sub-chunk a from
@@ -486,17 +484,27 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
       const int64_t b = i / kSub;
       const float* gi = Gm + i * dkp;
       const float* gm = Gm + last[b] * dkp;
-      const float* gp = Gm + pivot[b] * dkp;
       float* ki = Kh + i * dkp;
       for (int64_t k = 0; k < dk; ++k) ki[k] *= exp_f32(gm[k] - gi[k]);
-      for (int64_t k = 0; k < dk; ++k) row[k] = exp_f32(gi[k] - gp[k]);
-      for (int64_t g = 0; g < G; ++g) {
-        float* qi = Q + (g * C + i) * dk;
-        for (int64_t k = 0; k < dk; ++k) qi[k] *= row[k];
-      }
     }
     // rows [L, 16 nsub) and columns [dk, dkp) of the transpose are never read
     transpose(Kh, dkp, KhT, Cp, nsub * kSub, dkp);
+
+    // ---- the query heads, pl.gq at a time: their scratch (Q, A, O) stays bounded however many
+    // query heads share this key/value head
+    for (int64_t g0 = 0; g0 < G; g0 += pl.gq) {
+    const int64_t gn = G - g0 < pl.gq ? G - g0 : pl.gq;
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t r = row_of(job, u, c0 + i);
+      const float* gi = Gm + i * dkp;
+      const float* gp = Gm + pivot[i / kSub] * dkp;
+      for (int64_t k = 0; k < dk; ++k) row[k] = exp_f32(gi[k] - gp[k]);
+      for (int64_t g = 0; g < gn; ++g) {
+        float* qi = Q + (g * C + i) * dk;
+        load_row(qi, job.t.query, (r * Hq + u.h * G + g0 + g) * dk, p.act_dtype, dk);
+        for (int64_t k = 0; k < dk; ++k) qi[k] *= row[k];
+      }
+    }
 
     // ---- intra-chunk scores, one sub-chunk of rows at a time
     for (int64_t a = 0; a < nsub; ++a) {
@@ -513,9 +521,9 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
         for (int64_t b = 0; b < a; ++b) vstore(dst + b * kSub, vload(src + b * kSub) * M[b * dkp + k]);
         vstore(dst + n, safe[a] ? vload(src + n) : V16{});
       }
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t g = 0; g < gn; ++g)
         gemm(e - n, w, dk, Q + (g * C + n) * dk, dk, 1, KT, Cp, A + (g * C + n) * Cp, Cp, false);
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t g = 0; g < gn; ++g)
         for (int64_t i = n; i < e; ++i) zero(A + (g * C + i) * Cp + i + 1, Cp - i - 1);
 
       if (!safe[a]) {
@@ -528,8 +536,8 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
             const float* gi = Gm + i * dkp;
             for (int64_t k = 0; k < dk; ++k) row[k] = row3[k] * exp_f32(gi[k] - gj[k]);
             const int64_t ri = row_of(job, u, c0 + i);
-            for (int64_t g = 0; g < G; ++g) {
-              load_row(row2, job.t.query, (ri * Hq + u.h * G + g) * dk, p.act_dtype, dk);
+            for (int64_t g = 0; g < gn; ++g) {
+              load_row(row2, job.t.query, (ri * Hq + u.h * G + g0 + g) * dk, p.act_dtype, dk);
               A[(g * C + i) * Cp + j] = dot(row2, row, dk);
             }
           }
@@ -538,7 +546,7 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
 
       // these rows now read the carried state: q_i e^{Γ_i} = (q_i e^{Γ_i − Γ_p}) e^{Γ_p}
       for (int64_t k = 0; k < dk; ++k) row[k] = exp_f32(gp[k]);
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t g = 0; g < gn; ++g)
         for (int64_t i = n; i < e; ++i) {
           float* qi = Q + (g * C + i) * dk;
           for (int64_t k = 0; k < dk; ++k) qi[k] *= row[k];
@@ -546,15 +554,16 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
     }
 
     // ---- outputs: carried state, then the chunk itself
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g = 0; g < gn; ++g) {
       float* Og = O + g * C * vwp;
       gemm(L, vwp, dk, Q + g * C * dk, dk, 1, S, vwp, Og, vwp, false);
       gemm(L, vwp, L, A + g * C * Cp, Cp, 1, V, vwp, Og, vwp, true, /*lower=*/true);
       for (int64_t i = 0; i < L; ++i) {
         const int64_t r = row_of(job, u, c0 + i);
-        store_row(job.t.output, (r * Hq + u.h * G + g) * dv + u.v0, Og + i * vwp, job.scale, p.act_dtype, u.vw);
+        store_row(job.t.output, (r * Hq + u.h * G + g0 + g) * dv + u.v0, Og + i * vwp, job.scale, p.act_dtype, u.vw);
       }
     }
+    }  // query-head groups
 
     // ---- the state after the chunk: e^{Γ_last} S + Σ_j (k_j e^{Γ_last − Γ_j})ᵀ v_j
     const float* Gl = Gm + (L - 1) * dkp;
