@@ -1,8 +1,9 @@
 // The CPU hot loops, written once and compiled once per instruction set: kernels_generic.cc,
-// kernels_avx2.cc and kernels_avx512.cc define
+// kernels_avx2.cc, kernels_avx512.cc (x86-64) and kernels_neon.cc (aarch64) define
 //   GLA_CPU_ISA   the namespace of this build (generic, avx2, avx512)
 //   GLA_MR/NV     the GEMM register tile: GLA_MR rows x GLA_NV vectors of 16 floats
 //   GLA_REC_GB/NB the step-by-step tile: GLA_REC_GB query heads x GLA_REC_NB vectors of 16 floats
+//   GLA_CPU_NEON  (aarch64 only) convert float16/bfloat16 rows with NEON instructions
 // and include this file. Plain C++ with GCC/Clang vector extensions (V16 = 16 floats): the compiler
 // maps V16 to one zmm, two ymm, or four xmm / NEON registers, so the same code vectorises on every
 // target. Nothing here allocates; every buffer lives in the slot's scratch (plan.h).
@@ -31,6 +32,10 @@
 #include <cstring>
 
 #include "cpu/plan.h"
+
+#if defined(GLA_CPU_NEON)
+#include <arm_neon.h>
+#endif
 
 namespace gla {
 namespace cpu {
@@ -114,6 +119,41 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t((x & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
+#if defined(GLA_CPU_NEON)
+// FCVTL/FCVTN round to nearest even, like the portable conversions above, and Linux leaves the
+// flush-to-zero bits of FPCR clear, so subnormal halves convert exactly; only a NaN's payload may
+// differ (FCVTN keeps its top bits, float_to_half returns the canonical quiet NaN).
+inline void half_row_to_float(float* __restrict dst, const uint16_t* __restrict s, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(s + i));
+    vst1q_f32(dst + i, vcvt_f32_f16(vget_low_f16(h)));
+    vst1q_f32(dst + i + 4, vcvt_high_f32_f16(h));
+  }
+  for (; i < n; ++i) dst[i] = half_to_float(s[i]);
+}
+
+inline void bf16_row_to_float(float* __restrict dst, const uint16_t* __restrict s, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const uint16x8_t h = vld1q_u16(s + i);
+    vst1q_f32(dst + i, vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)));
+    vst1q_f32(dst + i + 4, vreinterpretq_f32_u32(vshll_high_n_u16(h, 16)));
+  }
+  for (; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+}
+
+inline void float_row_to_half(uint16_t* __restrict d, const float* __restrict src, float mul, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const float16x4_t lo = vcvt_f16_f32(vmulq_n_f32(vld1q_f32(src + i), mul));
+    const float16x8_t h = vcvt_high_f16_f32(lo, vmulq_n_f32(vld1q_f32(src + i + 4), mul));
+    vst1q_u16(d + i, vreinterpretq_u16_f16(h));
+  }
+  for (; i < n; ++i) d[i] = float_to_half(src[i] * mul);
+}
+#endif
+
 // dst[0..n) = src[off..off+n) as float32
 inline void load_row(float* __restrict dst, const void* src, int64_t off, DType dt, int64_t n) {
   switch (dt) {
@@ -122,12 +162,20 @@ inline void load_row(float* __restrict dst, const void* src, int64_t off, DType 
       break;
     case DType::kFloat16: {
       const uint16_t* __restrict s = static_cast<const uint16_t*>(src) + off;
+#if defined(GLA_CPU_NEON)
+      half_row_to_float(dst, s, n);
+#else
       for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(s[i]);
+#endif
       break;
     }
     case DType::kBFloat16: {
       const uint16_t* __restrict s = static_cast<const uint16_t*>(src) + off;
+#if defined(GLA_CPU_NEON)
+      bf16_row_to_float(dst, s, n);
+#else
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+#endif
       break;
     }
   }
@@ -149,7 +197,11 @@ inline void store_row(void* dst, int64_t off, const float* __restrict src, float
     }
     case DType::kFloat16: {
       uint16_t* __restrict d = static_cast<uint16_t*>(dst) + off;
+#if defined(GLA_CPU_NEON)
+      float_row_to_half(d, src, mul, n);
+#else
       for (int64_t i = 0; i < n; ++i) d[i] = float_to_half(src[i] * mul);
+#endif
       break;
     }
     case DType::kBFloat16: {
