@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Cross-build gla-export's native parts for aarch64 (64-bit Arm Linux: Jetson, Raspberry Pi 4/5,
+# Graviton, Ampere) on an x86-64 Debian/Ubuntu host. See docs/arm64.md.
+#
+#   tools/arm64/build.sh          the CPU parts, into build/arm64/:
+#                                   plugins/kernels/libgla_kernels_capi.so   kernel core's C API (NEON + portable)
+#                                   plugins/onnxruntime/libgla_onnxruntime.so ONNX Runtime custom-op library (CPU EP)
+#                                   runtimes/gla-run                          the C++ decode runner
+#                                   tools/gla-kernel-check                    test driver (tests/arm64/kernel_check.cc)
+#                                   tools/gla-ort-node                        test driver (tests/arm64/ort_node.cc)
+#                                   tools/libgla_cpuinfo_shim.so              qemu-user helper (tools/arm64/cpuinfo_shim.c)
+#   tools/arm64/build.sh --cuda   also the CUDA kernels and the TensorRT plugin for Jetson Orin (sm_87)
+#                                 and Thor (sm_110), into build/arm64-cuda/ (tools/arm64/build_cuda.sh)
+#
+# Needs cmake >= 3.24 and Debian's cross compiler:
+#   apt-get install -y --no-install-recommends g++-aarch64-linux-gnu
+# The ONNX Runtime C/C++ headers come as for the native build (cmake/FetchOnnxRuntimeHeaders.cmake):
+# ONNXRUNTIME_INCLUDE_DIR when set, else Debian's libonnxruntime-dev, fetched once into the build
+# folder. The headers are the same for every architecture.
+#
+# Environment: GLA_ARM64_BUILD_DIR (default build/arm64), GLA_ARM64_JOBS (default 2),
+# GLA_AARCH64_TRIPLE (default aarch64-linux-gnu: the compilers are <triple>-gcc/g++).
+# Exit status: 0 built; 3 a tool is missing (the message names the package); 1 the build failed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+triple=${GLA_AARCH64_TRIPLE:-aarch64-linux-gnu}
+build=${GLA_ARM64_BUILD_DIR:-build/arm64}
+jobs=${GLA_ARM64_JOBS:-2}
+want_cuda=0
+for arg in "$@"; do
+  case "$arg" in
+    --cuda) want_cuda=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "build.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+missing() { echo "build.sh: $1 not found: apt-get install -y --no-install-recommends $2" >&2; exit 3; }
+command -v cmake >/dev/null || missing cmake cmake
+command -v "$triple-g++" >/dev/null || missing "$triple-g++" "g++-aarch64-linux-gnu"
+
+t0=$(date +%s)
+echo "== configuring $build (aarch64, CPU parts)"
+cmake -S . -B "$build" \
+  -DCMAKE_TOOLCHAIN_FILE="$root/cmake/aarch64-linux-gnu.cmake" \
+  -DGLA_AARCH64_TRIPLE="$triple" \
+  -DCMAKE_BUILD_TYPE=Release \
+  -DGLA_WITH_CUDA=OFF \
+  -DGLA_WITH_TRT=OFF >"$build.configure.log" 2>&1 || { cat "$build.configure.log" >&2; exit 1; }
+grep -E "^-- gla-export|Warning" "$build.configure.log" || true
+
+echo "== building libgla_kernels_capi, libgla_onnxruntime, gla-run"
+cmake --build "$build" -j"$jobs" --target gla_kernels_capi gla_onnxruntime gla-run
+
+echo "== building the test tools"
+mkdir -p "$build/tools"
+# the driver finds libgla_kernels_capi.so beside the kernel core's build, wherever the folder moves
+"$triple-g++" -std=c++17 -O2 -Wall -Wextra -Iplugins/kernels/include tests/arm64/kernel_check.cc \
+  -L"$build/plugins/kernels" -lgla_kernels_capi -Wl,-rpath,'$ORIGIN/../plugins/kernels' \
+  -o "$build/tools/gla-kernel-check"
+ort_include=$(sed -n 's/^.*ONNX Runtime headers \(.*\) (API version.*$/\1/p' "$build.configure.log" | head -1)
+"$triple-g++" -std=c++17 -O2 -Wall -Wextra -isystem "$ort_include" tests/arm64/ort_node.cc -ldl \
+  -o "$build/tools/gla-ort-node"
+"$triple-gcc" -O2 -Wall -Wextra -shared -fPIC tools/arm64/cpuinfo_shim.c -ldl -o "$build/tools/libgla_cpuinfo_shim.so"
+
+# every product must be an aarch64 ELF: a silently native build would prove nothing
+for f in plugins/kernels/libgla_kernels_capi.so plugins/onnxruntime/libgla_onnxruntime.so runtimes/gla-run \
+         tools/gla-kernel-check tools/gla-ort-node tools/libgla_cpuinfo_shim.so; do
+  machine=$(od -An -tx2 -j18 -N2 "$build/$f" | tr -d ' ')
+  [ "$machine" = "00b7" ] || { echo "build.sh: $build/$f is not an aarch64 ELF (e_machine 0x$machine)" >&2; exit 1; }
+  echo "   $build/$f"
+done
+echo "== CPU parts built in $(( $(date +%s) - t0 )) s"
+
+if [ "$want_cuda" = 1 ]; then
+  exec bash tools/arm64/build_cuda.sh
+fi
