@@ -256,11 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ort-lib", help="the aarch64 libonnxruntime.so (op and decode)")
     ap.add_argument("--cpuinfo", help="an aarch64 /proc/cpuinfo for ONNX Runtime (op and decode)")
     ap.add_argument("--export", help="an export to decode (default: export the sample model)")
-    ap.add_argument("--seed", type=int, default=20261207)
+    ap.add_argument("--seed", type=int, default=int(os.environ.get("GLA_TEST_SEED", 20261207)),
+                    help="inputs' seed (default: GLA_TEST_SEED, else fixed)")
     args = ap.parse_args(argv)
     if {"op", "decode"} & set(args.parts) and not (args.ort_lib and args.cpuinfo):
         ap.error("op and decode need --ort-lib and --cpuinfo")
     emu = Emulator(args)
+    print(f"seed {args.seed}", flush=True)
     torch.set_num_threads(1)
     ok = True
     with tempfile.TemporaryDirectory(prefix="gla-arm64-") as tmp:
