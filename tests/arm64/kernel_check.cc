@@ -8,7 +8,7 @@
 //      little-endian uint64 byte counts (query, key, value, gate, past_state, cu_seqlens, g_gamma;
 //      0 = absent), then those bytes in that order.
 // OUT: the output's bytes, then present_state's.
-// Prints "isa: <build of the hot loops>" first; exit status 0, or 1 with a message on stderr.
+// Prints "isa: <build of the hot loops> cuda_compiled: <0|1>" first; exit status 0, or 1 with a message on stderr.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -102,7 +102,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (gla_capi_version() != GLA_CAPI_VERSION) return fail("C API version mismatch");
-  std::printf("isa: %s\n", gla_cpu_isa());
+  std::printf("isa: %s cuda_compiled: %d\n", gla_cpu_isa(), int(gla_cuda_compiled()));
   std::fflush(stdout);
   for (; i < argc; i += 2)
     if (int rc = run_case(argv[i], argv[i + 1], threads)) return rc;

@@ -69,6 +69,10 @@ class Emulator:
         self.qemu = args.qemu
         self.sysroot = args.sysroot
         self.build = Path(args.build).resolve()
+        # the libraries under test: this build's, or another aarch64 build's (--libs)
+        self.libs = Path(args.libs or args.build).resolve()
+        self.capi_dir = self.libs / "plugins" / "kernels"
+        self.gla_lib = str(self.libs / "plugins" / "onnxruntime" / "libgla_onnxruntime.so")
         self.ort_lib = args.ort_lib
         self.cpuinfo = args.cpuinfo
         self.shim = self.build / "tools" / "libgla_cpuinfo_shim.so"
@@ -81,6 +85,7 @@ class Emulator:
         full_env = dict(os.environ)
         full_env.pop("GLA_CPU_ISA", None)
         full_env.update(env or {})
+        cmd += ["-E", f"LD_LIBRARY_PATH={self.capi_dir}"]  # searched before gla-kernel-check's RUNPATH
         return subprocess.run(cmd + argv, capture_output=True, text=True, env=full_env, timeout=timeout, check=False)
 
 
@@ -133,7 +138,8 @@ def check_kernels(emu: Emulator, work: Path, seed: int) -> bool:
             print(f"FAIL kernels[{isa}]: exit {proc.returncode}, isa {got_isa!r}: {proc.stderr.strip()}", flush=True)
             ok = False
             continue
-        print(f"ok   kernels[{isa}]: the aarch64 library ran its {isa} build on qemu -cpu {cpu} "
+        cuda = " with CUDA kernels built in" if "cuda_compiled: 1" in proc.stdout else ""
+        print(f"ok   kernels[{isa}]: the aarch64 library{cuda} ran its {isa} build on qemu -cpu {cpu} "
               f"({len(cases)} cases, {took:.1f} s)", flush=True)
         for i, (case, state_dtype, kw, _) in enumerate(cases):
             o_ref, s_ref = reference(kw)
@@ -185,8 +191,7 @@ def check_op(emu: Emulator, work: Path, seed: int) -> bool:
             (d / f"{name}.bin").write_bytes(_bytes(t))
             (d / f"{name}.shape").write_text(" ".join(map(str, t.shape)))
         t0 = time.perf_counter()
-        proc = emu.run([str(emu.build / "tools" / "gla-ort-node"), emu.ort_lib,
-                        str(emu.build / "plugins" / "onnxruntime" / "libgla_onnxruntime.so"), str(d / "model.onnx"),
+        proc = emu.run([str(emu.build / "tools" / "gla-ort-node"), emu.ort_lib, emu.gla_lib, str(d / "model.onnx"),
                         str(d)], ort=True)
         took = time.perf_counter() - t0
         name = f"op {case.id}"
@@ -228,7 +233,7 @@ def check_decode(emu: Emulator, work: Path, export_dir: str | None) -> bool:
                            prefill=prefill, threads=1).ids
         argv = [str(emu.build / "runtimes" / "gla-run"), "--export", export_dir, "--prompt", DECODE_PROMPT,
                 "--max-new-tokens", str(DECODE_TOKENS), "--ignore-eos", "--threads", "1", "--format", "json",
-                "--ort-lib", emu.ort_lib, "--gla-lib", str(emu.build / "plugins" / "onnxruntime" / "libgla_onnxruntime.so")]
+                "--ort-lib", emu.ort_lib, "--gla-lib", emu.gla_lib]
         if not prefill:
             argv.append("--no-prefill")
         t0 = time.perf_counter()
@@ -251,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="*", default=["kernels", "op", "decode"], choices=["kernels", "op", "decode"])
     ap.add_argument("--build", default=str(ROOT / "build" / "arm64"))
+    ap.add_argument("--libs", help="an aarch64 build folder whose libraries to test (default: --build), e.g. "
+                    "build/arm64-cuda: the CUDA-enabled libraries on their CPU path")
     ap.add_argument("--qemu", default="qemu-aarch64")
     ap.add_argument("--sysroot", default="/usr/aarch64-linux-gnu")
     ap.add_argument("--ort-lib", help="the aarch64 libonnxruntime.so (op and decode)")

@@ -23,7 +23,8 @@
 # runs therefore preload tools/arm64/cpuinfo_shim.c, which shows it the description of a
 # Neoverse-N1 (the core qemu emulates for them) instead.
 #
-# Environment: PYTHON (default python3), GLA_ARM64_BUILD_DIR (default build/arm64),
+# Environment: PYTHON (default python3), GLA_ARM64_BUILD_DIR (default build/arm64), GLA_ARM64_LIBS
+# (another aarch64 build folder whose libraries to test with this one's tools, e.g. build/arm64-cuda),
 # GLA_ARM64_ORT_VERSION (default: the version of the x86-64 onnxruntime the Python imports).
 # Exit status: 0 all passed; 1 a check failed; 3 a tool or the build is missing.
 set -euo pipefail
@@ -86,5 +87,7 @@ EOF
 esac
 
 echo "== $("$qemu" --version | head -1); aarch64 build $build"
+# GLA_ARM64_LIBS: test another aarch64 build's libraries (e.g. build/arm64-cuda, on their CPU path)
+[ -n "${GLA_ARM64_LIBS:-}" ] && extra+=(--libs "$GLA_ARM64_LIBS")
 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" exec "$python" tools/arm64/emulated_checks.py "${parts[@]}" \
   --build "$build" --qemu "$qemu" --sysroot "$sysroot" "${extra[@]}"
