@@ -111,3 +111,20 @@ def test_sample_export_decodes_same_tokens_as_x86_under_qemu(arm64_build):
     lines = _emulated("decode")
     decoded = [ln for ln in lines if ln.startswith("ok   decode[")]
     assert len(decoded) == 2, lines  # with prefill, and step by step
+
+
+def test_pip_wheel_cross_build_packs_aarch64_libraries(arm64_build):
+    """`pip wheel .` (scikit-build-core, the path `pip install .` takes on an aarch64 machine) with the
+    aarch64 toolchain: the package's libraries and gla-run are aarch64, with the NEON build."""
+    import zipfile
+
+    proc = _run(["bash", "tools/arm64/build.sh", "--wheel"], timeout=1200)
+    assert proc.returncode == 0, f"build.sh --wheel failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    (wheel,) = (arm64_build / "wheel").glob("gla_export-*-linux_aarch64.whl")
+    with zipfile.ZipFile(wheel) as z:
+        natives = {n: z.read(n) for n in z.namelist() if n.startswith(("gla_export/lib/", "gla_export/bin/"))}
+    assert set(natives) >= {"gla_export/lib/libgla_kernels_capi.so", "gla_export/lib/libgla_onnxruntime.so",
+                            "gla_export/bin/gla-run"}, sorted(natives)
+    for name, data in natives.items():
+        assert data[:4] == b"\x7fELF" and int.from_bytes(data[18:20], "little") == 183, f"{name} is not aarch64"
+    assert b"neon" in natives["gla_export/lib/libgla_kernels_capi.so"]

@@ -9,6 +9,9 @@
 #                                   tools/gla-kernel-check                    test driver (tests/arm64/kernel_check.cc)
 #                                   tools/gla-ort-node                        test driver (tests/arm64/ort_node.cc)
 #                                   tools/libgla_cpuinfo_shim.so              qemu-user helper (tools/arm64/cpuinfo_shim.c)
+#   tools/arm64/build.sh --wheel  also the Python package (pip wheel ., CPU parts) as an aarch64 machine's
+#                                 `pip install .` builds it, into build/arm64/wheel/ (scikit-build-core
+#                                 running the same CMake project with this toolchain file)
 #   tools/arm64/build.sh --cuda   also the CUDA kernels and the TensorRT plugin for Jetson Orin (sm_87)
 #                                 and Thor (sm_110), into build/arm64-cuda/ (tools/arm64/build_cuda.sh)
 #
@@ -18,7 +21,7 @@
 # ONNXRUNTIME_INCLUDE_DIR when set, else Debian's libonnxruntime-dev, fetched once into the build
 # folder. The headers are the same for every architecture.
 #
-# Environment: GLA_ARM64_BUILD_DIR (default build/arm64), GLA_ARM64_JOBS (default 2),
+# Environment: GLA_ARM64_BUILD_DIR (default build/arm64), GLA_ARM64_JOBS (default 2), PYTHON (--wheel),
 # GLA_AARCH64_TRIPLE (default aarch64-linux-gnu: the compilers are <triple>-gcc/g++).
 # Exit status: 0 built; 3 a tool is missing (the message names the package); 1 the build failed.
 set -euo pipefail
@@ -28,9 +31,11 @@ triple=${GLA_AARCH64_TRIPLE:-aarch64-linux-gnu}
 build=${GLA_ARM64_BUILD_DIR:-build/arm64}
 jobs=${GLA_ARM64_JOBS:-2}
 want_cuda=0
+want_wheel=0
 for arg in "$@"; do
   case "$arg" in
     --cuda) want_cuda=1 ;;
+    --wheel) want_wheel=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "build.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
@@ -72,6 +77,21 @@ for f in plugins/kernels/libgla_kernels_capi.so plugins/onnxruntime/libgla_onnxr
   echo "   $build/$f"
 done
 echo "== CPU parts built in $(( $(date +%s) - t0 )) s"
+
+if [ "$want_wheel" = 1 ]; then
+  # _PYTHON_HOST_PLATFORM gives the wheel its aarch64 tag; scikit-build-core's own build folder is
+  # kept apart from the one above (it is configured with other install settings)
+  echo "== building the wheel (pip wheel . with the aarch64 toolchain)"
+  t1=$(date +%s)
+  rm -rf "$build/wheel"
+  _PYTHON_HOST_PLATFORM=linux-aarch64 GLA_WITH_CUDA=OFF "${PYTHON:-python3}" -m pip wheel . --no-deps --quiet \
+    -w "$build/wheel" \
+    -C cmake.define.CMAKE_TOOLCHAIN_FILE="$root/cmake/aarch64-linux-gnu.cmake" \
+    -C cmake.define.GLA_AARCH64_TRIPLE="$triple" \
+    -C build-dir="$build/wheel-build"
+  ls "$build"/wheel/*.whl
+  echo "== wheel built in $(( $(date +%s) - t1 )) s"
+fi
 
 if [ "$want_cuda" = 1 ]; then
   exec bash tools/arm64/build_cuda.sh
