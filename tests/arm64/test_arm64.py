@@ -59,7 +59,9 @@ def arm64_build():
                         "g++-aarch64-linux-gnu qemu-user)")
         pytest.skip(why)
     proc = _run(["bash", "tools/arm64/build.sh"], timeout=1200)
-    assert proc.returncode == 0, f"tools/arm64/build.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"tools/arm64/build.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    )
     return BUILD
 
 
@@ -80,7 +82,8 @@ def test_cross_build_makes_aarch64_binaries(arm64_build):
     for rel in ("plugins/kernels/libgla_kernels_capi.so", "plugins/onnxruntime/libgla_onnxruntime.so",
                 "runtimes/gla-run", "tools/gla-kernel-check", "tools/gla-ort-node"):
         head = (arm64_build / rel).read_bytes()[:20]
-        assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183, f"{rel} is not aarch64"  # EM_AARCH64
+        # e_machine 183: EM_AARCH64
+        assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183, f"{rel} is not aarch64"
     # the NEON build of the hot loops is in the kernel core; the x86 ones are not
     symbols = (arm64_build / "plugins/kernels/libgla_kernels_capi.so").read_bytes()
     assert b"neon" in symbols and b"avx512" not in symbols
