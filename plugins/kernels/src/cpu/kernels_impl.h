@@ -289,6 +289,36 @@ inline void transpose(const float* __restrict src, int64_t lds, float* __restric
 // tile reduces only up to its last row (the zeros above the diagonal must still be stored in A up
 // to the tile's last row).
 
+#if defined(GLA_CPU_NEON)
+// NEON: GCC keeps arrays of 64-byte generic vectors in memory on aarch64 (the accumulators went
+// to the stack on every step of K), so the register tiles are written with float32x4_t, which it
+// keeps in registers once the constant loops are unrolled.
+template <int MR, int NV>
+inline void micro_tile(int64_t K, const float* __restrict a, int64_t ars, int64_t acs, const float* __restrict b,
+                       int64_t ldb, float* __restrict c, int64_t ldc, bool accumulate) {
+  constexpr int NQ = 4 * NV;  // float32x4_t per row of the tile
+  float32x4_t acc[MR][NQ];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NQ; ++j) acc[i][j] = accumulate ? vld1q_f32(c + i * ldc + 4 * j) : vdupq_n_f32(0.f);
+  for (int64_t p = 0; p < K; ++p) {
+    float32x4_t bv[NQ];
+#pragma GCC unroll 8
+    for (int j = 0; j < NQ; ++j) bv[j] = vld1q_f32(b + p * ldb + 4 * j);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const float av = a[i * ars + p * acs];
+#pragma GCC unroll 8
+      for (int j = 0; j < NQ; ++j) acc[i][j] = vfmaq_n_f32(acc[i][j], bv[j], av);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NQ; ++j) vst1q_f32(c + i * ldc + 4 * j, acc[i][j]);
+}
+#else
 template <int MR, int NV>
 inline void micro_tile(int64_t K, const float* __restrict a, int64_t ars, int64_t acs, const float* __restrict b,
                        int64_t ldb, float* __restrict c, int64_t ldc, bool accumulate) {
@@ -306,6 +336,7 @@ inline void micro_tile(int64_t K, const float* __restrict a, int64_t ars, int64_
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) vstore(c + i * ldc + 16 * j, acc[i][j]);
 }
+#endif
 
 template <int NV, int R>
 inline void micro_rows(int64_t rows, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
@@ -369,6 +400,45 @@ inline void log_decay_row(const Job& job, const Unit& u, int64_t r, float* __res
 
 // Step-by-step tile: GB query heads x NB vectors of value columns starting at column j.
 // With `update`, S_in rows are decayed, take k v and go to S_out; without, S_in is already updated.
+#if defined(GLA_CPU_NEON)
+template <int GB, int NB>
+inline void step_tile(int64_t dk, const float* S_in, int64_t ld_in, float* S_out, int64_t ld_out, bool update,
+                      const float* __restrict kr, const float* __restrict dr, const float* __restrict vr,
+                      const float* __restrict q, float* __restrict o, int64_t ldo, int64_t j) {
+  constexpr int NQ = 4 * NB;
+  float32x4_t acc[GB][NQ];
+  float32x4_t vv[NQ];
+#pragma GCC unroll 8
+  for (int c = 0; c < NQ; ++c) vv[c] = vld1q_f32(vr + j + 4 * c);
+#pragma GCC unroll 8
+  for (int g = 0; g < GB; ++g)
+#pragma GCC unroll 8
+    for (int c = 0; c < NQ; ++c) acc[g][c] = vdupq_n_f32(0.f);
+  for (int64_t i = 0; i < dk; ++i) {
+    float32x4_t s[NQ];
+#pragma GCC unroll 8
+    for (int c = 0; c < NQ; ++c) s[c] = vld1q_f32(S_in + i * ld_in + j + 4 * c);
+    if (update) {
+      const float di = dr[i], ki = kr[i];
+#pragma GCC unroll 8
+      for (int c = 0; c < NQ; ++c) {
+        s[c] = vfmaq_n_f32(vmulq_n_f32(s[c], di), vv[c], ki);
+        vst1q_f32(S_out + i * ld_out + j + 4 * c, s[c]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < GB; ++g) {
+      const float qi = q[g * dk + i];
+#pragma GCC unroll 8
+      for (int c = 0; c < NQ; ++c) acc[g][c] = vfmaq_n_f32(acc[g][c], s[c], qi);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GB; ++g)
+#pragma GCC unroll 8
+    for (int c = 0; c < NQ; ++c) vst1q_f32(o + g * ldo + j + 4 * c, acc[g][c]);
+}
+#else
 template <int GB, int NB>
 inline void step_tile(int64_t dk, const float* S_in, int64_t ld_in, float* S_out, int64_t ld_out, bool update,
                       const float* __restrict kr, const float* __restrict dr, const float* __restrict vr,
@@ -396,6 +466,7 @@ inline void step_tile(int64_t dk, const float* S_in, int64_t ld_in, float* S_out
   for (int g = 0; g < GB; ++g)
     for (int c = 0; c < NB; ++c) vstore(o + g * ldo + j + 16 * c, acc[g][c]);
 }
+#endif
 
 template <int GB>
 inline void step_heads(int64_t dk, int64_t vwp, const float* S_in, int64_t ld_in, float* S_out, int64_t ld_out,
@@ -429,11 +500,20 @@ void step_streaming(int64_t dk, int64_t vwp, int64_t G, const float* S_in, int64
     const float di = dr[i], ki = kr[i];
     const float* si = S_in + i * ld_in;
     float* so = S_out + i * ld_out;
+#if defined(GLA_CPU_NEON)
+    for (int64_t j = 0; j < vwp; j += 4) {
+      const float32x4_t sv = vfmaq_n_f32(vmulq_n_f32(vld1q_f32(si + j), di), vld1q_f32(vr + j), ki);
+      vst1q_f32(so + j, sv);
+      for (int64_t g = 0; g < G; ++g)
+        vst1q_f32(o + g * vwp + j, vfmaq_n_f32(vld1q_f32(o + g * vwp + j), sv, q[g * dk + i]));
+    }
+#else
     for (int64_t j = 0; j < vwp; j += 16) {
       const V16 sv = vload(si + j) * di + ki * vload(vr + j);
       vstore(so + j, sv);
       for (int64_t g = 0; g < G; ++g) vstore(o + g * vwp + j, vload(o + g * vwp + j) + q[g * dk + i] * sv);
     }
+#endif
   }
 }
 

@@ -3,18 +3,24 @@
 // the library is built for aarch64; GLA_CPU_ISA=generic forces the portable build instead.
 // Built for the ARMv8-A baseline (no -march): one binary for every aarch64 board.
 //
-// Differences from the portable build (kernels_generic.cc), both in kernels_impl.h under
-// GLA_CPU_NEON: the float16 <-> float32 conversions use the FCVTL/FCVTN instructions and bfloat16
-// loads a widening shift, 8 elements at a time; the register tiles fill the 32 vector registers.
-//   GEMM tile 6 rows x 1 vector of 16 floats: 24 accumulator + 4 operand + 1 broadcast registers
-//   step tile 2 heads x 1 vector:                8 accumulator + 4 state + 4 value registers
-// (chosen by register count; not yet timed on Arm hardware, see docs/arm64.md)
+// Differences from the portable build (kernels_generic.cc), all in kernels_impl.h under
+// GLA_CPU_NEON:
+// * the register tiles (GEMM micro-tile, step-by-step tile, the streaming decode step) are written
+//   with float32x4_t intrinsics. Written with the portable 64-byte vectors, GCC 12 keeps the
+//   accumulator arrays on the stack for aarch64 (a load and a store per FMA in the GEMM's inner
+//   loop); with float32x4_t they stay in registers. Register counts (of 32):
+//     GEMM tile 5 rows x 16 columns: 20 accumulators + 4 B + 5 broadcast A = 29 (6 rows spilled)
+//     step tile 2 heads x 16 columns: 8 accumulators + 4 state + 4 value = 16
+// * float16 rows are converted with the FCVTL/FCVTN instructions and bfloat16 rows with widening
+//   shifts, 8 elements at a time.
+// Checked against the reference under qemu-user (tests/arm64); the tile sizes are chosen from the
+// generated code (no spills), not timed: no Arm hardware was available (docs/arm64.md).
 #if !defined(__aarch64__)
 #error "kernels_neon.cc is for aarch64 only (plugins/kernels/CMakeLists.txt adds it there)"
 #endif
 #define GLA_CPU_ISA neon
 #define GLA_CPU_NEON 1
-#define GLA_MR 6
+#define GLA_MR 5
 #define GLA_NV 1
 #define GLA_REC_GB 2
 #define GLA_REC_NB 1
