@@ -64,7 +64,12 @@ mkdir -p "$build/tools"
 "$triple-g++" -std=c++17 -O2 -Wall -Wextra -Iplugins/kernels/include tests/arm64/kernel_check.cc \
   -L"$build/plugins/kernels" -lgla_kernels_capi -Wl,-rpath,'$ORIGIN/../plugins/kernels' \
   -o "$build/tools/gla-kernel-check"
-ort_include=$(sed -n 's/^.*ONNX Runtime headers \(.*\) (API version.*$/\1/p' "$build.configure.log" | head -1)
+# the ONNX Runtime headers the custom-op library was configured with (its include flags)
+ort_include=""
+for dir in $(sed -n 's/^CXX_INCLUDES = //p' "$build/plugins/onnxruntime/CMakeFiles/gla_onnxruntime.dir/flags.make"); do
+  [ -f "$dir/onnxruntime_cxx_api.h" ] && { ort_include=$dir; break; }
+done
+[ -n "$ort_include" ] || { echo "build.sh: cannot find the ONNX Runtime headers of $build's configuration" >&2; exit 1; }
 "$triple-g++" -std=c++17 -O2 -Wall -Wextra -isystem "$ort_include" tests/arm64/ort_node.cc -ldl \
   -o "$build/tools/gla-ort-node"
 "$triple-gcc" -O2 -Wall -Wextra -shared -fPIC tools/arm64/cpuinfo_shim.c -ldl -o "$build/tools/libgla_cpuinfo_shim.so"
