@@ -69,8 +69,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$full" ]; then
   echo "$full" >"$stamp"
 fi
 
-echo "== laying out the toolkit root $build/toolkit"
 tk=$build/toolkit
+# laid out again only when the compiler changes (fresh files would make every CUDA object stale)
+if [ "$(cat "$tk/STAMP" 2>/dev/null)" != "$full $CUDA_HOME" ]; then
+echo "== laying out the toolkit root $tk"
 rm -rf "$tk"
 mkdir -p "$tk/bin" "$tk/targets/aarch64-linux"
 for f in "$CUDA_HOME"/bin/*; do
@@ -97,6 +99,8 @@ for w in sorted(glob.glob(os.path.join(wheels, "*.whl"))):
 EOF
 # the shared runtime is versioned only in the wheel; CMake's FindCUDAToolkit looks for libcudart.so
 ( cd "$tk/targets/aarch64-linux/lib" && for f in libcudart.so.*; do [ -e "$f" ] && ln -sf "$f" libcudart.so; done; true )
+echo "$full $CUDA_HOME" >"$tk/STAMP"
+fi
 
 echo "== configuring $build"
 cmake -S . -B "$build" \
