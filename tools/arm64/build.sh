@@ -47,13 +47,14 @@ command -v "$triple-g++" >/dev/null || missing "$triple-g++" "g++-aarch64-linux-
 
 t0=$(date +%s)
 echo "== configuring $build (aarch64, CPU parts)"
+mkdir -p "$build"
 cmake -S . -B "$build" \
   -DCMAKE_TOOLCHAIN_FILE="$root/cmake/aarch64-linux-gnu.cmake" \
   -DGLA_AARCH64_TRIPLE="$triple" \
   -DCMAKE_BUILD_TYPE=Release \
   -DGLA_WITH_CUDA=OFF \
-  -DGLA_WITH_TRT=OFF >"$build.configure.log" 2>&1 || { cat "$build.configure.log" >&2; exit 1; }
-grep -E "^-- gla-export|Warning" "$build.configure.log" || true
+  -DGLA_WITH_TRT=OFF >"$build/configure-arm64.log" 2>&1 || { cat "$build/configure-arm64.log" >&2; exit 1; }
+grep -E "^-- gla-export|Warning" "$build/configure-arm64.log" || true
 
 echo "== building libgla_kernels_capi, libgla_onnxruntime, gla-run"
 cmake --build "$build" -j"$jobs" --target gla_kernels_capi gla_onnxruntime gla-run

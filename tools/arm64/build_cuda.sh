@@ -109,8 +109,8 @@ cmake -S . -B "$build" \
   -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_COMPILER="$tk/bin/nvcc" \
   -DCUDAToolkit_ROOT="$tk" \
-  -DGLA_CUDA_ARCHITECTURES="$archs" >"$build.configure.log" 2>&1 || { cat "$build.configure.log" >&2; exit 1; }
-grep -E "^-- gla-export|Warning|CUDA" "$build.configure.log" | grep -v "^-- Check\|^-- Detecting" || true
+  -DGLA_CUDA_ARCHITECTURES="$archs" >"$build/configure-arm64.log" 2>&1 || { cat "$build/configure-arm64.log" >&2; exit 1; }
+grep -E "^-- gla-export|Warning|CUDA" "$build/configure-arm64.log" | grep -v "^-- Check\|^-- Detecting" || true
 
 echo "== building"
 targets=(gla_kernels_capi gla_onnxruntime gla-run)
