@@ -114,7 +114,7 @@ grep -E "^-- gla-export|Warning|CUDA" "$build/configure-arm64.log" | grep -v "^-
 
 echo "== building"
 targets=(gla_kernels_capi gla_onnxruntime gla-run)
-grep -q "gla_tensorrt" "$build/Makefile" 2>/dev/null && targets+=(gla_tensorrt)
+grep -q "gla_tensorrt" "$build/Makefile" 2>/dev/null && targets+=(gla_tensorrt gla_trt_plugin_harness)
 cmake --build "$build" -j"$jobs" --target "${targets[@]}"
 
 # cuobjdump lists the GPU code in a library of any host architecture; x86-64 installs assembled from
