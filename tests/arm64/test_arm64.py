@@ -131,3 +131,6 @@ def test_pip_wheel_cross_build_packs_aarch64_libraries(arm64_build):
     for name, data in natives.items():
         assert data[:4] == b"\x7fELF" and int.from_bytes(data[18:20], "little") == 183, f"{name} is not aarch64"
     assert b"neon" in natives["gla_export/lib/libgla_kernels_capi.so"]
+    # and the installed layout works: its gla-run finds its own custom-op library and decodes
+    lines = _emulated("wheel")
+    assert len([ln for ln in lines if ln.startswith("ok   decode[wheel ")]) == 1, lines

@@ -10,7 +10,9 @@ library); every input and every reference is made here, on the build machine, at
   custom-op library (gla-ort-node), against the same reference;
 * ``decode``: the bundled sample model exported here (custom op, fp32), decoded greedily by the
   aarch64 gla-run on the aarch64 ONNX Runtime, with prefill and step by step: the same token ids as
-  the x86-64 gla-run on the x86-64 ONNX Runtime.
+  the x86-64 gla-run on the x86-64 ONNX Runtime;
+* ``wheel``: the same with the gla-run of the aarch64 wheel (build.sh --wheel), unpacked as pip
+  installs it, finding its own custom-op library.
 
 Prints one line per case ("ok ..." or "FAIL ...") and exits 1 when any case fails.
 """
@@ -211,8 +213,13 @@ def check_op(emu: Emulator, work: Path, seed: int) -> bool:
     return ok
 
 
-def check_decode(emu: Emulator, work: Path, export_dir: str | None) -> bool:
-    """The sample export decoded by gla-run: aarch64 under qemu vs x86-64, prefill and step only."""
+def check_decode(emu: Emulator, work: Path, export_dir: str | None, wheel: str | None = None) -> bool:
+    """The sample export decoded by gla-run: aarch64 under qemu vs x86-64, prefill and step only.
+    With ``wheel``: by the gla-run of that aarch64 wheel's installed layout instead, which must find
+    its custom-op library by itself (gla_export/bin/../lib), with prefill."""
+    import stat
+    import zipfile
+
     from gla_export._runner import find_gla_run, run_gla_run
 
     if export_dir is None:
@@ -226,14 +233,22 @@ def check_decode(emu: Emulator, work: Path, export_dir: str | None) -> bool:
     if native is None:
         print("FAIL decode: the x86-64 gla-run is not built (pip install . builds it), nothing to compare with")
         return False
+    runs = [("prefill", str(emu.build / "runtimes" / "gla-run"), True, ["--gla-lib", emu.gla_lib]),
+            ("step-only", str(emu.build / "runtimes" / "gla-run"), False, ["--gla-lib", emu.gla_lib])]
+    if wheel is not None:
+        root = work / "wheel"
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(root)
+        runner = root / "gla_export" / "bin" / "gla-run"
+        runner.chmod(runner.stat().st_mode | stat.S_IXUSR)
+        runs = [(f"wheel {Path(wheel).name}", str(runner), True, [])]
     ok = True
-    for prefill in (True, False):
-        mode = "prefill" if prefill else "step-only"
+    for mode, runner_path, prefill, lib_args in runs:
         want = run_gla_run(export_dir, prompt=DECODE_PROMPT, max_new_tokens=DECODE_TOKENS, ignore_eos=True,
                            prefill=prefill, threads=1).ids
-        argv = [str(emu.build / "runtimes" / "gla-run"), "--export", export_dir, "--prompt", DECODE_PROMPT,
-                "--max-new-tokens", str(DECODE_TOKENS), "--ignore-eos", "--threads", "1", "--format", "json",
-                "--ort-lib", emu.ort_lib, "--gla-lib", emu.gla_lib]
+        argv = [runner_path, "--export", export_dir, "--prompt", DECODE_PROMPT, "--max-new-tokens",
+                str(DECODE_TOKENS), "--ignore-eos", "--threads", "1", "--format", "json", "--ort-lib", emu.ort_lib,
+                *lib_args]
         if not prefill:
             argv.append("--no-prefill")
         t0 = time.perf_counter()
@@ -245,6 +260,9 @@ def check_decode(emu: Emulator, work: Path, export_dir: str | None) -> bool:
             continue
         got = json.loads(proc.stdout.strip().splitlines()[-1])
         same = got["ids"] == list(want)
+        if wheel is not None and "/gla_export/bin/../lib/libgla_onnxruntime.so" not in got.get("backend", ""):
+            print(f"FAIL decode[{mode}]: gla-run did not take the wheel's own library: {got.get('backend')}")
+            ok = False
         print(("ok   " if same else "FAIL ") + f"decode[{mode}]: aarch64 {got['ids']} {'==' if same else '!='} "
               f"x86-64 {list(want)} ({len(got['ids'])} tokens, text {got.get('text')!r}, {took:.1f} s under qemu)",
               flush=True)
@@ -254,7 +272,8 @@ def check_decode(emu: Emulator, work: Path, export_dir: str | None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="*", default=["kernels", "op", "decode"], choices=["kernels", "op", "decode"])
+    ap.add_argument("parts", nargs="*", default=["kernels", "op", "decode"],
+                    choices=["kernels", "op", "decode", "wheel"])
     ap.add_argument("--build", default=str(ROOT / "build" / "arm64"))
     ap.add_argument("--libs", help="an aarch64 build folder whose libraries to test (default: --build), e.g. "
                     "build/arm64-cuda: the CUDA-enabled libraries on their CPU path")
@@ -263,11 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ort-lib", help="the aarch64 libonnxruntime.so (op and decode)")
     ap.add_argument("--cpuinfo", help="an aarch64 /proc/cpuinfo for ONNX Runtime (op and decode)")
     ap.add_argument("--export", help="an export to decode (default: export the sample model)")
+    ap.add_argument("--wheel", help="the aarch64 wheel for the wheel part (default: the newest in BUILD/wheel)")
     ap.add_argument("--seed", type=int, default=int(os.environ.get("GLA_TEST_SEED", 20261207)),
                     help="inputs' seed (default: GLA_TEST_SEED, else fixed)")
     args = ap.parse_args(argv)
-    if {"op", "decode"} & set(args.parts) and not (args.ort_lib and args.cpuinfo):
-        ap.error("op and decode need --ort-lib and --cpuinfo")
+    if {"op", "decode", "wheel"} & set(args.parts) and not (args.ort_lib and args.cpuinfo):
+        ap.error("op, decode and wheel need --ort-lib and --cpuinfo")
+    if "wheel" in args.parts and args.wheel is None:
+        wheels = sorted((Path(args.build) / "wheel").glob("gla_export-*-linux_aarch64.whl"), key=os.path.getmtime)
+        if not wheels:
+            ap.error(f"no aarch64 wheel in {Path(args.build) / 'wheel'}: run tools/arm64/build.sh --wheel")
+        args.wheel = str(wheels[-1])
     emu = Emulator(args)
     print(f"seed {args.seed}", flush=True)
     torch.set_num_threads(1)
@@ -280,8 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                 ok &= check_kernels(emu, work, args.seed)
             elif part == "op":
                 ok &= check_op(emu, work, args.seed)
-            else:
+            elif part == "decode":
                 ok &= check_decode(emu, work, args.export)
+            else:
+                ok &= check_decode(emu, work, args.export, wheel=args.wheel)
     return 0 if ok else 1
 
 

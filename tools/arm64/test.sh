@@ -2,7 +2,7 @@
 # Runs the aarch64 build (tools/arm64/build.sh) under qemu-user emulation and checks it against
 # x86-64 and the float64 reference (tools/arm64/emulated_checks.py; docs/arm64.md):
 #
-#   tools/arm64/test.sh [kernels] [op] [decode]      (default: all three)
+#   tools/arm64/test.sh [kernels] [op] [decode] [wheel]   (default: kernels op decode)
 #
 #   kernels  the kernel core's C API, NEON and portable builds: prefill and step, fp32/fp16/bf16,
 #            odd sizes, final state, against the naive reference
@@ -10,6 +10,7 @@
 #            aarch64 custom-op library, against the naive reference
 #   decode   the bundled sample model, exported here, decoded greedily by the aarch64 gla-run on the
 #            aarch64 ONNX Runtime: the same tokens as the x86-64 gla-run (with prefill, and step only)
+#   wheel    the same with the gla-run of the aarch64 wheel (build.sh --wheel) as pip installs it
 #
 # Needs: qemu-user (or qemu-user-static) for qemu-aarch64, the aarch64 C/C++ runtime that
 # g++-aarch64-linux-gnu brings (libc6-arm64-cross, libstdc++6-arm64-cross: /usr/aarch64-linux-gnu),
@@ -49,7 +50,7 @@ done
 
 extra=()
 case " ${parts[*]} " in
-  *" op "*|*" decode "*)
+  *" op "*|*" decode "*|*" wheel "*)
     ort_lib=${GLA_ARM64_ORT_LIB:-}
     if [ -z "$ort_lib" ]; then
       version=${GLA_ARM64_ORT_VERSION:-$("$python" -c 'import onnxruntime; print(onnxruntime.__version__)')}
