@@ -61,6 +61,7 @@ case " ${parts[*]} " in
         echo "== fetching onnxruntime $version for manylinux aarch64 (PyPI)"
         mkdir -p "$ort_dir"
         "$python" -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
+          --platform manylinux_2_27_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
           --python-version "$pyver" "onnxruntime==$version" -d "$ort_dir/wheel"
         "$python" - "$ort_dir" <<'EOF'
 import glob, os, shutil, sys, zipfile
