@@ -67,8 +67,11 @@ namespace {
 using RunSlot = void (*)(const Job&, int64_t);
 
 // GLA_CPU_ISA=generic|avx2|avx512 forces a build of the hot loops (tests cover each one); an ISA
-// the processor lacks is never picked.
+// the processor lacks is never picked. On aarch64 NEON is part of the architecture: the NEON build
+// runs unless GLA_CPU_ISA=generic. Other architectures have the portable build only.
 RunSlot pick_isa() {
+  const char* want = std::getenv("GLA_CPU_ISA");
+  const bool want_generic = want && std::strcmp(want, "generic") == 0;
 #if defined(GLA_CPU_X86_DISPATCH)
   __builtin_cpu_init();
   const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
@@ -76,11 +79,14 @@ RunSlot pick_isa() {
                           __builtin_cpu_supports("fma");
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                         __builtin_cpu_supports("f16c");
-  const char* want = std::getenv("GLA_CPU_ISA");
-  if (want && std::strcmp(want, "generic") == 0) return generic::run_slot;
+  if (want_generic) return generic::run_slot;
   if (want && std::strcmp(want, "avx2") == 0) return has_avx2 ? avx2::run_slot : generic::run_slot;
   if (has_avx512) return avx512::run_slot;
   if (has_avx2) return avx2::run_slot;
+#elif defined(GLA_CPU_NEON_DISPATCH)
+  if (!want_generic) return neon::run_slot;
+#else
+  (void)want_generic;
 #endif
   return generic::run_slot;
 }
@@ -119,8 +125,12 @@ Status check_cu_seqlens(const I* cu, int64_t n, int64_t T) {
 
 const char* selected_isa_name() {
   const RunSlot fn = run_slot_fn();
+#if defined(GLA_CPU_X86_DISPATCH)
   if (fn == avx512::run_slot) return "avx512";
   if (fn == avx2::run_slot) return "avx2";
+#elif defined(GLA_CPU_NEON_DISPATCH)
+  if (fn == neon::run_slot) return "neon";
+#endif
   return "generic";
 }
 

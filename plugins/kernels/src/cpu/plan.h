@@ -53,7 +53,7 @@ struct Plan {
 
 Plan make_plan(const Problem& problem);
 
-// Which build of the hot loops runs here: "avx512", "avx2" or "generic".
+// Which build of the hot loops runs here: "avx512", "avx2", "neon" or "generic".
 const char* selected_isa_name();
 
 // Everything a slot needs, resolved once per call.
@@ -65,7 +65,8 @@ struct Job {
   float* scratch = nullptr;  // 64-byte aligned, plan.slots * plan.slot_floats floats
 };
 
-// The hot loops, built once per instruction set (kernels_{generic,avx2,avx512}.cc).
+// The hot loops, built once per instruction set (kernels_{generic,avx2,avx512,neon}.cc); only the
+// ones of the target's architecture are linked in (the dispatcher names no other).
 namespace generic {
 void run_slot(const Job& job, int64_t slot);
 }
@@ -73,6 +74,9 @@ namespace avx2 {
 void run_slot(const Job& job, int64_t slot);
 }
 namespace avx512 {
+void run_slot(const Job& job, int64_t slot);
+}
+namespace neon {
 void run_slot(const Job& job, int64_t slot);
 }
 
