@@ -116,7 +116,7 @@ def cuda_compiled() -> bool:
 
 
 def cpu_isa() -> str:
-    """The build of the CPU kernels that runs on this machine: ``avx512``, ``avx2`` or ``generic``."""
+    """The build of the CPU kernels that runs on this machine: ``avx512``, ``avx2``, ``neon`` (aarch64) or ``generic``."""
     return load_library().gla_cpu_isa().decode()
 
 

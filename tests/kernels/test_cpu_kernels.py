@@ -80,7 +80,7 @@ def check(case: GLACase, state_dtype: torch.dtype | None = None, kw: dict | None
 def test_library_is_built_and_picks_the_best_isa():
     lib = load_library()  # raises, failing the test, when the library is missing
     assert lib.gla_capi_version() == 1
-    assert cpu_isa() in ("avx512", "avx2", "generic")
+    assert cpu_isa() in ("avx512", "avx2", "neon", "generic")
     flags = _cpu_flags()
     if "GLA_CPU_ISA" not in os.environ and " avx512f " in flags and " avx512vl " in flags:
         assert cpu_isa() == "avx512"

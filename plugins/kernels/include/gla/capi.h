@@ -135,7 +135,7 @@ GLA_CAPI_EXPORT int32_t gla_infer_problem(int32_t op, const GlaOpAttributes* att
 GLA_CAPI_EXPORT size_t gla_cpu_workspace_bytes(const GlaProblem* problem);
 GLA_CAPI_EXPORT int32_t gla_cpu_forward(const GlaProblem* problem, const GlaTensors* tensors, void* workspace,
                                         size_t workspace_bytes, int32_t num_threads);
-/* The build of the CPU hot loops that runs here: "avx512", "avx2" or "generic"
+/* The build of the CPU hot loops that runs here: "avx512", "avx2", "neon" or "generic"
  * (GLA_CPU_ISA=generic|avx2 in the environment forces a lesser one, for tests). */
 GLA_CAPI_EXPORT const char* gla_cpu_isa(void);
 
