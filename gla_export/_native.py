@@ -79,6 +79,26 @@ def _build_tree_dirs(root: Path) -> list[Path]:
     return [*dirs, build / "lib", build]
 
 
+# ELF e_machine of the architectures we build for, by platform.machine()
+_ELF_MACHINES = {"x86_64": 62, "amd64": 62, "aarch64": 183, "arm64": 183}
+
+
+def runs_here(path: Path) -> bool:
+    """False for an ELF file built for another CPU (build/arm64 holds aarch64 cross builds beside the
+    host's trees); True for this CPU's, for non-ELF files and where the machine is not known."""
+    import platform
+
+    want = _ELF_MACHINES.get(platform.machine().lower())
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return False
+    if want is None or len(head) < 20 or head[:4] != b"\x7fELF":
+        return True
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big") == want
+
+
 def _newest(paths: list[Path]) -> Path | None:
     """The most recently modified of ``paths`` (the first of equals), or None."""
     best, best_mtime = None, None
@@ -97,7 +117,8 @@ def find_library(kind: str) -> Path | None:
     for d in [*_env_dirs(), *_installed_dirs(_PACKAGE_DIR)]:
         if (d / name).is_file():
             return d / name
-    return _newest([d / name for d in _build_tree_dirs(_PACKAGE_DIR.parent) if (d / name).is_file()])
+    trees = _build_tree_dirs(_PACKAGE_DIR.parent)
+    return _newest([d / name for d in trees if (d / name).is_file() and runs_here(d / name)])
 
 
 def library_path(kind: str) -> str:

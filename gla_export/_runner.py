@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._native import runs_here
 from .errors import GlaExportError, MissingRuntimeError, ModelError, UsageError
 
 BINARY = "gla-run"
@@ -41,7 +42,8 @@ def _candidates() -> list[Path]:
         pass
     root = pkg.parent
     for pattern in ("build/*/runtimes/" + BINARY, "build/runtimes/" + BINARY, "build/*/" + BINARY, "build/" + BINARY):
-        out += sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+        found = [p for p in root.glob(pattern) if runs_here(p)]  # not build/arm64's cross builds
+        out += sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
     return out
 
 

@@ -81,3 +81,20 @@ def test_installed_locations_come_before_build_trees_and_the_variable_before_all
     dist.unlink()
     assert find_library("trt") == tree
 
+
+
+def _elf(path: Path, machine: int, mtime: float) -> Path:
+    """A 64-bit little-endian ELF header for ``machine`` (62 x86-64, 183 aarch64)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(11) + machine.to_bytes(2, "little") + bytes(44))
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_a_newer_cross_build_for_another_cpu_is_passed_over(checkout, monkeypatch):
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    name = f"{LIBRARIES['ort']}{SO}"
+    host = _elf(checkout / "build" / "dev" / "plugins" / "onnxruntime" / name, 62, 1_000_000)
+    _elf(checkout / "build" / "arm64" / "plugins" / "onnxruntime" / name, 183, 2_000_000)  # newer, aarch64
+    assert find_library("ort") == host
+    assert _native.runs_here(host) and not _native.runs_here(checkout / "build" / "arm64" / "plugins" / "onnxruntime" / name)

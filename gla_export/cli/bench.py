@@ -87,6 +87,7 @@ def bench(
     from ..runtime.bench import KEYS, BenchSettings, write_json, write_plot
     from ..runtime.bench import bench as run_bench
     from . import console
+    from .render import bench_tables
 
     err = console(stderr=True)
     settings = BenchSettings(
@@ -114,7 +115,7 @@ def bench(
     write_plot(report, out / "bench.png")
 
     con = console()
-    for table in report.tables():
+    for table in bench_tables(report):
         con.print(table)
     for r in report.results:
         for note in r.notes:

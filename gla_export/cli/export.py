@@ -46,20 +46,23 @@ def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq
     """
     from ..export import ExportValidationError, export_model
     from . import console
+    from .render import StepProgress, validation_table
 
     err = console(stderr=True)
     try:
-        result = export_model(
-            model, out_dir, gla_op=gla_op, dtype=dtype, state_dtype=state_dtype, opset=opset, max_batch=max_batch,
-            max_seq_len=max_seq_len, attention_mask=attention_mask, validate=validate, atol=atol, rtol=rtol,
-            force=force, progress=not quiet, runtime=runtime, console=err, attention_op=attention_op,
-        )
+        with StepProgress(err, enabled=not quiet) as show:
+            result = export_model(
+                model, out_dir, gla_op=gla_op, dtype=dtype, state_dtype=state_dtype, opset=opset,
+                max_batch=max_batch, max_seq_len=max_seq_len, attention_mask=attention_mask, validate=validate,
+                atol=atol, rtol=rtol, force=force, progress=None if quiet else show, runtime=runtime,
+                attention_op=attention_op,
+            )
     except ExportValidationError as e:
-        err.print(e.report.table())
+        err.print(validation_table(e.report))
         raise
     out = console()
     if result.validation is not None:
-        out.print(result.validation.table())
+        out.print(validation_table(result.validation))
         for note in result.validation.notes:
             out.print(f"[dim]note: {note}[/dim]")
         runtimes = ", ".join(f"{k}: {v}" for k, v in result.validation.runtimes.items())

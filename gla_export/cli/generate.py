@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-BACKENDS = ("ort-cpu", "ort-cuda", "trt")
+RUNTIMES = ("ort-cpu", "ort-cuda", "trt")  # gla_export.runtime.RUNTIMES, not imported: --help stays fast
 
 
 @click.command()
@@ -23,7 +23,7 @@ BACKENDS = ("ort-cpu", "ort-cuda", "trt")
               help="Token ids instead of text, e.g. '256,72,105' (for exports without a tokenizer).")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=0), default=128, show_default=True,
               help="Stop after this many tokens (0: only read the prompt, e.g. to --save-state it).")
-@click.option("-b", "--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True,
+@click.option("-b", "--backend", type=click.Choice(RUNTIMES), default="ort-cpu", show_default=True,
               help="ort-cpu / ort-cuda: ONNX Runtime; trt: TensorRT engines from `gla-export build`.")
 @click.option("-t", "--temperature", type=click.FloatRange(min=0), default=None,
               help="0 is greedy  [default: 0, or the loaded state's]")
@@ -118,7 +118,7 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
         + (f", top-p {params.top_p}" if params.top_p < 1 else ""))
     if sampling is None and state is not None:
         desc = "the saved state's sampler"
-    form = decoder.metadata["gla_op"]["form"]
+    form = decoder.metadata.form
     status(f"{backend}: {decoder.runtime_name}, {form} GLA op, loaded in {time.perf_counter() - t0:.2f} s; "
            f"state {decoder.state_nbytes / 2**10:.0f} KiB; {desc}")
 

@@ -116,7 +116,10 @@ def verify(
     from .._files import check_output_path
     from ..runtime.verify import raise_if_failed
     from ..runtime.verify import verify as run_verify
+    from rich.markup import escape
+
     from . import console
+    from .render import verify_table
 
     err = console(stderr=True)
     verbose = bool((ctx.find_root().obj or {}).get("verbose"))
@@ -142,15 +145,15 @@ def verify(
         progress=None if quiet else (lambda msg: err.print(f"[dim]verify: {msg}[/dim]")),
     )
     out = console()
-    out.print(report.table())
+    out.print(verify_table(report))
     out.print(f"[dim]reference: {report.reference}[/dim]")
     for b in report.backends:
         if not b.available:
-            out.print(f"[yellow]skipped[/yellow] {b.name}: {b.detail}")
+            out.print(f"[yellow]skipped[/yellow] {b.name}: {escape(b.detail)}")
         elif b.error:
-            out.print(f"[red]failed[/red] {b.name} ({b.detail}): {b.error}")
+            out.print(f"[red]failed[/red] {b.name} ({escape(b.detail)}): {escape(b.error)}")
         else:
-            out.print(f"[dim]ran {b.name}: {b.detail}[/dim]")
+            out.print(f"[dim]ran {b.name}: {escape(b.detail)}[/dim]")
     if report.polygraphy_commands:
         out.print(f"[dim]polygraphy equivalents in {Path(save_dir) / 'polygraphy_run.sh'}[/dim]")
     if json_path:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import onnx
 import torch
 from onnx import helper
 
+from .._dtypes import BY_SHORT
 from .._files import check_output_dir, discard_staging, staging_dir, swap_into_place
 from ..errors import ExportFailedError, GlaExportError, ModelError, UsageError, ValidationError
 from ..models.config import ConfigError
@@ -45,7 +47,7 @@ from .metadata import (
 from .model_graph import GraphSpec, build_graph, register_weights
 from .validate import DEFAULT_TOLERANCES, ValidationReport, build_cases, run_cases
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {short: d.torch for short, d in BY_SHORT.items()}  # --dtype spellings (gla_export._dtypes)
 DEFAULT_OPSET = 21
 MIN_OPSET = 18  # ReduceMean with axes as an input, Pad with axes, Split/Shape attributes used here
 VALIDATION_FILE = "validation.json"
@@ -162,49 +164,56 @@ def _check_supported(model: GLAForCausalLM) -> None:
         raise ModelError(f"config field 'conv_size' = {c.conv_size}: export needs conv_size >= 2 when use_short_conv is set")
 
 
-class _Progress:
-    """Steps shown with rich (on stderr), or nothing."""
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What ``export_model(progress=callback)`` reports: a step started (``completed`` 0), advanced
+    (bytes written, for ``write``), or finished (``done``). The CLI draws them
+    (gla_export.cli.render.StepProgress); the library draws nothing."""
 
-    def __init__(self, enabled: bool, console=None):
-        self.enabled = enabled
-        self._progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                Progress,
-                SpinnerColumn,
-                TaskProgressColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+    step: str
+    completed: int = 0
+    total: int | None = None
+    done: bool = False
 
-            self._progress = Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                console=console or Console(stderr=True), transient=False,
-            )
 
-    def __enter__(self):
-        if self._progress:
-            self._progress.start()
-        return self
+ProgressCallback = Callable[[ProgressEvent], None]
 
-    def __exit__(self, *exc):
-        if self._progress:
-            self._progress.stop()
+
+class _Steps:
+    def __init__(self, callback: ProgressCallback | None):
+        self.callback = callback
 
     @contextlib.contextmanager
     def step(self, description: str, total: int | None = None):
-        if not self._progress:
+        cb = self.callback
+        if cb is None:
             yield lambda n: None
             return
-        task = self._progress.add_task(description, total=total)
+        cb(ProgressEvent(description, 0, total))
+        completed = 0
 
         def advance(n: int) -> None:
-            self._progress.advance(task, n)
+            nonlocal completed
+            completed += n
+            cb(ProgressEvent(description, completed, total))
 
         yield advance
-        self._progress.update(task, total=total or 1, completed=total or 1)
+        cb(ProgressEvent(description, total or completed, total, done=True))
+
+
+def _progress(progress: bool | ProgressCallback | None, console: Any) -> tuple[ProgressCallback | None, Any]:
+    """The callback and the context it needs. ``True`` (the former default) keeps the former rich
+    display, drawn by the CLI's renderer; new code passes a callback or nothing."""
+    if progress is True:
+        from ..cli.render import StepProgress
+
+        display = StepProgress(console)
+        return display, display
+    if progress in (False, None):
+        return None, contextlib.nullcontext()
+    if not callable(progress):
+        raise UsageError(f"progress must be a callable taking a ProgressEvent (or a bool), got {progress!r}")
+    return progress, contextlib.nullcontext()
 
 
 def _model_proto(b: GraphBuilder, table: WeightTable, opset: int, ir_version: int, form: str, meta_json: str, kind: str) -> onnx.ModelProto:
@@ -236,7 +245,7 @@ def export_model(
     atol: float | None = None,
     rtol: float | None = None,
     force: bool = False,
-    progress: bool = True,
+    progress: bool | ProgressCallback | None = True,
     runtime: str = "auto",
     console=None,
     attention_op: str = "decomposed",
@@ -260,6 +269,8 @@ def export_model(
             Softmax; every runtime) or as the standard ``Attention``/``RotaryEmbedding`` nodes
             (``onnx``: opset >= 23; ONNX Runtime runs them, TensorRT builds them only for shapes and
             dtypes it has attention kernels for).
+        progress: a callable given a :class:`ProgressEvent` per step; False or None: nothing;
+            True: the CLI's progress display on stderr (on ``console`` if given).
 
     Raises:
         UsageError, ModelError, OutputExistsError, ExportValidationError (a ValidationError),
@@ -290,7 +301,9 @@ def export_model(
     _check_out_dir(out_dir, force, model_or_path)
 
     timings: dict[str, float] = {}
-    with _Progress(progress, console) as prog:
+    callback, display = _progress(progress, console)
+    with display:
+        prog = _Steps(callback)
         with prog.step("load model"):
             t = time.perf_counter()
             model, source = _load(model_or_path, act)

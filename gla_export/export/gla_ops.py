@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..ops.contract import check_attributes
 from .graph import GraphBuilder
 
 FORMS = ("custom", "onnx", "decomposed")
@@ -62,31 +63,20 @@ def emit_gla(
     single_step: bool,
 ) -> tuple[str, str]:
     """Emit the GLA op; returns ``(output, present_state)`` value names."""
-    if form == "custom":
+    if form in ("custom", "onnx"):
+        # the op contract's attribute table (gla_export/ops/contract.py): what every engine accepts,
+        # and nothing else (ONNX Runtime's custom-op API could not see an unknown attribute)
+        attrs = dict(q_num_heads=shape.Hq, kv_num_heads=shape.Hkv, scale=float(shape.scale))
+        if form == "onnx":
+            attrs["update_rule"] = "gated"
+        check_attributes(CUSTOM_OP if form == "custom" else ONNX_OP, attrs)
         gate = b.cast(gate_f32, act_type, TensorProto.FLOAT)
-        o, s = b.op(
-            CUSTOM_OP,
-            [query, key, value, gate, past_state],
-            n_out=2,
-            domain=CUSTOM_DOMAIN,
-            hint=CUSTOM_OP,
-            q_num_heads=shape.Hq,
-            kv_num_heads=shape.Hkv,
-            scale=float(shape.scale),
-        )
-        return o, s
-    if form == "onnx":
-        gate = b.cast(gate_f32, act_type, TensorProto.FLOAT)
-        o, s = b.op(
-            ONNX_OP,
-            [query, key, value, past_state, gate],
-            n_out=2,
-            hint=ONNX_OP,
-            q_num_heads=shape.Hq,
-            kv_num_heads=shape.Hkv,
-            scale=float(shape.scale),
-            update_rule="gated",
-        )
+        if form == "custom":
+            inputs, extra = [query, key, value, gate, past_state], dict(domain=CUSTOM_DOMAIN)
+        else:
+            inputs, extra = [query, key, value, past_state, gate], {}
+        o, s = b.op(CUSTOM_OP if form == "custom" else ONNX_OP, inputs, n_out=2,
+                    hint=CUSTOM_OP if form == "custom" else ONNX_OP, **extra, **attrs)
         return o, s
     if form != "decomposed":
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
@@ -174,8 +164,8 @@ def _decomposed_chunked(b: GraphBuilder, q, k, v, g, s0, sh: GLAShape) -> tuple[
 def _intra_chunk_scores(b: GraphBuilder, qc, kc, Gc, sh: GLAShape) -> str:
     """``A[i, j] = q_i · (k_j ⊙ exp(Γ_i − Γ_j))`` for ``j <= i`` inside each chunk (see
     ``intra_chunk_scores`` in gla_export/ops/chunk.py). Between two sub-chunks the factor is split
-    at the first step of the later one, so both halves are <= 1; on the diagonal sub-chunk it is
-    computed per pair."""
+    at the first step of the later one, so both halves are <= 1 (for log-gates <= 0); on the
+    diagonal sub-chunk it is computed per pair."""
     F = TensorProto.FLOAT
     C, s, K = CHUNK, SUB, sh.K
     ns = C // s
@@ -187,7 +177,11 @@ def _intra_chunk_scores(b: GraphBuilder, qc, kc, Gc, sh: GLAShape) -> str:
 
     # between sub-chunks a > b
     q_scaled = b.op("Mul", [qs, b.op("Unsqueeze", [b.op("Exp", [b.op("Sub", [Gs, Gn])]), b.i64(3)])])
-    expo = b.op("Min", [b.op("Sub", [b.op("Unsqueeze", [Gn, b.i64(4)]), b.op("Unsqueeze", [Gs, b.i64(3)])]), zero])
+    # pairs a <= b are masked below: their exponent is zeroed first (it could overflow), the used
+    # ones stay exact (a positive log-gate is computed as the formula says, docs/op-contract.md)
+    below_b = np.arange(ns)[:, None, None, None] > np.arange(ns)[None, :, None, None]
+    expo = b.op("Where", [b.const(below_b, np.bool_, "below_mask"),
+                          b.op("Sub", [b.op("Unsqueeze", [Gn, b.i64(4)]), b.op("Unsqueeze", [Gs, b.i64(3)])]), zero])
     k_scaled = b.op("Mul", [b.op("Unsqueeze", [ks, b.i64(3)]), b.op("Exp", [expo])])  # [..,ns_a,ns_b,s,K]
     k_scaled_t = b.op("Unsqueeze", [b.op("Transpose", [k_scaled], perm=[0, 1, 2, 3, 4, 6, 5]), b.i64(3)])
     A_off = b.op("MatMul", [b.op("Unsqueeze", [q_scaled, b.i64(5)]), k_scaled_t])  # [..,G,ns_a,ns_b,s_i,s_j]
@@ -195,7 +189,10 @@ def _intra_chunk_scores(b: GraphBuilder, qc, kc, Gc, sh: GLAShape) -> str:
     A_off = b.op("Mul", [A_off, b.const(below, np.float32, "below")])
 
     # the diagonal sub-chunk, per pair (i, j)
-    E = b.op("Exp", [b.op("Min", [b.op("Sub", [b.op("Unsqueeze", [Gs, b.i64(5)]), b.op("Unsqueeze", [Gs, b.i64(4)])]), zero])])
+    causal = np.tril(np.ones((s, s), dtype=bool))[:, :, None]  # i >= j; the rest is zeroed below
+    E = b.op("Exp", [b.op("Where", [b.const(causal, np.bool_, "causal_mask"),
+                                    b.op("Sub", [b.op("Unsqueeze", [Gs, b.i64(5)]), b.op("Unsqueeze", [Gs, b.i64(4)])]),
+                                    zero])])
     KE = b.op("Mul", [b.op("Unsqueeze", [ks, b.i64(4)]), E])  # [..,ns,s_i,s_j,K]
     KE_t = b.op("Unsqueeze", [b.op("Transpose", [KE], perm=[0, 1, 2, 3, 4, 6, 5]), b.i64(3)])  # [..,1,ns,s_i,K,s_j]
     A_d = b.op("MatMul", [b.op("Unsqueeze", [qs, b.i64(6)]), KE_t])  # [..,G,ns,s_i,1,s_j]

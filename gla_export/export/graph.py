@@ -18,22 +18,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-TORCH_TO_ONNX = {
-    torch.float32: TensorProto.FLOAT,
-    torch.float16: TensorProto.FLOAT16,
-    torch.bfloat16: TensorProto.BFLOAT16,
-    torch.float64: TensorProto.DOUBLE,
-    torch.int64: TensorProto.INT64,
-    torch.int32: TensorProto.INT32,
-}
-ONNX_TYPE_NAMES = {
-    TensorProto.FLOAT: "float32",
-    TensorProto.FLOAT16: "float16",
-    TensorProto.BFLOAT16: "bfloat16",
-    TensorProto.DOUBLE: "float64",
-    TensorProto.INT64: "int64",
-    TensorProto.INT32: "int32",
-}
+from .._dtypes import DTYPES
+
+# from the one dtype table (gla_export/_dtypes.py)
+TORCH_TO_ONNX = {d.torch: d.onnx for d in DTYPES.values()}
+ONNX_TYPE_NAMES = {d.onnx: d.name for d in DTYPES.values()}
 
 # Big tensors start on a 64 KiB boundary so a runtime may memory-map them (ONNX Runtime maps
 # external data whose offset is a multiple of the allocation granularity, 64 KiB on Windows);

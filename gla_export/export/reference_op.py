@@ -13,6 +13,7 @@ import torch
 from onnx.reference.op_run import OpRun
 
 from ..ops import GLAShapeError, gated_linear_attention
+from ..ops.contract import GLA, check_node, infer_problem
 
 
 def _bf16():
@@ -33,8 +34,11 @@ def _like(t: torch.Tensor, ref_dtype: np.dtype) -> np.ndarray:
     return t.detach().cpu().float().numpy().astype(ref_dtype)
 
 
-def _shape(x) -> str:
-    return "[" + ", ".join(str(s) for s in x.shape) + "]"
+def _desc(x: np.ndarray | None) -> tuple[str, list[int]] | None:
+    if x is None:
+        return None
+    name = "bfloat16" if x.dtype == _bf16() else np.dtype(x.dtype).name
+    return name, list(x.shape)
 
 
 def gla_packed(
@@ -50,38 +54,28 @@ def gla_packed(
     kv_num_heads: int,
     scale: float = 0.0,
     reverse: int = 0,
+    chunk_size: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The op on numpy arrays in its ONNX layout; returns ``(output, present_state)``."""
-    for name, x in (("query", query), ("key", key), ("value", value), ("gate", gate)):
-        if x.ndim != 3:
-            raise GLAShapeError(f"{name} must be 3-D [B, T, H*D], got shape {_shape(x)}")
-    if q_num_heads <= 0 or kv_num_heads <= 0:
-        raise GLAShapeError(f"q_num_heads ({q_num_heads}) and kv_num_heads ({kv_num_heads}) must be positive")
-    B, T, qd = query.shape
-    if qd % q_num_heads or key.shape[2] % kv_num_heads or value.shape[2] % kv_num_heads:
-        raise GLAShapeError(
-            f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)} do not divide into "
-            f"{q_num_heads} query heads and {kv_num_heads} key/value heads"
-        )
-    K, V = qd // q_num_heads, value.shape[2] // kv_num_heads
-    if key.shape[2] // kv_num_heads != K:
-        raise GLAShapeError(f"key {_shape(key)} must have head size d_k={K} like query {_shape(query)}")
-    if gate.shape[2] == kv_num_heads * K:
-        g = _to_torch(gate).reshape(B, T, kv_num_heads, K)
-    elif gate.shape[2] == kv_num_heads:  # one decay per head
-        g = _to_torch(gate).reshape(B, T, kv_num_heads, 1)
-    else:
-        raise GLAShapeError(f"gate must be [B, T, Hkv*d_k] = [{B}, {T}, {kv_num_heads * K}], got shape {_shape(gate)}")
+    """The op on numpy arrays in its ONNX layout; returns ``(output, present_state)``.
+
+    Inputs and attributes go through the op contract (gla_export.ops.contract, the kernel core's
+    gla::infer_problem in Python): the same nodes are accepted, with the same messages, as in
+    ONNX Runtime and TensorRT."""
+    attrs = dict(q_num_heads=q_num_heads, kv_num_heads=kv_num_heads, scale=float(scale), reverse=reverse,
+                 chunk_size=chunk_size)
+    p = infer_problem(GLA, attrs, [_desc(x) for x in (query, key, value, gate, past_state, cu_seqlens, g_gamma)])
+    B, T, K, V = p.batch, p.seq_len, p.head_dim_k, p.head_dim_v
+    g = _to_torch(gate).reshape(B, T, kv_num_heads, 1 if p.gate_per_head else K)
     q = _to_torch(query).reshape(B, T, q_num_heads, K)
-    k = _to_torch(key).reshape(key.shape[0], key.shape[1], kv_num_heads, K)
-    v = _to_torch(value).reshape(value.shape[0], value.shape[1], kv_num_heads, V)
+    k = _to_torch(key).reshape(B, T, kv_num_heads, K)
+    v = _to_torch(value).reshape(B, T, kv_num_heads, V)
     h0 = None if past_state is None else _to_torch(past_state)
     cu = None if cu_seqlens is None else torch.from_numpy(np.asarray(cu_seqlens).astype(np.int64))
     gamma = None if g_gamma is None else _to_torch(g_gamma)
     # the chunked form, except for a few steps (decode), where the per-step loop is cheaper
-    backend = "naive" if q.shape[0] * q.shape[1] <= 16 else "chunk"
-    o, ht = gated_linear_attention(q, k, v, g, scale=scale or None, initial_state=h0, output_final_state=True,
-                                   g_gamma=gamma, reverse=bool(reverse), cu_seqlens=cu, backend=backend)
+    backend = "naive" if B * T <= 16 else "chunk"
+    o, ht = gated_linear_attention(q, k, v, g, scale=p.scale or None, initial_state=h0, output_final_state=True,
+                                   g_gamma=gamma, reverse=p.reverse, cu_seqlens=cu, backend=backend)
     state_dtype = past_state.dtype if past_state is not None else np.dtype(np.float32)
     return _like(o.reshape(B, T, q_num_heads * V), query.dtype), _like(ht, state_dtype)
 
@@ -89,13 +83,14 @@ def gla_packed(
 class GatedLinearAttention(OpRun):
     op_domain = "gla"
 
-    def _run(self, query, key, value, gate, past_state=None, cu_seqlens=None, g_gamma=None,
-             q_num_heads=None, kv_num_heads=None, scale=0.0, reverse=0, chunk_size=64):
-        if q_num_heads is None or kv_num_heads is None:
-            raise GLAShapeError("attributes q_num_heads and kv_num_heads are required")
-        return gla_packed(query, key, value, gate, past_state, cu_seqlens, g_gamma,
-                          q_num_heads=int(q_num_heads), kv_num_heads=int(kv_num_heads),
-                          scale=float(scale or 0.0), reverse=int(reverse or 0))
+    def _run(self, query, key, value, gate, past_state=None, cu_seqlens=None, g_gamma=None, **_attrs):
+        # the node's own attributes, unknown ones refused (as TensorRT's creator does; ONNX
+        # Runtime's custom-op API cannot see them, see docs/op-contract.md)
+        a = check_node(self.onnx_node)
+        o, s = gla_packed(query, key, value, gate, past_state, cu_seqlens, g_gamma, q_num_heads=a["q_num_heads"],
+                          kv_num_heads=a["kv_num_heads"], scale=a["scale"], reverse=a["reverse"],
+                          chunk_size=a["chunk_size"])
+        return (o, s)[: max(1, len(self.onnx_node.output))]
 
 
 def reference_evaluator(model, **kwargs):

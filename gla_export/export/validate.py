@@ -24,9 +24,8 @@ states run in the reference evaluator.
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._dtypes import to_numpy as _np
+from .._dtypes import torch_dtype
 from ..models.modeling import STATE_FIELDS, GLAForCausalLM, LayerState, state_tensor
 from ..models.tokenizer import ByteTokenizer
-from .metadata import PREFILL_FILE, STEP_FILE
+from .metadata import PREFILL_FILE, STEP_FILE, ExportMetadata, StateInfo, as_metadata
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and the dog keeps on sleeping in the sun."
 
@@ -84,26 +85,6 @@ class ReferenceRunner(Runner):
         return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
 
 
-def _ort_session(path: Path, allow_unreleased_opsets: bool = False):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # the opset-27 "under development" notice is expected for --gla-op onnx
-    if not allow_unreleased_opsets:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    # LinearAttention is in opset 27, which ONNX Runtime 1.31 still calls "under development";
-    # it reads this variable when it loads a model, so set it only for that
-    key, before = "ALLOW_RELEASED_ONNX_OPSET_ONLY", os.environ.get("ALLOW_RELEASED_ONNX_OPSET_ONLY")
-    os.environ[key] = "0"
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    finally:
-        if before is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = before
-
-
 def make_runner(path: Path, form: str, dtype: torch.dtype, runtime: str = "auto", state_dtype: torch.dtype | None = None) -> Runner:
     """A runner for one graph (see the module docstring for which runtime runs what)."""
     from ..errors import MissingRuntimeError, UsageError
@@ -115,7 +96,11 @@ def make_runner(path: Path, form: str, dtype: torch.dtype, runtime: str = "auto"
             raise UsageError("ONNX Runtime has no bfloat16 CPU kernels: validate bfloat16 exports with runtime='reference'")
         return ReferenceRunner(path)
     if form != "custom":
-        return OrtRunner(_ort_session(path, allow_unreleased_opsets=form == "onnx"), "onnxruntime (CPU)")
+        from ..runtime.session import create_session
+
+        # the one session factory (gla_export.runtime.session): the opset variable scoped to the load
+        session = create_session(path, ("cpu",), library=False, allow_unreleased_opsets=form == "onnx")
+        return OrtRunner(session, "onnxruntime (CPU)")
     from .._native import find_library
 
     lib = find_library("ort")
@@ -175,19 +160,6 @@ class ValidationReport:
                 rows[key] = c
         return list(rows.values())
 
-    def table(self, title: str | None = None):
-        from rich.table import Table
-
-        t = Table(title=title or f"validation (pass: max|err| <= {self.atol:g} + {self.rtol:g}·max|ref|)")
-        for col, just in (("case", "left"), ("output (worst layer)", "left"), ("max |err|", "right"), ("limit", "right"), ("rel. norm err", "right"), ("", "left")):
-            t.add_column(col, justify=just)
-        for c in self.summary_rows():
-            parts = c.output.split(".")
-            output = f"{parts[2]} (layer {parts[1]})" if c.output.startswith("present.") and len(parts) == 3 else c.output
-            t.add_row(c.case, output, f"{c.max_abs:.2e}", f"{c.limit:.2e}", f"{c.rel:.2e}",
-                      "[green]ok[/green]" if c.ok else "[red]FAIL[/red]")
-        return t
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
@@ -221,13 +193,6 @@ def compare(case: str, output: str, got: np.ndarray, ref: torch.Tensor, atol: fl
 # ---------------------------------------------------------------------------------------------
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.float().numpy().astype(ml_dtypes.bfloat16)
-    return t.numpy()
 
 
 @dataclass
@@ -240,20 +205,20 @@ class Case:
     allowance: dict[str, float] = field(default_factory=dict)  # limit from PyTorch's own low-precision error
 
 
-def _state_tensor(states: list[LayerState], st: dict) -> torch.Tensor:
+def _state_tensor(states: list[LayerState], st: StateInfo) -> torch.Tensor:
     """The PyTorch tensor behind one graph state (the shared position: any attention layer's)."""
-    return state_tensor(states, st["layer"], st["kind"])
+    return state_tensor(states, st.layer, st.kind)
 
 
-def _state_feeds(states: list[LayerState], state_names: list[dict]) -> dict[str, np.ndarray]:
+def _state_feeds(states: list[LayerState], state_names: Sequence[StateInfo]) -> dict[str, np.ndarray]:
     """The graph's past-state inputs, each in its dtype from the metadata."""
-    return {st["input"]: _np(_state_tensor(states, st).to(getattr(torch, st["dtype"]))) for st in state_names}
+    return {st.input: _np(_state_tensor(states, st).to(torch_dtype(st.dtype))) for st in state_names}
 
 
-def _rounded(states: list[LayerState], state_names: list[dict]) -> list[LayerState]:
+def _rounded(states: list[LayerState], state_names: Sequence[StateInfo]) -> list[LayerState]:
     """States rounded to the graph's dtypes (and back), so that PyTorch and the graph continue
     from the very same values."""
-    dtypes = {(st["layer"], STATE_FIELDS[st["kind"]]): getattr(torch, st["dtype"]) for st in state_names}
+    dtypes = {(st.layer, STATE_FIELDS[st.kind]): torch_dtype(st.dtype) for st in state_names}
     out = []
     for i, s in enumerate(states):
         fields = {}
@@ -277,18 +242,18 @@ def _cast_states(states: list[LayerState], sd: torch.dtype, act: torch.dtype, r:
             for s in states]
 
 
-def _state_outputs(states: list[LayerState], state_names: list[dict], row: slice | int | None = None) -> dict[str, torch.Tensor]:
+def _state_outputs(states: list[LayerState], state_names: Sequence[StateInfo], row: slice | int | None = None) -> dict[str, torch.Tensor]:
     out = {}
     for st in state_names:
         t = _state_tensor(states, st)
-        out[st["output"]] = t if row is None else t[row]
+        out[st.output] = t if row is None else t[row]
     return out
 
 
-def _stack_rows(alone: list[dict[str, torch.Tensor]], state_names: list[dict]) -> dict[str, torch.Tensor]:
+def _stack_rows(alone: list[dict[str, torch.Tensor]], state_names: Sequence[StateInfo]) -> dict[str, torch.Tensor]:
     """Rows run alone as one padded batch's results: logits one row after the other; a growing
     KV cache left-padded with zeros to the batch's length (the padded slots the graph zeroes)."""
-    growing = {st["output"] for st in state_names if st.get("memory") == "grows"}
+    growing = {st.output for st in state_names if st.grows}
     out = {}
     for k in alone[0]:
         if k == "logits":
@@ -301,9 +266,10 @@ def _stack_rows(alone: list[dict[str, torch.Tensor]], state_names: list[dict]) -
     return out
 
 
-def encode_sentence(meta: dict[str, Any], source: Path | None) -> list[int] | None:
+def encode_sentence(meta: ExportMetadata | dict[str, Any], source: Path | None) -> list[int] | None:
     """Token ids of :data:`SENTENCE` with the model's tokenizer, or None when it is unknown."""
-    tok = meta["tokenizer"]
+    meta = as_metadata(meta)
+    tok = meta.tokenizer
     if tok["kind"] == "byte":
         return ByteTokenizer(tok["bos_token_id"], tok["eos_token_id"]).encode(SENTENCE)
     if tok["kind"] == "huggingface" and source is not None and (source / "tokenizer.json").is_file():
@@ -312,7 +278,7 @@ def encode_sentence(meta: dict[str, Any], source: Path | None) -> list[int] | No
         except ImportError:
             return None
         ids = Tokenizer.from_file(str(source / "tokenizer.json")).encode(SENTENCE).ids
-        vocab = meta["model"]["vocab_size"]
+        vocab = meta.model.vocab_size
         return ids if ids and max(ids) < vocab else None
     return None
 
@@ -323,7 +289,7 @@ BASELINE_FACTOR = 3.0  # a low-precision graph may be this much further off than
 @torch.no_grad()
 def build_cases(
     reference: GLAForCausalLM,
-    meta: dict[str, Any],
+    meta: ExportMetadata | dict[str, Any],
     source: Path | None,
     *,
     baseline: GLAForCausalLM | None = None,
@@ -341,13 +307,14 @@ def build_cases(
     fixed tolerance — "no worse than PyTorch in this dtype".
     """
     c = reference.config
-    states_meta = meta["states"]
-    has_mask = any(i["name"] == "attention_mask" for i in meta["graphs"]["prefill"]["inputs"])
+    meta = as_metadata(meta)
+    states_meta = meta.states
+    has_mask = meta.has_attention_mask
     gen = torch.Generator().manual_seed(seed)
-    big = meta["model"]["num_parameters"] > 50_000_000
+    big = meta.model.num_parameters > 50_000_000
     T = 21 if big else 67  # 67 crosses a 64-step chunk boundary of the decomposed form
     notes: list[str] = []
-    graph_state_dtype = getattr(torch, meta["state_dtype"])
+    graph_state_dtype = torch_dtype(meta.state_dtype)
 
     # forwards from zero states by (model, state dtype, ids): "random" and "real"/"step" are each asked for twice
     from_zero: dict[tuple[int, torch.dtype, int], tuple[torch.Tensor, Any]] = {}
@@ -462,7 +429,7 @@ def build_cases(
 def run_cases(
     out_dir: Path,
     cases: list[Case],
-    meta: dict[str, Any],
+    meta: ExportMetadata | dict[str, Any],
     *,
     atol: float,
     rtol: float,
@@ -473,15 +440,17 @@ def run_cases(
     one run to the next."""
     t0 = time.perf_counter()
     report = ValidationReport(atol=atol, rtol=rtol, notes=list(notes or []))
-    form = meta["gla_op"]["form"]
-    dtype = getattr(torch, meta["dtype"])
-    states_meta = meta["states"]
+    meta = as_metadata(meta)
+    form = meta.form
+    dtype = torch_dtype(meta.dtype)
+    states_meta = meta.states
     zeros = {}
     for st in states_meta:
-        shape = [1 if d == "batch" else 0 if isinstance(d, str) else d for d in st["shape"]]
-        zeros[st["input"]] = _np(torch.zeros(shape, dtype=getattr(torch, st["dtype"])))
+        # a growing KV cache starts empty (its symbolic sequence axis 0)
+        shape = [1 if d == "batch" else 0 if isinstance(d, str) else d for d in st.shape]
+        zeros[st.input] = _np(torch.zeros(shape, dtype=torch_dtype(st.dtype)))
     for graph, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE)):
-        runner = make_runner(out_dir / file, form, dtype, runtime, getattr(torch, meta["state_dtype"]))
+        runner = make_runner(out_dir / file, form, dtype, runtime, torch_dtype(meta.state_dtype))
         report.runtimes[graph] = runner.name
         for case in (c for c in cases if c.graph == graph):
             runs = []
@@ -490,7 +459,7 @@ def run_cases(
                 for feeds in case.feeds:
                     res = runner.run({**feeds, **states})
                     runs.append(res)
-                    states = {st["input"]: res[st["output"]] for st in states_meta}
+                    states = {st.input: res[st.output] for st in states_meta}
             else:
                 runs = [runner.run(f) for f in case.feeds]
             got = case.collect(runs)

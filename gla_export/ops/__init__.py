@@ -77,7 +77,11 @@ def gated_linear_attention(
         ``(o, final_state)``: ``o`` is ``[B, T, Hq, d_v]`` in ``q``'s dtype; ``final_state`` is
         ``[N, Hkv, d_k, d_v]`` in the initial state's dtype (float32 without one), or ``None``.
     """
-    check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens)
+    chosen = _pick_backend(backend, q)
+    # validated once, here; the backend reuses the sizes. The native kernels on CUDA read
+    # cu_seqlens on the device, so only there its contents are not read back to the host.
+    host_cu = cu_seqlens is None or cu_seqlens.device.type == "cpu" or chosen != "native"
+    dims = check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens, cu_contents=host_cu)
     kwargs = dict(
         scale=scale,
         initial_state=initial_state,
@@ -85,8 +89,8 @@ def gated_linear_attention(
         g_gamma=g_gamma,
         reverse=reverse,
         cu_seqlens=cu_seqlens,
+        _dims=dims,
     )
-    chosen = _pick_backend(backend, q)
     if chosen == "naive":
         return naive_gla(q, k, v, g, **kwargs)
     if chosen == "triton":

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .contract import CUDA_MAX_HEAD_DIM_K, MAX_HEAD_DIM, MAX_HEADS, GLAShapeError
+
+# the op's activation types (contract.FLOAT_TYPES) and float64, which the PyTorch reference paths
+# (naive, chunk) take beside them
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-
-class GLAShapeError(ValueError):
-    """An input to the GLA op has the wrong rank, shape or dtype."""
+__all__ = ["CUDA_MAX_HEAD_DIM_K", "FLOAT_DTYPES", "GLADims", "GLAShapeError", "check_inputs"]
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,16 @@ def check_inputs(
     initial_state: torch.Tensor | None = None,
     g_gamma: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    cu_contents: bool = True,
 ) -> GLADims:
-    """Validate the op's inputs and return their sizes; raise :class:`GLAShapeError` naming the input."""
+    """Validate the op's inputs and return their sizes; raise :class:`GLAShapeError` naming the input.
+
+    The rules are the op contract's (gla_export/ops/contract.py, the kernel core's
+    gla::infer_problem) in the ``[B, T, H, D]`` layout: the same types, head counts, head-size
+    limits, per-head gate and ``cu_seqlens`` rules. ``cu_contents`` also checks the offsets
+    themselves (0, never decreasing, ending at T): a host read, so a caller whose kernel reads them
+    on the device may skip it, as the CUDA kernels of ONNX Runtime and TensorRT do.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise GLAShapeError(f"{name} must be [B, T, H, D], got shape {_shape(t)}")
@@ -67,6 +77,10 @@ def check_inputs(
         raise GLAShapeError(f"v must have Hkv={Hkv} heads like k, got shape {_shape(v)}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise GLAShapeError(f"q heads ({Hq}) must be a positive multiple of k/v heads ({Hkv})")
+    if Hq > MAX_HEADS:
+        raise GLAShapeError(f"q has {Hq} heads, more than the op takes ({MAX_HEADS}): q shape {_shape(q)}")
+    if not (1 <= K <= MAX_HEAD_DIM and 1 <= V <= MAX_HEAD_DIM):
+        raise GLAShapeError(f"head sizes d_k={K}, d_v={V} must be in [1, {MAX_HEAD_DIM}]: q {_shape(q)}, v {_shape(v)}")
     gate_per_head = False
     if g is not None:
         if g.dim() != 4 or g.shape[:3] != (B, T, Hkv) or g.shape[3] not in (K, 1):
@@ -85,11 +99,12 @@ def check_inputs(
             raise GLAShapeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
         if B != 1:
             raise GLAShapeError(f"with cu_seqlens the batch size must be 1, got q shape {_shape(q)}")
-        cu = cu_seqlens.detach().cpu()
-        if int(cu[0]) != 0 or int(cu[-1]) != T or bool((cu[1:] < cu[:-1]).any()):
-            raise GLAShapeError(
-                f"cu_seqlens must start at 0, never decrease and end at T={T}, got {cu.tolist()}"
-            )
+        if cu_contents:
+            cu = cu_seqlens.detach().cpu()
+            if int(cu[0]) != 0 or int(cu[-1]) != T or bool((cu[1:] < cu[:-1]).any()):
+                raise GLAShapeError(
+                    f"cu_seqlens must start at 0, never decrease and end at T={T}, got {cu.tolist()}"
+                )
         N = cu.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, Hkv, K, V):
         raise GLAShapeError(

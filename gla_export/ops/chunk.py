@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import acc_dtype, check_inputs, default_scale, state_dtype
+from ._common import GLADims, acc_dtype, check_inputs, default_scale, state_dtype
 
 CHUNK = 64
 SUB = 16
@@ -43,18 +43,22 @@ def intra_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, Gc: torch.Tensor, sub
 
     # between sub-chunks a > b: split exp(Γ_i − Γ_j) at the first step n of sub-chunk a
     q_scaled = qs * torch.exp(Gs - Gn).unsqueeze(-4)  # [..., G, ns, s, K]
-    expo = (Gn.unsqueeze(-3) - Gs.unsqueeze(-4)).clamp_max(0)  # [..., ns_a, ns_b, s, K]
+    # pairs a <= b are masked below; their exponent is zeroed first so that it cannot overflow (the
+    # used pairs keep theirs exactly: a positive log-gate is computed as the formula says)
+    a_idx = torch.arange(ns, device=qc.device)
+    below_b = a_idx[:, None] > a_idx[None, :]  # [ns_a, ns_b]
+    expo = torch.where(below_b[:, :, None, None], Gn.unsqueeze(-3) - Gs.unsqueeze(-4), 0.0)  # [..., ns_a, ns_b, s, K]
     k_scaled = ks.unsqueeze(-4) * torch.exp(expo)
     A_off = torch.einsum("...gaik,...abjk->...gaibj", q_scaled, k_scaled)  # [..., G, ns, s, ns, s]
-    a_idx = torch.arange(ns, device=qc.device)
-    below = (a_idx[:, None] > a_idx[None, :]).to(A_off.dtype)  # [ns_a, ns_b]
+    below = below_b.to(A_off.dtype)
     A = A_off * below[:, None, :, None]
 
     # on the diagonal sub-chunk: one column at a time, exactly
     i_idx = torch.arange(s, device=qc.device)
     diag = []
     for j in range(s):
-        expo_j = (Gs - Gs[..., j : j + 1, :]).clamp_max(0).unsqueeze(-4)  # [..., 1, ns, s, K]
+        causal = (i_idx >= j)[:, None]  # rows i >= j are used; the others are zeroed below
+        expo_j = torch.where(causal, Gs - Gs[..., j : j + 1, :], 0.0).unsqueeze(-4)  # [..., 1, ns, s, K]
         col = (qs * ks[..., j : j + 1, :].unsqueeze(-4) * torch.exp(expo_j)).sum(-1)  # [..., G, ns, s]
         diag.append(col * (i_idx >= j).to(col.dtype))
     A_diag = torch.stack(diag, dim=-1)  # [..., G, ns, s, s]
@@ -121,8 +125,10 @@ def chunk_gla(
     reverse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = CHUNK,
+    *,
+    _dims: GLADims | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    dims = check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens)
+    dims = _dims or check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens)
     if chunk_size % SUB != 0:
         raise ValueError(f"chunk_size must be a multiple of {SUB}, got {chunk_size}")
     acc = acc_dtype(q, initial_state)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype, check_inputs, default_scale, seq_bounds, state_dtype
+from ._common import GLADims, acc_dtype, check_inputs, default_scale, seq_bounds, state_dtype
 
 
 def naive_gla(
@@ -30,8 +30,11 @@ def naive_gla(
     g_gamma: torch.Tensor | None = None,
     reverse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    *,
+    _dims: GLADims | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    dims = check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens)
+    # _dims: what gated_linear_attention already validated (it checks once for every backend)
+    dims = _dims or check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens)
     acc = acc_dtype(q, initial_state)
     scale = default_scale(scale, dims.K)
     G = dims.groups

@@ -20,7 +20,7 @@ import threading
 import torch
 
 from .._native import library_path
-from ._common import GLAShapeError, check_inputs, default_scale
+from ._common import GLADims, GLAShapeError, check_inputs, default_scale
 
 __all__ = ["NativeKernelError", "cpu_isa", "cuda_compiled", "load_library", "native_gla"]
 
@@ -99,6 +99,7 @@ def load_library() -> ctypes.CDLL:
                 "gla_cuda_compiled": (ctypes.c_int32, []),
                 "gla_cuda_workspace_bytes": (ctypes.c_size_t, [P]),
                 "gla_cuda_forward": (ctypes.c_int32, [P, T, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]),
+                "gla_cuda_workspace_bound": (ctypes.c_size_t, [P]),
             }
             for name, (res, args) in sig.items():
                 fn = getattr(lib, name)
@@ -115,7 +116,7 @@ def cuda_compiled() -> bool:
 
 
 def cpu_isa() -> str:
-    """The build of the CPU kernels that runs on this machine: ``avx512``, ``avx2`` or ``generic``."""
+    """The build of the CPU kernels that runs on this machine: ``avx512``, ``avx2``, ``neon`` (aarch64) or ``generic``."""
     return load_library().gla_cpu_isa().decode()
 
 
@@ -138,9 +139,12 @@ def make_problem(
     g_gamma: torch.Tensor | None = None,
     reverse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    dims: GLADims | None = None,
 ) -> Problem:
-    """The kernel's Problem for these op arguments (after check_inputs)."""
-    dims = check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens)
+    """The kernel's Problem for these op arguments (``dims``: what check_inputs returned, if it ran)."""
+    # the CUDA kernels read cu_seqlens on the device: no host read of its contents for CUDA tensors
+    on_host = cu_seqlens is None or cu_seqlens.device.type == "cpu"
+    dims = dims or check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens, cu_contents=on_host)
     for name, t in (("q", q), ("initial_state", initial_state), ("g_gamma", g_gamma)):
         if t is not None and t.dtype not in _DTYPES:
             raise GLAShapeError(
@@ -180,9 +184,11 @@ def native_gla(
     g_gamma: torch.Tensor | None = None,
     reverse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    *,
+    _dims: GLADims | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention on the native kernels; arguments and result as ``naive_gla``."""
-    problem = make_problem(q, k, v, g, scale, initial_state, g_gamma, reverse, cu_seqlens)
+    problem = make_problem(q, k, v, g, scale, initial_state, g_gamma, reverse, cu_seqlens, _dims)
     device = q.device
     tensors = {"q": q, "k": k, "v": v, "g": g, "initial_state": initial_state, "g_gamma": g_gamma, "cu_seqlens": cu_seqlens}
     for name, t in tensors.items():

@@ -21,7 +21,7 @@ import contextlib
 
 import torch
 
-from ._common import GLAShapeError, acc_dtype, check_inputs, default_scale, state_dtype
+from ._common import GLADims, GLAShapeError, acc_dtype, check_inputs, default_scale, state_dtype
 from ._triton.chunk import chunk_forward
 from ._triton.common import interpreting
 from ._triton.recurrent import recurrent_forward
@@ -44,9 +44,11 @@ def triton_gla(
     g_gamma: torch.Tensor | None = None,
     reverse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    *,
+    _dims: GLADims | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention with Triton kernels; see :func:`gla_export.ops.gated_linear_attention`."""
-    return _forward("auto", q, k, v, g, scale, initial_state, output_final_state, g_gamma, reverse, cu_seqlens)
+    return _forward("auto", q, k, v, g, scale, initial_state, output_final_state, g_gamma, reverse, cu_seqlens, _dims)
 
 
 def triton_gla_chunk(
@@ -105,10 +107,10 @@ def _check_runnable(named: dict[str, torch.Tensor | None]) -> None:
             )
 
 
-def _forward(kernel, q, k, v, g, scale, initial_state, output_final_state, g_gamma, reverse, cu_seqlens):
+def _forward(kernel, q, k, v, g, scale, initial_state, output_final_state, g_gamma, reverse, cu_seqlens, _dims=None):
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    dims = check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens)
+    dims = _dims or check_inputs(q, k, v, g, initial_state, g_gamma, cu_seqlens)
     _check_runnable(dict(q=q, k=k, v=v, g=g, initial_state=initial_state, g_gamma=g_gamma, cu_seqlens=cu_seqlens))
     acc = acc_dtype(q, initial_state)
     scale = default_scale(scale, dims.K)

@@ -1,6 +1,7 @@
 """Running exported models: ONNX Runtime sessions with our custom-op library registered
-(:func:`create_session`), TensorRT engines (gla_export.runtime.tensorrt) and the stateful decoder
-(gla_export.runtime.decoder). Heavy runtimes are imported only when used."""
+(:func:`create_session`), TensorRT engines (gla_export.runtime.tensorrt), the runtime adapters
+(gla_export.runtime.engines: :data:`RUNTIMES` are what ``--backend`` names), and the stateful
+decoder (gla_export.runtime.decoder, generation). Heavy runtimes are imported only when used."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from .session import PROVIDERS, available_providers, create_session
 __all__ = ["PROVIDERS", "available_providers", "create_session"]
 
 # the stateful decoder (gla_export.runtime.decoder, sampling, state)
-from .decoder import BACKENDS, Generation, RowResult, StatefulDecoder, TokenEvent  # noqa: E402
+from .decoder import RUNTIMES, Generation, RowResult, StatefulDecoder, TokenEvent  # noqa: E402
 from .sampling import Sampler, SamplingParams  # noqa: E402
 from .state import ConversationState, StateCache, StateFileError, load_state, save_state  # noqa: E402
 
-__all__ += ["BACKENDS", "ConversationState", "Generation", "RowResult", "Sampler", "SamplingParams", "StateCache",
+BACKENDS = RUNTIMES  # the former name, kept for code written against it; `BACKENDS` in gla_export.ops are op algorithms
+
+__all__ += ["BACKENDS", "RUNTIMES",
+            "ConversationState", "Generation", "RowResult", "Sampler", "SamplingParams", "StateCache",
             "StateFileError", "StatefulDecoder", "TokenEvent", "load_state", "save_state"]

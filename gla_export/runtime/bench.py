@@ -140,45 +140,6 @@ class BenchReport:
             "seconds": round(self.seconds, 3),
         }
 
-    def tables(self):
-        from rich.table import Table
-
-        batches = self.settings["batches"]
-        speed = Table(title=f"throughput and latency ({self.device['name']}, {self.model['dtype']})")
-        speed.add_column("contender", no_wrap=True)
-        for b in batches:
-            speed.add_column(f"prefill tok/s B{b}", justify="right")
-        for b in batches:
-            speed.add_column(f"decode ms/tok B{b}", justify="right")
-            speed.add_column(f"decode tok/s B{b}", justify="right")
-        for r in self.results:
-            if not r.prefill and not r.decode:
-                continue
-            cells = [_fmt(r.prefill.get(b, {}).get("tokens_per_s"), "{:,.0f}") for b in batches]
-            for b in batches:
-                d = r.decode.get(b, {})
-                cells += [_fmt(d.get("ms_per_token"), "{:.3f}"), _fmt(d.get("tokens_per_s"), "{:,.0f}")]
-            speed.add_row(r.name, *cells)
-
-        contexts = self.settings["contexts"]
-        mem = Table(title="next token at context L: memory beyond the weights (MiB) / latency (ms)")
-        mem.add_column("contender", no_wrap=True)
-        for L in contexts:
-            mem.add_column(f"L={L}", justify="right")
-        for r in self.results:
-            if not r.context:
-                continue
-            cells = []
-            for L in contexts:
-                c = r.context.get(L)
-                cells.append("-" if c is None else f"{c['bytes'] / 2**20:.2f} / {c['ms_per_token']:.2f}")
-            mem.add_row(r.name, *cells)
-        return speed, mem
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else spec.format(v)
-
 
 # ---------------------------------------------------------------------------------------------
 # measuring
@@ -565,17 +526,17 @@ def bench(
             raise UsageError(f"unknown contender {bad[0]!r}: choose from {', '.join(known)}")
     wanted = lambda name: contenders is None or name in contenders  # noqa: E731
 
-    vocab = int(meta["model"]["vocab_size"])
+    vocab = meta.model.vocab_size
     report = BenchReport(
         str(export_dir),
         _device_info(dev),
         {
-            "dtype": meta["dtype"],
-            "state_dtype": meta["state_dtype"],
-            "form": meta["gla_op"]["form"],
-            "num_parameters": meta["model"]["num_parameters"],
-            "num_layers": meta["model"]["num_layers"],
-            "hidden_size": meta["model"]["hidden_size"],
+            "dtype": meta.dtype,
+            "state_dtype": meta.state_dtype,
+            "form": meta.form,
+            "num_parameters": meta.model.num_parameters,
+            "num_layers": meta.model.num_layers,
+            "hidden_size": meta.model.hidden_size,
             "vocab_size": vocab,
         },
         {

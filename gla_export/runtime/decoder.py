@@ -1,7 +1,7 @@
 """Constant-memory decoding of an export: prefill once with ``prefill.onnx``, then one
 ``step.onnx`` call per token, the recurrent states carried from call to call.
 
-Backends:
+Runtimes (``backend``; the adapters are in :mod:`.engines`, generation in :mod:`.generation`):
 
 - ``ort-cpu``: ONNX Runtime on the CPU;
 - ``ort-cuda``: ONNX Runtime's CUDA execution provider; the states never leave the GPU;
@@ -33,33 +33,42 @@ sampling) reproduces the same tokens.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import MissingRuntimeError, ModelError, UsageError
-from .sampling import Sampler, SamplingParams
+from .._dtypes import torch_dtype
+from ..errors import ModelError, UsageError
+from .engines import RUNTIMES, open_runtime
+from .generation import (  # noqa: F401 - re-exported: the decoder's public names
+    FINISH_EOS,
+    FINISH_INTERRUPTED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Generation,
+    GenerationMixin,
+    RowResult,
+    TokenEvent,
+)
+from .sampling import Sampler
 from .state import ConversationState, StateFileError, model_identity
 from .tokenizers import Tokenizer, load_tokenizer
 
-BACKENDS = ("ort-cpu", "ort-cuda", "trt")
-FINISH_EOS, FINISH_STOP, FINISH_LENGTH, FINISH_INTERRUPTED = "eos", "stop", "length", "interrupted"
-TORCH_DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32,
-}
+if TYPE_CHECKING:
+    from ..export.metadata import ExportMetadata
 
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One state tensor of the graphs, without its batch dimension."""
+    """One state buffer of the decoder: a state tensor of the graphs without its batch dimension."""
 
     name: str  # graph input, past_key_values.{layer}.{kind}
     output: str  # graph output, present.{layer}.{kind}
@@ -76,335 +85,23 @@ class StateSpec:
         return n * torch.tensor([], dtype=self.dtype).element_size()
 
 
-def state_specs(meta: dict[str, Any]) -> list[StateSpec]:
+def buffer_specs(metadata: ExportMetadata) -> list[StateSpec]:
+    """The decoder's state buffers, one per state the metadata lists (its dtypes were checked when
+    it was read). A hybrid's shared position (layer None in the metadata) gets layer -1.
+
+    Raises ModelError for a state that grows with the context (a full-attention layer's KV
+    cache): the decoder's buffers have fixed sizes."""
     specs = []
-    for s in meta["states"]:
-        if s["dtype"] not in TORCH_DTYPES:
-            raise ModelError(f"state {s['input']} has dtype {s['dtype']}, which the decoder does not support")
-        if s.get("memory", "fixed") != "fixed":  # a hybrid's full-attention KV cache
-            raise ModelError(f"state {s['input']} grows with the context (a full-attention layer's KV cache), which "
+    for s in metadata.states:
+        if s.grows:
+            raise ModelError(f"state {s.input} grows with the context (a full-attention layer's KV cache), which "
                              "the decoder does not drive yet; hybrids whose attention layers are all windowed decode")
-        shape = tuple(int(d) for d in s["shape"][1:])  # the first dimension is the batch
-        layer = -1 if s["layer"] is None else int(s["layer"])
-        specs.append(StateSpec(s["input"], s["output"], layer, s["kind"], shape, TORCH_DTYPES[s["dtype"]]))
+        layer = -1 if s.layer is None else s.layer
+        specs.append(StateSpec(s.input, s.output, layer, s.kind, s.row_shape, torch_dtype(s.dtype)))
     return specs
 
 
-# ---- runtimes ----------------------------------------------------------------------------------------
-
-
-class _Engine:
-    """Runs the two graphs on torch tensors passed by pointer (all on ``device``)."""
-
-    device: torch.device
-    has_mask: bool
-    max_batch: int | None = None
-    max_seq: int | None = None
-    name: str
-
-    def bind_step(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Any:
-        """A handle that runs the step graph on exactly these buffers, made once per batch setup."""
-        raise NotImplementedError
-
-    def run_step(self, handle: Any) -> None:
-        raise NotImplementedError
-
-    def run(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-
-
-_ORT_ELEMENT_TYPES: dict[torch.dtype, Any] = {
-    torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
-    torch.bfloat16: 16,  # numpy has no bfloat16: ONNX Runtime takes the ONNX type code (TensorProto.BFLOAT16)
-}
-
-
-def _bind_args(dev: str, dev_id: int, tensors: dict[str, torch.Tensor]) -> list[tuple]:
-    """``bind_input``/``bind_output`` arguments for buffers that stay where they are."""
-    return [(n, dev, dev_id, _ORT_ELEMENT_TYPES[t.dtype], tuple(t.shape), t.data_ptr()) for n, t in tensors.items()]
-
-
-class _OrtEngine(_Engine):
-    def __init__(self, export_dir: Path, meta: dict[str, Any], cuda: bool, device_id: int, threads: int | None):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise MissingRuntimeError(
-                "ONNX Runtime is not installed: pip install onnxruntime (or onnxruntime-gpu for ort-cuda)") from e
-        self.ort = ort
-        form = meta["gla_op"]["form"]
-        if cuda:
-            if hasattr(ort, "preload_dlls"):
-                try:  # onnxruntime-gpu finds CUDA's libraries through torch's or the system's
-                    ort.preload_dlls()
-                except Exception:  # noqa: BLE001 - a failure shows up below as a missing provider
-                    pass
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise MissingRuntimeError(
-                    "the ort-cuda backend needs onnxruntime-gpu (CUDAExecutionProvider is not available in this "
-                    f"onnxruntime {ort.__version__}): pip install onnxruntime-gpu"
-                )
-            if not torch.cuda.is_available():
-                raise MissingRuntimeError(
-                    "the ort-cuda backend needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
-            self.device = torch.device("cuda", device_id)
-            cuda_options: dict[str, Any] = {"device_id": device_id}
-            if meta["dtype"] == "float32":
-                cuda_options["use_tf32"] = 0  # TF32 products cost ~1e-3 relative error: an fp32 export means fp32
-            providers: list[Any] = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
-            self.name = f"onnxruntime {ort.__version__} (CUDA:{device_id})"
-        else:
-            if meta["dtype"] == "bfloat16":
-                raise UsageError("this export is bfloat16 and ONNX Runtime has no bfloat16 CPU kernels: "
-                                 "use --backend ort-cuda or trt")
-            self.device = torch.device("cpu")
-            providers = ["CPUExecutionProvider"]
-            self.name = f"onnxruntime {ort.__version__} (CPU)"
-        self._dev = ("cuda", device_id) if cuda else ("cpu", 0)
-        if form == "onnx":
-            # LinearAttention is in opset 27, which ONNX Runtime 1.31 still calls "under development"
-            os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"
-        self.sessions = {}
-        for graph in ("prefill", "step"):
-            path = export_dir / meta["files"][graph]
-            so = ort.SessionOptions()
-            so.log_severity_level = 3  # the opset-27 "under development" notice is expected for the onnx form
-            if threads:
-                so.intra_op_num_threads = threads
-                so.inter_op_num_threads = 1
-            try:
-                if form == "custom":  # our custom-op library registered (MissingRuntimeError when not built)
-                    from .session import create_session
-
-                    self.sessions[graph] = create_session(path, providers, so)
-                else:
-                    self.sessions[graph] = ort.InferenceSession(str(path), so, providers=providers)
-            except MissingRuntimeError as e:
-                raise MissingRuntimeError(f"{e}; or export with --gla-op decomposed, which needs no library") from e
-            except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-                raise ModelError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
-        if form == "custom":
-            self.name += " + libgla_onnxruntime"
-        self.has_mask = "attention_mask" in {i.name for i in self.sessions["prefill"].get_inputs()}
-
-    def _binding(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Any:
-        b = self.sessions[graph].io_binding()
-        for args in _bind_args(*self._dev, feeds):
-            b.bind_input(*args)
-        for args in _bind_args(*self._dev, outputs):
-            b.bind_output(*args)
-        return b
-
-    def bind_step(self, feeds, outputs):
-        return self._binding("step", feeds, outputs), _bind_args(*self._dev, feeds)
-
-    def run_step(self, handle) -> None:
-        binding, feed_args = handle
-        if self._dev[0] != "cpu":
-            # ONNX Runtime copies an input to the device of the node that reads it when it is bound,
-            # not when it runs: a state read by a node that fell back to the CPU (the onnx form's
-            # LinearAttention has no CUDA kernel) would be a stale copy. Rebinding the same
-            # pointers (arguments computed once, in bind_step) is cheap where no copy is needed.
-            for args in feed_args:
-                binding.bind_input(*args)
-        try:
-            self.sessions["step"].run_with_iobinding(binding)
-        except Exception as e:  # noqa: BLE001
-            raise ModelError(f"the step graph failed in ONNX Runtime: {str(e).strip().splitlines()[0]}") from e
-
-    def run(self, graph, feeds, outputs) -> None:
-        self.sync()  # torch may have written these buffers on its stream
-        b = self._binding(graph, feeds, outputs)
-        try:
-            self.sessions[graph].run_with_iobinding(b)
-        except Exception as e:  # noqa: BLE001
-            shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in feeds.items() if not n.startswith("past_"))
-            first = str(e).strip().splitlines()[0]
-            raise ModelError(f"the {graph} graph failed in ONNX Runtime ({shapes}): {first}") from e
-
-
-_TRT_DTYPES = {
-    "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64, "INT32": torch.int32,
-}
-
-
-class _TrtEngine(_Engine):
-    """Engines from ``gla-export build`` (see gla_export.runtime.tensorrt), run with TensorRT's
-    Python API on torch's current CUDA stream."""
-
-    def __init__(self, export_dir: Path, meta: dict[str, Any], device_id: int, engines_dir: str | os.PathLike | None,
-                 plugin: str | os.PathLike | None):
-        import importlib
-        import json
-
-        from . import tensorrt as trt_build
-
-        engines_dir = Path(engines_dir) if engines_dir is not None else export_dir / trt_build.ENGINES_DIR
-        info_path = engines_dir / trt_build.INFO_FILE
-        if not info_path.is_file():
-            raise UsageError(f"no TensorRT engines in {engines_dir} (no {trt_build.INFO_FILE}): "
-                             f"run `gla-export build {export_dir}` first")
-        info = json.loads(info_path.read_text())
-        module = (info.get("runtime") or {}).get("module") or "tensorrt"
-        if trt_build.available_module(module) is None:
-            raise MissingRuntimeError(f"the engines in {engines_dir} were built with `{module}`, "
-                                      f"which is not installed: {trt_build.INSTALL_HINT}")
-        self.device = _trt_device(device_id)
-        trt = importlib.import_module(module)
-        self.trt = trt
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        form = meta["gla_op"]["form"]
-        if form != "decomposed" or plugin is not None:
-            lib = trt_build.plugin_library(plugin)
-            registry = trt.get_plugin_registry()
-            self._plugin_handle = registry.load_library(lib)
-            if not self._plugin_handle:
-                raise MissingRuntimeError(f"TensorRT could not load the plugin library {lib}")
-        self.runtime = trt.Runtime(self.logger)
-        self.engines, self.contexts, self.tensors = {}, {}, {}
-        for graph in ("prefill", "step"):
-            path = engines_dir / trt_build.ENGINE_FILES[graph]
-            if not path.is_file():
-                raise UsageError(f"{path} is missing: run `gla-export build {export_dir} --force`")
-            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is None:
-                raise ModelError(
-                    f"TensorRT {trt.__version__} cannot load {path}: engines only run on the GPU model and TensorRT "
-                    "version that built them (rebuild with `gla-export build --force`)"
-                )
-            ctx = engine.create_execution_context()
-            if ctx is None:
-                raise ModelError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
-            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-            self.engines[graph], self.contexts[graph] = engine, ctx
-            self.tensors[graph] = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.has_mask = "attention_mask" in self.tensors["prefill"]
-        self.input_dtypes = {
-            n: _TRT_DTYPES.get(self.engines["prefill"].get_tensor_dtype(n).name, torch.int64)
-            for n in ("input_ids", "attention_mask") if n in self.tensors["prefill"]
-        }
-        lo, _, hi = self.engines["prefill"].get_tensor_profile_shape("input_ids", 0)
-        self.max_seq = int(hi[1])
-        _, _, step_hi = self.engines["step"].get_tensor_profile_shape("input_ids", 0)
-        self.max_batch = min(int(hi[0]), int(step_hi[0]))
-        self._step_batch: int | None = None
-        self.name = f"{module} {trt.__version__}"
-
-    def _set(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        ctx, known = self.contexts[graph], self.tensors[graph]
-        for name, t in {**feeds, **outputs}.items():
-            if name not in known:
-                raise ModelError(f"the {graph} engine has no tensor named {name}")
-            if known[name] and not ctx.set_input_shape(name, tuple(t.shape)):
-                raise UsageError(
-                    f"the {graph} engine rejects {name} of shape {list(t.shape)} (outside its optimisation profile)")
-            ctx.set_tensor_address(name, t.data_ptr())
-
-    def _execute(self, graph: str) -> None:
-        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
-        if not self.contexts[graph].execute_async_v3(stream):
-            raise ModelError(f"TensorRT failed to run the {graph} engine (see its log above)")
-
-    def bind_step(self, feeds, outputs):
-        addresses = [(n, t.data_ptr()) for n, t in {**feeds, **outputs}.items()]
-        return dict(feeds), dict(outputs), addresses
-
-    def run_step(self, handle) -> None:
-        feeds, outputs, addresses = handle
-        ctx = self.contexts["step"]
-        if self._step_batch != feeds["input_ids"].shape[0]:  # input shapes change only with the batch
-            self._set("step", feeds, outputs)
-            self._step_batch = feeds["input_ids"].shape[0]
-        for name, ptr in addresses:  # the two handles differ in which state buffer is in and which out
-            ctx.set_tensor_address(name, ptr)
-        self._execute("step")
-
-    def run(self, graph, feeds, outputs) -> None:
-        self._set(graph, feeds, outputs)
-        if graph == "step":
-            self._step_batch = None
-        self._execute(graph)
-
-
-def _trt_device(device_id: int) -> torch.device:
-    """Where TensorRT's buffers live (a seam for the tests, which run the wiring on the CPU)."""
-    if not torch.cuda.is_available():
-        raise MissingRuntimeError(
-            "the trt backend needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
-    device = torch.device("cuda", device_id)
-    torch.cuda.set_device(device)
-    return device
-
-
-def _make_engine(backend: str, export_dir: Path, meta: dict[str, Any], *, device_id: int, threads: int | None,
-                 engines_dir: str | os.PathLike | None, plugin: str | os.PathLike | None) -> _Engine:
-    if backend == "ort-cpu":
-        return _OrtEngine(export_dir, meta, cuda=False, device_id=0, threads=threads)
-    if backend == "ort-cuda":
-        return _OrtEngine(export_dir, meta, cuda=True, device_id=device_id, threads=threads)
-    if backend == "trt":
-        return _TrtEngine(export_dir, meta, device_id, engines_dir, plugin)
-    raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-
-
-# ---- generation results ---------------------------------------------------------------------------------
-
-
-@dataclass
-class TokenEvent:
-    """One generated token of one row; ``piece`` is what it adds to the text (UTF-8 bytes).
-
-    ``token == -1``: no new token, only text a subword tokenizer had held back, released when an
-    interrupted row stops."""
-
-    row: int
-    token: int
-    piece: bytes
-
-    @property
-    def text(self) -> str:
-        return self.piece.decode("utf-8", errors="replace")
-
-
-@dataclass
-class RowResult:
-    row: int
-    tokens: list[int]
-    finish_reason: str
-    state: ConversationState | None
-    text_bytes: bytes = b""
-    prompt_tokens: int = 0
-
-    @property
-    def text(self) -> str:
-        return self.text_bytes.decode("utf-8", errors="replace")
-
-
-class Generation:
-    """Iterate for :class:`TokenEvent` as tokens are produced; :attr:`results` (one per row) is
-    complete once the iteration ends (or after :meth:`run`)."""
-
-    def __init__(self, events: Iterator[TokenEvent], results: list[RowResult | None]):
-        self._events = events
-        self.results = results
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        return self._events
-
-    def run(self) -> list[RowResult]:
-        for _ in self._events:
-            pass
-        return self.results  # type: ignore[return-value]
-
-
-# ---- the decoder -----------------------------------------------------------------------------------------
-
-
-class StatefulDecoder:
+class StatefulDecoder(GenerationMixin):
     """Prefill-then-step decoding of an export directory (see the module docstring).
 
     Args:
@@ -431,8 +128,8 @@ class StatefulDecoder:
         engines_dir: str | os.PathLike | None = None,
         plugin: str | os.PathLike | None = None,
     ):
-        if backend not in BACKENDS:
-            raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend not in RUNTIMES:
+            raise UsageError(f"backend must be one of {', '.join(RUNTIMES)}, got {backend!r}")
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise UsageError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -441,35 +138,37 @@ class StatefulDecoder:
         self.backend = backend
         from ..export.metadata import open_export
 
-        self.metadata = open_export(self.export_dir)
-        self.specs = state_specs(self.metadata)
-        self.vocab_size = int(self.metadata["model"]["vocab_size"])
+        self.metadata: ExportMetadata = open_export(self.export_dir)
+        self.specs = buffer_specs(self.metadata)
+        self.vocab_size = self.metadata.model.vocab_size
         self.tokenizer: Tokenizer = load_tokenizer(self.export_dir, self.metadata)
-        eos = self.metadata["model"].get("eos_token_id")
+        eos = self.metadata.model.eos_token_id
         self.eos_token_id: int | None = int(eos) if eos is not None else self.tokenizer.eos_token_id
         self.bos_token_id: int | None = self.tokenizer.bos_token_id
-        step_inputs = {i["name"]: i["dtype"] for i in self.metadata["graphs"]["step"]["inputs"]}
-        prefill_inputs = {i["name"]: i["dtype"] for i in self.metadata["graphs"]["prefill"]["inputs"]}
-        self._engine = _make_engine(backend, self.export_dir, self.metadata, device_id=device_id, threads=threads,
-                                    engines_dir=engines_dir, plugin=plugin)
+        step, prefill = self.metadata.graphs["step"], self.metadata.graphs["prefill"]
+        self._runtime = open_runtime(backend, self.metadata, device_id=device_id, threads=threads,
+                                     engines_dir=engines_dir, plugin=plugin)
+        mask = prefill.input("attention_mask")
         self._id_dtypes = {
-            "step": TORCH_DTYPES[step_inputs["input_ids"]],
-            "prefill": TORCH_DTYPES[prefill_inputs["input_ids"]],
-            "mask": TORCH_DTYPES[prefill_inputs.get("attention_mask", "int64")],
+            "step": torch_dtype(step.input("input_ids").dtype),
+            "prefill": torch_dtype(prefill.input("input_ids").dtype),
+            "mask": torch_dtype(mask.dtype if mask is not None else "int64"),
         }
-        if isinstance(self._engine, _TrtEngine):  # the engine decides (a builder may have narrowed int64 ids)
-            self._id_dtypes["prefill"] = self._id_dtypes["step"] = self._engine.input_dtypes["input_ids"]
-            self._id_dtypes["mask"] = self._engine.input_dtypes.get("attention_mask", torch.int64)
+        input_dtypes = getattr(self._runtime, "input_dtypes", None)
+        if input_dtypes:  # TensorRT's engines decide (a builder may have narrowed int64 ids)
+            self._id_dtypes["prefill"] = self._id_dtypes["step"] = input_dtypes["input_ids"]
+            self._id_dtypes["mask"] = input_dtypes.get("attention_mask", torch.int64)
         # padding is exact over any past, except in exports older than the metadata's
         # padding_with_past for models with short convolutions (their padding took slots of the
         # convolution windows): there, rows that hold a context are prefilled in groups of equal length
         conv = any(s.kind == "conv_state" for s in self.specs)
-        self._padding_with_past = bool(self.metadata.get("padding_with_past")) or not conv
+        self._padding_with_past = bool(self.metadata.padding_with_past) or not conv
         self.prefill_chunk = prefill_chunk
-        if self._engine.max_seq is not None:
-            self.prefill_chunk = min(prefill_chunk or self._engine.max_seq, self._engine.max_seq)
-        self.device = self._engine.device
+        if self._runtime.max_seq is not None:
+            self.prefill_chunk = min(prefill_chunk or self._runtime.max_seq, self._runtime.max_seq)
+        self.device = self._runtime.device
         self._lock = threading.RLock()  # one graph call at a time: the buffers are shared
+        self._version = 0  # counts the calls that change the buffers (a generation checks it between rounds)
         self.batch_size = 0
         self.resize(batch_size)
 
@@ -477,11 +176,11 @@ class StatefulDecoder:
 
     @property
     def runtime_name(self) -> str:
-        return self._engine.name
+        return self._runtime.name
 
     @property
     def has_attention_mask(self) -> bool:
-        return self._engine.has_mask
+        return self._runtime.has_mask
 
     @cached_property
     def identity(self) -> str:
@@ -499,10 +198,11 @@ class StatefulDecoder:
         """Allocate the buffers for ``batch_size`` rows (all states reset to zero)."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if self._engine.max_batch is not None and batch_size > self._engine.max_batch:
-            raise UsageError(f"batch_size {batch_size} exceeds the engines' maximum batch {self._engine.max_batch} "
+        if self._runtime.max_batch is not None and batch_size > self._runtime.max_batch:
+            raise UsageError(f"batch_size {batch_size} exceeds the engines' maximum batch {self._runtime.max_batch} "
                              "(rebuild them with a larger --max-batch)")
         with self._lock:
+            self._version += 1
             self._step_handles = None
             dev, B = self.device, batch_size
             pin = dev.type == "cuda"
@@ -518,7 +218,7 @@ class StatefulDecoder:
             self._ids_np = self._ids_host.numpy()[:, 0]
             self._logits_np = self._logits_host.numpy()[:, 0, :]
             self._step_handles = [
-                self._engine.bind_step(
+                self._runtime.bind_step(
                     {"input_ids": self._ids_dev, **self._states[p]},
                     {"logits": self._logits_dev, **{s.output: self._states[1 - p][s.name] for s in self.specs}},
                 )
@@ -542,6 +242,7 @@ class StatefulDecoder:
         """Zero the states of ``rows`` (default: every row): empty contexts."""
         rows = self._rows(rows)
         with self._lock:
+            self._version += 1
             cur = self._states[self._cur]
             for t in cur.values():
                 if len(rows) == self.batch_size:
@@ -551,7 +252,7 @@ class StatefulDecoder:
                         t[r].zero_()
             for r in rows:
                 self._consumed[r] = 0
-            self._engine.sync()
+            self._runtime.sync()
 
     def consumed(self, row: int) -> int:
         """Tokens fed to ``row`` since it was reset or restored (plus the restored state's count)."""
@@ -589,11 +290,12 @@ class StatefulDecoder:
             extra = sorted(set(state.tensors) - {s.name for s in self.specs})
             raise StateFileError(f"the conversation state has tensors this export does not: {extra}")
         with self._lock:
+            self._version += 1
             cur = self._states[self._cur]
             for s in self.specs:
                 cur[s.name][row].copy_(state.tensors[s.name][0])
             self._consumed[row] = state.consumed
-            self._engine.sync()
+            self._runtime.sync()
 
     # -- running the graphs ---------------------------------------------------------------------------------
 
@@ -609,6 +311,7 @@ class StatefulDecoder:
         The array is a view of the decoder's logits buffer: valid until the next call.
         """
         with self._lock:
+            self._version += 1
             ids = self._ids_np
             if len(tokens) != self.batch_size:
                 raise UsageError(
@@ -617,7 +320,7 @@ class StatefulDecoder:
             self._check_ids(ids, "tokens")
             if self._ids_dev is not self._ids_host:
                 self._ids_dev.copy_(self._ids_host)
-            self._engine.run_step(self._step_handles[self._cur])
+            self._runtime.run_step(self._step_handles[self._cur])
             self._cur ^= 1
             if self._logits_host is not self._logits_dev:
                 self._logits_host.copy_(self._logits_dev)
@@ -641,12 +344,13 @@ class StatefulDecoder:
             self._check_ids(ids, f"prompt {i} (row {rows[i]})")
         lengths = {len(ids) for ids in lists}
         with self._lock:
+            self._version += 1
             by_len: dict[int, list[int]] = {}
             for i, ids in enumerate(lists):
                 by_len.setdefault(len(ids), []).append(i)
             if len(lengths) == 1:
                 groups = [list(range(len(rows)))]
-            elif self._engine.has_mask and (self._padding_with_past or not any(self._consumed[r] for r in rows)):
+            elif self._runtime.has_mask and (self._padding_with_past or not any(self._consumed[r] for r in rows)):
                 # one padded prefill, but single tokens go through the step graph as in uninterrupted decoding
                 groups = [g for g in (by_len.pop(1, None), sorted(i for g in by_len.values() for i in g)) if g]
             else:
@@ -657,7 +361,7 @@ class StatefulDecoder:
             return out
 
     def _run_prompt(self, rows: list[int], lists: list[np.ndarray]) -> np.ndarray:
-        eng, dev, n = self._engine, self.device, len(rows)
+        eng, dev, n = self._runtime, self.device, len(rows)
         L = max(len(ids) for ids in lists)
         full = rows == list(range(self.batch_size))
         cur = self._states[self._cur]
@@ -702,213 +406,17 @@ class StatefulDecoder:
         assert logits is not None
         return logits[:, -1, :].to("cpu", torch.float32).numpy()
 
-    # -- generation ---------------------------------------------------------------------------------------
-
-    def encode(self, text: str, *, first: bool = True) -> list[int]:
-        """Token ids of ``text``; ``first`` (a new conversation) adds BOS."""
-        return self.tokenizer.encode(text, add_bos=first)
-
-    def start(
-        self,
-        row: int,
-        *,
-        prompt: str | None = None,
-        prompt_ids: Sequence[int] | None = None,
-        state: ConversationState | None = None,
-        sampling: SamplingParams | None = None,
-    ) -> tuple[list[int], Sampler]:
-        """Put a conversation into ``row``: restore ``state`` (or reset), and return the tokens still
-        to feed (the pending token, then the new prompt) and the conversation's sampler. The caller
-        feeds them with :meth:`prefill` (or :meth:`step` for a single token, as :meth:`generate` does)."""
-        if prompt is not None and prompt_ids is not None:
-            raise UsageError("give prompt or prompt_ids, not both")
-        if state is not None:
-            self.restore(row, state)
-            sampler = _sampler_for(state, sampling)
-            new = [] if prompt is None and prompt_ids is None else (
-                self.encode(prompt, first=False) if prompt is not None else list(prompt_ids))  # type: ignore[arg-type]
-            feed = ([state.pending_token] if state.pending_token is not None else []) + new
-            if not feed:
-                raise UsageError("the conversation state has no pending token: give a prompt to continue it")
-        else:
-            self.reset([row])
-            sampler = Sampler(sampling or SamplingParams())
-            if prompt_ids is not None:
-                feed = list(prompt_ids)
-            else:
-                feed = self.encode(prompt if prompt is not None else "", first=True)
-            if not feed:
-                raise UsageError("the prompt is empty and the tokenizer adds no BOS token: give at least one token")
-        arr = np.asarray(feed, dtype=np.int64)
-        self._check_ids(arr, f"prompt of row {row}")
-        return [int(t) for t in feed], sampler
-
-    def generate(
-        self,
-        prompts: str | Sequence[str | None] | None = None,
-        *,
-        prompt_ids: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
-        states: ConversationState | Sequence[ConversationState | None] | None = None,
-        max_new_tokens: int = 64,
-        sampling: SamplingParams | Sequence[SamplingParams | None] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        keep_tokens: bool = True,
-        snapshot: bool = True,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Generation:
-        """Generate for one or several conversations at once (one batch row each; the batch is
-        resized to their number and every row's previous state is replaced).
-
-        Each row: a new conversation from ``prompts[i]`` (text; BOS added) or ``prompt_ids[i]``, or
-        a saved conversation ``states[i]`` continued with an optional new prompt. Stops at EOS,
-        at one of ``stop_token_ids`` (EOS too unless ``ignore_eos``), or after ``max_new_tokens``.
-        ``sampling`` per row or for all: for a saved conversation, None keeps its sampler
-        (parameters and position).
-
-        ``should_stop`` is asked after every round of tokens; when it returns True every row still
-        going stops with finish reason ``interrupted`` (a Ctrl-C handler sets such a flag: the
-        states stay consistent, unlike with an exception raised in the middle of a step).
-
-        Returns a :class:`Generation`: iterate it for tokens as they come; ``results[i].state``
-        (when ``snapshot``) is the conversation to continue later, its pending token the last one
-        generated. ``keep_tokens=False`` keeps no token list or text in the results (constant
-        memory however long the generation).
-        """
-        n, prompt_rows, id_rows, state_rows, sampling_rows = _normalise(prompts, prompt_ids, states, sampling)
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise UsageError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        stops = set(int(t) for t in stop_token_ids) if stop_token_ids is not None else set()
-        eos = None if ignore_eos else self.eos_token_id
-        results: list[RowResult | None] = [None] * n
-        return Generation(self._generate(n, prompt_rows, id_rows, state_rows, sampling_rows, max_new_tokens, eos, stops,
-                                         keep_tokens, snapshot, should_stop, results), results)
-
-    def _generate(self, n, prompt_rows, id_rows, state_rows, sampling_rows, max_new_tokens, eos, stops, keep_tokens,
-                  snapshot, should_stop, results):
-        with self._lock:
-            if self.batch_size != n:
-                self.resize(n)
-            feeds, samplers = [], []
-            for i in range(n):
-                feed, sampler = self.start(i, prompt=prompt_rows[i], prompt_ids=id_rows[i], state=state_rows[i],
-                                           sampling=sampling_rows[i])
-                feeds.append(feed)
-                samplers.append(sampler)
-            prompt_tokens = [len(f) for f in feeds]
-            generated = [s.generated if s is not None else 0 for s in state_rows]
-            if max_new_tokens == 0:
-                # nothing to sample: consume all but the last token, which becomes the pending one
-                rest = [i for i in range(n) if len(feeds[i]) > 1]
-                if rest:
-                    self.prefill([feeds[i][:-1] for i in rest], rows=rest)
-                for i in range(n):
-                    state = self.snapshot(i, pending_token=feeds[i][-1], sampler=samplers[i], generated=generated[i],
-                                          finish_reason=FINISH_LENGTH) if snapshot else None
-                    results[i] = RowResult(i, [], FINISH_LENGTH, state, b"", prompt_tokens[i])
-                return
-            logits = self.prefill(feeds)
-            streams = [self.tokenizer.stream() for _ in range(n)]
-            tokens: list[list[int]] = [[] for _ in range(n)]
-            text = [bytearray() for _ in range(n)]
-            counts = [0] * n
-            active = [True] * n
-            next_ids = np.zeros(n, dtype=np.int64)
-
-            def finish(i: int, reason: str) -> bytes:
-                tail = streams[i].flush()
-                if keep_tokens:
-                    text[i] += tail
-                active[i] = False
-                # the row is fed junk from now on: take its state while it is still this conversation's
-                state = self.snapshot(i, pending_token=int(next_ids[i]), sampler=samplers[i], generated=generated[i],
-                                      finish_reason=reason) if snapshot else None
-                results[i] = RowResult(i, tokens[i], reason, state, bytes(text[i]), prompt_tokens[i])
-                return tail
-
-            while True:
-                for i in range(n):
-                    if not active[i]:
-                        continue
-                    tok = samplers[i].sample(logits[i])
-                    next_ids[i] = tok
-                    counts[i] += 1
-                    generated[i] += 1
-                    piece = streams[i].bytes_for(tok)
-                    if keep_tokens:
-                        tokens[i].append(tok)
-                        text[i] += piece
-                    reason = FINISH_EOS if tok == eos else FINISH_STOP if tok in stops else \
-                        FINISH_LENGTH if counts[i] >= max_new_tokens else None
-                    if reason is not None:
-                        piece += finish(i, reason)
-                    yield TokenEvent(i, tok, piece)
-                if any(active) and should_stop is not None and should_stop():
-                    for i in range(n):
-                        if active[i]:
-                            tail = finish(i, FINISH_INTERRUPTED)
-                            if tail:
-                                yield TokenEvent(i, -1, tail)
-                if not any(active):
-                    return
-                logits = self.step(next_ids)
-
-
-def _sampler_for(state: ConversationState, sampling: SamplingParams | None) -> Sampler:
-    if state.sampler is None:
-        return Sampler(sampling or SamplingParams())
-    saved_seed = state.sampler.get("seed")
-    if sampling is not None and sampling.seed is not None and sampling.seed != saved_seed:
-        return Sampler(sampling)  # a different seed given on purpose: a new random stream
-    return Sampler.from_state_dict(state.sampler, sampling)
-
-
-def _normalise(prompts, prompt_ids, states, sampling):
-    def as_rows(x, scalar_types) -> list | None:
-        if x is None:
-            return None
-        if isinstance(x, scalar_types):
-            return [x]
-        return list(x)
-
-    p = as_rows(prompts, (str,))
-    ids = prompt_ids
-    if ids is not None:
-        ids = list(ids)
-        ids = [ids] if ids and all(isinstance(t, (int, np.integer)) for t in ids) else ids
-    s = as_rows(states, (ConversationState,))
-    counts = {len(x) for x in (p, ids, s) if x is not None}
-    if not counts:
-        raise UsageError("generate needs prompts, prompt_ids or states")
-    if len(counts) > 1:
-        raise UsageError(f"prompts, prompt_ids and states must have one entry per row; got lengths {sorted(counts)}")
-    n = counts.pop()
-    if n == 0:
-        raise UsageError("generate got no rows (empty prompts list)")
-    p = p or [None] * n
-    ids = ids or [None] * n
-    s = s or [None] * n
-    for i in range(n):
-        if p[i] is not None and ids[i] is not None:
-            raise UsageError(f"row {i}: give a prompt or prompt ids, not both")
-        if p[i] is None and ids[i] is None and s[i] is None:
-            raise UsageError(f"row {i} has no prompt and no state")
-        if p[i] is not None and not isinstance(p[i], str):
-            raise UsageError(f"prompts[{i}] must be a string, got {type(p[i]).__name__}")
-    if sampling is None or isinstance(sampling, SamplingParams):
-        sp = [sampling] * n
-    else:
-        sp = list(sampling)
-        if len(sp) != n:
-            raise UsageError(f"sampling has {len(sp)} entries for {n} rows")
-    return n, p, ids, s, sp
-
 
 __all__ = [
-    "BACKENDS",
+    "FINISH_EOS",
+    "FINISH_INTERRUPTED",
+    "FINISH_LENGTH",
+    "FINISH_STOP",
+    "RUNTIMES",
     "Generation",
     "RowResult",
     "StateSpec",
     "StatefulDecoder",
     "TokenEvent",
+    "buffer_specs",
 ]

@@ -39,20 +39,24 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import __version__
+from .._dtypes import FLOAT_NAMES, torch_dtype
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..export.metadata import ExportMetadata
 
 STATE_MAGIC = b"GLASTATE"
 STATE_FORMAT_VERSION = 1
 _PREAMBLE = struct.Struct("<8sIIQ")
 _DIGEST = 32
 _ALIGN = 64
-# int64: a hybrid model's position (real tokens seen), beside its KV caches
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+# the state types a state file may hold; int64: a hybrid model's position (real tokens seen)
+DTYPES = {name: torch_dtype(name) for name in (*FLOAT_NAMES, "int64")}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # weights files up to this size are hashed whole; larger ones by size and sampled blocks
 FULL_HASH_LIMIT = 256 * 2**20
@@ -86,26 +90,32 @@ def weights_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     return {"size": size, "sha256": h.hexdigest(), "sampled": True}
 
 
-def model_identity(export_dir: str | os.PathLike, metadata: dict[str, Any]) -> str:
+def model_identity(export_dir: str | os.PathLike, metadata: ExportMetadata | dict[str, Any]) -> str:
     """Hex SHA-256 naming the model a state belongs to: the configuration, the state layout
     (names, shapes, dtypes) and the weights file. The GLA op's form is left out on purpose: a
     state from a ``custom`` export continues correctly in a ``decomposed`` export of the same
     weights."""
-    weights = Path(export_dir) / metadata["files"]["weights"]
-    ident = {
-        "architecture": metadata["model"]["architecture"],
-        "config": metadata["model"]["config"],
-        "dtype": metadata["dtype"],
-        "states": [{k: s[k] for k in ("input", "kind", "shape", "dtype")} for s in metadata["states"]],
+    from ..export.metadata import as_metadata
+
+    meta = as_metadata(metadata)
+    weights = Path(export_dir) / meta.files["weights"]
+    ident = {  # the JSON of identities written before ExportMetadata: states saved then still match
+        "architecture": meta.model.architecture,
+        "config": meta.model.config,
+        "dtype": meta.dtype,
+        "states": [{"input": s.input, "kind": s.kind, "shape": list(s.shape), "dtype": s.dtype} for s in meta.states],
         "weights": weights_fingerprint(weights) if weights.is_file() else None,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def model_summary(metadata: dict[str, Any]) -> dict[str, Any]:
-    m = metadata["model"]
-    return {k: m.get(k) for k in ("architecture", "num_layers", "hidden_size", "num_heads", "vocab_size")} | {
-        "dtype": metadata.get("dtype"), "state_dtype": metadata.get("state_dtype")}
+def model_summary(metadata: ExportMetadata | dict[str, Any]) -> dict[str, Any]:
+    from ..export.metadata import as_metadata
+
+    meta = as_metadata(metadata)
+    m = meta.model
+    return {k: getattr(m, k) for k in ("architecture", "num_layers", "hidden_size", "num_heads", "vocab_size")} | {
+        "dtype": meta.dtype, "state_dtype": meta.state_dtype}
 
 
 # ---- one conversation's state --------------------------------------------------------------------

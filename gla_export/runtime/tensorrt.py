@@ -13,8 +13,8 @@ TensorRT runs in a child process (:func:`run_jobs`), never in the caller's:
   else aborts, the caller reports it instead of dying.
 - The child reports progress as JSON lines, which the CLI turns into a progress display.
 
-The worker half of this file (``_worker_main``) imports only the standard library and TensorRT,
-and is loaded by file path in the child, so the child starts fast and without torch.
+The worker (``tensorrt_worker.py``, which the child loads by file path) imports only the standard
+library and TensorRT, so the child starts fast and without torch; a test checks that rule.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..export.metadata import ExportMetadata
+
+from .tensorrt_worker import EVENT_PREFIX, PLUGIN_OPS, PluginLoadError, load_plugin  # noqa: F401 - re-exported
 
 MODULES = ("tensorrt", "tensorrt_rtx")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -41,8 +46,6 @@ ENGINES_DIR = "tensorrt"
 ENGINE_FILES = {"prefill": "prefill.engine", "step": "step.engine"}
 SCRIPT_FILE = "build_engines.sh"
 INFO_FILE = "engines.json"
-PLUGIN_OPS = ("GatedLinearAttention", "LinearAttention")
-EVENT_PREFIX = "@@gla-trt@@ "
 INSTALL_HINT = (
     "install TensorRT's Python package: `pip install tensorrt` (NVIDIA TensorRT 10.x) or "
     "`pip install tensorrt-rtx-cu13` (TensorRT-RTX), or use JetPack's python3-libnvinfer on a Jetson"
@@ -189,13 +192,25 @@ def run_jobs(
     TensorRT's messages; a child that dies raises :class:`WorkerError`.
     """
     module = module or require_module()
+    # the op contract on the GLA nodes' attributes first: TensorRT's parser narrows int attributes
+    # to int32 before the plugin sees them (a q_num_heads of 2^32+4 would build as 4)
+    from ..ops.contract import ContractError, check_onnx_file
+
+    refused: dict[str, JobResult] = {}
+    for job in jobs:
+        if "onnx" in job:
+            try:
+                check_onnx_file(job["onnx"], tensorrt=True)
+            except ContractError as e:
+                refused[job["name"]] = JobResult(job["name"], False, {"error": f"{job['onnx']}: {e}"})
+    all_jobs, jobs = jobs, [j for j in jobs if j["name"] not in refused]
     request = {"module": module, "plugins": [str(p) for p in plugins or []], "jobs": jobs}
-    worker = Path(__file__).resolve()
+    worker = Path(__file__).resolve().with_name("tensorrt_worker.py")
     bootstrap = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('gla_trt_worker', {str(worker)!r})\n"
         "mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)\n"
-        "sys.exit(mod._worker_main())\n"
+        "sys.exit(mod.worker_main())\n"
     )
     try:
         proc = subprocess.Popen(
@@ -251,7 +266,8 @@ def run_jobs(
         running = next((e for e in jobs if e["name"] not in results), None)
         during = f" while running job {running['name']!r}" if running else ""
         raise WorkerError(f"the TensorRT process {how}{during}" + (f":\n{tail}" if tail else ""))
-    return info, [results.get(j["name"], JobResult(j["name"], False, {"error": "no result"})) for j in jobs]
+    results.update(refused)
+    return info, [results.get(j["name"], JobResult(j["name"], False, {"error": "no result"})) for j in all_jobs]
 
 
 # ---- engines for an export directory -------------------------------------------------------------
@@ -267,12 +283,12 @@ class EngineResult:
     info: dict[str, Any]
 
 
-def _ranges(meta: dict[str, Any], max_batch: int | None, max_seq: int | None, opt_batch: int | None,
+def _ranges(meta: ExportMetadata, max_batch: int | None, max_seq: int | None, opt_batch: int | None,
             opt_seq: int | None) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of every symbolic dimension: the export's shape hints, overridden."""
     from ..errors import UsageError
 
-    hints = meta.get("shape_hints") or {}
+    hints = meta.shape_hints or {}
     batch = dict(hints.get("batch") or {"min": 1, "opt": 1, "max": 8})
     seq = dict(hints.get("sequence") or {"min": 1, "opt": 128, "max": 2048})
     if max_batch is not None:
@@ -296,15 +312,15 @@ def _ranges(meta: dict[str, Any], max_batch: int | None, max_seq: int | None, op
     return out
 
 
-def graph_profile(meta: dict[str, Any], graph: str, ranges: dict[str, tuple[int, int, int]]) -> dict[str, list]:
+def graph_profile(meta: ExportMetadata, graph: str, ranges: dict[str, tuple[int, int, int]]) -> dict[str, list]:
     """``{input: [min, opt, max]}`` for one graph: symbolic dimensions take their range, a fixed
     one (the step's T = 1, the state's head sizes) stays as it is."""
     from ..errors import UsageError
 
     profile = {}
-    for io in meta["graphs"][graph]["inputs"]:
+    for io in meta.graphs[graph].inputs:
         shapes: list[list[int]] = [[], [], []]
-        for dim in io["shape"]:
+        for dim in io.shape:
             if isinstance(dim, int) and dim >= 0:
                 for s in shapes:
                     s.append(dim)
@@ -312,12 +328,12 @@ def graph_profile(meta: dict[str, Any], graph: str, ranges: dict[str, tuple[int,
                 for s, v in zip(shapes, ranges[dim]):
                     s.append(v)
             else:
-                raise UsageError(f"{graph} input {io['name']} has dimension {dim!r}, which has no range (known: {', '.join(ranges)})")
-        profile[io["name"]] = shapes
+                raise UsageError(f"{graph} input {io.name} has dimension {dim!r}, which has no range (known: {', '.join(ranges)})")
+        profile[io.name] = shapes
     return profile
 
 
-def precision_plan(meta: dict[str, Any], precision: str | None, module: str) -> tuple[str, bool, list[str]]:
+def precision_plan(meta: ExportMetadata, precision: str | None, module: str) -> tuple[str, bool, list[str]]:
     """(precision, strongly_typed, builder flags).
 
     The export's own dtype builds a strongly typed network: every tensor keeps the type the
@@ -327,7 +343,7 @@ def precision_plan(meta: dict[str, Any], precision: str | None, module: str) -> 
     """
     from ..errors import UsageError
 
-    graph_dtype = meta.get("dtype", "float32")
+    graph_dtype = meta.dtype
     names = {v: k for k, v in PRECISION_DTYPES.items()}
     native = names.get(graph_dtype, "fp32")
     precision = precision or native
@@ -351,7 +367,7 @@ def _shape_arg(profile: dict[str, list], which: int) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[which])}" for name, shapes in profile.items())
 
 
-def trtexec_script(meta: dict[str, Any], profiles: dict[str, dict[str, list]], strongly_typed: bool, flags: list[str],
+def trtexec_script(meta: ExportMetadata, profiles: dict[str, dict[str, list]], strongly_typed: bool, flags: list[str],
                    workspace_mib: int | None, plugin: bool = True) -> str:
     """A POSIX shell script that rebuilds the engines with trtexec (for a Jetson with JetPack)."""
     lines = [
@@ -376,7 +392,7 @@ def trtexec_script(meta: dict[str, Any], profiles: dict[str, dict[str, list]], s
     for graph in ("prefill", "step"):
         args = [
             '"$TRTEXEC"',
-            f'--onnx="$EXPORT/{meta["files"][graph]}"',
+            f'--onnx="$EXPORT/{meta.path(graph).name}"',
             *(['--dynamicPlugins="$PLUGIN"'] if plugin else []),
             f'--saveEngine="$HERE/{ENGINE_FILES[graph]}"',
             f"--minShapes={_shape_arg(profiles[graph], 0)}",
@@ -453,7 +469,7 @@ def build_engines(
     ranges = _ranges(meta, max_batch, max_seq, opt_batch, opt_seq)
     step_ranges = {**ranges, "sequence": (1, 1, 1)}
     profiles = {"prefill": graph_profile(meta, "prefill", ranges), "step": graph_profile(meta, "step", step_ranges)}
-    form = (meta.get("gla_op") or {}).get("form", "custom")
+    form = meta.form
     plugins = [plugin_library(plugin)] if form != "decomposed" or plugin is not None else []
     tmp = staging_dir(final)
     try:
@@ -461,7 +477,7 @@ def build_engines(
             {
                 "name": graph,
                 "kind": "build",
-                "onnx": str((export_dir / meta["files"][graph]).resolve()),
+                "onnx": str(meta.path(graph).resolve()),
                 "output": str(tmp / ENGINE_FILES[graph]),
                 "profiles": [profiles[graph]],
                 "strongly_typed": strongly_typed,
@@ -517,153 +533,3 @@ def _move_into_place(tmp: Path, final: Path, force: bool, export_dir: Path) -> N
 
     _check_engines_dir(final, force, export_dir)  # again: something may have appeared while the engines built
     swap_into_place(tmp, final)
-
-
-# ---- the worker (child process: standard library and TensorRT only) ----------------------------
-
-
-def _emit(event: dict[str, Any]) -> None:
-    sys.stdout.write(EVENT_PREFIX + json.dumps(event) + "\n")
-    sys.stdout.flush()
-
-
-def _worker_main() -> int:
-    request = json.loads(sys.stdin.read())
-    import importlib
-
-    try:
-        trt = importlib.import_module(request["module"])
-    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
-        _emit({"event": "fatal", "error": f"cannot import {request['module']}: {type(e).__name__}: {e}"})
-        return 1
-
-    class Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages: list[str] = []
-
-        def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.WARNING:
-                self.messages.append(f"[{str(severity).split('.')[-1]}] {msg}")
-
-    logger = Logger()
-    builder = trt.Builder(logger)
-    registry = builder.get_plugin_registry() if hasattr(builder, "get_plugin_registry") else trt.get_plugin_registry()
-    loaded = []
-    for lib in request.get("plugins", []):
-        before = {(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators}
-        handle = registry.load_library(lib)
-        after = {(c.name, c.plugin_version, c.plugin_namespace) for c in registry.all_creators}
-        new = sorted(after - before)
-        # load_library can fail without raising (a library without setLoggerFinder is refused
-        # silently): the handle and the creator list are the evidence
-        if handle is None or not new:
-            why = "; ".join(logger.messages[-3:]) or "no message from TensorRT"
-            _emit({"event": "fatal", "error": f"TensorRT could not load the plugin library {lib}: it registered no creator ({why})"})
-            return 1
-        loaded.extend([list(c) for c in new])
-    _emit({"event": "loaded", "module": request["module"], "version": trt.__version__, "creators": loaded})
-
-    for job in request["jobs"]:
-        logger.messages.clear()
-        _emit({"event": "start", "job": job["name"]})
-        t0 = time.perf_counter()
-        with _CapturedStderr() as captured:
-            try:
-                data, error = _run_job(trt, builder, logger, job), None
-            except Exception as e:  # noqa: BLE001 - one failed job is a result, not the end
-                data, error = {}, str(e)
-        # The plugin reports on stderr when TensorRT's logger finder gives it no logger (as
-        # TensorRT-RTX's does while parsing): its messages say why a node was refused.
-        plugin = [ln.strip() for ln in captured.text.splitlines() if ln.startswith("[gla_tensorrt]")]
-        if error is None:
-            _emit({"event": "done", "job": job["name"], "seconds": round(time.perf_counter() - t0, 3),
-                   "plugin_messages": plugin, **data})
-        else:
-            if plugin:
-                error += " (plugin: " + "; ".join(m[len("[gla_tensorrt] "):] for m in plugin[-3:]) + ")"
-            _emit({"event": "failed", "job": job["name"], "error": error, "messages": logger.messages[-20:],
-                   "plugin_messages": plugin})
-    _emit({"event": "finished"})
-    return 0
-
-
-class _CapturedStderr:
-    """Captures file descriptor 2 (what native code prints) and replays it on exit."""
-
-    def __enter__(self) -> _CapturedStderr:
-        sys.stderr.flush()
-        self._file = tempfile.TemporaryFile(mode="w+b")
-        self._saved = os.dup(2)
-        os.dup2(self._file.fileno(), 2)
-        self.text = ""
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._file.seek(0)
-        raw = self._file.read()
-        self._file.close()
-        self.text = raw.decode("utf-8", "replace")
-        if raw:
-            os.write(2, raw)
-
-
-def _tensor_info(t) -> dict[str, Any]:
-    return {"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
-
-
-def _run_job(trt, builder, logger, job: dict[str, Any]) -> dict[str, Any]:
-    flags = 0
-    if job.get("strongly_typed") and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(job["onnx"]):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        detail = " | ".join(e.strip().replace("\n", " ") for e in errors) or "; ".join(logger.messages[-5:])
-        if "Plugin not found" in detail and any(op in detail for op in PLUGIN_OPS):
-            detail += " (load libgla_tensorrt.so: it registers the GatedLinearAttention and LinearAttention creators)"
-        raise RuntimeError(f"cannot parse {job['onnx']}: {detail}")
-    plugin_layers = []
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if "PLUGIN" in str(layer.type):
-            plugin_layers.append(layer.name)
-    data: dict[str, Any] = {
-        "inputs": [_tensor_info(network.get_input(i)) for i in range(network.num_inputs)],
-        "outputs": [_tensor_info(network.get_output(i)) for i in range(network.num_outputs)],
-        "plugin_layers": len(plugin_layers),
-        "layers": network.num_layers,
-    }
-    if job.get("kind", "build") == "parse":
-        return data
-
-    config = builder.create_builder_config()
-    for name in job.get("flags") or []:
-        config.set_flag(getattr(trt.BuilderFlag, name))
-    if job.get("workspace_bytes"):
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(job["workspace_bytes"]))
-    names = {network.get_input(i).name for i in range(network.num_inputs)}
-    for shapes in job.get("profiles") or []:
-        unknown = sorted(set(shapes) - names)
-        if unknown:
-            raise RuntimeError(f"the profile names inputs the network does not have: {', '.join(unknown)}")
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise RuntimeError("the builder returned no plan: " + (" | ".join(logger.messages[-8:]) or "no message"))
-    out = job.get("output")
-    size = plan.nbytes
-    if out:
-        tmp = out + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(plan)
-        os.replace(tmp, out)
-    data["bytes"] = int(size)
-    return data

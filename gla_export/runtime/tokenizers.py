@@ -160,13 +160,16 @@ class _WindowStream(TokenStream):
         return text[len(prefix):].encode("utf-8")
 
 
-def load_tokenizer(export_dir: str | Path, metadata: dict[str, Any]) -> Tokenizer:
-    """The tokenizer of an export (see the module docstring)."""
+def load_tokenizer(export_dir: str | Path, metadata: Any) -> Tokenizer:
+    """The tokenizer of an export (see the module docstring); ``metadata``: its ExportMetadata
+    (or the JSON dict)."""
+    from ..export.metadata import as_metadata
+
     export_dir = Path(export_dir)
-    info = metadata.get("tokenizer") or {"kind": "none"}
-    model = metadata.get("model") or {}
-    bos = info.get("bos_token_id", model.get("bos_token_id"))
-    eos = info.get("eos_token_id", model.get("eos_token_id"))
+    meta = as_metadata(metadata)
+    info = meta.tokenizer or {"kind": "none"}
+    bos = info.get("bos_token_id", meta.model.bos_token_id)
+    eos = info.get("eos_token_id", meta.model.eos_token_id)
     path = export_dir / TOKENIZER_FILE
     if path.is_file():
         return HuggingFaceTokenizer(path, bos, eos)

@@ -37,14 +37,19 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
+from .._dtypes import torch_dtype
 from ..errors import MissingRuntimeError, ModelError, UsageError, ValidationError
 
-BACKENDS = ("ort-cpu", "ort-cuda", "trt")
+if TYPE_CHECKING:
+    from ..export.metadata import ExportMetadata, StateInfo
+
+from .engines import RUNTIMES  # noqa: E402 - the runtimes verify compares with PyTorch
+
 CASES = ("prefill", "step", "decode")
 # "scaled" (default): every element within atol + rtol · max|reference| of its output, the rule of
 # the export's own validation; Polygraphy gets it as a per-output atol (its elemwise check then
@@ -114,42 +119,6 @@ class VerifyReport:
     def passed(self) -> bool:
         return bool(self.rows) and not self.failures and not self.errors
 
-    def table(self):
-        from rich.table import Table
-
-        rule = (
-            f"|err| <= {self.atol:g} + {self.rtol:g}·max|ref| per output"
-            if self.check_error_stat == "scaled"
-            else f"{self.check_error_stat} error within atol {self.atol:g} or rtol {self.rtol:g}"
-        )
-        t = Table(title=f"PyTorch vs runtimes, {self.dtype} (pass: {rule}; state = worst layer)")
-        for col, just in (
-            ("case", "left"),
-            ("backend", "left"),
-            ("output", "left"),
-            ("iters", "right"),
-            ("max|err|", "right"),
-            ("atol", "right"),
-            ("max rel", "right"),
-            ("mean|err|", "right"),
-            ("", "left"),
-        ):
-            t.add_column(col, justify=just, no_wrap=True)
-        short = {"recurrent_state": "state", "conv_state": "conv state"}
-        for r in self.rows:
-            t.add_row(
-                r.case,
-                r.backend,
-                short.get(r.output, r.output),
-                str(r.iterations),
-                f"{r.max_abs:.2e}",
-                f"{r.limit:.2e}",
-                f"{r.max_rel:.2e}",
-                f"{r.mean_abs:.2e}",
-                "[green]ok[/green]" if r.passed else "[red]FAIL[/red]",
-            )
-        return t
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
@@ -171,22 +140,7 @@ class VerifyReport:
 # arrays
 # ---------------------------------------------------------------------------------------------
 
-_NP_FROM_NAME = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
-
-
-def _np_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return _NP_FROM_NAME[name]
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.float().numpy().astype(_np_dtype("bfloat16"))
-    return t.numpy()
+from .._dtypes import to_numpy as _to_numpy  # noqa: E402
 
 
 def _to_torch(a: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
@@ -205,19 +159,18 @@ class GraphModule(torch.nn.Module):
     """The PyTorch model with one exported graph's signature: named inputs (ids, mask, past states)
     in, ``(logits, *present states)`` out in the order of the graph's outputs."""
 
-    def __init__(self, model, meta: dict[str, Any], graph: str):
+    def __init__(self, model, meta: ExportMetadata, graph: str):
         super().__init__()
         self.model, self.graph = model, graph
-        self.states = meta["states"]
-        io = meta["graphs"][graph]
-        self.input_names = [i["name"] for i in io["inputs"]]
-        self.output_names = [o["name"] for o in io["outputs"]]
-        self.layers = meta["model"]["num_layers"]
+        self.states = meta.states
+        self.input_names = meta.graphs[graph].input_names
+        self.output_names = meta.graphs[graph].output_names
+        self.layers = meta.model.num_layers
 
     def forward(self, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from ..models.modeling import layer_states, state_tensor
 
-        states = layer_states(self.layers, [(st["layer"], st["kind"], feeds[st["input"]]) for st in self.states])
+        states = layer_states(self.layers, [(st.layer, st.kind, feeds[st.input]) for st in self.states])
         # the plain PyTorch form of the op (as the export's own validation): no Triton kernel, and so
         # no TF32 products on a GPU, in the reference
         out = self.model(
@@ -225,11 +178,11 @@ class GraphModule(torch.nn.Module):
         )
         present = {}
         for st in self.states:
-            present[st["output"]] = state_tensor(out.states, st["layer"], st["kind"])
+            present[st.output] = state_tensor(out.states, st.layer, st.kind)
         return tuple(out.logits.float() if name == "logits" else present[name] for name in self.output_names)
 
 
-def _torch_runner(model, meta: dict[str, Any], graph: str, device):
+def _torch_runner(model, meta: ExportMetadata, graph: str, device):
     """Polygraphy's PytRunner for one graph, on ``device`` (PytRunner itself always moves inputs
     to CUDA and feeds them by position)."""
     from polygraphy.backend.pyt import PytRunner
@@ -239,12 +192,12 @@ def _torch_runner(model, meta: dict[str, Any], graph: str, device):
     module = GraphModule(model, meta, graph)
     input_meta = TensorMetadata()
     dtypes = {}
-    for io in meta["graphs"][graph]["inputs"]:
-        dtypes[io["name"]] = getattr(torch, io["dtype"])
+    for io in meta.graphs[graph].inputs:
+        dtypes[io.name] = torch_dtype(io.dtype)
         input_meta.add(
-            io["name"],
-            dtype=DataType.from_dtype(dtypes[io["name"]], "torch"),
-            shape=[d if isinstance(d, int) else -1 for d in io["shape"]],
+            io.name,
+            dtype=DataType.from_dtype(dtypes[io.name], "torch"),
+            shape=[d if isinstance(d, int) else -1 for d in io.shape],
         )
 
     class TorchRunner(PytRunner):
@@ -281,51 +234,16 @@ def _load_once(load):
     return once
 
 
-def _ort_session_loader(path: Path, form: str, cuda: bool, device_id: int):
-    """A loader for Polygraphy's OnnxrtRunner: custom exports through the project's session factory
-    (:func:`gla_export.runtime.create_session`, which registers our library), the others plain."""
+def _ort_session_loader(meta: ExportMetadata, graph: str, cuda: bool, device_id: int):
+    """A loader for Polygraphy's OnnxrtRunner: the decoder's own session (engines.ort.open_session,
+    through the one session factory, with the same checks)."""
 
     def load():
-        import onnxruntime as ort
+        from .engines.ort import open_session
 
-        if form == "onnx":
-            # LinearAttention is opset 27, which ONNX Runtime 1.31 still calls "under development"
-            os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        providers: list[Any] = [("cuda", {"device_id": device_id, "use_tf32": "0"}), "cpu"] if cuda else ["cpu"]
-        if form == "custom":
-            from .session import create_session
-
-            sess = create_session(path, providers, session_options=so)
-        else:
-            if cuda and hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()  # the CUDA libraries pip installed, as create_session does
-            full = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-            sess = ort.InferenceSession(
-                str(path), so, providers=[(full[p[0]], p[1]) if isinstance(p, tuple) else full[p] for p in providers]
-            )
-        if cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
-            raise MissingRuntimeError("ONNX Runtime could not create its CUDA execution provider (no usable GPU?)")
-        return sess
+        return open_session(meta, graph, cuda=cuda, device_id=device_id)
 
     return load
-
-
-def _load_trt_plugin(plugin: str) -> None:
-    import tensorrt as trt
-
-    registry = trt.get_plugin_registry()
-    before = {(c.name, c.plugin_version) for c in registry.all_creators}
-    handle = registry.load_library(plugin)
-    after = {(c.name, c.plugin_version) for c in registry.all_creators}
-    # load_library can fail without raising: the handle and the new creators are the evidence
-    if (
-        handle is None
-        or not (after - before)
-        and not any(n in ("GatedLinearAttention", "LinearAttention") for n, _ in after)
-    ):
-        raise MissingRuntimeError(f"TensorRT did not register any creator from {plugin}")
 
 
 def _trt_runner(engine: Path, plugin: str | None, name: str):
@@ -333,76 +251,39 @@ def _trt_runner(engine: Path, plugin: str | None, name: str):
 
     def load():
         if plugin is not None:
-            _load_trt_plugin(plugin)
+            import tensorrt as trt
+
+            from .engines.trt import load_plugin
+
+            load_plugin(trt, plugin)
         return EngineFromPath(str(engine))()
 
     return TrtRunner(_load_once(load), name=name)
 
 
 def _backend_status(
-    name: str, meta: dict[str, Any], export_dir: Path, engines_dir: Path | None, plugin: str | None
+    name: str, meta: ExportMetadata, engines_dir: Path | None, plugin: str | None
 ) -> tuple[BackendStatus, dict[str, Any]]:
-    """Whether a backend can run here, and what it needs to."""
-    form, dtype = meta["gla_op"]["form"], meta["dtype"]
-    if name in ("ort-cpu", "ort-cuda"):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return BackendStatus(name, False, "onnxruntime is not installed"), {}
-        if name == "ort-cpu" and dtype == "bfloat16":
-            return BackendStatus(name, False, "ONNX Runtime has no bfloat16 CPU kernels"), {}
-        if name == "ort-cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                return BackendStatus(
-                    name, False, "needs onnxruntime-gpu (this onnxruntime has no CUDA execution provider)"
-                ), {}
-            if not torch.cuda.is_available():
-                return BackendStatus(name, False, "no CUDA GPU"), {}
-        if form == "custom":
-            from .._native import find_library
+    """Whether a runtime can run the export here (the runtime adapters' own check), and what it needs to."""
+    from .engines import check_runtime
 
-            lib = find_library("ort")
-            if lib is None:
-                return BackendStatus(name, False, "the gla ONNX Runtime library (libgla_onnxruntime) is not built"), {}
-            return BackendStatus(name, True, f"onnxruntime {ort.__version__} + {lib.name}"), {}
-        return BackendStatus(name, True, f"onnxruntime {ort.__version__}"), {}
+    options: dict[str, Any] = {}
+    if name == "trt":
+        # Polygraphy's TrtRunner drives the `tensorrt` package (TensorRT-RTX engines need a GPU it supports)
+        options = {"engines_dir": engines_dir, "plugin": plugin, "module": "tensorrt"}
+    try:
+        detail = check_runtime(name, meta, **options)
+    except (MissingRuntimeError, UsageError) as e:
+        return BackendStatus(name, False, str(e)), {}
+    if name != "trt":
+        return BackendStatus(name, True, detail), {}
+    from .engines.trt import engines_dir_of, plugin_for
+    from .tensorrt import ENGINE_FILES
 
-    # trt
-    from .tensorrt import available_module
-
-    if available_module("tensorrt") is None:
-        rtx = available_module("tensorrt_rtx") is not None
-        why = "the `tensorrt` Python package is not installed" + (
-            " (tensorrt_rtx is, but Polygraphy's TensorRT runner drives `tensorrt`, and TensorRT-RTX engines need "
-            "a GPU it supports)"
-            if rtx
-            else ""
-        )
-        return BackendStatus(name, False, why), {}
-    if not torch.cuda.is_available():
-        return BackendStatus(name, False, "no CUDA GPU (a TensorRT engine can only be deserialised on one)"), {}
-    from .tensorrt import ENGINE_FILES, ENGINES_DIR
-
-    edir = engines_dir if engines_dir is not None else export_dir / ENGINES_DIR
-    engines = {g: edir / f for g, f in ENGINE_FILES.items()}
-    missing = [str(p) for p in engines.values() if not p.is_file()]
-    if missing:
-        return BackendStatus(
-            name, False, f"no engines ({', '.join(missing)}): build them with `gla-export build {export_dir}`"
-        ), {}
-    lib = plugin
-    if lib is None and form != "decomposed":
-        from .._native import find_library
-
-        found = find_library("trt")
-        if found is None:
-            return BackendStatus(name, False, "the gla TensorRT plugin (libgla_tensorrt) is not built"), {}
-        lib = str(found)
-    import tensorrt as trt
-
-    return BackendStatus(name, True, f"tensorrt {trt.__version__}, engines in {edir}"), {
-        "engines": engines,
-        "plugin": lib,
+    edir = engines_dir_of(meta, engines_dir)
+    return BackendStatus(name, True, detail), {
+        "engines": {g: edir / f for g, f in ENGINE_FILES.items()},
+        "plugin": plugin_for(meta, plugin),
     }
 
 
@@ -419,21 +300,21 @@ class _Inputs:
 
 
 @torch.no_grad()
-def _make_inputs(model, meta: dict[str, Any], batch: int, prompt_len: int, steps: int, seed: int, device) -> _Inputs:
+def _make_inputs(model, meta: ExportMetadata, batch: int, prompt_len: int, steps: int, seed: int, device) -> _Inputs:
     from ..models.modeling import LayerState, state_tensor
 
     gen = torch.Generator().manual_seed(seed)
-    vocab = meta["model"]["vocab_size"]
-    states_meta = meta["states"]
-    state_dtype = getattr(torch, meta["state_dtype"])
-    has_mask = any(i["name"] == "attention_mask" for i in meta["graphs"]["prefill"]["inputs"])
+    vocab = meta.model.vocab_size
+    states_meta = meta.states
+    state_dtype = torch_dtype(meta.state_dtype)
+    has_mask = meta.has_attention_mask
 
     def feeds(ids: torch.Tensor, states: list[LayerState]) -> dict[str, np.ndarray]:
         f = {"input_ids": ids.numpy()}
         if has_mask and ids.shape[1] > 1:
             f["attention_mask"] = np.ones(tuple(ids.shape), dtype=np.int64)
         for st in states_meta:
-            f[st["input"]] = _to_numpy(state_tensor(states, st["layer"], st["kind"]))
+            f[st.input] = _to_numpy(state_tensor(states, st.layer, st.kind))
         return f
 
     def run(ids, states):
@@ -503,7 +384,7 @@ def _rows(case: str, accuracy, backend_names: dict[str, str], limits: dict[str, 
 
 
 def _decode_loop(
-    prefill_runner, step_runner, first: dict[str, np.ndarray], tokens: np.ndarray, states_meta: list[dict]
+    prefill_runner, step_runner, first: dict[str, np.ndarray], tokens: np.ndarray, states_meta: Sequence[StateInfo]
 ) -> list:
     """Prefill then step, carrying this runner's own states; returns one IterationResult per call."""
     from polygraphy.comparator.struct import IterationResult
@@ -518,7 +399,7 @@ def _decode_loop(
                 runner_name=pre.name,
             )
         )
-    states = {st["input"]: np.array(out[st["output"]]) for st in states_meta}
+    states = {st.input: np.array(out[st.output]) for st in states_meta}
     with step_runner as step:
         for t in range(tokens.shape[1]):
             out = step.infer(feed_dict={"input_ids": np.ascontiguousarray(tokens[:, t : t + 1]), **states})
@@ -529,8 +410,22 @@ def _decode_loop(
                     runner_name=step.name,
                 )
             )
-            states = {st["input"]: np.array(out[st["output"]]) for st in states_meta}
+            states = {st.input: np.array(out[st.output]) for st in states_meta}
     return results
+
+
+POLYGRAPHY_HINT = "pip install 'gla-export[verify]'"
+
+
+def _require_polygraphy() -> None:
+    """MissingRuntimeError (exit 5) with the install command when Polygraphy is not installed (the
+    README's quick start installs ``.[cpu]`` only)."""
+    try:
+        import polygraphy  # noqa: F401
+        from polygraphy.comparator import Comparator  # noqa: F401
+    except ImportError as e:
+        raise MissingRuntimeError(
+            f"gla-export verify needs Polygraphy, which is not installed: {POLYGRAPHY_HINT}") from e
 
 
 def _quiet_polygraphy(verbose: bool) -> None:
@@ -545,16 +440,16 @@ def _quiet_polygraphy(verbose: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_reference(meta: dict[str, Any], export_dir: Path, model: Any, device):
+def _load_reference(meta: ExportMetadata, export_dir: Path, model: Any, device):
     from ..models.config import ConfigError
     from ..models.loader import CheckpointError, load_model
     from ..models.modeling import GLAForCausalLM
 
-    dtype = getattr(torch, meta["dtype"])
+    dtype = torch_dtype(meta.dtype)
     if isinstance(model, GLAForCausalLM):
         return model.to(device=device).eval(), "the given GLAForCausalLM"
     if model is None:
-        source = meta.get("source")
+        source = meta.source
         if not source:
             raise UsageError(
                 f"{export_dir} does not record the checkpoint it was exported from: pass the model (--model DIR)"
@@ -570,7 +465,7 @@ def _load_reference(meta: dict[str, Any], export_dir: Path, model: Any, device):
         m = load_model(path, dtype=dtype)
     except (CheckpointError, ConfigError) as e:
         raise ModelError(str(e)) from e
-    if m.config.vocab_size != meta["model"]["vocab_size"] or m.config.num_hidden_layers != meta["model"]["num_layers"]:
+    if m.config.vocab_size != meta.model.vocab_size or m.config.num_hidden_layers != meta.model.num_layers:
         raise ModelError(f"the checkpoint {path} is not the model of this export (vocabulary or layer count differ)")
     return m.to(device).eval(), str(path)
 
@@ -600,7 +495,7 @@ def verify(
     Args:
         export_dir: an export directory (``gla-export export``).
         model: the checkpoint (or a GLAForCausalLM); default: the one the export recorded.
-        backends: some of :data:`BACKENDS`; None runs every available one and reports the others as
+        backends: some of :data:`RUNTIMES`; None runs every available one and reports the others as
             skipped. A requested backend that is not available raises MissingRuntimeError.
         batch, prompt_len, steps: the shape of the prefill batch and the number of decode steps.
         atol, rtol: defaults per dtype (:data:`gla_export.export.DEFAULT_TOLERANCES`, the export's own); ``check_error_stat``: ``scaled`` (the
@@ -625,12 +520,12 @@ def verify(
         if not isinstance(value, int) or value < lo:
             raise UsageError(f"{name} must be an integer >= {lo}, got {value!r}")
     if backends is not None:
-        bad = [b for b in backends if b not in BACKENDS]
+        bad = [b for b in backends if b not in RUNTIMES]
         if bad:
-            raise UsageError(f"unknown backend {bad[0]!r}: choose from {', '.join(BACKENDS)}")
+            raise UsageError(f"unknown backend {bad[0]!r}: choose from {', '.join(RUNTIMES)}")
     from ..export.validate import DEFAULT_TOLERANCES
 
-    d_atol, d_rtol = DEFAULT_TOLERANCES[getattr(torch, meta["dtype"])]
+    d_atol, d_rtol = DEFAULT_TOLERANCES[torch_dtype(meta.dtype)]
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
     if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # NaN fails every comparison
@@ -641,19 +536,17 @@ def verify(
         raise MissingRuntimeError("device cuda: PyTorch sees no CUDA GPU")
     dev = torch.device(device, device_id) if device == "cuda" else torch.device("cpu")
 
+    _require_polygraphy()
     _quiet_polygraphy(verbose)
-    try:
-        import polygraphy  # noqa: F401
-    except ImportError as e:
-        raise MissingRuntimeError(
-            "gla-export verify needs Polygraphy: pip install polygraphy (or gla-export[verify])"
-        ) from e
+    from .engines.base import check_graph_files
+
+    check_graph_files(meta)  # a graph file replaced by another: ModelError (exit 3), not a failed backend
 
     # which backends run
     statuses, needs = [], {}
     engines_path = Path(engines_dir) if engines_dir is not None else None
-    for name in backends or BACKENDS:
-        st, need = _backend_status(name, meta, export_dir, engines_path, trt_plugin)
+    for name in backends or RUNTIMES:
+        st, need = _backend_status(name, meta, engines_path, trt_plugin)
         if backends is not None and not st.available:
             raise MissingRuntimeError(f"backend {name} is not available: {st.detail}")
         statuses.append(st)
@@ -667,7 +560,7 @@ def verify(
     torch_model, reference = _load_reference(meta, export_dir, model, dev)
     report = VerifyReport(
         str(export_dir),
-        meta["dtype"],
+        meta.dtype,
         atol,
         rtol,
         check_error_stat,
@@ -702,14 +595,10 @@ def verify(
         limits = {n: atol + rtol * peak[n] for n in names}
         return SimpleCompareFunc(atol=limits, rtol=rtol, check_error_stat="elemwise"), limits
 
-    form = meta["gla_op"]["form"]
-
     def make_runner(status: BackendStatus, graph: str):
-        path = export_dir / meta["files"][graph]
-        if status.name == "ort-cpu":
-            return OnnxrtRunner(_load_once(_ort_session_loader(path, form, False, device_id)), name=f"ort-cpu-{graph}")
-        if status.name == "ort-cuda":
-            return OnnxrtRunner(_load_once(_ort_session_loader(path, form, True, device_id)), name=f"ort-cuda-{graph}")
+        if status.name in ("ort-cpu", "ort-cuda"):
+            loader = _ort_session_loader(meta, graph, status.name == "ort-cuda", device_id)
+            return OnnxrtRunner(_load_once(loader), name=f"{status.name}-{graph}")
         need = needs[status.name]
         return _trt_runner(need["engines"][graph], need["plugin"], name=f"trt-{graph}")
 
@@ -733,7 +622,7 @@ def verify(
         _torch_runner(torch_model, meta, "step", dev),
         inputs.prefill[0],
         inputs.tokens,
-        meta["states"],
+        meta.states,
     )
     decode_func, decode_limits = compare_func(ref_iters)
 
@@ -759,7 +648,7 @@ def verify(
             continue
         say(f"decode: {st.name}, prefill then step on its own states")
         try:
-            iters = _decode_loop(runners["prefill"], runners["step"], inputs.prefill[0], inputs.tokens, meta["states"])
+            iters = _decode_loop(runners["prefill"], runners["step"], inputs.prefill[0], inputs.tokens, meta.states)
         except Exception as e:  # noqa: BLE001
             st.error = _one_line(e)
             continue
@@ -782,7 +671,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _save_for_polygraphy(
-    save_dir: Path, export_dir: Path, saved: dict, meta: dict[str, Any], statuses, needs, atol, rtol, stat
+    save_dir: Path, export_dir: Path, saved: dict, meta: ExportMetadata, statuses, needs, atol, rtol, stat
 ) -> list[str]:
     """The prefill/step inputs and PyTorch outputs as Polygraphy JSON, and the polygraphy run commands
     that replay them."""
@@ -791,7 +680,7 @@ def _save_for_polygraphy(
 
     save_dir.mkdir(parents=True, exist_ok=True)
     commands = []
-    form = meta["gla_op"]["form"]
+    form = meta.form
     for graph, (feeds, results, ref_name, limits) in saved.items():
         if stat == "scaled":  # polygraphy's per-output form: --atol NAME:VALUE ...
             per_output = " ".join(f"{n}:{v:.6g}" for n, v in limits.items())
@@ -802,7 +691,7 @@ def _save_for_polygraphy(
         save_json(feeds, str(inputs_file))
         RunResults([(ref_name, results[ref_name])]).save(str(outputs_file))
         io = f"--load-inputs {shlex.quote(str(inputs_file))} --load-outputs {shlex.quote(str(outputs_file))} {tol}"
-        onnx_file = shlex.quote(str(export_dir / meta["files"][graph]))
+        onnx_file = shlex.quote(str(meta.path(graph)))
         if form == "onnx":
             commands.append(f"ALLOW_RELEASED_ONNX_OPSET_ONLY=0 polygraphy run {onnx_file} --onnxrt {io}")
         elif form == "decomposed":

@@ -152,11 +152,34 @@ def test_sessions_load_once(monkeypatch):
     loads = []
     ort_loader = V._ort_session_loader
 
-    def counting_loader(path, *args):
-        load = ort_loader(path, *args)
-        return lambda: loads.append(Path(path).name) or load()
+    def counting_loader(meta, graph, *args):
+        load = ort_loader(meta, graph, *args)
+        return lambda: loads.append(meta.path(graph).name) or load()
 
     monkeypatch.setattr(V, "_ort_session_loader", counting_loader)
     rep = V.verify(tiny_export("decomposed"), backends=["ort-cpu"], batch=2, prompt_len=9, steps=3, device="cpu")
     assert rep.passed and {r.case for r in rep.rows} == {"prefill", "step", "decode"}
     assert sorted(loads) == ["prefill.onnx", "step.onnx"]  # not once per case
+
+
+def test_verify_without_polygraphy_exits_5_with_the_install_hint(monkeypatch, capsys):
+    """The README's quick start installs ``.[cpu]`` only: verify then says what to install."""
+    for name in [m for m in sys.modules if m == "polygraphy" or m.startswith("polygraphy.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "polygraphy", None)  # `import polygraphy` raises ImportError
+    assert run(["verify", str(tiny_export("decomposed")), *TINY]) == EXIT_CODES["MissingRuntimeError"] == 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'gla-export[verify]'" in err and "internal error" not in err
+
+
+def test_step_graph_replaced_by_the_prefill_graph_is_a_model_error(tmp_path, capsys):
+    """A damaged export (step.onnx overwritten by prefill.onnx): one line naming the file, exit 3,
+    from verify and from generate, instead of a failed comparison or an ONNX Runtime error."""
+    dst = tmp_path / "export"
+    shutil.copytree(tiny_export("decomposed"), dst)
+    shutil.copy(dst / "prefill.onnx", dst / "step.onnx")
+    assert run(["verify", str(dst), "--model", str(tiny_checkpoint()), *TINY]) == EXIT_CODES["ModelError"] == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step.onnx is not this export's step graph" in err and "attention_mask" in err
+    assert run(["generate", str(dst), "--prompt", "hi", "--max-new-tokens", "2"]) == 3
+    assert "step.onnx is not this export's step graph" in capsys.readouterr().err

@@ -183,9 +183,29 @@ def test_reference_op_omitted_optional_inputs_mean_zero_state():
 
 def test_reference_op_names_bad_input():
     q = np.zeros((2, 5, 32), np.float32)
-    with pytest.raises(GLAShapeError, match=r"gate must be \[B, T, Hkv\*d_k\] = \[2, 5, 32\], got shape \[2, 5, 7\]"):
+    # the op contract's messages (gla_export/ops/contract.py), the same as the engines'
+    with pytest.raises(GLAShapeError, match=r"input 'gate' has shape \[2,5,7\], expected \[B=2, T=5, kv_num_heads\*d_k=32\]"):
         gla_packed(q, q, q, np.zeros((2, 5, 7), np.float32), q_num_heads=2, kv_num_heads=2)
-    with pytest.raises(GLAShapeError, match=r"query must be 3-D"):
+    with pytest.raises(GLAShapeError, match=r"input 'query' has shape \[5,32\], expected rank 3"):
         gla_packed(q[0], q, q, q, q_num_heads=2, kv_num_heads=2)
-    with pytest.raises(GLAShapeError, match=r"initial_state must be"):
+    with pytest.raises(GLAShapeError, match=r"input 'past_state' has shape \[2,2,16,15\], expected"):
         gla_packed(q, q, q, q, np.zeros((2, 2, 16, 15), np.float32), q_num_heads=2, kv_num_heads=2)
+
+
+def test_decomposed_prefill_computes_positive_gates_as_the_formula():
+    """Small positive log-gates are computed exactly, as in every engine (docs/op-contract.md);
+    the decomposed form masked its exponents with Min(x, 0), which changed them."""
+    case = GLACase(B=1, T=70, Hq=2, Hkv=2, K=16, V=16, initial_state=True)
+    kw = make_inputs(case)
+    kw["g"] = kw["g"].abs() * 0.02 + 1e-3
+    B, T = 1, 70
+    feeds = {"query": kw["q"].reshape(B, T, -1).numpy(), "key": kw["k"].reshape(B, T, -1).numpy(),
+             "value": kw["v"].reshape(B, T, -1).numpy(), "gate": kw["g"].reshape(B, T, -1).numpy(),
+             "past_state": kw["initial_state"].numpy()}
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(one_op_model("decomposed", case, False).SerializeToString(), providers=["CPUExecutionProvider"])
+    out, state = sess.run(None, feeds)
+    ref_o, ref_s = reference(kw)
+    assert rel_err(torch.from_numpy(out).reshape(ref_o.shape), ref_o) <= TOLERANCE[torch.float32]
+    assert rel_err(torch.from_numpy(state), ref_s) <= TOLERANCE[torch.float32]

@@ -80,7 +80,7 @@ def check(case: GLACase, state_dtype: torch.dtype | None = None, kw: dict | None
 def test_library_is_built_and_picks_the_best_isa():
     lib = load_library()  # raises, failing the test, when the library is missing
     assert lib.gla_capi_version() == 1
-    assert cpu_isa() in ("avx512", "avx2", "generic")
+    assert cpu_isa() in ("avx512", "avx2", "neon", "generic")
     flags = _cpu_flags()
     if "GLA_CPU_ISA" not in os.environ and " avx512f " in flags and " avx512vl " in flags:
         assert cpu_isa() == "avx512"
@@ -436,3 +436,24 @@ def test_each_isa_build_matches_reference(isa):
 if __name__ == "__main__":
     if "--isa-worker" in sys.argv:
         _isa_worker()
+
+
+# Many query heads per key/value head: the chunked form takes them a group at a time, so the CPU
+# workspace stays bounded (before, each of up to 64 slots held every head's chunk: 192 MiB for a
+# 32 MiB input below, and 940 MiB seen from a 6 MB one).
+def test_gqa_workspace_is_bounded():
+    lib = load_library()
+    for G, dk, dv, B, T in [(1024, 16, 16, 8, 64), (256, 64, 64, 16, 100), (4096, 16, 16, 64, 30)]:
+        p = Problem(batch=B, seq_len=T, num_seqs=B, q_heads=G, kv_heads=1, head_dim_k=dk, head_dim_v=dv, has_gate=1)
+        ws = lib.gla_cpu_workspace_bytes(ctypes.byref(p))
+        # per slot: a group's chunk scratch (<= 1 MiB) and one token's query/output rows for every head
+        per_slot = 2**20 + 4 * G * (dk + 16) + 4 * 64 * 4 * (dk + 16)
+        assert 0 < ws <= 64 * per_slot + 64, f"G={G} dk={dk} B={B}: {ws / 2**20:.1f} MiB of workspace"
+
+
+@pytest.mark.parametrize("case", [
+    GLACase(B=1, T=70, Hq=24, Hkv=1, K=256, V=128, initial_state=True),  # 3 groups of heads (9, 9, 6)
+    GLACase(Hq=40, Hkv=2, K=200, V=64, cu_seqlens=(0, 3, 3, 90), initial_state=True, g_gamma=True),  # a short one steps
+], ids=lambda c: c.id)
+def test_many_query_heads_in_groups_match_reference(case):
+    check(case)

@@ -315,3 +315,84 @@ def test_emulated_errors(emu):
     assert "needs" in emu(kw, workspace_bytes=16, expect=STATUS_WORKSPACE)
     kw = make_inputs(GLACase(B=1, T=2, Hq=1, Hkv=1, K=1100, V=8))
     assert "head_dim_k" in emu(kw, expect=STATUS_UNSUPPORTED)
+
+
+# Positive log-gates (a decay factor above 1) are outside what the docs recommend but are computed
+# exactly as the formula says, on every path (docs/op-contract.md): no clamp, no check. Small ones
+# keep the state finite; every kernel family (step, chunk, segments) must agree with the reference.
+POSITIVE_GATE_CASES = [
+    GLACase(B=2, T=1, Hq=4, Hkv=2, K=32, V=48, initial_state=True),
+    GLACase(B=1, T=65, Hq=2, Hkv=2, K=64, V=64, initial_state=True),
+    GLACase(B=1, T=1100, Hq=2, Hkv=1, K=32, V=32, dtype=F16),
+    GLACase(B=2, T=70, Hq=2, Hkv=2, K=16, V=16, gate_per_head=True),
+]
+
+
+def _positive_gates(kw: dict) -> dict:
+    kw["g"] = (kw["g"].float().abs() * 0.02 + 1e-3).to(kw["g"].dtype)
+    return kw
+
+
+@pytest.mark.parametrize("case", POSITIVE_GATE_CASES, ids=lambda c: c.id)
+def test_emulated_positive_log_gates(emu, case):
+    _check(emu, _positive_gates(make_inputs(case)), *_tol(case.dtype), "positive gates")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", POSITIVE_GATE_CASES, ids=lambda c: c.id)
+def test_gpu_positive_log_gates(gpu, case):
+    _check(gpu, _positive_gates(make_inputs(case, device="cuda")), *_tol(case.dtype), "positive gates")
+
+
+@pytest.mark.parametrize("case", POSITIVE_GATE_CASES, ids=lambda c: c.id)
+def test_cpu_and_chunk_positive_log_gates(case):
+    from gla_export.ops import gated_linear_attention
+
+    kw = _positive_gates(make_inputs(case))
+    o_ref, s_ref = reference(kw)
+    args = {k: v for k, v in kw.items() if k not in ("q", "k", "v", "g")}
+    for backend in ("native", "chunk"):
+        o, s = gated_linear_attention(kw["q"], kw["k"], kw["v"], kw["g"], output_final_state=True, backend=backend, **args)
+        assert_close(f"{backend} output", o, o_ref, _tol(case.dtype)[0])
+        assert_close(f"{backend} final state", s, s_ref, _tol(case.dtype)[1])
+
+
+# The workspace a TensorRT plan declares for its profile is the planner's closed-form bound
+# (forward.cuh, workspace_bound): it must cover every smaller problem, which the sampled search it
+# replaced could not promise (the need is not monotonic: fewer sequences, more segments).
+@pytest.mark.parametrize("heads, K, V, cu", [((2, 2), 64, 64, False), ((4, 2), 128, 128, False), ((1, 1), 256, 512, False),
+                                             ((8, 8), 64, 64, False), ((2, 1), 64, 64, True), ((4, 4), 128, 96, True)],
+                         ids=lambda x: str(x))
+def test_emulated_workspace_bound_covers_the_profile(emu, heads, K, V, cu):
+    from gla_export.ops.native import Problem
+
+    lib = emu.lib
+    lib.gla_emu_workspace_bound.restype = ctypes.c_size_t
+    hq, hkv = heads
+    max_n, max_t = 40, 2600
+
+    def problem(n, t):
+        return Problem(batch=1 if cu else n, seq_len=t, num_seqs=n, q_heads=hq, kv_heads=hkv, head_dim_k=K,
+                       head_dim_v=V, act_dtype=1, has_gate=1, has_cu_seqlens=int(cu))
+
+    bound = lib.gla_emu_workspace_bound(ctypes.byref(problem(max_n, max_t)))
+    worst = max(lib.gla_emu_workspace_bytes(ctypes.byref(problem(n, t)))
+                for n in range(1, max_n + 1) for t in list(range(1, 600, 7)) + list(range(600, max_t + 1, 61)) + [max_t])
+    assert worst > 0, "no problem of this profile needs a workspace: it tests nothing"
+    assert worst <= bound <= 4 * worst + (1 << 20), (worst, bound)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", POSITIVE_GATE_CASES, ids=lambda c: c.id)
+def test_gpu_triton_positive_log_gates(case):
+    from gla_export.ops import gated_linear_attention, triton_available
+
+    if not torch.cuda.is_available() or not triton_available():
+        pytest.skip("needs a CUDA GPU and Triton")
+    kw = _positive_gates(make_inputs(case, device="cuda"))
+    o_ref, s_ref = reference(kw)
+    args = {k: v for k, v in kw.items() if k not in ("q", "k", "v", "g")}
+    with torch.no_grad():
+        o, s = gated_linear_attention(kw["q"], kw["k"], kw["v"], kw["g"], output_final_state=True, backend="triton", **args)
+    assert_close("triton output", o, o_ref, _tol(case.dtype)[0])
+    assert_close("triton final state", s, s_ref, _tol(case.dtype)[1])

@@ -63,3 +63,55 @@ def test_the_library_is_what_makes_the_op_run():
     with pytest.raises(Exception, match="GatedLinearAttention|gla"):
         ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     assert torch.isfinite(run(create_session(model), _model()[1])[0]).all()
+
+
+def _opset27_model() -> bytes:
+    """A one-node graph of opset 27, which ONNX Runtime 1.31+ loads only with
+    ALLOW_RELEASED_ONNX_OPSET_ONLY=0."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 27)])
+    model.ir_version = 11
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("before", [None, "1"], ids=["unset", "set"])
+def test_the_opset_variable_is_set_only_while_the_session_loads(monkeypatch, before):
+    import os
+
+    from gla_export.runtime.session import OPSET_ENV
+
+    if before is None:
+        monkeypatch.delenv(OPSET_ENV, raising=False)
+    else:
+        monkeypatch.setenv(OPSET_ENV, before)
+    sess = create_session(_opset27_model(), library=False, allow_unreleased_opsets=True)
+    assert sess.run(None, {"x": __import__("numpy").array([-1.0, 2.0], "float32")})[0].tolist() == [0.0, 2.0]
+    assert os.environ.get(OPSET_ENV) == before  # restored: not leaked process-wide
+    if before is None:
+        try:  # without the permission ONNX Runtime refuses the opset (older builds may accept it)
+            create_session(_opset27_model(), library=False)
+        except Exception as e:  # noqa: BLE001
+            assert "opset" in str(e).lower() or "onnx" in str(e).lower()
+        assert OPSET_ENV not in os.environ
+
+
+def test_tf32_is_off_on_cuda_unless_asked():
+    from gla_export.runtime.session import _resolve
+
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert _resolve(["cuda", "cpu"], cuda) == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    assert _resolve([("cuda", {"device_id": 1})], cuda) == [("CUDAExecutionProvider", {"use_tf32": "0", "device_id": 1})]
+    assert _resolve(["cuda"], cuda, tf32=True) == [("CUDAExecutionProvider", {"use_tf32": "1"})]
+
+
+def test_no_library_for_standard_graphs(monkeypatch):
+    from gla_export import _native
+
+    monkeypatch.setattr(_native, "find_library", lambda kind: None)
+    monkeypatch.setattr(_native, "library_path", lambda kind: (_ for _ in ()).throw(_native.NativeLibraryError("x")))
+    sess = create_session(_opset27_model(), library=False, allow_unreleased_opsets=True)
+    assert sess.get_providers() == ["CPUExecutionProvider"]

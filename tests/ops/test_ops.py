@@ -105,3 +105,25 @@ def test_unknown_backend():
     kw = make_inputs(GLACase(B=1, T=4))
     with pytest.raises(ValueError, match="backend"):
         gated_linear_attention(**kw, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("backend", ["naive", "chunk", "native"])
+def test_public_function_validates_once(backend, monkeypatch):
+    """gated_linear_attention checks its inputs once; the backend reuses the sizes (each check of
+    cu_seqlens' contents is a host read, a sync for CUDA tensors)."""
+    import gla_export.ops as ops
+    from gla_export.ops import _common, chunk, naive, native
+
+    calls = []
+    real = _common.check_inputs
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("cu_contents", True))
+        return real(*args, **kwargs)
+
+    for module in (ops, chunk, naive, native):
+        monkeypatch.setattr(module, "check_inputs", counting)
+    kw = make_inputs(GLACase(K=16, V=16, cu_seqlens=(0, 3, 9), initial_state=True))
+    ops.gated_linear_attention(kw["q"], kw["k"], kw["v"], kw["g"], initial_state=kw["initial_state"],
+                               cu_seqlens=kw["cu_seqlens"], output_final_state=True, backend=backend)
+    assert len(calls) == 1, calls

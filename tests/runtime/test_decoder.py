@@ -152,13 +152,13 @@ def test_left_padded_batch_equals_rows_alone(exports, kind):
 def record_graph_calls(dec: StatefulDecoder) -> list[tuple[str, tuple[int, ...]]]:
     """(graph, input_ids shape) of every graph call the decoder makes from now on."""
     calls: list[tuple[str, tuple[int, ...]]] = []
-    run = dec._engine.run
+    run = dec._runtime.run
 
     def recording(graph, feeds, outputs):
         calls.append((graph, tuple(feeds["input_ids"].shape)))
         return run(graph, feeds, outputs)
 
-    dec._engine.run = recording
+    dec._runtime.run = recording
     return calls
 
 
@@ -278,6 +278,37 @@ def test_events_stream_pieces_in_order(exports):
     for i, r in enumerate(gen.results):
         assert b"".join(e.piece for e in events if e.row == i) == r.text_bytes
         assert [e.token for e in events if e.row == i] == r.tokens
+
+
+def test_a_paused_generation_blocks_no_other_thread(exports):
+    """The decoder's lock is not held across a ``yield``: a Generation abandoned (or paused) by its
+    consumer must not block other threads' calls until it is garbage-collected. Once another call
+    has changed the buffers, resuming the paused generation is an error, not a decode from
+    someone else's states."""
+    import threading
+
+    _, path = exports["plain", "decomposed"]
+    dec = decoder(path)
+    base = dec.generate("x", max_new_tokens=6).run()[0].tokens
+    paused = iter(dec.generate("x", max_new_tokens=6))
+    assert next(paused).token == base[0]
+    got = {}
+
+    def other():
+        got["step"] = dec.step([5]).copy()
+        got["generate"] = dec.generate("x", max_new_tokens=6).run()[0].tokens
+
+    t = threading.Thread(target=other, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "another thread's step/generate waited for the paused generation"
+    assert got["generate"] == base
+    with pytest.raises(UsageError, match="interrupted by another call"):
+        next(paused)
+    # a paused generation that nobody interrupts continues as if it had not paused
+    paused = iter(dec.generate("x", max_new_tokens=6))
+    first = next(paused)
+    assert [first.token] + [e.token for e in paused] == base
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
@@ -450,6 +481,19 @@ def test_trt_backend_explains_what_is_missing(exports, tmp_path):
             trt_build.available_module = orig
 
 
+def test_the_onnx_form_leaves_the_process_environment_alone(exports, monkeypatch):
+    """ALLOW_RELEASED_ONNX_OPSET_ONLY=0 (opset 27's LinearAttention) is set only while the sessions
+    load; the decoder used to leave it set for the whole process."""
+    import os
+
+    from gla_export.runtime.session import OPSET_ENV
+
+    monkeypatch.delenv(OPSET_ENV, raising=False)
+    _, path = exports["plain", "onnx"]
+    assert len(decoder(path).generate("x", max_new_tokens=2).run()[0].tokens) == 2
+    assert OPSET_ENV not in os.environ
+
+
 def test_custom_form_needs_the_library(exports, monkeypatch, tmp_path):
     from gla_export import _native
 
@@ -463,7 +507,7 @@ def test_custom_form_needs_the_library(exports, monkeypatch, tmp_path):
 
 
 class _FakeTensorRT:
-    """Just enough of TensorRT's Python API for _TrtEngine, executing the ONNX graphs with ONNX
+    """Just enough of TensorRT's Python API for TrtRuntime, executing the ONNX graphs with ONNX
     Runtime on CPU buffers read and written through the raw addresses the decoder binds: the
     decoder's shapes, addresses, buffer swaps and prefill chunking are exercised as TensorRT
     would see them (TensorRT itself cannot run on any machine we have)."""
@@ -557,8 +601,8 @@ def fake_trt(exports, tmp_path, monkeypatch):
     import sys
     import types
 
-    from gla_export.runtime import decoder as decoder_mod
     from gla_export.runtime import tensorrt as trt_build
+    from gla_export.runtime.engines import trt as trt_runtime
 
     _, src = exports["conv-gqa", "decomposed"]
     path = shutil.copytree(src, tmp_path / "export")
@@ -574,7 +618,7 @@ def fake_trt(exports, tmp_path, monkeypatch):
     module.get_plugin_registry = lambda: pytest.fail("a decomposed export needs no plugin")
     monkeypatch.setitem(sys.modules, "fake_tensorrt", module)
     monkeypatch.setattr(trt_build, "available_module", lambda prefer=None: prefer)
-    monkeypatch.setattr(decoder_mod, "_trt_device", lambda device_id: torch.device("cpu"))
+    monkeypatch.setattr(trt_runtime, "_trt_device", lambda device_id: torch.device("cpu"))
     return path
 
 

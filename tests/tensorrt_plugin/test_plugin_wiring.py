@@ -64,6 +64,10 @@ GOOD = [
      [act("float16", 64), act("float16", 32), act("float16", 40), state("float32", 2, 16, 20), act("float16", 32)],
      ["float16", "float32"], [[B, T, 80], [B, 2, 16, 20]],
      {"q_num_heads": 4, "kv_num_heads": 2, "scale": 0.0, "update_rule": "gated", "chunk_size": 64}),
+    ("gla-per-head-gate", "GatedLinearAttention", gla_fields(4, 4),
+     [act("float32", 64), act("float32", 64), act("float32", 64), act("float32", 4), state("float32", 4, 16, 16)],
+     ["float32", "float32"], [[B, T, 64], [B, 4, 16, 16]],
+     {"q_num_heads": 4, "kv_num_heads": 4, "scale": 0.0, "reverse": 0, "chunk_size": 64}),
     ("la-gated-per-head-bf16", "LinearAttention", la_fields(2, 2, scale=0.5),
      [act("bfloat16", 32), act("bfloat16", 32), act("bfloat16", 32), state("bfloat16", 2, 16, 16), act("bfloat16", 2)],
      ["bfloat16", "bfloat16"], [[B, T, 32], [B, 2, 16, 16]],
@@ -102,6 +106,9 @@ def test_build_interface(case, harness, plugin_lib, tmp_path):
     assert r["formats_refused"] == {k: True for k in r["formats_refused"]}, r["formats_refused"]
     assert isinstance(r["workspace_bytes"], int) and r["workspace_bytes"] >= 0
     got = {f["name"]: f["value"] for f in r["fields"]}
+    # beside the attributes, the plan carries the workspace the build declared (enqueue tells the
+    # kernel core the real size, so its too-small guard can fire)
+    assert got.pop("workspace_bytes") == r["workspace_bytes"]
     assert got.keys() == serialized.keys()
     for k, v in serialized.items():
         assert (math.isclose(got[k], v) if isinstance(v, float) else got[k] == v), (k, got[k], v)
@@ -115,41 +122,41 @@ def test_build_interface(case, harness, plugin_lib, tmp_path):
 BAD = [
     # (id, op, fields, inputs, stage, words in the message)
     ("la-delta", "LinearAttention", la_fields(4, 4, rule="delta"),
-     [act("float32", 64)] * 3, "createPlugin", ["update_rule 'delta'", "'gated', 'linear'"]),
+     [act("float32", 64)] * 3, "createPlugin", ["attribute update_rule='delta' is not supported", "'gated', 'linear'"]),
     ("la-no-rule", "LinearAttention", {"q_num_heads": ("int32", 4), "kv_num_heads": ("int32", 4)},
-     [act("float32", 64)] * 3, "createPlugin", ["update_rule 'gated_delta'", "set the attribute"]),
+     [act("float32", 64)] * 3, "createPlugin", ["update_rule is missing", "'gated_delta'", "set the attribute"]),
     ("gla-no-heads", "GatedLinearAttention", {"scale": ("float32", 0.0)},
      [act("float32", 64)] * 4, "createPlugin", ["q_num_heads", "missing"]),
     ("gla-heads-not-multiple", "GatedLinearAttention", gla_fields(6, 4),
-     [act("float32", 96)] * 4, "createPlugin", ["q_num_heads (6) must be a multiple of kv_num_heads (4)"]),
+     [act("float32", 96)] * 4, "createPlugin", ["attribute q_num_heads=6 must be a multiple of kv_num_heads=4"]),
     ("gla-reverse-2", "GatedLinearAttention", gla_fields(4, 4, reverse=2),
-     [act("float32", 64)] * 4, "createPlugin", ["reverse must be 0 or 1, got 2"]),
+     [act("float32", 64)] * 4, "createPlugin", ["attribute reverse=2 must be 0 or 1"]),
     ("gla-unknown-attr", "GatedLinearAttention", {**gla_fields(4, 4), "update_rule": ("string", "gated")},
      [act("float32", 64)] * 4, "createPlugin", ["unknown attribute 'update_rule'"]),
     ("gla-head-size-mismatch", "GatedLinearAttention", gla_fields(4, 2),
      [act("float32", 64), act("float32", 64), act("float32", 32), act("float32", 64)], "getOutputShapes",
-     ["query head size 16", "key head size 32"]),
+     ["input 'key' has shape [?,?,64], expected [B=?, T=?, kv_num_heads*d_k=32]"]),
     ("gla-value-not-multiple", "GatedLinearAttention", gla_fields(4, 4),
      [act("float32", 64), act("float32", 64), act("float32", 30), act("float32", 64)], "getOutputShapes",
-     ["value last dimension 30 is not a multiple of kv_num_heads = 4"]),
+     ["input 'value' has shape [?,?,30]: its last dimension must be a positive multiple of kv_num_heads=4"]),
     ("gla-query-rank4", "GatedLinearAttention", gla_fields(4, 4),
      [HarnessInput("float32", [B, T, 4, 16])] + [act("float32", 64)] * 3, "getOutputShapes",
-     ["query must be 3-D", "got rank 4"]),
+     ["input 'query' has shape [2,63,4,16], expected rank 3"]),
     ("gla-too-many-inputs", "GatedLinearAttention", gla_fields(4, 4),
      [act("float32", 64)] * 8, "getOutputDataTypes", ["takes 4 to 7 inputs", "got 8"]),
     ("gla-past-state-shape", "GatedLinearAttention", gla_fields(4, 4),
-     [act("float32", 64)] * 4 + [state("float32", 4, 17, 16)], "configurePlugin",
-     ["past_state has shape [?, 4, 17, 16]", "[?, 4, 16, 16]"]),
+     [act("float32", 64)] * 4 + [state("float32", 4, 17, 16)], "getOutputShapes",
+     ["input 'past_state' has shape [?,4,17,16], expected [N=?, kv_num_heads=4, d_k=16, d_v=16]"]),
     ("gla-gate-shape", "GatedLinearAttention", gla_fields(4, 4),
-     [act("float32", 64)] * 3 + [act("float32", 4)], "configurePlugin",
-     ["gate has shape [?, ?, 4]", "kv_num_heads * d_k = 64"]),
+     [act("float32", 64)] * 3 + [act("float32", 7)], "getOutputShapes",
+     ["input 'gate' has shape [?,?,7], expected [B=?, T=?, kv_num_heads*d_k=64]", "[B, T, kv_num_heads=4]"]),
     ("gla-cu-with-batch", "GatedLinearAttention", gla_fields(4, 4),
      [HarnessInput("float32", [2, 9, 64])] * 4 + [HarnessInput("float32", [3, 4, 16, 16]), HarnessInput("int32", [4])],
-     "configurePlugin", ["cu_seqlens packs sequences along T and needs B = 1", "[2, 9, 64]"]),
+     "getOutputShapes", ["input 'query' has shape [2,9,64]: with cu_seqlens the sequences are packed along T and B must be 1"]),
     ("la-gated-no-decay", "LinearAttention", la_fields(4, 4),
-     [act("float32", 64)] * 3 + [state("float32", 4, 16, 16)], "getOutputDataTypes", ["needs the decay input"]),
+     [act("float32", 64)] * 3 + [state("float32", 4, 16, 16)], "getOutputDataTypes", ["input 'decay' is absent: update_rule 'gated' needs it"]),
     ("la-int-query", "LinearAttention", la_fields(4, 4, rule="linear"),
-     [act("int32", 64)] + [act("float32", 64)] * 2, "getOutputDataTypes", ["query must be float32, float16 or bfloat16, got int32"]),
+     [act("int32", 64)] + [act("float32", 64)] * 2, "getOutputDataTypes", ["input 'query' has element type int32, expected float32, float16 or bfloat16"]),
 ]
 
 

@@ -94,8 +94,8 @@ def test_bad_attributes_fail_with_the_plugins_reason(tmp_path, trt_module, plugi
         paths.append(p)
     jobs = [{"name": c.id, "kind": "parse", "onnx": str(p)} for c, p in zip((delta, heads), paths)]
     _, results = run_jobs(jobs, module=trt_module, plugins=[plugin_lib])
-    assert not results[0].ok and "update_rule 'delta' is not supported" in results[0].error
-    assert not results[1].ok and "q_num_heads (6) must be a multiple of kv_num_heads (4)" in results[1].error
+    assert not results[0].ok and "attribute update_rule='delta' is not supported" in results[0].error
+    assert not results[1].ok and "attribute q_num_heads=6 must be a multiple of kv_num_heads=4" in results[1].error
     assert not (tmp_path / "x.plan").exists()
 
 

@@ -14,6 +14,7 @@
 
 #include "common/error.h"
 #include "cpu/plan.h"
+#include "gla/contract.h"
 #include "gla/kernels.h"
 
 // The C structs must be the C++ ones, field for field.
@@ -56,6 +57,24 @@ GLA_SAME_PTR(output);
 GLA_SAME_PTR(present_state);
 #undef GLA_SAME_PTR
 static_assert(sizeof(GlaTensors) == sizeof(gla::Tensors), "GlaTensors and gla::Tensors differ in size");
+
+#define GLA_SAME_DESC(type, ctype, field)                                                   \
+  static_assert(offsetof(ctype, field) == offsetof(type, field) && sizeof(ctype::field) == sizeof(type::field), \
+                #ctype "." #field " does not match")
+GLA_SAME_DESC(gla::TensorDesc, GlaTensorDesc, present);
+GLA_SAME_DESC(gla::TensorDesc, GlaTensorDesc, elem_type);
+GLA_SAME_DESC(gla::TensorDesc, GlaTensorDesc, rank);
+GLA_SAME_DESC(gla::TensorDesc, GlaTensorDesc, dims);
+GLA_SAME_DESC(gla::OpAttributes, GlaOpAttributes, q_num_heads);
+GLA_SAME_DESC(gla::OpAttributes, GlaOpAttributes, kv_num_heads);
+GLA_SAME_DESC(gla::OpAttributes, GlaOpAttributes, reverse);
+GLA_SAME_DESC(gla::OpAttributes, GlaOpAttributes, chunk_size);
+GLA_SAME_DESC(gla::OpAttributes, GlaOpAttributes, scale);
+GLA_SAME_DESC(gla::OpAttributes, GlaOpAttributes, update_rule);
+#undef GLA_SAME_DESC
+static_assert(sizeof(GlaTensorDesc) == sizeof(gla::TensorDesc) && sizeof(GlaOpAttributes) == sizeof(gla::OpAttributes),
+              "the C descriptors differ in size");
+static_assert(GLA_ATTR_MISSING == gla::kAttrMissing, "GLA_ATTR_MISSING");
 
 namespace {
 
@@ -178,6 +197,27 @@ int32_t gla_validate(const GlaProblem* problem) {
   return int32_t(gla::validate(as_problem(problem)));
 }
 
+int32_t gla_check_attributes(int32_t op, const GlaOpAttributes* attrs) {
+  return guarded([&]() -> int32_t {
+    gla::detail::clear_error();
+    if (!attrs) return null_argument("attrs");
+    return int32_t(gla::check_attributes(static_cast<gla::OpKind>(op), *reinterpret_cast<const gla::OpAttributes*>(attrs)));
+  });
+}
+
+int32_t gla_infer_problem(int32_t op, const GlaOpAttributes* attrs, const GlaTensorDesc* inputs, int32_t num_inputs,
+                          int32_t flags, GlaProblem* problem) {
+  return guarded([&]() -> int32_t {
+    gla::detail::clear_error();
+    if (!attrs) return null_argument("attrs");
+    if (!problem) return null_argument("problem");
+    if (num_inputs > 0 && !inputs) return null_argument("inputs");
+    return int32_t(gla::infer_problem(static_cast<gla::OpKind>(op), *reinterpret_cast<const gla::OpAttributes*>(attrs),
+                                      reinterpret_cast<const gla::TensorDesc*>(inputs), num_inputs, flags,
+                                      reinterpret_cast<gla::Problem*>(problem)));
+  });
+}
+
 size_t gla_cpu_workspace_bytes(const GlaProblem* problem) {
   return problem ? gla::cpu_workspace_bytes(as_problem(problem)) : 0;
 }
@@ -205,6 +245,10 @@ int32_t gla_cuda_compiled(void) { return gla::cuda_compiled() ? 1 : 0; }
 
 size_t gla_cuda_workspace_bytes(const GlaProblem* problem) {
   return problem ? gla::cuda_workspace_bytes(as_problem(problem)) : 0;
+}
+
+size_t gla_cuda_workspace_bound(const GlaProblem* largest) {
+  return largest ? gla::cuda_workspace_bound(as_problem(largest)) : 0;
 }
 
 int32_t gla_cuda_forward(const GlaProblem* problem, const GlaTensors* tensors, void* workspace,

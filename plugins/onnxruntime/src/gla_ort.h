@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "gla/contract.h"
 #include "gla/kernels.h"
 
 namespace gla_ort {
@@ -21,8 +22,6 @@ enum class Ep { kCpu, kCuda };
 enum Input : size_t { kQuery = 0, kKey, kValue, kGate, kPastState, kCuSeqlens, kGGamma, kNumInputs };
 enum Output : size_t { kOutput = 0, kPresentState, kNumOutputs };
 
-extern const char* const kInputNames[kNumInputs];
-extern const char* const kOutputNames[kNumOutputs];
 
 // One registration of the op. ORT builds one schema from all registrations of a name (the union of
 // their types per input) and picks the kernel whose types match the node. query fixes the
@@ -39,25 +38,22 @@ struct OpDef : OrtCustomOp {
 
 void init_op_def(OpDef* def, Ep ep, ONNXTensorElementDataType act, ONNXTensorElementDataType state);
 
-// The attributes, read and checked once per node.
-struct Attributes {
-  int64_t q_num_heads = 0;
-  int64_t kv_num_heads = 0;
-  float scale = 0.f;
-  int64_t reverse = 0;
-  int64_t chunk_size = 64;
-};
-
+// One node's kernel: its attributes, read and checked (gla::check_attributes) once when ORT
+// creates it, the prefix of its messages, and the allocator of its execution provider's device.
 struct Kernel {
   const OrtApi* api = nullptr;
   Ep ep = Ep::kCpu;
-  Attributes attrs;
-  std::string node_name;
+  gla::OpAttributes attrs;
+  std::string where;                 // "GatedLinearAttention 'node name'"
+  OrtAllocator* allocator = nullptr; // workspace (and scratch state on CUDA); released with the kernel
+  ~Kernel() {
+    if (allocator) api->ReleaseAllocator(allocator);
+  }
 };
 
 // Returns null on success, else an OrtStatus naming the offending input or attribute.
 OrtStatus* compute(Kernel* kernel, OrtKernelContext* context);
-OrtStatus* read_attributes(const OrtApi* api, const OrtKernelInfo* info, Attributes* out);
+OrtStatus* init_kernel(const OrtApi* api, const OrtKernelInfo* info, Kernel* kernel);
 OrtStatus* infer_output_shapes(const OrtApi* api, OrtShapeInferContext* ctx);
 
 }  // namespace gla_ort

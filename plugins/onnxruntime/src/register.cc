@@ -32,17 +32,7 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi* api, 
     auto* kernel = new Kernel;
     kernel->api = api;
     kernel->ep = def_of(op).ep;
-    size_t size = 0;
-    if (OrtStatus* st = api->KernelInfo_GetNodeName(info, nullptr, &size)) {
-      api->ReleaseStatus(st);
-    } else if (size > 1) {
-      std::vector<char> name(size);
-      if (OrtStatus* st2 = api->KernelInfo_GetNodeName(info, name.data(), &size))
-        api->ReleaseStatus(st2);
-      else
-        kernel->node_name = name.data();
-    }
-    if (OrtStatus* st = read_attributes(api, info, &kernel->attrs)) {
+    if (OrtStatus* st = init_kernel(api, info, kernel)) {
       delete kernel;
       return st;
     }

@@ -40,8 +40,9 @@ void needScalar(PluginField const& f) {
   if (f.length != 1) throw badField(f, "must be a scalar, got " + std::to_string(f.length) + " values");
 }
 
-// ONNX INT attributes arrive as int32 from TensorRT's parser (int64 from other writers).
-int32_t readInt(PluginField const& f) {
+// ONNX INT attributes arrive as int32 from TensorRT's parser (int64 from other writers); the
+// contract checks the range (gla::check_attributes).
+int64_t readInt(PluginField const& f) {
   needScalar(f);
   int64_t v = 0;
   switch (f.type) {
@@ -49,12 +50,9 @@ int32_t readInt(PluginField const& f) {
     case PluginFieldType::kINT16: v = *static_cast<int16_t const*>(f.data); break;
     case PluginFieldType::kINT32: v = *static_cast<int32_t const*>(f.data); break;
     case PluginFieldType::kINT64: v = *static_cast<int64_t const*>(f.data); break;
-    default: throw badField(f, std::string("must be an integer, got ") + fieldTypeName(f.type));
+    default: throw badField(f, std::string("must be an int, got ") + fieldTypeName(f.type));
   }
-  if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) {
-    throw badField(f, "is out of range: " + std::to_string(v));
-  }
-  return static_cast<int32_t>(v);
+  return v;
 }
 
 float halfToFloat(uint16_t h) {
@@ -76,10 +74,6 @@ float readFloat(PluginField const& f) {
     case PluginFieldType::kFLOAT32: return *static_cast<float const*>(f.data);
     case PluginFieldType::kFLOAT64: return static_cast<float>(*static_cast<double const*>(f.data));
     case PluginFieldType::kFLOAT16: return halfToFloat(*static_cast<uint16_t const*>(f.data));
-    case PluginFieldType::kINT32:
-    case PluginFieldType::kINT64:
-    case PluginFieldType::kINT16:
-    case PluginFieldType::kINT8: return static_cast<float>(readInt(f));
     default: throw badField(f, std::string("must be a float, got ") + fieldTypeName(f.type));
   }
 }
@@ -110,12 +104,14 @@ GlaPluginCreator::GlaPluginCreator(OpKind kind) : mKind(kind) {
   mFieldCollection.fields = mFieldNames.data();
 }
 
-Config GlaPluginCreator::parse(nvinfer1::PluginFieldCollection const* fc) const {
+Config GlaPluginCreator::parse(nvinfer1::PluginFieldCollection const* fc, bool runtime) const {
+  // The attributes go through the op contract (gla::check_attributes) as int64, so that no value is
+  // narrowed before it is checked; unknown attributes are refused.
+  gla::OpAttributes a;
   Config c;
   c.kind = mKind;
-  // ONNX defaults: a LinearAttention node without update_rule means "gated_delta" (refused below).
-  c.update_rule = mKind == OpKind::kLinearAttention ? "gated_delta" : "";
   bool const gla = mKind == OpKind::kGatedLinearAttention;
+  bool hasRule = false;
   int32_t const n = fc != nullptr ? fc->nbFields : 0;
   if (n > 0 && fc->fields == nullptr) throw std::invalid_argument("the field collection has no fields array");
   for (int32_t i = 0; i < n; ++i) {
@@ -123,17 +119,21 @@ Config GlaPluginCreator::parse(nvinfer1::PluginFieldCollection const* fc) const 
     if (f.name == nullptr) throw std::invalid_argument("field " + std::to_string(i) + " has no name");
     std::string const name = f.name;
     if (name == "q_num_heads") {
-      c.q_num_heads = readInt(f);
+      a.q_num_heads = readInt(f);
     } else if (name == "kv_num_heads") {
-      c.kv_num_heads = readInt(f);
+      a.kv_num_heads = readInt(f);
     } else if (name == "scale") {
-      c.scale = readFloat(f);
+      a.scale = readFloat(f);
     } else if (name == "chunk_size") {
-      c.chunk_size = readInt(f);
+      a.chunk_size = readInt(f);
     } else if (gla && name == "reverse") {
-      c.reverse = readInt(f);
+      a.reverse = readInt(f);
     } else if (!gla && name == "update_rule") {
       c.update_rule = readString(f);
+      hasRule = true;
+    } else if (runtime && name == "workspace_bytes") {
+      // written by getFieldsToSerialize into the plan; never an ONNX attribute
+      c.workspace_bytes = readInt(f);
     } else if (name == "plugin_version" || name == "plugin_namespace") {
       // consumed by the ONNX parser to find this creator; nothing for the plugin
     } else {
@@ -143,16 +143,30 @@ Config GlaPluginCreator::parse(nvinfer1::PluginFieldCollection const* fc) const 
                                   ")");
     }
   }
-  std::string const err = c.check();
-  if (!err.empty()) throw std::invalid_argument(err);
+  a.update_rule = static_cast<int32_t>(updateRule(c.update_rule, hasRule));
+  if (gla::check_attributes(mKind, a) != gla::Status::kOk) {
+    std::string const why = gla::last_error_message();
+    if (!gla && hasRule && a.update_rule == static_cast<int32_t>(gla::UpdateRule::kUnsupported)) {
+      // the contract's sentence with the value in it (the C struct carries only the rule's enum)
+      throw std::invalid_argument("attribute update_rule='" + c.update_rule +
+                                  "' is not supported (supported: 'gated', 'linear')");
+    }
+    throw std::invalid_argument(why);
+  }
+  // in range now (check_attributes): narrowing is exact
+  c.q_num_heads = static_cast<int32_t>(a.q_num_heads);
+  c.kv_num_heads = static_cast<int32_t>(a.kv_num_heads);
+  c.reverse = static_cast<int32_t>(a.reverse);
+  c.chunk_size = static_cast<int32_t>(a.chunk_size);
+  c.scale = a.scale;
   return c;
 }
 
 nvinfer1::IPluginV3* GlaPluginCreator::createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
-                                                    nvinfer1::TensorRTPhase /*phase*/) noexcept {
+                                                    nvinfer1::TensorRTPhase phase) noexcept {
   std::string const node = name != nullptr ? name : "";
   try {
-    return new GlaPlugin(node, parse(fc));
+    return new GlaPlugin(node, parse(fc, phase == nvinfer1::TensorRTPhase::kRUNTIME));
   } catch (std::exception const& e) {
     log(nvinfer1::ILogger::Severity::kERROR,
         std::string(opName(mKind)) + " plugin '" + node + "': cannot create: " + e.what());

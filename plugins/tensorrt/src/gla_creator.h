@@ -24,7 +24,8 @@ class GlaPluginCreator final : public nvinfer1::IPluginCreatorV3One {
   char const* getPluginNamespace() const noexcept override;
 
   // Reads a field collection into a Config; throws std::invalid_argument naming the field.
-  Config parse(nvinfer1::PluginFieldCollection const* fc) const;
+  // `runtime`: a plan being deserialised, which may also carry the declared workspace.
+  Config parse(nvinfer1::PluginFieldCollection const* fc, bool runtime) const;
 
  private:
   OpKind mKind;

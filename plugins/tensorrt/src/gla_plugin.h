@@ -16,20 +16,21 @@
 #include <string>
 #include <vector>
 
+#include "gla/contract.h"
 #include "gla/kernels.h"
 
 namespace gla_trt {
 
-enum class OpKind : int32_t { kGatedLinearAttention = 0, kLinearAttention = 1 };
+using gla::OpKind;
 
-char const* opName(OpKind kind);
+inline char const* opName(OpKind kind) { return gla::op_name(kind); }
 
 // Version and namespace of both creators' plugins: the creator and the plugin must report the
 // same pair, or TensorRT cannot find the creator when it deserialises an engine.
 inline constexpr char const* kPluginVersion = "1";
 inline constexpr char const* kPluginNamespace = "";
 
-// The node's attributes, exactly as the ONNX attributes of each op.
+// The node's attributes, exactly as the ONNX attributes of each op, plus what the plan carries.
 struct Config {
   OpKind kind = OpKind::kGatedLinearAttention;
   int32_t q_num_heads = 0;
@@ -38,27 +39,16 @@ struct Config {
   int32_t reverse = 0;     // GatedLinearAttention only
   int32_t chunk_size = 64; // a hint (0: no preference); the kernels pick their own tiling
   std::string update_rule; // LinearAttention only: "gated" or "linear"
+  // Not an ONNX attribute: the workspace the build declared (getWorkspaceSize), serialised with the
+  // plan so that enqueue can tell the kernel core the real size; -1 when not known.
+  int64_t workspace_bytes = -1;
 
-  bool gated() const { return kind == OpKind::kGatedLinearAttention || update_rule == "gated"; }
-  // Empty when valid, else one sentence naming the attribute and its value.
-  std::string check() const;
+  gla::OpAttributes attributes() const;
   std::string describe() const;
 };
 
-// Which plugin input plays which role; -1 when absent. Roles are positional, as in the ONNX
-// schemas: TensorRT's ONNX parser keeps input positions and cannot hand a plugin an empty input in
-// the middle (addPluginV3 refuses the null tensor), so only trailing optional inputs may be omitted.
-struct Roles {
-  int32_t query = 0, key = 1, value = 2;
-  int32_t gate = -1;        // GLA: gate (input 3); LinearAttention: decay (input 4)
-  int32_t past_state = -1;
-  int32_t cu_seqlens = -1;
-  int32_t g_gamma = -1;
-  int32_t beta = -1;        // LinearAttention only; never read (delta rules are refused)
-};
-
-// Returns an empty string on success, else an error sentence.
-std::string resolveRoles(Config const& config, int32_t nbInputs, Roles& roles);
+// LinearAttention's update_rule as the contract's enum (a missing attribute is kMissing).
+gla::UpdateRule updateRule(std::string const& rule, bool present);
 
 class GlaPlugin final : public nvinfer1::IPluginV3,
                         public nvinfer1::IPluginV3OneCore,
@@ -106,16 +96,13 @@ class GlaPlugin final : public nvinfer1::IPluginV3,
 
   Config const& config() const { return mConfig; }
 
-  // The problem the kernel core would solve for these concrete descriptors; throws a
-  // std::invalid_argument naming the input and its shape when they do not fit the op.
-  gla::Problem problemFor(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
-                          nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) const;
-
-  // Workspace the plugin declares for a profile whose largest problem is `largest`: the kernel
-  // core's largest need over the problems the profile allows, plus alignment slack.
-  static size_t declaredWorkspace(gla::Problem const& largest);
-
  private:
+  // The contract's problem for these descriptors (gla::infer_problem); throws std::invalid_argument
+  // with the contract's message (naming the input and its shape) when they do not fit the op.
+  gla::Problem infer(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, int32_t flags) const;
+  // The outputs TensorRT built agree with the problem (types; shapes where known).
+  void checkOutputs(gla::Problem const& p, nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) const;
+
   void reportError(nvinfer1::ErrorCode code, std::string const& message) const noexcept;
   std::string where() const;  // "GatedLinearAttention plugin 'node'"
 
@@ -123,6 +110,11 @@ class GlaPlugin final : public nvinfer1::IPluginV3,
   Config mConfig;
   nvinfer1::IErrorRecorder* mRecorder = nullptr;
   int32_t mNbInputs = 0;  // enqueue() is not told how many inputs there are
+  // What onShapeChange validated, reused by enqueue while the input shapes stay the same.
+  gla::Problem mProblem{};
+  std::array<nvinfer1::Dims, 7> mShapes{};
+  bool mHaveProblem = false;
+  mutable int64_t mDeclaredWorkspace = -1;  // the largest getWorkspaceSize() answered (build time)
   std::string mTimingId;
   std::vector<nvinfer1::PluginField> mFields;
   nvinfer1::PluginFieldCollection mFieldCollection{};

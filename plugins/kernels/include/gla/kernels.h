@@ -103,6 +103,11 @@ bool cuda_compiled();
 // Workspace for cuda_forward, in bytes of device memory (256-byte aligned by the caller).
 size_t cuda_workspace_bytes(const Problem& problem);
 
+// The most cuda_workspace_bytes() asks for over every problem with the fields of `largest` except
+// a smaller (or equal) batch, num_seqs and seq_len: what an engine declares once for a profile.
+// A closed form next to the planner (cuda/forward.cuh); arithmetic only, no CUDA call.
+size_t cuda_workspace_bound(const Problem& largest);
+
 // Enqueues the whole operation on `stream` (a cudaStream_t); no allocation, no synchronisation.
 // cu_seqlens, when present, is read on the device.
 Status cuda_forward(const Problem& problem, const Tensors& tensors, void* workspace, size_t workspace_bytes,

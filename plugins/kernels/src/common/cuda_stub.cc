@@ -8,6 +8,7 @@ namespace gla {
 bool cuda_compiled() { return false; }
 
 size_t cuda_workspace_bytes(const Problem&) { return 0; }
+size_t cuda_workspace_bound(const Problem&) { return 0; }
 
 Status cuda_forward(const Problem&, const Tensors&, void*, size_t, void*) {
   return detail::fail(Status::kUnsupported,

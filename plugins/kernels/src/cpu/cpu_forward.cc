@@ -1,5 +1,6 @@
 // CPU launcher: checks the problem and the pointers, plans the work units (plan.h), picks the
 // instruction set the hot loops were built for, and spreads the slots over the caller's threads.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -33,8 +34,12 @@ Plan make_plan(const Problem& p) {
   plan.units = heads * plan.nvb;
   plan.slots = plan.units < kMaxSlots ? plan.units : kMaxSlots;
 
-  const int64_t dk = plan.dk, C = plan.rows, G = plan.G, vbp = plan.vbp;
+  const int64_t dk = plan.dk, C = plan.rows, vbp = plan.vbp;
   const int64_t Cp = round_up(C, kLane), dkp = round_up(dk, kLane);
+  // step by step the heads' rows are few (one row each); chunked, a group of query heads at a time
+  const int64_t per_head = C * (dk + Cp + vbp);
+  plan.gq = C == 1 ? plan.G : std::max<int64_t>(1, std::min<int64_t>(plan.G, kMaxHeadGroupFloats / per_head));
+  const int64_t G = plan.gq, Gall = plan.G;
   int64_t off = 0;
   auto take = [&](int64_t floats) {
     const int64_t at = off;
@@ -45,11 +50,12 @@ Plan make_plan(const Problem& p) {
   plan.off_Kr = take(Cp * dkp);                // pivoted keys of the chunk [C][dkp]
   plan.off_KTr = take(dkp * Cp);               // the same, transposed [dkp][C]
   plan.off_Gm = take(Cp * dkp);                // cumulative log decay [C][dkp]
-  plan.off_Q = take(G * C * dk);               // queries [G][C][dk]
+  // (a short sequence of a packed batch runs step by step even in a chunked plan: all G heads' rows)
+  plan.off_Q = take(std::max(G * C * dk, Gall * dk));  // queries [gq][C][dk]
   plan.off_KT = take(dkp * Cp);                // keys as one sub-chunk's scores see them [dkp][C]
   plan.off_V = take(C * vbp);                  // values [C][vbp]
-  plan.off_A = take(G * C * Cp);               // intra-chunk scores [G][C][C]
-  plan.off_O = take(G * C * vbp);              // outputs [G][C][vbp]
+  plan.off_A = take(G * C * Cp);               // intra-chunk scores [gq][C][C]
+  plan.off_O = take(std::max(G * C * vbp, Gall * vbp));  // outputs [gq][C][vbp]
   plan.off_tmp = take((kChunk / kSub + 3) * dkp);  // per-sub-chunk factors and scratch rows
   plan.slot_floats = off;
   plan.workspace_bytes = plan.units == 0 ? 0 : size_t(plan.slots) * size_t(plan.slot_floats) * 4 + 64;
@@ -61,8 +67,11 @@ namespace {
 using RunSlot = void (*)(const Job&, int64_t);
 
 // GLA_CPU_ISA=generic|avx2|avx512 forces a build of the hot loops (tests cover each one); an ISA
-// the processor lacks is never picked.
+// the processor lacks is never picked. On aarch64 NEON is part of the architecture: the NEON build
+// runs unless GLA_CPU_ISA=generic. Other architectures have the portable build only.
 RunSlot pick_isa() {
+  const char* want = std::getenv("GLA_CPU_ISA");
+  const bool want_generic = want && std::strcmp(want, "generic") == 0;
 #if defined(GLA_CPU_X86_DISPATCH)
   __builtin_cpu_init();
   const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
@@ -70,11 +79,14 @@ RunSlot pick_isa() {
                           __builtin_cpu_supports("fma");
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                         __builtin_cpu_supports("f16c");
-  const char* want = std::getenv("GLA_CPU_ISA");
-  if (want && std::strcmp(want, "generic") == 0) return generic::run_slot;
+  if (want_generic) return generic::run_slot;
   if (want && std::strcmp(want, "avx2") == 0) return has_avx2 ? avx2::run_slot : generic::run_slot;
   if (has_avx512) return avx512::run_slot;
   if (has_avx2) return avx2::run_slot;
+#elif defined(GLA_CPU_NEON_DISPATCH)
+  if (!want_generic) return neon::run_slot;
+#else
+  (void)want_generic;
 #endif
   return generic::run_slot;
 }
@@ -113,8 +125,12 @@ Status check_cu_seqlens(const I* cu, int64_t n, int64_t T) {
 
 const char* selected_isa_name() {
   const RunSlot fn = run_slot_fn();
+#if defined(GLA_CPU_X86_DISPATCH)
   if (fn == avx512::run_slot) return "avx512";
   if (fn == avx2::run_slot) return "avx2";
+#elif defined(GLA_CPU_NEON_DISPATCH)
+  if (fn == neon::run_slot) return "neon";
+#endif
   return "generic";
 }
 

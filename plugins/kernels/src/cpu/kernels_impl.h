@@ -1,8 +1,9 @@
 // The CPU hot loops, written once and compiled once per instruction set: kernels_generic.cc,
-// kernels_avx2.cc and kernels_avx512.cc define
+// kernels_avx2.cc, kernels_avx512.cc (x86-64) and kernels_neon.cc (aarch64) define
 //   GLA_CPU_ISA   the namespace of this build (generic, avx2, avx512)
 //   GLA_MR/NV     the GEMM register tile: GLA_MR rows x GLA_NV vectors of 16 floats
 //   GLA_REC_GB/NB the step-by-step tile: GLA_REC_GB query heads x GLA_REC_NB vectors of 16 floats
+//   GLA_CPU_NEON  (aarch64 only) convert float16/bfloat16 rows with NEON instructions
 // and include this file. Plain C++ with GCC/Clang vector extensions (V16 = 16 floats): the compiler
 // maps V16 to one zmm, two ymm, or four xmm / NEON registers, so the same code vectorises on every
 // target. Nothing here allocates; every buffer lives in the slot's scratch (plan.h).
@@ -31,6 +32,10 @@
 #include <cstring>
 
 #include "cpu/plan.h"
+
+#if defined(GLA_CPU_NEON)
+#include <arm_neon.h>
+#endif
 
 namespace gla {
 namespace cpu {
@@ -114,6 +119,41 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t((x & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
+#if defined(GLA_CPU_NEON)
+// FCVTL/FCVTN round to nearest even, like the portable conversions above, and Linux leaves the
+// flush-to-zero bits of FPCR clear, so subnormal halves convert exactly; only a NaN's payload may
+// differ (FCVTN keeps its top bits, float_to_half returns the canonical quiet NaN).
+inline void half_row_to_float(float* __restrict dst, const uint16_t* __restrict s, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(s + i));
+    vst1q_f32(dst + i, vcvt_f32_f16(vget_low_f16(h)));
+    vst1q_f32(dst + i + 4, vcvt_high_f32_f16(h));
+  }
+  for (; i < n; ++i) dst[i] = half_to_float(s[i]);
+}
+
+inline void bf16_row_to_float(float* __restrict dst, const uint16_t* __restrict s, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const uint16x8_t h = vld1q_u16(s + i);
+    vst1q_f32(dst + i, vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)));
+    vst1q_f32(dst + i + 4, vreinterpretq_f32_u32(vshll_high_n_u16(h, 16)));
+  }
+  for (; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+}
+
+inline void float_row_to_half(uint16_t* __restrict d, const float* __restrict src, float mul, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const float16x4_t lo = vcvt_f16_f32(vmulq_n_f32(vld1q_f32(src + i), mul));
+    const float16x8_t h = vcvt_high_f16_f32(lo, vmulq_n_f32(vld1q_f32(src + i + 4), mul));
+    vst1q_u16(d + i, vreinterpretq_u16_f16(h));
+  }
+  for (; i < n; ++i) d[i] = float_to_half(src[i] * mul);
+}
+#endif
+
 // dst[0..n) = src[off..off+n) as float32
 inline void load_row(float* __restrict dst, const void* src, int64_t off, DType dt, int64_t n) {
   switch (dt) {
@@ -122,12 +162,20 @@ inline void load_row(float* __restrict dst, const void* src, int64_t off, DType 
       break;
     case DType::kFloat16: {
       const uint16_t* __restrict s = static_cast<const uint16_t*>(src) + off;
+#if defined(GLA_CPU_NEON)
+      half_row_to_float(dst, s, n);
+#else
       for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(s[i]);
+#endif
       break;
     }
     case DType::kBFloat16: {
       const uint16_t* __restrict s = static_cast<const uint16_t*>(src) + off;
+#if defined(GLA_CPU_NEON)
+      bf16_row_to_float(dst, s, n);
+#else
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+#endif
       break;
     }
   }
@@ -149,7 +197,11 @@ inline void store_row(void* dst, int64_t off, const float* __restrict src, float
     }
     case DType::kFloat16: {
       uint16_t* __restrict d = static_cast<uint16_t*>(dst) + off;
+#if defined(GLA_CPU_NEON)
+      float_row_to_half(d, src, mul, n);
+#else
       for (int64_t i = 0; i < n; ++i) d[i] = float_to_half(src[i] * mul);
+#endif
       break;
     }
     case DType::kBFloat16: {
@@ -237,6 +289,36 @@ inline void transpose(const float* __restrict src, int64_t lds, float* __restric
 // tile reduces only up to its last row (the zeros above the diagonal must still be stored in A up
 // to the tile's last row).
 
+#if defined(GLA_CPU_NEON)
+// NEON: GCC keeps arrays of 64-byte generic vectors in memory on aarch64 (the accumulators went
+// to the stack on every step of K), so the register tiles are written with float32x4_t, which it
+// keeps in registers once the constant loops are unrolled.
+template <int MR, int NV>
+inline void micro_tile(int64_t K, const float* __restrict a, int64_t ars, int64_t acs, const float* __restrict b,
+                       int64_t ldb, float* __restrict c, int64_t ldc, bool accumulate) {
+  constexpr int NQ = 4 * NV;  // float32x4_t per row of the tile
+  float32x4_t acc[MR][NQ];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NQ; ++j) acc[i][j] = accumulate ? vld1q_f32(c + i * ldc + 4 * j) : vdupq_n_f32(0.f);
+  for (int64_t p = 0; p < K; ++p) {
+    float32x4_t bv[NQ];
+#pragma GCC unroll 8
+    for (int j = 0; j < NQ; ++j) bv[j] = vld1q_f32(b + p * ldb + 4 * j);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const float av = a[i * ars + p * acs];
+#pragma GCC unroll 8
+      for (int j = 0; j < NQ; ++j) acc[i][j] = vfmaq_n_f32(acc[i][j], bv[j], av);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NQ; ++j) vst1q_f32(c + i * ldc + 4 * j, acc[i][j]);
+}
+#else
 template <int MR, int NV>
 inline void micro_tile(int64_t K, const float* __restrict a, int64_t ars, int64_t acs, const float* __restrict b,
                        int64_t ldb, float* __restrict c, int64_t ldc, bool accumulate) {
@@ -254,6 +336,7 @@ inline void micro_tile(int64_t K, const float* __restrict a, int64_t ars, int64_
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) vstore(c + i * ldc + 16 * j, acc[i][j]);
 }
+#endif
 
 template <int NV, int R>
 inline void micro_rows(int64_t rows, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
@@ -317,6 +400,45 @@ inline void log_decay_row(const Job& job, const Unit& u, int64_t r, float* __res
 
 // Step-by-step tile: GB query heads x NB vectors of value columns starting at column j.
 // With `update`, S_in rows are decayed, take k v and go to S_out; without, S_in is already updated.
+#if defined(GLA_CPU_NEON)
+template <int GB, int NB>
+inline void step_tile(int64_t dk, const float* S_in, int64_t ld_in, float* S_out, int64_t ld_out, bool update,
+                      const float* __restrict kr, const float* __restrict dr, const float* __restrict vr,
+                      const float* __restrict q, float* __restrict o, int64_t ldo, int64_t j) {
+  constexpr int NQ = 4 * NB;
+  float32x4_t acc[GB][NQ];
+  float32x4_t vv[NQ];
+#pragma GCC unroll 8
+  for (int c = 0; c < NQ; ++c) vv[c] = vld1q_f32(vr + j + 4 * c);
+#pragma GCC unroll 8
+  for (int g = 0; g < GB; ++g)
+#pragma GCC unroll 8
+    for (int c = 0; c < NQ; ++c) acc[g][c] = vdupq_n_f32(0.f);
+  for (int64_t i = 0; i < dk; ++i) {
+    float32x4_t s[NQ];
+#pragma GCC unroll 8
+    for (int c = 0; c < NQ; ++c) s[c] = vld1q_f32(S_in + i * ld_in + j + 4 * c);
+    if (update) {
+      const float di = dr[i], ki = kr[i];
+#pragma GCC unroll 8
+      for (int c = 0; c < NQ; ++c) {
+        s[c] = vfmaq_n_f32(vmulq_n_f32(s[c], di), vv[c], ki);
+        vst1q_f32(S_out + i * ld_out + j + 4 * c, s[c]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < GB; ++g) {
+      const float qi = q[g * dk + i];
+#pragma GCC unroll 8
+      for (int c = 0; c < NQ; ++c) acc[g][c] = vfmaq_n_f32(acc[g][c], s[c], qi);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GB; ++g)
+#pragma GCC unroll 8
+    for (int c = 0; c < NQ; ++c) vst1q_f32(o + g * ldo + j + 4 * c, acc[g][c]);
+}
+#else
 template <int GB, int NB>
 inline void step_tile(int64_t dk, const float* S_in, int64_t ld_in, float* S_out, int64_t ld_out, bool update,
                       const float* __restrict kr, const float* __restrict dr, const float* __restrict vr,
@@ -344,6 +466,7 @@ inline void step_tile(int64_t dk, const float* S_in, int64_t ld_in, float* S_out
   for (int g = 0; g < GB; ++g)
     for (int c = 0; c < NB; ++c) vstore(o + g * ldo + j + 16 * c, acc[g][c]);
 }
+#endif
 
 template <int GB>
 inline void step_heads(int64_t dk, int64_t vwp, const float* S_in, int64_t ld_in, float* S_out, int64_t ld_out,
@@ -377,11 +500,20 @@ void step_streaming(int64_t dk, int64_t vwp, int64_t G, const float* S_in, int64
     const float di = dr[i], ki = kr[i];
     const float* si = S_in + i * ld_in;
     float* so = S_out + i * ld_out;
+#if defined(GLA_CPU_NEON)
+    for (int64_t j = 0; j < vwp; j += 4) {
+      const float32x4_t sv = vfmaq_n_f32(vmulq_n_f32(vld1q_f32(si + j), di), vld1q_f32(vr + j), ki);
+      vst1q_f32(so + j, sv);
+      for (int64_t g = 0; g < G; ++g)
+        vst1q_f32(o + g * vwp + j, vfmaq_n_f32(vld1q_f32(o + g * vwp + j), sv, q[g * dk + i]));
+    }
+#else
     for (int64_t j = 0; j < vwp; j += 16) {
       const V16 sv = vload(si + j) * di + ki * vload(vr + j);
       vstore(so + j, sv);
       for (int64_t g = 0; g < G; ++g) vstore(o + g * vwp + j, vload(o + g * vwp + j) + q[g * dk + i] * sv);
     }
+#endif
   }
 }
 
@@ -435,11 +567,11 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
   float* Kh = scratch + pl.off_Kr;    // [C][dkp]  k_j e^{Γ_m(b) − Γ_j}, row-major
   float* KhT = scratch + pl.off_KTr;  // [dkp][Cp] the same, transposed; later k_j e^{Γ_last − Γ_j}
   float* Gm = scratch + pl.off_Gm;    // [C][dkp]  Γ
-  float* Q = scratch + pl.off_Q;      // [G][C][dk] queries, scaled in place
+  float* Q = scratch + pl.off_Q;      // [gq][C][dk] queries of one group of heads, scaled in place
   float* KT = scratch + pl.off_KT;    // [dkp][Cp] the keys as sub-chunk a's scores see them
   float* V = scratch + pl.off_V;      // [C][vwp]
-  float* A = scratch + pl.off_A;      // [G][C][Cp] intra-chunk scores, lower triangular
-  float* O = scratch + pl.off_O;      // [G][C][vwp]
+  float* A = scratch + pl.off_A;      // [gq][C][Cp] intra-chunk scores, lower triangular
+  float* O = scratch + pl.off_O;      // [gq][C][vwp]
   float* M = scratch + pl.off_tmp;    // [kMaxSubs][dkp] e^{Γ_p(a) − Γ_m(b)} for the sub-chunks b < a
   float* row = M + kMaxSubs * dkp;    // [dkp] scratch rows
   float* row2 = row + dkp;
@@ -463,8 +595,6 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
       }
       load_row(V + i * vwp, job.t.value, (r * Hkv + u.h) * dv + u.v0, p.act_dtype, u.vw);
       zero(V + i * vwp + u.vw, vwp - u.vw);
-      for (int64_t g = 0; g < G; ++g)
-        load_row(Q + (g * C + i) * dk, job.t.query, (r * Hq + u.h * G + g) * dk, p.act_dtype, dk);
     }
 
     // ---- pivots: keys of sub-chunk b are seen from its last row m(b); queries of sub-chunk a from
@@ -486,17 +616,27 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
       const int64_t b = i / kSub;
       const float* gi = Gm + i * dkp;
       const float* gm = Gm + last[b] * dkp;
-      const float* gp = Gm + pivot[b] * dkp;
       float* ki = Kh + i * dkp;
       for (int64_t k = 0; k < dk; ++k) ki[k] *= exp_f32(gm[k] - gi[k]);
-      for (int64_t k = 0; k < dk; ++k) row[k] = exp_f32(gi[k] - gp[k]);
-      for (int64_t g = 0; g < G; ++g) {
-        float* qi = Q + (g * C + i) * dk;
-        for (int64_t k = 0; k < dk; ++k) qi[k] *= row[k];
-      }
     }
     // rows [L, 16 nsub) and columns [dk, dkp) of the transpose are never read
     transpose(Kh, dkp, KhT, Cp, nsub * kSub, dkp);
+
+    // ---- the query heads, pl.gq at a time: their scratch (Q, A, O) stays bounded however many
+    // query heads share this key/value head
+    for (int64_t g0 = 0; g0 < G; g0 += pl.gq) {
+    const int64_t gn = G - g0 < pl.gq ? G - g0 : pl.gq;
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t r = row_of(job, u, c0 + i);
+      const float* gi = Gm + i * dkp;
+      const float* gp = Gm + pivot[i / kSub] * dkp;
+      for (int64_t k = 0; k < dk; ++k) row[k] = exp_f32(gi[k] - gp[k]);
+      for (int64_t g = 0; g < gn; ++g) {
+        float* qi = Q + (g * C + i) * dk;
+        load_row(qi, job.t.query, (r * Hq + u.h * G + g0 + g) * dk, p.act_dtype, dk);
+        for (int64_t k = 0; k < dk; ++k) qi[k] *= row[k];
+      }
+    }
 
     // ---- intra-chunk scores, one sub-chunk of rows at a time
     for (int64_t a = 0; a < nsub; ++a) {
@@ -513,9 +653,9 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
         for (int64_t b = 0; b < a; ++b) vstore(dst + b * kSub, vload(src + b * kSub) * M[b * dkp + k]);
         vstore(dst + n, safe[a] ? vload(src + n) : V16{});
       }
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t g = 0; g < gn; ++g)
         gemm(e - n, w, dk, Q + (g * C + n) * dk, dk, 1, KT, Cp, A + (g * C + n) * Cp, Cp, false);
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t g = 0; g < gn; ++g)
         for (int64_t i = n; i < e; ++i) zero(A + (g * C + i) * Cp + i + 1, Cp - i - 1);
 
       if (!safe[a]) {
@@ -528,8 +668,8 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
             const float* gi = Gm + i * dkp;
             for (int64_t k = 0; k < dk; ++k) row[k] = row3[k] * exp_f32(gi[k] - gj[k]);
             const int64_t ri = row_of(job, u, c0 + i);
-            for (int64_t g = 0; g < G; ++g) {
-              load_row(row2, job.t.query, (ri * Hq + u.h * G + g) * dk, p.act_dtype, dk);
+            for (int64_t g = 0; g < gn; ++g) {
+              load_row(row2, job.t.query, (ri * Hq + u.h * G + g0 + g) * dk, p.act_dtype, dk);
               A[(g * C + i) * Cp + j] = dot(row2, row, dk);
             }
           }
@@ -538,7 +678,7 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
 
       // these rows now read the carried state: q_i e^{Γ_i} = (q_i e^{Γ_i − Γ_p}) e^{Γ_p}
       for (int64_t k = 0; k < dk; ++k) row[k] = exp_f32(gp[k]);
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t g = 0; g < gn; ++g)
         for (int64_t i = n; i < e; ++i) {
           float* qi = Q + (g * C + i) * dk;
           for (int64_t k = 0; k < dk; ++k) qi[k] *= row[k];
@@ -546,15 +686,16 @@ void run_chunks(const Job& job, const Unit& u, float* S, float* scratch) {
     }
 
     // ---- outputs: carried state, then the chunk itself
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g = 0; g < gn; ++g) {
       float* Og = O + g * C * vwp;
       gemm(L, vwp, dk, Q + g * C * dk, dk, 1, S, vwp, Og, vwp, false);
       gemm(L, vwp, L, A + g * C * Cp, Cp, 1, V, vwp, Og, vwp, true, /*lower=*/true);
       for (int64_t i = 0; i < L; ++i) {
         const int64_t r = row_of(job, u, c0 + i);
-        store_row(job.t.output, (r * Hq + u.h * G + g) * dv + u.v0, Og + i * vwp, job.scale, p.act_dtype, u.vw);
+        store_row(job.t.output, (r * Hq + u.h * G + g0 + g) * dv + u.v0, Og + i * vwp, job.scale, p.act_dtype, u.vw);
       }
     }
+    }  // query-head groups
 
     // ---- the state after the chunk: e^{Γ_last} S + Σ_j (k_j e^{Γ_last − Γ_j})ᵀ v_j
     const float* Gl = Gm + (L - 1) * dkp;

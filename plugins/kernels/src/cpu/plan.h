@@ -25,6 +25,10 @@ constexpr int64_t kMaxVBlock = 128;  // value columns per chunked unit: keeps a 
 constexpr int64_t kMinVBlock = 64;   // never narrower than this (narrow blocks waste the GEMMs)
 constexpr int64_t kMinUnits = 8;     // split value columns until there are this many units
 
+// The chunked form's per-head scratch (queries, scores, outputs of a chunk) is at most about this
+// many floats a slot: many query heads per key/value head are taken a group at a time.
+constexpr int64_t kMaxHeadGroupFloats = 1 << 18;
+
 // Sequences shorter than this run step by step (the decode path); longer ones chunk by chunk.
 constexpr int64_t kRecurrentMaxLen = 24;
 
@@ -32,6 +36,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 struct Plan {
   int64_t G = 1;           // query heads per key/value head
+  int64_t gq = 1;          // query heads a chunked unit takes at a time (bounds the scratch)
   int64_t dk = 0, dv = 0;  // head sizes
   int64_t vb = 0;          // value columns per unit (the last block may be narrower)
   int64_t vbp = 0;         // vb rounded up to kLane
@@ -48,7 +53,7 @@ struct Plan {
 
 Plan make_plan(const Problem& problem);
 
-// Which build of the hot loops runs here: "avx512", "avx2" or "generic".
+// Which build of the hot loops runs here: "avx512", "avx2", "neon" or "generic".
 const char* selected_isa_name();
 
 // Everything a slot needs, resolved once per call.
@@ -60,7 +65,8 @@ struct Job {
   float* scratch = nullptr;  // 64-byte aligned, plan.slots * plan.slot_floats floats
 };
 
-// The hot loops, built once per instruction set (kernels_{generic,avx2,avx512}.cc).
+// The hot loops, built once per instruction set (kernels_{generic,avx2,avx512,neon}.cc); only the
+// ones of the target's architecture are linked in (the dispatcher names no other).
 namespace generic {
 void run_slot(const Job& job, int64_t slot);
 }
@@ -68,6 +74,9 @@ namespace avx2 {
 void run_slot(const Job& job, int64_t slot);
 }
 namespace avx512 {
+void run_slot(const Job& job, int64_t slot);
+}
+namespace neon {
 void run_slot(const Job& job, int64_t slot);
 }
 

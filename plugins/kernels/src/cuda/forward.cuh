@@ -86,9 +86,10 @@ constexpr size_t kAlign = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Tuning knob for benchmarks only: GLA_CUDA_TARGET_BLOCKS overrides kTargetBlocks (read once per
-// process, so the workspace size stays a function of the Problem within a process).
-// GLA_CUDA_STEP_ROWS (4, 8 or 16; default 4): the step kernel's state rows a thread, likewise.
+// GLA_CUDA_STEP_ROWS (4, 8 or 16; default 4): the step kernel's state rows a thread, a tuning knob
+// for benchmarks (read once per process; the workspace does not depend on it). The segment split's
+// target (kTargetBlocks) is a constant: the workspace depends on it, and an engine planned under one
+// value must not run under another (a TensorRT plan declares its workspace once, at build time).
 inline int step_rows() {
   static const int value = [] {
     const char* e = std::getenv("GLA_CUDA_STEP_ROWS");
@@ -98,14 +99,6 @@ inline int step_rows() {
   return value;
 }
 
-inline int64_t target_blocks() {
-  static const int64_t value = [] {
-    const char* e = std::getenv("GLA_CUDA_TARGET_BLOCKS");
-    const long long v = e ? std::atoll(e) : 0;
-    return v > 0 ? int64_t(v) : kTargetBlocks;
-  }();
-  return value;
-}
 inline size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
 struct Plan {
@@ -158,8 +151,8 @@ inline Plan make_plan(const Problem& pr) {
   pl.nvb = int(ceil_div(V, kBV));
   const int64_t base = N * pr.q_heads * pl.nvb;
   const int64_t chunks = pr.has_cu_seqlens ? ceil_div(ceil_div(T, N), kChunk) : ceil_div(T, kChunk);
-  if (base < target_blocks()) {
-    const int64_t want = ceil_div(target_blocks(), base);
+  if (base < kTargetBlocks) {
+    const int64_t want = ceil_div(kTargetBlocks, base);
     const int64_t seg_chunks = std::max(kMinSegmentChunks, ceil_div(chunks, want));
     if (seg_chunks < chunks) pl.seg_len = seg_chunks * kChunk;
   }
@@ -287,6 +280,34 @@ Status run(Plan pl, const Params& p, unsigned char* ws, stream_t stream) {
 inline size_t workspace_bytes(const Problem& pr) {
   if (validate(pr) != Status::kOk) return 0;
   return make_plan(pr).workspace;
+}
+
+// The most workspace_bytes() asks for over every problem that differs from `largest` only in
+// smaller batch, num_seqs and seq_len: what a TensorRT profile declares once. In closed form from
+// make_plan: a workspace exists only when sequences are split into segments, which happens only
+// while base = N * Hq * nvb < kTargetBlocks; a segment is then at least kMinSegmentChunks chunks
+// and there are at most ceil(kTargetBlocks / base) of them per sequence, so
+//     dense:  slots = N * nseg <= min(N * ceil(T / seg_min), N_seg + kTargetBlocks / (Hq * nvb))
+//     packed: slots = N + T / seg_len <= N_seg + T / seg_min
+// with N_seg = min(N, ceil(kTargetBlocks / (Hq * nvb)) - 1) the most sequences that still split.
+inline size_t workspace_bound(const Problem& largest) {
+  if (validate(largest) != Status::kOk) return 0;
+  const int64_t N = largest.num_seqs, T = largest.seq_len;
+  const int64_t K = largest.head_dim_k, V = largest.head_dim_v;
+  const int64_t short_t = largest.has_cu_seqlens ? kRecurrentMaxTPacked : kRecurrentMaxT;
+  if (T <= short_t || K > kChunkMaxK || N == 0) return 0;
+  const int64_t per_seq = int64_t(largest.q_heads) * ceil_div(V, kBV);  // base / N
+  const int64_t n_split = std::min(N, ceil_div(kTargetBlocks, per_seq) - 1);
+  if (n_split < 1) return 0;
+  const int64_t seg_min = kMinSegmentChunks * kChunk;
+  const int64_t slots = largest.has_cu_seqlens
+                            ? n_split + T / seg_min
+                            : std::min(n_split * ceil_div(T, seg_min), n_split + kTargetBlocks / per_seq);
+  size_t off = 0;
+  if (largest.has_cu_seqlens) off = align_up(size_t(n_split + 1) * sizeof(int32_t));
+  off = align_up(off + size_t(slots) * largest.kv_heads * K * V * sizeof(float));
+  off = align_up(off + size_t(slots) * largest.kv_heads * K * sizeof(float));
+  return off;
 }
 
 }  // namespace cuda

@@ -10,6 +10,8 @@ bool cuda_compiled() { return true; }
 
 size_t cuda_workspace_bytes(const Problem& problem) { return cuda::workspace_bytes(problem); }
 
+size_t cuda_workspace_bound(const Problem& largest) { return cuda::workspace_bound(largest); }
+
 Status cuda_forward(const Problem& problem, const Tensors& tensors, void* workspace, size_t workspace_bytes,
                     void* stream) {
   return cuda::forward(problem, tensors, workspace, workspace_bytes, static_cast<cudaStream_t>(stream));

@@ -14,6 +14,7 @@ int gla_emu_forward(const gla::Problem* problem, const gla::Tensors* tensors, vo
 }
 
 size_t gla_emu_workspace_bytes(const gla::Problem* problem) { return gla::cuda::workspace_bytes(*problem); }
+size_t gla_emu_workspace_bound(const gla::Problem* problem) { return gla::cuda::workspace_bound(*problem); }
 
 const char* gla_emu_last_error() { return gla::last_error_message(); }
 

@@ -1,0 +1,145 @@
+"""ONNX Runtime (``ort-cpu``, ``ort-cuda``): two sessions from :func:`gla_export.runtime.create_session`,
+run through I/O bindings on torch buffers."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TYPE_CHECKING
+
+import torch
+
+from ..._dtypes import ort_element_type
+from ...errors import MissingRuntimeError, ModelError, UsageError
+from .base import check_graph_io, sync_device
+
+if TYPE_CHECKING:
+    from ...export.metadata import ExportMetadata
+
+CUDA_HINT = "pip install 'gla-export[gpu]'"
+
+
+def _bind_args(dev: str, dev_id: int, tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    """``bind_input``/``bind_output`` arguments for buffers that stay where they are."""
+    return [(n, dev, dev_id, ort_element_type(t.dtype), tuple(t.shape), t.data_ptr()) for n, t in tensors.items()]
+
+
+def open_session(metadata: ExportMetadata, graph: str, *, cuda: bool, device_id: int = 0, threads: int | None = None):
+    """A session for one graph of the export (the decoder's and ``verify``'s), through the one
+    session factory; ModelError when the file is not the graph the metadata describes."""
+    from ..session import create_session
+
+    path = metadata.path(graph)
+    providers: list[Any] = [("cuda", {"device_id": device_id}), "cpu"] if cuda else ["cpu"]
+    form = metadata.form
+    try:
+        sess = create_session(path, providers, library=form == "custom", intra_op_num_threads=threads,
+                              allow_unreleased_opsets=form == "onnx")
+    except MissingRuntimeError as e:
+        if form == "custom":
+            raise MissingRuntimeError(f"{e}; or export with --gla-op decomposed, which needs no library") from e
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise ModelError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+    check_graph_io(metadata, graph, [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()],
+                   str(path))
+    if cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
+        raise MissingRuntimeError("ONNX Runtime could not create its CUDA execution provider (no usable GPU?)")
+    return sess
+
+
+class OrtRuntime:
+    """``ort-cpu`` and ``ort-cuda``: the export's two ONNX Runtime sessions."""
+
+    names: ClassVar[tuple[str, ...]] = ("ort-cpu", "ort-cuda")
+    max_batch: int | None = None
+    max_seq: int | None = None
+
+    @classmethod
+    def check(cls, metadata: ExportMetadata, *, cuda: bool = False, library: Any = None, **_: Any) -> str:
+        """What runs the export here (``onnxruntime 1.x (CPU) + libgla_onnxruntime.so``), or
+        MissingRuntimeError/UsageError saying what is missing."""
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise MissingRuntimeError(
+                "onnxruntime is not installed: pip install 'gla-export[cpu]' (or '[gpu]' for ort-cuda)") from e
+        if cuda:
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise MissingRuntimeError(
+                    "ort-cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available in this "
+                    f"onnxruntime {ort.__version__}): {CUDA_HINT}")
+            if not torch.cuda.is_available():
+                raise MissingRuntimeError(
+                    "ort-cuda needs a CUDA GPU and a CUDA build of PyTorch (for the device buffers)")
+            detail = f"onnxruntime {ort.__version__} (CUDA)"
+        else:
+            if metadata.dtype == "bfloat16":
+                raise UsageError("this export is bfloat16 and ONNX Runtime has no bfloat16 CPU kernels: "
+                                 "use --backend ort-cuda or trt")
+            detail = f"onnxruntime {ort.__version__} (CPU)"
+        if metadata.form == "custom":
+            if library is not None:
+                from pathlib import Path
+
+                lib = Path(library)
+                if not lib.is_file():
+                    raise MissingRuntimeError(f"the gla ONNX Runtime library {lib} does not exist")
+            else:
+                from ..._native import find_library
+
+                lib = find_library("ort")
+                if lib is None:
+                    raise MissingRuntimeError("the gla ONNX Runtime library (libgla_onnxruntime) is not built; "
+                                              "or export with --gla-op decomposed, which needs no library")
+            detail += f" + {lib.name}"
+        return detail
+
+    def __init__(self, metadata: ExportMetadata, *, cuda: bool, device_id: int = 0, threads: int | None = None):
+        self.check(metadata, cuda=cuda)
+        import onnxruntime as ort
+
+        self._dev = ("cuda", device_id) if cuda else ("cpu", 0)
+        self.device = torch.device(*self._dev) if cuda else torch.device("cpu")
+        self.name = f"onnxruntime {ort.__version__} ({f'CUDA:{device_id}' if cuda else 'CPU'})"
+        if metadata.form == "custom":
+            self.name += " + libgla_onnxruntime"
+        self.sessions = {g: open_session(metadata, g, cuda=cuda, device_id=device_id, threads=threads)
+                         for g in ("prefill", "step")}
+        self.has_mask = "attention_mask" in {i.name for i in self.sessions["prefill"].get_inputs()}
+
+    def sync(self) -> None:
+        sync_device(self.device)
+
+    def _binding(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Any:
+        b = self.sessions[graph].io_binding()
+        for args in _bind_args(*self._dev, feeds):
+            b.bind_input(*args)
+        for args in _bind_args(*self._dev, outputs):
+            b.bind_output(*args)
+        return b
+
+    def bind_step(self, feeds, outputs):
+        return self._binding("step", feeds, outputs), _bind_args(*self._dev, feeds)
+
+    def run_step(self, handle) -> None:
+        binding, feed_args = handle
+        if self._dev[0] != "cpu":
+            # ONNX Runtime copies an input to the device of the node that reads it when it is bound,
+            # not when it runs: a state read by a node that fell back to the CPU (the onnx form's
+            # LinearAttention has no CUDA kernel) would be a stale copy. Rebinding the same
+            # pointers (arguments computed once, in bind_step) is cheap where no copy is needed.
+            for args in feed_args:
+                binding.bind_input(*args)
+        try:
+            self.sessions["step"].run_with_iobinding(binding)
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"the step graph failed in ONNX Runtime: {str(e).strip().splitlines()[0]}") from e
+
+    def run(self, graph, feeds, outputs) -> None:
+        self.sync()  # torch may have written these buffers on its stream
+        b = self._binding(graph, feeds, outputs)
+        try:
+            self.sessions[graph].run_with_iobinding(b)
+        except Exception as e:  # noqa: BLE001
+            shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in feeds.items() if not n.startswith("past_"))
+            first = str(e).strip().splitlines()[0]
+            raise ModelError(f"the {graph} graph failed in ONNX Runtime ({shapes}): {first}") from e
