@@ -1,6 +1,6 @@
 """ExportMetadata of hybrid exports (issue 13): attention layers carry key/value states instead of
 a recurrent state, the shared position has layer None, growing caches have no fixed row shape,
-and the decoder's buffers take the position as layer -1."""
+and the decoder's buffers take the position as layer -1 and a growing cache's empty shape."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def test_hybrid_states_typed(hybrid):
     assert meta.state_bytes_per_token == 2 * full.bytes_per_token and meta.attention_layers is not None
     with pytest.raises(ModelError, match="grows with the context"):
         full.row_shape
-    with pytest.raises(ModelError, match=r"past_key_values\.0\.key grows with the context"):
-        buffer_specs(meta)
+    specs = {s.name: s for s in buffer_specs(meta)}  # a growing cache: its empty-context shape
+    assert specs["past_key_values.0.key"].grows and specs["past_key_values.0.key"].shape == (2, 0, 16)
+    assert not specs["past_key_values.2.key"].grows and specs["past_key_values.position"].layer == -1
 
 
 def test_windowed_hybrid_buffers_take_the_position_as_layer_minus_one(tmp_path):
