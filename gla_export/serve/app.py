@@ -361,7 +361,8 @@ def create_app(server: Server):
                     yield _sse(chunk_object(rid, model, "", None, chat, created, first=True))
                 while True:
                     if event["type"] == "token":
-                        yield _sse(chunk_object(rid, model, event["text"], None, chat, created))
+                        if event["text"]:
+                            yield _sse(chunk_object(rid, model, event["text"], None, chat, created))
                     elif event["type"] == "done":
                         yield _sse(chunk_object(rid, model, None if chat else "", event["finish_reason"], chat,
                                                 created))

@@ -201,9 +201,7 @@ class Scheduler(threading.Thread):
                         self._cond.wait(0.5)
                     if self._stopping:
                         break
-                    admit = []
-                    while self.waiting and self.free:
-                        admit.append(self.waiting.popleft())
+                    admit = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.free)))]
                     self.metrics.queue_depth.set(len(self.waiting))
                 for req in admit:
                     self._admit(req)
@@ -386,8 +384,7 @@ class Scheduler(threading.Thread):
         eos = tok == self.graphs.eos_token_id and not p.ignore_eos
         piece = b"" if eos or tok in p.stop_token_ids else req.stream.bytes_for(tok)
         text, stopped = req.stop_text.feed(req.text.feed(piece))
-        if text:
-            req._fire({"type": "token", "text": text, "token": tok})
+        req._fire({"type": "token", "text": text, "token": tok})  # text may be "" (half a character)
         reason = "stop" if eos or stopped or tok in p.stop_token_ids else \
             "length" if len(req.generated) >= p.max_tokens else None
         if reason is not None:
