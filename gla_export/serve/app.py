@@ -179,8 +179,9 @@ class Server:
 
 
 class BodyLimit:
-    """Refuses bodies over ``max_bytes`` (413) before the app reads them, whether announced by
-    Content-Length or sent chunked, and a malformed Content-Length (400)."""
+    """Refuses a body announced by Content-Length as over ``max_bytes`` (413) before anything
+    reads it, and a malformed Content-Length (400); chunked bodies are counted as they are read
+    (``read_body``)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -195,25 +196,7 @@ class BodyLimit:
             if int(length) > self.max_bytes:
                 return await _send_error(send, ApiError(413, f"the body ({int(length)} bytes) is larger than "
                                                              f"--max-body-bytes {self.max_bytes}"))
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _send_error(send, ApiError(413, f"the body is larger than --max-body-bytes {self.max_bytes}"))
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, receive, send)
 
 
 async def _send_error(send, err: ApiError) -> None:
@@ -273,7 +256,13 @@ def create_app(server: Server):
             {"id": server.model_name, "object": "model", "created": server.started, "owned_by": "gla-export"}]})
 
     async def read_body(request: HttpRequest, fields: set[str]) -> dict:
-        raw = await request.body()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > server.cfg.max_body_bytes:
+                raise ApiError(413, f"the body is larger than --max-body-bytes {server.cfg.max_body_bytes}")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw)
         except UnicodeDecodeError as e:
@@ -333,16 +322,10 @@ def create_app(server: Server):
         except ShuttingDown as e:
             raise ApiError(503, str(e)) from None
         created, model = now(), server.model_name
-        try:
-            first = await next_event(request, q, req)
-        except BaseException:
-            req.cancel()
-            raise
-        if first["type"] == "error":
-            raise ApiError(first["status"], first["message"])
         if not stream:
-            parts, event = [], first
+            parts = []
             try:
+                event = await next_event(request, q, req)
                 while event["type"] == "token":
                     parts.append(event["text"])
                     event = await next_event(request, q, req)
@@ -355,10 +338,13 @@ def create_app(server: Server):
                                                            event["usage"], chat, created))
 
         async def events():
-            event, done = first, False
+            # headers go at once (a long prompt's first token may be minutes away); a failure after
+            # this point arrives as an error event, which the openai client raises as an APIError
+            done = False
             try:
                 if chat:
                     yield _sse(chunk_object(rid, model, "", None, chat, created, first=True))
+                event = await q.get()
                 while True:
                     if event["type"] == "token":
                         if event["text"]:
@@ -410,11 +396,20 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, *, on_liste
     if on_listening is not None:
         bound = sock.getsockname()[1]
         on_listening(f"http://{host if ':' not in host else f'[{host}]'}:{bound}")
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully: with these
+    # handlers in place that is a no-op, and the process exits 0 after a graceful shutdown
+    import signal
+    import threading as _threading
+
+    main = _threading.current_thread() is _threading.main_thread()
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         userver.run(sockets=[sock])
     finally:
         server.stop()
         sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return userver
 
 

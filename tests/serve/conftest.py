@@ -3,27 +3,12 @@ no native library needed), and helpers that run the scheduler in-process."""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-
-
-def cli() -> list[str]:
-    return [sys.executable, "-c", "from gla_export.cli import main; main()"]
-
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
