@@ -207,7 +207,10 @@ async def _send_error(send, err: ApiError) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-def create_app(server: Server):
+def create_app(server: Server, served_by: str | None = None):
+    """The ASGI app of ``server``; ``served_by`` (a replica's name) goes into every answer's
+    ``X-Served-By`` header and /health."""
+
     @asynccontextmanager
     async def lifespan(app):
         if not server.scheduler.is_alive():
@@ -218,9 +221,11 @@ def create_app(server: Server):
     app = FastAPI(title="gla-export serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     m = server.metrics
 
+    extra = {"X-Served-By": served_by} if served_by else {}
+
     def answer(endpoint: str, status: int, body: Any) -> JSONResponse:
         m.requests.labels(endpoint, str(status)).inc()
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=extra)
 
     def error(endpoint: str, err: ApiError) -> JSONResponse:
         resp = answer(endpoint, err.status, err.body())
@@ -235,7 +240,8 @@ def create_app(server: Server):
     @app.get("/health")
     async def health():
         alive = server.scheduler.is_alive()
-        return answer("/health", 200 if alive else 503, {"status": "ok" if alive else "dead", **server.info()})
+        return answer("/health", 200 if alive else 503, {"status": "ok" if alive else "dead", **server.info(),
+                                                         "served_by": served_by})
 
     @app.get("/ready")
     async def ready():
@@ -370,7 +376,7 @@ def create_app(server: Server):
 
         m.requests.labels(endpoint, "200").inc()
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid, **extra})
 
     return BodyLimit(app, server.cfg.max_body_bytes)
 
