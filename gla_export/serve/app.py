@@ -393,7 +393,12 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, *, on_liste
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        server.stop()
+        raise backend.UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     sock.listen(2048)
     sock.set_inheritable(True)
     config = uvicorn.Config(create_app(server), log_level=log_level, timeout_graceful_shutdown=server.cfg.drain_timeout,

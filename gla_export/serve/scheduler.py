@@ -180,6 +180,9 @@ class Scheduler(threading.Thread):
     def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, let requests in flight finish for up to ``drain_timeout`` seconds,
         cancel the rest, stop the thread."""
+        if self.ident is None:  # never started
+            self._accepting = False
+            return
         with self._cond:
             self._accepting = False
             self._cond.notify()

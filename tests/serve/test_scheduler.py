@@ -185,3 +185,16 @@ def test_sampling_is_per_request_and_seeded(tiny_export):
 
         a, b, c = sample(3), sample(3), sample(4)
     assert a == b and a != c and len(a) == 12
+
+
+def test_a_request_past_its_deadline_ends_with_504(tiny_export):
+    with Harness(tiny_export, slots=1) as h:
+        events, done = [], threading.Event()
+        req = Request("late", h.graphs.tokenizer.encode("x"), GenParams(4000, backend.SamplingParams(),
+                                                                         ignore_eos=True),
+                      lambda e: (events.append(e), e["type"] != "token" and done.set()), timeout=0.3)
+        h.sched.submit(req)
+        assert done.wait(30)
+        (after,) = h.run(["y"], n=2)
+    assert events[-1]["status"] == 504 and 0 < len(tokens(events)) < 4000
+    assert after[-1]["type"] == "done"
