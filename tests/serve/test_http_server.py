@@ -307,7 +307,7 @@ def test_shutdown_finishes_streams_and_the_cache_survives_a_restart(tiny_export,
         c = client(url)
         c.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0)  # caches `prompt`
         out: dict = {}
-        t = threading.Thread(target=stream_text, args=(url, "A stream in flight", 1500, out, "s"))
+        t = threading.Thread(target=stream_text, args=(url, "A stream in flight", 800, out, "s"))
         t.start()
         wait_for(lambda: httpx.get(f"{url}/stats").json()["scheduler"]["decoding"] == 1)
         proc.send_signal(signal.SIGTERM)
