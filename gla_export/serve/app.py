@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import asynccontextmanager
 import os
 import threading
 import uuid
+from collections import deque
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,11 +303,15 @@ def create_app(server: Server, served_by: str | None = None):
         ids = await run_in_threadpool(server.encode, text)
         return await generate(request, "/v1/chat/completions", ids, params, stream, usage, chat=True)
 
-    async def next_event(request: HttpRequest, q: asyncio.Queue, req: Request) -> dict:
+    hubs: dict[int, _Hub] = {}
+
+    async def next_event(request: HttpRequest, box: _Mailbox, req: Request) -> dict:
         """The scheduler's next event; cancels the request when the client has gone."""
         while True:
+            if box.items:
+                return box.items.popleft()
             try:
-                return await asyncio.wait_for(q.get(), timeout=0.5)
+                await asyncio.wait_for(box.wait(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     req.cancel()
@@ -314,13 +319,12 @@ def create_app(server: Server, served_by: str | None = None):
     async def generate(request: HttpRequest, endpoint: str, ids: np.ndarray, params, stream: bool,
                        include_usage: bool, *, chat: bool):
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-
-        def emit(event: dict) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, event)
-
+        hub = hubs.get(id(loop))
+        if hub is None:
+            hub = hubs[id(loop)] = _Hub(loop)
+        box = _Mailbox(hub)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        req = Request(rid, ids, params, emit, timeout=server.cfg.request_timeout)
+        req = Request(rid, ids, params, box.put, timeout=server.cfg.request_timeout)
         try:
             server.scheduler.submit(req)
         except QueueFull as e:
@@ -331,10 +335,10 @@ def create_app(server: Server, served_by: str | None = None):
         if not stream:
             parts = []
             try:
-                event = await next_event(request, q, req)
+                event = await next_event(request, box, req)
                 while event["type"] == "token":
                     parts.append(event["text"])
-                    event = await next_event(request, q, req)
+                    event = await next_event(request, box, req)
             except BaseException:
                 req.cancel()
                 raise
@@ -343,33 +347,37 @@ def create_app(server: Server, served_by: str | None = None):
             return answer(endpoint, 200, completion_object(rid, model, "".join(parts), event["finish_reason"],
                                                            event["usage"], chat, created))
 
+        def encode(event: dict) -> tuple[bytes, bool]:
+            """An event as SSE bytes, and whether it ends the stream."""
+            if event["type"] == "token":
+                return (_sse(chunk_object(rid, model, event["text"], None, chat, created)) if event["text"] else b""), \
+                    False
+            if event["type"] == "done":
+                out = _sse(chunk_object(rid, model, None if chat else "", event["finish_reason"], chat, created))
+                if include_usage:
+                    out += _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                 "created": created, "model": model, "choices": [],
+                                 "usage": openai_usage(event["usage"])})
+                return out + b"data: [DONE]\n\n", True
+            return _sse(ApiError(event["status"], event["message"]).body()) + b"data: [DONE]\n\n", True
+
         async def events():
             # headers go at once (a long prompt's first token may be minutes away); a failure after
-            # this point arrives as an error event, which the openai client raises as an APIError
+            # this point arrives as an error event, which the openai client raises as an APIError.
+            # Events that arrived together leave in one write.
             done = False
             try:
                 if chat:
                     yield _sse(chunk_object(rid, model, "", None, chat, created, first=True))
-                event = await q.get()
-                while True:
-                    if event["type"] == "token":
-                        if event["text"]:
-                            yield _sse(chunk_object(rid, model, event["text"], None, chat, created))
-                    elif event["type"] == "done":
-                        yield _sse(chunk_object(rid, model, None if chat else "", event["finish_reason"], chat,
-                                                created))
-                        if include_usage:
-                            yield _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                                        "created": created, "model": model, "choices": [],
-                                        "usage": openai_usage(event["usage"])})
-                        break
-                    else:
-                        err = ApiError(event["status"], event["message"])
-                        yield _sse(err.body())
-                        break
-                    event = await q.get()
-                done = True
-                yield b"data: [DONE]\n\n"
+                while not done:
+                    if not box.items:
+                        await box.wait()
+                    out = []
+                    while box.items and not done:
+                        data, done = encode(box.items.popleft())
+                        out.append(data)
+                    if out:
+                        yield b"".join(out)
             finally:
                 if not done:
                     req.cancel()  # the client went away (or the server is stopping): free the slot
@@ -379,6 +387,52 @@ def create_app(server: Server, served_by: str | None = None):
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid, **extra})
 
     return BodyLimit(app, server.cfg.max_body_bytes)
+
+
+class _Hub:
+    """Wakes the event loop for events of the scheduler thread: one wake-up for all the events
+    that arrive before the loop gets to them (not one per token per stream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: set[_Mailbox] = set()
+        self.scheduled = False
+
+    def mark(self, box: _Mailbox) -> None:
+        with self.lock:
+            self.pending.add(box)
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._dispatch)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
+
+    def _dispatch(self) -> None:
+        with self.lock:
+            boxes, self.pending, self.scheduled = self.pending, set(), False
+        for box in boxes:
+            box.event.set()
+
+
+class _Mailbox:
+    """One request's events: appended by the scheduler thread, read by the request's task."""
+
+    def __init__(self, hub: _Hub):
+        self.hub = hub
+        self.items: deque = deque()
+        self.event = asyncio.Event()
+
+    def put(self, event: dict) -> None:
+        self.items.append(event)
+        self.hub.mark(self)
+
+    async def wait(self) -> None:
+        self.event.clear()
+        if not self.items:
+            await self.event.wait()
 
 
 def _sse(obj: dict) -> bytes:
