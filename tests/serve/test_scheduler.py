@@ -198,3 +198,13 @@ def test_a_request_past_its_deadline_ends_with_504(tiny_export):
         (after,) = h.run(["y"], n=2)
     assert events[-1]["status"] == 504 and 0 < len(tokens(events)) < 4000
     assert after[-1]["type"] == "done"
+
+
+def test_long_prompts_are_snapshotted_every_interval(tiny_export):
+    prompt = [256, *range(1, 100)]  # 100 tokens
+    with Harness(tiny_export, prefill_chunk=8, snapshot_interval=16) as h:
+        h.run([prompt], n=1)
+        # 16, 32, ..., 96, and the end of the request (its 100 prompt tokens)
+        assert len(h.cache) == 7
+        (other,) = h.run([prompt[:50] + [7, 7, 7]], n=1)
+    assert other[-1]["usage"]["cached_tokens"] == 48
