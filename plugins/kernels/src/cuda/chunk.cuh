@@ -717,12 +717,14 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Para
     for (int e = 0; e < 4; ++e) A[u][e] = 0.f;
   int chunk_exact = 0;
 
-  Raw<Act> raw;
-  load_qkg<Act>(p, x, raw, t0, 0, true);
   __syncthreads();  // sDiag zeroed
 
+  // no prefetch across key blocks: at 128 registers (two blocks an SM) it would spill; the other
+  // block's products cover these loads
 #pragma unroll 1
   for (int kb = 0; kb < NKB; ++kb) {
+    Raw<Act> raw;
+    load_qkg<Act>(p, x, raw, t0, kb, true);
     float P[16];
     float run = 0.f;
 #pragma unroll
@@ -777,7 +779,6 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Para
         exact_diagonal(tq, tk, tp, exact, sDiag + x.a * 16 * 16, lane);
       }
     }
-    if (kb + 1 < NKB) load_qkg<Act>(p, x, raw, t0, kb + 1, true);
     __syncthreads();
     {
       const E* Qt = sm;
