@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels_gpu import Ours, _fla, _inputs, time_calls  # noqa: E402
+from bench_kernels_gpu import Ours, _fla, _inputs, time_calls
 
 SHAPES = [  # name, B, T, H, K, V, target (fla/ours at least)
     ("B1_T4096_H4_k256_v512", 1, 4096, 4, 256, 512, 1.2),
