@@ -544,7 +544,11 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
           }
         });
       }
-      __syncthreads();
+      // v1: (4) writes the scores over Q̃, which these products read. v2 needs no barrier here: the next
+      // step's operand writes (2) come after its barrier (1), which every warp reaches only after
+      // these products; (1) itself writes sTot, read only in (2). So warps that finish their
+      // products early start the next step's decay sums.
+      if constexpr (!kShared) __syncthreads();
     }
 
     // (4) the causal scores, masked and scaled, to shared memory (over Q̃, no longer needed);
@@ -578,7 +582,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
 #pragma unroll
         for (int e = 0; e < 4; ++e) O[u][e] *= p.scale;
     }
-    __syncthreads();
+    if constexpr (!kShared) __syncthreads();  // v2: the A tile and V were written before the products' barrier
 
     // (5) O += A V, then store the rows of this chunk
     {
