@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Prefill v1 vs v2 (issue 12 item 6) in one unattended GPU call of a few minutes: build the kernel
-# core (or take a carried GLA_EXPORT_LIB_DIR), the CUDA kernel tests against the reference under
-# each path, v1 vs v2 vs fla chunk_gla timings (benchmarks/bench_prefill_gpu.py), then
-# compute-sanitizer on small v2 cases. Logs and JSON go to $OUT (default out/bench_prefill); the
-# table is printed last. Each step has a timeout (TEST_TIMEOUT, SANITIZER_TIMEOUT, 240 s for the
-# benchmark) so the whole call stays within a few minutes.
+# core (or take a carried GLA_EXPORT_LIB_DIR), v1 vs v2 vs fla chunk_gla timings
+# (benchmarks/bench_prefill_gpu.py, which also compares v2's outputs with v1's and fla's), the CUDA
+# kernel tests against the reference under each path, then compute-sanitizer memcheck on small v2
+# cases (SANITIZER_TOOLS="memcheck racecheck" for both). Logs and JSON go to $OUT (default out/bench_prefill); the
+# table is printed last. Each step has a timeout (BENCH_TIMEOUT 180 s, TEST_TIMEOUT 90 s a path,
+# SANITIZER_TIMEOUT 60 s a tool) so the whole call stays within a few minutes (typically ~4).
 #
 #   bash benchmarks/bench_prefill_gpu.sh
 #   STEPS="build bench" bash benchmarks/bench_prefill_gpu.sh
@@ -12,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/bench_prefill}
 mkdir -p "$OUT"
-STEPS=${STEPS:-"build tests bench sanitizer"}
+STEPS=${STEPS:-"build bench tests sanitizer"}   # in this order
 export PYTHONUNBUFFERED=1
 status=0
 step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -41,23 +42,23 @@ fi
 python3 -c "from gla_export.ops.native import cuda_compiled; assert cuda_compiled(), 'no CUDA kernels in the library'" \
   || { note "library has no CUDA kernels"; exit 1; }
 
+if step bench; then
+  note "benchmark v1 / v2 / fla (at $((SECONDS - t0)) s)"
+  timeout "${BENCH_TIMEOUT:-180}" python3 benchmarks/bench_prefill_gpu.py ${BENCH_ARGS:-} --json "$OUT/bench_prefill.json" > "$OUT/bench.log" 2>&1 \
+    || { status=1; tail -20 "$OUT/bench.log"; }
+fi
+
 if step tests; then
   # every GPU case under v2 (wherever a head has 2+ value blocks), the reference cases under v1
   for path in v2 v1; do
     sel=()
     [ "$path" = v1 ] && sel=(-k "matches_reference or extreme")
     note "tests: GLA_CUDA_PREFILL=$path tests/kernels/test_cuda_kernels.py -m gpu ${sel[*]}"
-    GLA_CUDA_PREFILL=$path timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_cuda_kernels.py \
+    GLA_CUDA_PREFILL=$path timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_cuda_kernels.py \
       -o addopts="-ra" ${sel[@]+"${sel[@]}"} > "$OUT/tests_$path.log" 2>&1 || status=1
     tail -2 "$OUT/tests_$path.log" | tee -a "$OUT/summary.txt"
     grep -E "^(FAILED|ERROR)" "$OUT/tests_$path.log" | head -20 | tee -a "$OUT/summary.txt"
   done
-fi
-
-if step bench; then
-  note "benchmark v1 / v2 / fla (at $((SECONDS - t0)) s)"
-  timeout 240 python3 benchmarks/bench_prefill_gpu.py ${BENCH_ARGS:-} --json "$OUT/bench_prefill.json" > "$OUT/bench.log" 2>&1 \
-    || { status=1; tail -20 "$OUT/bench.log"; }
 fi
 
 if step sanitizer; then
@@ -72,7 +73,7 @@ for c in [GLACase(B=1, T=200, Hq=4, Hkv=2, K=100, V=130, dtype=torch.float16, in
 torch.cuda.synchronize()
 print("v2 sanitizer cases ran")
 EOF
-  for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
+  for tool in ${SANITIZER_TOOLS:-memcheck}; do
     note "compute-sanitizer --tool $tool (v2)"
     GLA_CUDA_PREFILL=v2 timeout "${SANITIZER_TIMEOUT:-60}" compute-sanitizer --tool "$tool" --kernel-name kns=gla_ --error-exitcode 9 \
       python3 "$OUT/sanitize_v2.py" > "$OUT/sanitizer_$tool.log" 2>&1
