@@ -309,6 +309,8 @@ V2_CASES = [
     GLACase(B=1, T=65, Hq=2, Hkv=1, K=16, V=72, dtype=BF16, gate_per_head=True, g_gamma=True),
     GLACase(Hq=2, Hkv=1, K=16, V=80, dtype=F16, cu_seqlens=(0, 0, 700, 700, 1250, 1251), initial_state=True),  # segments
     GLACase(Hq=2, Hkv=2, K=32, V=96, cu_seqlens=(0, 40, 40, 170), reverse=True, initial_state=True),  # ragged, no segments
+    GLACase(B=1, T=70, Hq=2, Hkv=1, K=200, V=130, dtype=F16, initial_state=True),  # 4 key blocks
+    GLACase(B=1, T=80, Hq=1, Hkv=1, K=256, V=72, initial_state=True, reverse=True),  # 4 key blocks, fp32 planes
 ]  # fmt: skip
 
 
