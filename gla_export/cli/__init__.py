@@ -22,6 +22,7 @@ COMMANDS = {
     "export": "gla_export.cli.export:export",
     "generate": "gla_export.cli.generate:generate",
     "info": "gla_export.cli.info:info",
+    "serve": "gla_export.cli.serve:serve",
     "verify": "gla_export.cli.verify:verify",
 }
 

@@ -134,9 +134,9 @@ def _plan(runner, kw) -> dict:
 
     p = make_problem(kw["q"], kw["k"], kw["v"], kw.get("g"), None, kw.get("initial_state"), kw.get("g_gamma"),
                      kw.get("reverse", False), kw.get("cu_seqlens"))  # fmt: skip
-    out = (ctypes.c_int64 * 9)()
+    out = (ctypes.c_int64 * 10)()
     runner.lib.gla_emu_plan(ctypes.byref(p), out)
-    return dict(zip(["chunk", "seg_len", "slots", "nkb", "nvb", "ct", "R", "threads", "gb"], list(out)))
+    return dict(zip(["chunk", "seg_len", "slots", "nkb", "nvb", "ct", "R", "threads", "gb", "v2"], list(out)))
 
 
 def _check(run, kw, tol_o, tol_s, name=""):
@@ -299,6 +299,76 @@ def test_emulated_plan_covers_every_kernel(emu):
     assert any(not p["chunk"] for p in plans)
     assert any(p["chunk"] and p["seg_len"] == 0 for p in plans)
     assert any(p["chunk"] and p["seg_len"] > 0 for p in plans)
+
+
+# Prefill v2 (shared scores: gla_scores_kernel, then the main kernel without Q̃K̃ᵀ) wherever a head
+# has two or more value blocks of 64; GLA_CUDA_PREFILL picks v1 or v2 (read at each call).
+V2_CASES = [
+    GLACase(B=1, T=130, Hq=4, Hkv=2, K=60, V=100, initial_state=True, g_gamma=True),  # fp32 planes, GQA, odd
+    GLACase(B=2, T=70, Hq=2, Hkv=2, K=100, V=130, dtype=F16, initial_state=True, reverse=True),  # 2 key, 3 value blocks
+    GLACase(B=1, T=65, Hq=2, Hkv=1, K=16, V=72, dtype=BF16, gate_per_head=True, g_gamma=True),
+    GLACase(Hq=2, Hkv=1, K=16, V=80, dtype=F16, cu_seqlens=(0, 0, 700, 700, 1250, 1251), initial_state=True),  # segments
+    GLACase(Hq=2, Hkv=2, K=32, V=96, cu_seqlens=(0, 40, 40, 170), reverse=True, initial_state=True),  # ragged, no segments
+    GLACase(B=1, T=70, Hq=2, Hkv=1, K=200, V=130, dtype=F16, initial_state=True),  # 4 key blocks
+    GLACase(B=1, T=80, Hq=1, Hkv=1, K=256, V=72, initial_state=True, reverse=True),  # 4 key blocks, fp32 planes
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", V2_CASES, ids=lambda c: c.id)
+def test_emulated_v2_matches_reference(emu, case, monkeypatch):
+    kw = make_inputs(case)
+    monkeypatch.setenv("GLA_CUDA_PREFILL", "v2")
+    plan = _plan(emu, kw)
+    assert plan["chunk"] and plan["v2"], plan
+    _check(emu, kw, *_tol(case.dtype), case.id + " v2")
+
+
+def test_emulated_v2_extreme_decay(emu, monkeypatch):
+    # the exact per-pair diagonal path now lives in the scores kernel
+    kw = make_inputs(GLACase(B=1, T=100, Hq=1, Hkv=1, K=32, V=80, dtype=F16))
+    g = F.logsigmoid(torch.randn(kw["g"].shape) * 30)
+    g[..., ::3] = kw["g"][..., ::3].float()
+    kw["g"] = g.half()
+    monkeypatch.setenv("GLA_CUDA_PREFILL", "v2")
+    assert _plan(emu, kw)["v2"]
+    _check(emu, kw, 3e-3, 3e-3, "extreme decay v2")
+
+
+def test_emulated_v1_v2_choice_keeps_the_workspace(emu, monkeypatch):
+    # the choice never changes the workspace (a TensorRT plan declares it at build time); v2 by
+    # default from 4 value blocks (the 1.3B head shape), v1 below; one value block: v1 only
+    lib = emu.lib
+    big = make_inputs(GLACase(B=1, T=300, Hq=4, Hkv=4, K=256, V=512, dtype=F16))
+    d128 = make_inputs(GLACase(B=1, T=300, Hq=4, Hkv=4, K=128, V=128, dtype=F16))
+    d64 = make_inputs(GLACase(B=1, T=300, Hq=4, Hkv=4, K=64, V=64, dtype=F16))
+    monkeypatch.delenv("GLA_CUDA_PREFILL", raising=False)
+    assert _plan(emu, big)["v2"] and not _plan(emu, d128)["v2"] and not _plan(emu, d64)["v2"]
+
+    def ws(kw):
+        from gla_export.ops.native import make_problem
+
+        p = make_problem(kw["q"], kw["k"], kw["v"], kw.get("g"), None, None, None, False, None)
+        return lib.gla_emu_workspace_bytes(ctypes.byref(p))
+
+    sizes = {}
+    for choice in ("v1", "v2"):
+        monkeypatch.setenv("GLA_CUDA_PREFILL", choice)
+        assert _plan(emu, big)["v2"] == (choice == "v2") and _plan(emu, d128)["v2"] == (choice == "v2")
+        assert not _plan(emu, d64)["v2"]
+        sizes[choice] = [ws(kw) for kw in (big, d128, d64)]
+    assert sizes["v1"] == sizes["v2"]
+    assert sizes["v1"][0] >= 300 * 4 * 64 * 2  # the scores
+
+
+def test_emulated_v1_and_v2_agree(emu, monkeypatch):
+    kw = make_inputs(GLACase(B=1, T=150, Hq=2, Hkv=2, K=64, V=136, dtype=BF16, initial_state=True))
+    outs = {}
+    for choice in ("v1", "v2"):
+        monkeypatch.setenv("GLA_CUDA_PREFILL", choice)
+        outs[choice] = emu(kw)
+    assert rel_err(outs["v1"][0], outs["v2"][0]) <= TOLERANCE[BF16]
+    assert rel_err(outs["v1"][1], outs["v2"][1]) <= TOLERANCE[BF16]
+    assert not torch.isnan(outs["v2"][0]).any() and not torch.isnan(outs["v2"][1]).any()
 
 
 @pytest.mark.slow

@@ -111,6 +111,7 @@ __device__ __forceinline__ void mma_planes(float (&acc)[4], const uint32_t (&a)[
 template <class Act>
 struct Raw {
   Act q[16], k[16], g[16], v[16];
+  Act a[16];   // shared scores (v2 only): rows 16a..16a+15 of column c
   int nv, ng;  // rows that exist; rows whose gate is read (0 without a gate)
   // the log2 decay of row r: the gate (if any) plus g_gamma for rows that exist
   __device__ __forceinline__ float decay(int r, float gam) const {
@@ -192,6 +193,22 @@ __device__ __forceinline__ void load_v(const Params& p, const ChunkCtx& x, Raw<A
   }
 }
 
+// Prefetch of the shared scores (v2) for rows t0 + 16a + r (r < 16) of score column c: only the
+// columns a row tile uses (c < 16(a+1)) and rows that exist; the rest read as zero.
+template <class Act>
+__device__ __forceinline__ void load_a(const Params& p, const ChunkCtx& x, Raw<Act>& raw, int64_t t0) {
+  const RowRun rr = row_run(p, x, t0 + 16 * x.a, 1, 16);
+  const int nv = x.c < 16 * (x.a + 1) ? rr.nvalid : 0;
+  const int64_t st = rr.dpos * int64_t(p.Hq) * kChunk;
+  const Act* pa = static_cast<const Act*>(p.scores) + (rr.pos0 * p.Hq + x.hq) * int64_t(kChunk) + x.c;
+  const Act zero = from_float<Act>(0.f);
+#pragma unroll
+  for (int r = 0; r < 16; ++r) {
+    raw.a[r] = r < nv ? *pa : zero;
+    pa += st;
+  }
+}
+
 // Runs f on the state slice of key block kb (a register array: each case indexes it statically).
 template <int NKB, class F>
 __device__ __forceinline__ void on_state(float (&S)[NKB][4][4], int kb, F&& f) {
@@ -230,7 +247,9 @@ static __device__ __noinline__ void exact_diagonal(const float* q, const float* 
 
 // ---- main kernel -----------------------------------------------------------------------------------
 
-template <class Act, int NKB>
+// kShared (prefill v2): the masked, scaled scores of every chunk come from gla_scores_kernel
+// (p.scores) instead of being computed here for each value block: no Q̃/K̃, no A += Q̃K̃ᵀ.
+template <class Act, int NKB, bool kShared>
 __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Params p) {
   using OP = Operand<Act>;
   using E = typename OP::E;
@@ -307,6 +326,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
   if (nchunks > 0) {
     load_qkg<Act>(p, x, raw, t_begin, 0, true);
     load_v<Act>(p, x, raw, t_begin, vcol, vrow0);
+    if constexpr (kShared) load_a<Act>(p, x, raw, t_begin);
   }
   __syncthreads();  // sDiag zeroed
 
@@ -330,12 +350,17 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
         run += raw.decay(r, x.gam);
         P[r] = run;
       }
-      const bool exact = (P[0] - P[8] > OP::kTheta) || (P[8] - P[15] > OP::kTheta);
+      const bool exact = !kShared && ((P[0] - P[8] > OP::kTheta) || (P[8] - P[15] > OP::kTheta));
       const float Pr = exact ? P[0] : P[8];
       sTot[x.a * 64 + x.c] = P[15];
-      sRef[x.a * 64 + x.c] = Pr;
-      const int any_exact = __syncthreads_or(exact ? 1 : 0);
-      chunk_exact |= any_exact;
+      int any_exact = 0;
+      if constexpr (kShared) {
+        __syncthreads();
+      } else {
+        sRef[x.a * 64 + x.c] = Pr;
+        any_exact = __syncthreads_or(exact ? 1 : 0);
+        chunk_exact |= any_exact;
+      }
 
       // (2) the scaled operands
       {
@@ -353,6 +378,19 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
           total += tot[b];
         }
         if (x.a == 0) sDC[x.c] = fast_exp2(total);
+        if constexpr (kShared) {
+          // Q̂ = q 2^Γ_i, K̂ = k 2^(Γ_C − Γ_j); the scores of this chunk (prefetched) to the A tile
+          const float e_after = fast_exp2(after);
+#pragma unroll
+          for (int r = 0; r < 16; ++r) {
+            put<Act>(myQh + r * kPitch, to_float(raw.q[r]) * fast_exp2(before + P[r]));
+            put<Act>(myKh + r * kPitch, to_float(raw.k[r]) * fast_exp2(P[15] - P[r]) * e_after);
+          }
+          if (kb == 0) {
+#pragma unroll
+            for (int r = 0; r < 16; ++r) put<Act>(myQt + r * kPitch, to_float(raw.a[r]));
+          }
+        } else {
         const float e_pivot = fast_exp2(before + Pr);  // 2^Γ_r
         const float e_after = fast_exp2(after);        // 2^(Γ_C − Γ_end of my sub-chunk)
         const float e_diag = exact ? 0.f : fast_exp2(Pr - P[15]);
@@ -390,6 +428,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
               put<Act>(dst + r * kPitch, to_float(raw.k[r]) * fast_exp2(P[15] - P[r]) * e_later[b]);
           }
         }
+        }  // kShared
         if (kb == 0) {
 #pragma unroll
           for (int r = 0; r < 16; ++r) put<Act>(myV + 4 * r * kPitch, to_float(raw.v[r]));
@@ -417,6 +456,9 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
         if (nci < nchunks) {
           load_qkg<Act>(p, x, raw, t_begin + nci * kChunk, last_kb ? 0 : kb + 1, true);
           if (last_kb) load_v<Act>(p, x, raw, t_begin + nci * kChunk, vcol, vrow0);
+          if constexpr (kShared) {
+            if (last_kb) load_a<Act>(p, x, raw, t_begin + nci * kChunk);
+          }
         }
       }
       __syncthreads();
@@ -435,6 +477,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
         for (int ks = 0; ks < 4; ++ks) {
           uint32_t af[NP][4];
           // A += Q̃ K̃ᵀ (row tile mt; this warp's n8 tiles jt = nh*(mt+1) + u)
+          if constexpr (!kShared) {
 #pragma unroll
           for (int pl = 0; pl < NP; ++pl) ldsm_x4(af[pl], Qt + pl * kPlaneElems + a_row * kPitch + 16 * ks + a_col);
 #pragma unroll
@@ -452,6 +495,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
               mma_planes<Act>(A[u], af, b0, b1);
             }
           }
+          }  // !kShared
           // O += Q̂ S
 #pragma unroll
           for (int pl = 0; pl < NP; ++pl) ldsm_x4(af[pl], Qh + pl * kPlaneElems + a_row * kPitch + 16 * ks + a_col);
@@ -500,11 +544,21 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
           }
         });
       }
-      __syncthreads();
+      // v1: (4) writes the scores over Q̃, which these products read. v2 needs no barrier here: the next
+      // step's operand writes (2) come after its barrier (1), which every warp reaches only after
+      // these products; (1) itself writes sTot, read only in (2). So warps that finish their
+      // products early start the next step's decay sums.
+      if constexpr (!kShared) __syncthreads();
     }
 
-    // (4) the causal scores, masked and scaled, to shared memory (over Q̃, no longer needed)
-    {
+    // (4) the causal scores, masked and scaled, to shared memory (over Q̃, no longer needed);
+    // with kShared they are there already
+    if constexpr (kShared) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) O[u][e] *= p.scale;
+    } else {
       E* As = sm + kRowQt * kPitch;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -528,7 +582,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
 #pragma unroll
         for (int e = 0; e < 4; ++e) O[u][e] *= p.scale;
     }
-    __syncthreads();
+    if constexpr (!kShared) __syncthreads();  // v2: the A tile and V were written before the products' barrier
 
     // (5) O += A V, then store the rows of this chunk
     {
@@ -594,6 +648,192 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
           const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
           if (row < p.K && col < p.V) store_any(p.ht, base + int64_t(row) * p.V + col, p.state_dt, S[kb][nt][e]);
         }
+  }
+}
+
+// ---- scores (prefill v2): the masked, scaled intra-chunk scores, once per (chunk, query head) -----
+//
+// One block per (chunk slot, query head). The same operands and products as the main kernel's
+// A += Q̃K̃ᵀ (pivot split, exact diagonal path), over every key block, then the masked scores times
+// the scale to p.scores in the activation type (fp32: the main kernel splits them into its two
+// planes as v1 does, so both paths feed AV the same operand). Shared memory: Q̃ and K̃ only.
+
+constexpr int kScoreRowKt = 64;                              // Q̃ at row 0, K̃ (160 rows) after it
+constexpr int kScorePlane = (kScoreRowKt + kKtRows) * kPitch;  // b16 elements of one plane
+constexpr int kFloatsScores = 4 * 64 + 4 * 64 + 4 * 16 * 16;  // sTot, sRef, sDiag
+
+template <class Act>
+constexpr size_t scores_smem_bytes() {
+  return size_t(Operand<Act>::kPlanes) * kScorePlane * 2 + size_t(kFloatsScores) * 4;
+}
+
+// The chunk slots of the scores kernel, as segments of one chunk each (find_segment's layout).
+__device__ __forceinline__ Params chunk_slots(const Params& p) {
+  Params pc = p;
+  pc.seg_len = kChunk;
+  pc.seg_off = p.chunk_off;
+  pc.nseg_dense = p.nchunk_dense;
+  return pc;
+}
+
+template <class Act, int NKB>
+__global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Params p) {
+  using OP = Operand<Act>;
+  using E = typename OP::E;
+  constexpr int NP = OP::kPlanes;
+#if defined(GLA_EMULATE)
+  unsigned char* smem_raw = gla_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+  E* sm = reinterpret_cast<E*>(smem_raw);
+  float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kScorePlane * 2);
+  float* sRef = sTot + 4 * 64;
+  float* sDiag = sRef + 4 * 64;
+
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int mt = warp & 3, nh = warp >> 2;
+  const int lg = lane >> 2, lt = lane & 3;
+
+  const int64_t bx = blockIdx.x;
+  const int hq = int(bx % p.Hq);
+  const int64_t cslot = bx / p.Hq;
+  int64_t n, ci, nch, slot0;
+  if (!find_segment(chunk_slots(p), cslot, n, ci, nch, slot0)) return;  // uniform over the block
+  ChunkCtx x;
+  sequence_bounds(p, n, x.bos, x.len);
+  const int64_t t0 = ci * kChunk;
+  if (t0 >= x.len) return;  // an empty sequence's slot
+  x.hq = hq;
+  x.h = hq / p.G;
+  x.c = tid & 63;
+  x.a = tid >> 6;
+  x.gam = gamma_log2(p, x.h);
+
+  for (int i = tid; i < 4 * 16 * 16; i += kChunkThreads) sDiag[i] = 0.f;
+  E* const myQt = sm + (16 * x.a) * kPitch + x.c;
+  E* const myKt = sm + (kScoreRowKt + 16 * x.a) * kPitch + x.c;  // + kt_row0(b) * kPitch for sub-chunk b's K̃
+
+  float A[4][4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) A[u][e] = 0.f;
+  int chunk_exact = 0;
+
+  __syncthreads();  // sDiag zeroed
+
+  // no prefetch across key blocks: at 128 registers (two blocks an SM) it would spill; the other
+  // block's products cover these loads
+#pragma unroll 1
+  for (int kb = 0; kb < NKB; ++kb) {
+    Raw<Act> raw;
+    load_qkg<Act>(p, x, raw, t0, kb, true);
+    float P[16];
+    float run = 0.f;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      run += raw.decay(r, x.gam);
+      P[r] = run;
+    }
+    const bool exact = (P[0] - P[8] > OP::kTheta) || (P[8] - P[15] > OP::kTheta);
+    const float Pr = exact ? P[0] : P[8];
+    sTot[x.a * 64 + x.c] = P[15];
+    sRef[x.a * 64 + x.c] = Pr;
+    const int any_exact = __syncthreads_or(exact ? 1 : 0);
+    chunk_exact |= any_exact;
+    {
+      float tot[4], ref[4];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        tot[b] = sTot[b * 64 + x.c];
+        ref[b] = sRef[b * 64 + x.c];
+      }
+      const float e_diag = exact ? 0.f : fast_exp2(Pr - P[15]);
+      float e_later[4] = {0.f, 0.f, 0.f, 0.f};
+      {
+        float between = 0.f;
+#pragma unroll
+        for (int b = 1; b < 4; ++b) {
+          if (b > x.a) {
+            e_later[b] = fast_exp2(between + ref[b]);
+            between += tot[b];
+          }
+        }
+      }
+      E* const myKtDiag = myKt + kt_row0(x.a) * kPitch;
+#pragma unroll
+      for (int r = 0; r < 16; ++r) {
+        put<Act, kScorePlane>(myQt + r * kPitch, to_float(raw.q[r]) * fast_exp2(P[r] - Pr));
+        put<Act, kScorePlane>(myKtDiag + r * kPitch, to_float(raw.k[r]) * fast_exp2(P[15] - P[r]) * e_diag);
+      }
+#pragma unroll
+      for (int b = 1; b < 4; ++b) {
+        if (b > x.a) {
+          E* const dst = myKt + kt_row0(b) * kPitch;
+#pragma unroll
+          for (int r = 0; r < 16; ++r)
+            put<Act, kScorePlane>(dst + r * kPitch, to_float(raw.k[r]) * fast_exp2(P[15] - P[r]) * e_later[b]);
+        }
+      }
+      if (any_exact && __any_sync(0xffffffffu, exact ? 1 : 0)) {
+        float tq[16], tk[16], tp[16];
+#pragma unroll
+        for (int r = 0; r < 16; ++r) tq[r] = to_float(raw.q[r]), tk[r] = to_float(raw.k[r]), tp[r] = P[r];
+        exact_diagonal(tq, tk, tp, exact, sDiag + x.a * 16 * 16, lane);
+      }
+    }
+    __syncthreads();
+    {
+      const E* Qt = sm;
+      const E* Kt = sm + (kScoreRowKt + kt_row0(mt)) * kPitch;
+      const int a_row = 16 * mt + (lane & 15), a_col = (lane >> 4) * 8;
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        uint32_t af[NP][4];
+#pragma unroll
+        for (int pl = 0; pl < NP; ++pl) ldsm_x4(af[pl], Qt + pl * kScorePlane + a_row * kPitch + 16 * ks + a_col);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          if (u <= mt) {
+            const int jt = nh * (mt + 1) + u;
+            uint32_t b0[NP], b1[NP];
+#pragma unroll
+            for (int pl = 0; pl < NP; ++pl) {
+              uint32_t r2[2];
+              ldsm_x2(r2, Kt + pl * kScorePlane + (8 * jt + (lane & 7)) * kPitch + 16 * ks + ((lane >> 3) & 1) * 8);
+              b0[pl] = r2[0];
+              b1[pl] = r2[1];
+            }
+            mma_planes<Act>(A[u], af, b0, b1);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // rows 16mt + lg (+8), columns 8jt + 2lt (+1): masked, exact diagonal terms added, scaled
+  Act* __restrict__ out = static_cast<Act*>(p.scores);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = 16 * mt + lg + 8 * half;
+    const RowRun rr = row_run(p, x, t0 + i, 1, 1);
+    if (!rr.nvalid) continue;
+    Act* orow = out + (rr.pos0 * p.Hq + hq) * int64_t(kChunk);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (u <= mt) {
+        const int jt = nh * (mt + 1) + u;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = 8 * jt + 2 * lt + e;
+          float val = j <= i ? A[u][2 * half + e] : 0.f;
+          if (chunk_exact && j <= i && j >= 16 * mt) val += sDiag[(mt * 16 + (i - 16 * mt)) * 16 + (j - 16 * mt)];
+          orow[j] = from_float<Act>(val * p.scale);
+        }
+      }
+    }
   }
 }
 

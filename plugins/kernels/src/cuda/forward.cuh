@@ -101,6 +101,20 @@ inline int step_rows() {
 
 inline size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
+// Prefill v2 (shared scores: gla_scores_kernel once per chunk and query head, then the main kernel
+// without Q̃K̃ᵀ) can run wherever a head has two or more value blocks; its workspace is planned for
+// every such problem whichever path runs, so the choice below never changes the workspace.
+inline bool shares_scores(int nvb) { return nvb >= 2; }
+
+// Which prefill runs where v2 can: GLA_CUDA_PREFILL=v1 or v2 (a knob for benchmarks and tests, read
+// at each call; it changes no workspace), by default v2 from 4 value blocks (d_v > 192) up.
+inline bool prefer_v2(int nvb) {
+  const char* e = std::getenv("GLA_CUDA_PREFILL");
+  if (e && std::strcmp(e, "v1") == 0) return false;
+  if (e && std::strcmp(e, "v2") == 0) return true;
+  return nvb >= 4;
+}
+
 struct Plan {
   bool chunk = false;
   // chunk path
@@ -109,6 +123,11 @@ struct Plan {
   int64_t nseg_dense = 1;
   int64_t slots = 0;
   size_t off_seg_off = 0, off_seg_state = 0, off_seg_decay = 0;
+  // shared scores (v2): planned whenever shares_scores(nvb); used when v2
+  bool v2 = false;
+  int64_t cslots = 0;  // chunk slots: the scores kernel's grid over (sequence, chunk)
+  int64_t nchunk_dense = 0;
+  size_t off_chunk_off = 0, off_scores = 0;
   size_t workspace = 0;
   // recurrent path (always planned: the fallback when the chunk kernel cannot run on this device)
   int ct = 0, R = 0, threads = 0, gb = 0, rnvb = 0;
@@ -156,21 +175,32 @@ inline Plan make_plan(const Problem& pr) {
     const int64_t seg_chunks = std::max(kMinSegmentChunks, ceil_div(chunks, want));
     if (seg_chunks < chunks) pl.seg_len = seg_chunks * kChunk;
   }
+  size_t off = 0;
   if (pl.seg_len == 0) {
     pl.slots = N;
-    return pl;
+  } else {
+    pl.nseg_dense = std::max<int64_t>(1, ceil_div(T, pl.seg_len));
+    pl.slots = pr.has_cu_seqlens ? N + T / pl.seg_len : N * pl.nseg_dense;
+    if (pr.has_cu_seqlens) {
+      pl.off_seg_off = off;
+      off = align_up(off + size_t(N + 1) * sizeof(int32_t));
+    }
+    pl.off_seg_state = off;
+    off = align_up(off + size_t(pl.slots) * pr.kv_heads * K * V * sizeof(float));
+    pl.off_seg_decay = off;
+    off = align_up(off + size_t(pl.slots) * pr.kv_heads * K * sizeof(float));
   }
-  pl.nseg_dense = std::max<int64_t>(1, ceil_div(T, pl.seg_len));
-  pl.slots = pr.has_cu_seqlens ? N + T / pl.seg_len : N * pl.nseg_dense;
-  size_t off = 0;
-  if (pr.has_cu_seqlens) {
-    pl.off_seg_off = off;
-    off = align_up(off + size_t(N + 1) * sizeof(int32_t));
+  if (shares_scores(pl.nvb)) {
+    pl.v2 = prefer_v2(pl.nvb);
+    pl.nchunk_dense = std::max<int64_t>(1, ceil_div(T, kChunk));
+    pl.cslots = pr.has_cu_seqlens ? N + T / kChunk : N * pl.nchunk_dense;
+    if (pr.has_cu_seqlens) {
+      pl.off_chunk_off = off;
+      off = align_up(off + size_t(N + 1) * sizeof(int32_t));
+    }
+    pl.off_scores = off;
+    off = align_up(off + size_t(pr.batch) * size_t(T) * pr.q_heads * kChunk * dtype_size(pr.act_dtype));
   }
-  pl.off_seg_state = off;
-  off = align_up(off + size_t(pl.slots) * pr.kv_heads * K * V * sizeof(float));
-  pl.off_seg_decay = off;
-  off = align_up(off + size_t(pl.slots) * pr.kv_heads * K * sizeof(float));
   pl.workspace = off;
   return pl;
 }
@@ -207,16 +237,34 @@ Status launch_recurrent(const Plan& pl, Params p, stream_t stream) {
   }
 }
 
-template <class Act, int NKB>
+template <class Act, int NKB, bool kShared>
 Status launch_chunk_main(const Plan& pl, const Params& p, stream_t stream, int dev) {
   const char* why = nullptr;
   constexpr size_t smem = chunk_smem_bytes<Act>();
-  if (!rt::allow_smem<gla_chunk_kernel<Act, NKB>>(dev, smem, why))
+  if (!rt::allow_smem<gla_chunk_kernel<Act, NKB, kShared>>(dev, smem, why))
     return detail::fail(Status::kCudaError, "preparing the GLA chunk kernel failed: %s", why ? why : "?");
   const int64_t blocks = pl.slots * p.Hq * pl.nvb;
-  auto* kernel = &gla_chunk_kernel<Act, NKB>;
+  auto* kernel = &gla_chunk_kernel<Act, NKB, kShared>;
   GLA_LAUNCH(kernel, blocks, kChunkThreads, smem, stream, p);
   return launch_failed("chunk");
+}
+
+template <class Act, int NKB>
+Status launch_scores(const Plan& pl, const Params& p, stream_t stream, int dev) {
+  const char* why = nullptr;
+  constexpr size_t smem = scores_smem_bytes<Act>();
+  if (!rt::allow_smem<gla_scores_kernel<Act, NKB>>(dev, smem, why))
+    return detail::fail(Status::kCudaError, "preparing the GLA scores kernel failed: %s", why ? why : "?");
+  auto* kernel = &gla_scores_kernel<Act, NKB>;
+  GLA_LAUNCH(kernel, pl.cslots * p.Hq, kChunkThreads, smem, stream, p);
+  return launch_failed("scores");
+}
+
+template <class Act, int NKB>
+Status launch_chunk_nkb(const Plan& pl, const Params& p, stream_t stream, int dev) {
+  if (!pl.v2) return launch_chunk_main<Act, NKB, false>(pl, p, stream, dev);
+  if (Status st = launch_scores<Act, NKB>(pl, p, stream, dev); st != Status::kOk) return st;
+  return launch_chunk_main<Act, NKB, true>(pl, p, stream, dev);
 }
 
 template <class Act>
@@ -245,11 +293,23 @@ Status launch_chunk(const Plan& pl, Params p, unsigned char* ws, stream_t stream
     GLA_LAUNCH(gla_segment_scan_kernel, ceil_div(elems, 256), 256, 0, stream, p);
     if (Status st = launch_failed("segment scan"); st != Status::kOk) return st;
   }
+  if (pl.v2) {
+    p.scores = ws + pl.off_scores;
+    p.chunk_off = p.cu ? reinterpret_cast<int32_t*>(ws + pl.off_chunk_off) : nullptr;
+    p.nchunk_dense = int32_t(pl.nchunk_dense);
+    if (p.cu) {  // chunk slots per sequence: the segment offsets kernel with one-chunk segments
+      Params pc = p;
+      pc.seg_len = kChunk;
+      pc.seg_off = p.chunk_off;
+      GLA_LAUNCH(gla_segment_offsets_kernel, 1, 1024, 1024 * sizeof(int), stream, pc);
+      if (Status st = launch_failed("chunk offsets"); st != Status::kOk) return st;
+    }
+  }
   // the state slice is a register array: one kernel per size (K <= 64, 128, 256)
   switch (pl.nkb) {
-    case 1: return launch_chunk_main<Act, 1>(pl, p, stream, dev);
-    case 2: return launch_chunk_main<Act, 2>(pl, p, stream, dev);
-    default: return launch_chunk_main<Act, 4>(pl, p, stream, dev);
+    case 1: return launch_chunk_nkb<Act, 1>(pl, p, stream, dev);
+    case 2: return launch_chunk_nkb<Act, 2>(pl, p, stream, dev);
+    default: return launch_chunk_nkb<Act, 4>(pl, p, stream, dev);
   }
 }
 
@@ -290,6 +350,8 @@ inline size_t workspace_bytes(const Problem& pr) {
 //     dense:  slots = N * nseg <= min(N * ceil(T / seg_min), N_seg + kTargetBlocks / (Hq * nvb))
 //     packed: slots = N + T / seg_len <= N_seg + T / seg_min
 // with N_seg = min(N, ceil(kTargetBlocks / (Hq * nvb)) - 1) the most sequences that still split.
+// Where the scores can be shared (nvb >= 2), every chunked problem also has N + 1 chunk offsets
+// (cu_seqlens) and batch * T * Hq * 64 scores: both grow with the problem.
 inline size_t workspace_bound(const Problem& largest) {
   if (validate(largest) != Status::kOk) return 0;
   const int64_t N = largest.num_seqs, T = largest.seq_len;
@@ -298,15 +360,20 @@ inline size_t workspace_bound(const Problem& largest) {
   if (T <= short_t || K > kChunkMaxK || N == 0) return 0;
   const int64_t per_seq = int64_t(largest.q_heads) * ceil_div(V, kBV);  // base / N
   const int64_t n_split = std::min(N, ceil_div(kTargetBlocks, per_seq) - 1);
-  if (n_split < 1) return 0;
-  const int64_t seg_min = kMinSegmentChunks * kChunk;
-  const int64_t slots = largest.has_cu_seqlens
-                            ? n_split + T / seg_min
-                            : std::min(n_split * ceil_div(T, seg_min), n_split + kTargetBlocks / per_seq);
   size_t off = 0;
-  if (largest.has_cu_seqlens) off = align_up(size_t(n_split + 1) * sizeof(int32_t));
-  off = align_up(off + size_t(slots) * largest.kv_heads * K * V * sizeof(float));
-  off = align_up(off + size_t(slots) * largest.kv_heads * K * sizeof(float));
+  if (n_split >= 1) {
+    const int64_t seg_min = kMinSegmentChunks * kChunk;
+    const int64_t slots = largest.has_cu_seqlens
+                              ? n_split + T / seg_min
+                              : std::min(n_split * ceil_div(T, seg_min), n_split + kTargetBlocks / per_seq);
+    if (largest.has_cu_seqlens) off = align_up(size_t(n_split + 1) * sizeof(int32_t));
+    off = align_up(off + size_t(slots) * largest.kv_heads * K * V * sizeof(float));
+    off = align_up(off + size_t(slots) * largest.kv_heads * K * sizeof(float));
+  }
+  if (shares_scores(int(ceil_div(V, kBV)))) {
+    if (largest.has_cu_seqlens) off = align_up(off + size_t(N + 1) * sizeof(int32_t));
+    off = align_up(off + size_t(largest.batch) * size_t(T) * largest.q_heads * kChunk * dtype_size(largest.act_dtype));
+  }
   return off;
 }
 

@@ -44,6 +44,12 @@ struct Params {
   int32_t* seg_off;    // [N + 1] first slot of each sequence (cu_seqlens with segments only)
   float* seg_state;    // [slots, Hkv, K, V] a segment's own state, then (after the scan) its start state
   float* seg_decay;    // [slots, Hkv, K] log2 of a segment's total decay
+
+  // shared scores (prefill v2): the scores kernel writes them once per (chunk, query head), every
+  // value block of the main kernel reads them
+  void* scores;           // [positions, Hq, 64] Act: row i's masked, scaled scores against its chunk's rows j <= i
+  int32_t* chunk_off;     // [N + 1] first chunk slot of each sequence (cu_seqlens only)
+  int32_t nchunk_dense;   // chunks per sequence without cu_seqlens
 };
 
 __device__ __forceinline__ void sequence_bounds(const Params& p, int64_t n, int64_t& bos, int64_t& len) {

@@ -1,0 +1,129 @@
+"""Prefill v1 vs v2 of our chunked CUDA kernel against fla's chunk_gla, on one GPU, in one process.
+
+v1: gla_chunk_kernel computes the intra-chunk scores Q̃K̃ᵀ in every block of 64 value columns.
+v2: gla_scores_kernel writes them once per (chunk, query head) to the workspace and the main kernel
+    reads them (docs/cuda-kernels.md, "Prefill v2"). GLA_CUDA_PREFILL=v1|v2 picks the path (the
+    library reads it at each call, so a CUDA graph captured under one value keeps it).
+
+Shapes (fp16): B1 T4096 H4 256x512 (the 1.3B GLA head), B1 T8192 H16 d128, B8 T2048 H16 d128.
+Timing as benchmarks/bench_kernels_gpu.py: median of CUDA-event timings of CUDA-graph replays over
+rotating input sets. Also checks v2 against v1 on the same inputs (relative error of the output
+and the final state). Prints a table last; --json writes every number.
+
+    python benchmarks/bench_prefill_gpu.py [--json out.json] [--only 4096,8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels_gpu import Ours, _fla, _inputs, time_calls
+
+SHAPES = [  # name, B, T, H, K, V, target (fla/ours at least)
+    ("B1_T4096_H4_k256_v512", 1, 4096, 4, 256, 512, 1.2),
+    ("B1_T8192_H16_d128", 1, 8192, 16, 128, 128, 1.5),
+    ("B8_T2048_H16_d128", 8, 2048, 16, 128, 128, None),
+]
+
+
+def _with_path(path: str, fn):
+    old = os.environ.get("GLA_CUDA_PREFILL")
+    os.environ["GLA_CUDA_PREFILL"] = path
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop("GLA_CUDA_PREFILL", None)
+        else:
+            os.environ["GLA_CUDA_PREFILL"] = old
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def run_shape(name, B, T, H, K, V, target, nsets=2, dtype=torch.float16) -> dict:
+    sets = [_inputs(B, T, H, H, K, V, dtype, seed=i) for i in range(nsets)]
+    K_flops = 2 * B * H * T * (64 * (K + V) + 2 * K * V)
+    row = {"name": name, "shape": f"B{B} T{T} H{H} dk{K} dv{V} fp16", "flops": K_flops, "target_fla_over_ours": target}
+    outs = {}
+    for path in ("v1", "v2"):
+        calls = [Ours(x) for x in sets]
+        ms, mode = _with_path(path, lambda calls=calls: time_calls(calls))
+        row[f"{path}_ms"], row[f"{path}_mode"] = ms, mode
+        row[f"{path}_tflops"] = K_flops / (ms * 1e-3) / 1e12
+        one = Ours(sets[0])
+        _with_path(path, one)
+        torch.cuda.synchronize()
+        outs[path] = (one.o.clone(), one.ht.clone())
+    row["v2_vs_v1_rel_o"] = _rel(outs["v2"][0], outs["v1"][0])
+    row["v2_vs_v1_rel_state"] = _rel(outs["v2"][1], outs["v1"][1])
+    row["finite"] = bool(all(torch.isfinite(t).all() for pair in outs.values() for t in pair))
+    chunk_gla, _ = _fla()
+    if chunk_gla is not None:
+        row["fla_ms"], row["fla_mode"] = time_calls(
+            [lambda x=x: chunk_gla(x["q"], x["k"], x["v"], x["g"], output_final_state=True) for x in sets]
+        )
+        o_fla, s_fla = chunk_gla(sets[0]["q"], sets[0]["k"], sets[0]["v"], sets[0]["g"], output_final_state=True)
+        row["v2_vs_fla_rel_o"] = _rel(outs["v2"][0], o_fla)
+        row["v2_vs_fla_rel_state"] = _rel(outs["v2"][1], s_fla.to(outs["v2"][1].dtype))
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--only", default="", help="comma-separated substrings of the shape names to run")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_prefill_gpu: no CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.cuda.get_device_properties(0)
+    only = [o for o in args.only.split(",") if o]
+    rows = [run_shape(*s) for s in SHAPES if not only or any(o in s[0] for o in only)]
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": dev.name,
+        "sms": dev.multi_processor_count,
+        "torch": torch.__version__,
+        "results": rows,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+    print(f"\n{info['date']}  {dev.name} ({dev.multi_processor_count} SMs)  fp16, ms per call (graph replays)")
+    hdr = (f"{'shape':24s} {'v1 ms':>8s} {'v2 ms':>8s} {'fla ms':>8s} {'v1/v2':>6s} {'fla/v1':>7s} {'fla/v2':>7s} "
+           f"{'target':>6s} {'v2~v1 o':>8s} {'v2~fla o':>8s}")  # fmt: skip
+    print(hdr)
+    print("-" * len(hdr))
+    ok = True
+    for r in rows:
+        fla = r.get("fla_ms")
+
+        def f(x):
+            return f"{x:8.4f}" if x is not None else f"{'-':>8s}"
+
+        def ratio(a, b, w=7):
+            return f"{a / b:{w}.2f}" if a is not None and b else f"{'-':>{w}s}"
+
+        tgt = f"{r['target_fla_over_ours']:.1f}x" if r["target_fla_over_ours"] else "-"
+        vf = f"{r['v2_vs_fla_rel_o']:8.1e}" if "v2_vs_fla_rel_o" in r else f"{'-':>8s}"
+        print(f"{r['name']:24s} {f(r['v1_ms'])} {f(r['v2_ms'])} {f(fla)} {ratio(r['v1_ms'], r['v2_ms'], 6)} "
+              f"{ratio(fla, r['v1_ms'])} {ratio(fla, r['v2_ms'])} {tgt:>6s} {r['v2_vs_v1_rel_o']:8.1e} {vf}")  # fmt: skip
+        ok = ok and r["finite"] and r["v2_vs_v1_rel_o"] < 1e-2 and r["v2_vs_v1_rel_state"] < 1e-2
+    print("(fla/vN > 1: ours faster; v2~v1 o: relative difference of the outputs, fp16)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

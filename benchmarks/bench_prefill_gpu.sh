@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Prefill v1 vs v2 (issue 12 item 6) in one unattended GPU call of a few minutes: build the kernel
+# core (or take a carried GLA_EXPORT_LIB_DIR), v1 vs v2 vs fla chunk_gla timings
+# (benchmarks/bench_prefill_gpu.py, which also compares v2's outputs with v1's and fla's), the CUDA
+# kernel tests against the reference under each path, then compute-sanitizer memcheck on small v2
+# cases (SANITIZER_TOOLS="memcheck racecheck" for both). Logs and JSON go to $OUT (default out/bench_prefill); the
+# table is printed last. Each step has a timeout (BENCH_TIMEOUT 180 s, TEST_TIMEOUT 90 s a path,
+# SANITIZER_TIMEOUT 60 s a tool) so the whole call stays within a few minutes (typically ~4).
+#
+#   bash benchmarks/bench_prefill_gpu.sh
+#   STEPS="build bench" bash benchmarks/bench_prefill_gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/bench_prefill}
+mkdir -p "$OUT"
+STEPS=${STEPS:-"build bench tests sanitizer"}   # in this order
+export PYTHONUNBUFFERED=1
+status=0
+step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+note() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+t0=$SECONDS
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+if ls .whl/fla/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/fla/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+if [ -n "${GLA_EXPORT_LIB_DIR:-}" ] && [ -f "$GLA_EXPORT_LIB_DIR/libgla_kernels_capi.so" ]; then
+  note "library: carried $GLA_EXPORT_LIB_DIR/libgla_kernels_capi.so"
+elif step build; then
+  arch=${GLA_CUDA_ARCHITECTURES:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}
+  note "building libgla_kernels_capi for sm_$arch"
+  { cmake -S . -B build/bench-prefill -DGLA_CUDA_ARCHITECTURES="$arch" -DGLA_WITH_ORT=OFF -DGLA_WITH_TRT=OFF \
+      -DGLA_WITH_RUNNER=OFF -DCMAKE_BUILD_TYPE=Release \
+    && cmake --build build/bench-prefill --target gla_kernels_capi -j"$(nproc)"; } > "$OUT/build.log" 2>&1 \
+    || { note "build FAILED (see build.log)"; tail -30 "$OUT/build.log"; exit 1; }
+  export GLA_EXPORT_LIB_DIR=$PWD/build/bench-prefill/plugins/kernels
+  note "built in $((SECONDS - t0)) s"
+fi
+python3 -c "from gla_export.ops.native import cuda_compiled; assert cuda_compiled(), 'no CUDA kernels in the library'" \
+  || { note "library has no CUDA kernels"; exit 1; }
+
+if step bench; then
+  note "benchmark v1 / v2 / fla (at $((SECONDS - t0)) s)"
+  timeout "${BENCH_TIMEOUT:-180}" python3 benchmarks/bench_prefill_gpu.py ${BENCH_ARGS:-} --json "$OUT/bench_prefill.json" > "$OUT/bench.log" 2>&1 \
+    || { status=1; tail -20 "$OUT/bench.log"; }
+fi
+
+if step tests; then
+  # every GPU case under v2 (wherever a head has 2+ value blocks), the reference cases under v1
+  for path in v2 v1; do
+    sel=()
+    [ "$path" = v1 ] && sel=(-k "matches_reference or extreme")
+    note "tests: GLA_CUDA_PREFILL=$path tests/kernels/test_cuda_kernels.py -m gpu ${sel[*]}"
+    GLA_CUDA_PREFILL=$path timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_cuda_kernels.py \
+      -o addopts="-ra" ${sel[@]+"${sel[@]}"} > "$OUT/tests_$path.log" 2>&1 || status=1
+    tail -2 "$OUT/tests_$path.log" | tee -a "$OUT/summary.txt"
+    grep -E "^(FAILED|ERROR)" "$OUT/tests_$path.log" | head -20 | tee -a "$OUT/summary.txt"
+  done
+fi
+
+if step sanitizer; then
+  cat > "$OUT/sanitize_v2.py" <<'EOF'
+import torch
+from gla_export.ops.native import native_gla
+from gla_export.testing import GLACase, make_inputs
+for c in [GLACase(B=1, T=200, Hq=4, Hkv=2, K=100, V=130, dtype=torch.float16, initial_state=True, reverse=True),
+          GLACase(B=1, T=150, Hq=2, Hkv=2, K=64, V=136, initial_state=True),
+          GLACase(Hq=2, Hkv=1, K=64, V=256, dtype=torch.bfloat16, cu_seqlens=(0, 0, 700, 700, 1250, 1251))]:
+    native_gla(**make_inputs(c, device="cuda"), output_final_state=True)
+torch.cuda.synchronize()
+print("v2 sanitizer cases ran")
+EOF
+  for tool in ${SANITIZER_TOOLS:-memcheck}; do
+    note "compute-sanitizer --tool $tool (v2)"
+    GLA_CUDA_PREFILL=v2 timeout "${SANITIZER_TIMEOUT:-60}" compute-sanitizer --tool "$tool" --kernel-name kns=gla_ --error-exitcode 9 \
+      python3 "$OUT/sanitize_v2.py" > "$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?
+    tail -2 "$OUT/sanitizer_$tool.log" | tee -a "$OUT/summary.txt"
+    [ $rc -eq 0 ] || { note "$tool: exit $rc"; status=1; }
+  done
+fi
+
+note "total $((SECONDS - t0)) s, status $status"
+cat "$OUT/summary.txt"
+[ -f "$OUT/bench.log" ] && { echo; sed -n '/fp16, ms per call/,$p' "$OUT/bench.log"; }
+exit $status
