@@ -207,3 +207,36 @@ def test_device_sampler_on_cuda_matches_the_host_sampler():
         x = _logits(step, v=32000)
         want = [s.sample(x[i].numpy()) for i, s in enumerate(host)]
         assert sample_on_device(x.cuda(), dev).tolist() == want, step
+
+
+def test_generation_through_the_device_sampler_equals_the_host_path(exports):
+    """The generation loop's device branch (only token ids come back), run on CPU tensors."""
+    path = exports["custom"]
+    host = StatefulDecoder(path, "ort-cpu", threads=1)
+    dev = StatefulDecoder(path, "ort-cpu", threads=1)
+    dev.sample_on_device = True
+    for params in (SamplingParams(seed=3), SamplingParams(temperature=0.9, top_k=20, top_p=0.8, seed=7)):
+        a = dev.generate(["Once", "Hi there"], max_new_tokens=12, sampling=params, snapshot=True).run()
+        b = host.generate(["Once", "Hi there"], max_new_tokens=12, sampling=params, snapshot=True).run()
+        assert [r.tokens for r in a] == [r.tokens for r in b]
+        assert [r.state.sampler for r in a] == [r.state.sampler for r in b]
+
+
+def test_graph_handles_carry_their_own_graph_ids(exports):
+    """The runtime's captured-handle plumbing (graph ids, no rebinding), run on the CPU provider,
+    which ignores the gpu_graph_id annotation: ids 0, 1 for the first pool, 2, 3 for the next."""
+    path = exports["custom"]
+    ref = StatefulDecoder(path, "ort-cpu", threads=1, batch_size=2)
+    dec = StatefulDecoder(path, "ort-cpu", threads=1, batch_size=1)
+    dec.cuda_graph = dec._runtime.cuda_graph = True
+    dec.resize(2)
+    h = dec._step_handles
+    assert [x[2].get_run_config_entry("gpu_graph_id") for x in h] == ["0", "1"] and h[0][1] is None
+    dec.resize(3)
+    assert [x[2].get_run_config_entry("gpu_graph_id") for x in dec._step_handles] == ["2", "3"]
+    dec.resize(2)
+    assert dec._step_handles is h  # the pool's graphs again, not new ones
+    prompts = [[256, 1, 2], [256, 3]]
+    np.testing.assert_array_equal(dec.prefill(prompts), ref.prefill(prompts))
+    for tok in range(5):
+        np.testing.assert_array_equal(dec.step([tok, tok + 3]), ref.step([tok, tok + 3]))
