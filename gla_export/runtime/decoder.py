@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .._dtypes import torch_dtype
-from ..errors import UsageError
+from ..errors import ModelError, UsageError
 from .engines import RUNTIMES, open_runtime
 from .generation import (  # noqa: F401 - re-exported: the decoder's public names
     FINISH_EOS,
@@ -266,6 +266,17 @@ class StatefulDecoder(GenerationMixin):
         pool = {"states": states, "ids_host": ids_host, "ids_dev": ids_dev, "logits_dev": logits_dev,
                 "logits_host": logits_host, "handles": handles}
         if self.cuda_graph:
+            # capture both graphs now (ONNX Runtime captures a graph id at its second run), so that
+            # decoding never pays for a capture, and a step graph that cannot be captured is found
+            # here: then the decoder goes on without graphs (``cuda_graph_off`` says why)
+            try:
+                for p in (0, 1, 0, 1, 0, 1):
+                    self._runtime.run_step(handles[p])
+            except ModelError as e:
+                self._runtime.disable_cuda_graph(f"capture failed: {e}")
+                self.cuda_graph, self.cuda_graph_off = False, self._runtime.cuda_graph_off
+                self._pools.clear()
+                return self._pool(rows)
             self._pools[rows] = pool
         return pool
 

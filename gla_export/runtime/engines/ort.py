@@ -128,6 +128,7 @@ class OrtRuntime:
                 self.cuda_graph = True
             except ModelError as e:
                 self.cuda_graph_off = f"ONNX Runtime refused CUDA-graph capture: {e}"
+        self._open_args = (metadata, cuda, device_id, threads)
         if "step" not in self.sessions:
             self.sessions["step"] = open_session(metadata, "step", cuda=cuda, device_id=device_id, threads=threads)
         if self.cuda_graph:
@@ -137,6 +138,15 @@ class OrtRuntime:
 
     def sync(self) -> None:
         sync_device(self.device)
+
+    def disable_cuda_graph(self, why: str) -> None:
+        """Run the step graph uncaptured from now on (a session without graphs replaces the
+        captured one): handles bound before are void, bind again."""
+        metadata, cuda, device_id, threads = self._open_args
+        self.sessions["step"] = open_session(metadata, "step", cuda=cuda, device_id=device_id, threads=threads)
+        self.cuda_graph = False
+        self.cuda_graph_off = why
+        self.name = self.name.replace(" + CUDA graph", "")
 
     def _binding(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Any:
         b = self.sessions[graph].io_binding()
