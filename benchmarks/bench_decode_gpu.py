@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gla_export.runtime import bench as B  # noqa: E402
+from gla_export.runtime import bench as B
 
 CONTENDERS = [B.OURS_ORT_CUDA, B.OURS_ORT_CUDA_NOGRAPH, B.EAGER, B.FLA]
 
@@ -87,7 +87,7 @@ def main() -> int:
         print("bench_decode_gpu: no CUDA GPU", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    say = lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    say = lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", file=sys.stderr, flush=True)
     from gla_export.export import export_model
     from gla_export.models import GLAForCausalLM, load_model, sample_model_path
     from gla_export.models.builder import recommended_config

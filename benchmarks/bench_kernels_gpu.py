@@ -136,7 +136,6 @@ def copy_bandwidth() -> tuple[float, dict[str, float]]:
         b.synchronize()
         times.append(a.elapsed_time(b))
     ways["memcpy-events"] = moved / (sorted(times)[len(times) // 2] * 1e-3)
-    del src, dst
     best = max(ways[k] for k in ("kernel-graph", "memcpy-events"))
     return best, ways
 

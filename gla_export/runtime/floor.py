@@ -79,7 +79,6 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
                 times.append(a.elapsed_time(b) * 1e-3)
             times.sort()
             out[name] = moved / times[len(times) // 2]
-        del src, dst
     else:
         nbytes = nbytes or 256 << 20
         src = np.random.default_rng(0).random(nbytes // 8)
@@ -114,8 +113,8 @@ def model_floor(export_dir: str | os.PathLike, batches: list[int] | tuple[int, .
                 ) -> dict[str, Any]:
     """The floor of an export at each batch: ``{"weight_bytes": {B: n}, "state_bytes_per_row": n,
     "ms_per_token": {B: ms}}``."""
-    from ..export.metadata import open_export
     from .._dtypes import torch_dtype
+    from ..export.metadata import open_export
 
     meta = open_export(Path(export_dir))
     state_row = 0

@@ -14,7 +14,6 @@ from gla_export.export import export_model
 from gla_export.models import GLAConfig, GLAForCausalLM
 
 
-
 @pytest.mark.parametrize("form", ["custom", "decomposed"])
 def test_ort_fuses_every_rms_norm_of_the_step_graph(tmp_path, form):
     spec = importlib.util.spec_from_file_location(

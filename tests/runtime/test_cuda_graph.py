@@ -240,3 +240,34 @@ def test_graph_handles_carry_their_own_graph_ids(exports):
     np.testing.assert_array_equal(dec.prefill(prompts), ref.prefill(prompts))
     for tok in range(5):
         np.testing.assert_array_equal(dec.step([tok, tok + 3]), ref.step([tok, tok + 3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 300])  # the step kernel; the chunked prefill with its workspace
+def test_the_gla_cuda_forward_is_capture_safe(T):
+    """cuda_forward under stream capture in global mode (which refuses any host synchronisation or
+    cudaMalloc while capturing): the replay equals an eager call on new inputs, bitwise."""
+    from gla_export.ops.native import native_gla
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    B, H, K, V = 3, 4, 64, 128
+    mk = lambda: [torch.randn(B, T, H, K, device=dev, dtype=torch.float16),
+                  torch.randn(B, T, H, K, device=dev, dtype=torch.float16),
+                  torch.randn(B, T, H, V, device=dev, dtype=torch.float16),
+                  torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=dev)).half(),
+                  torch.randn(B, H, K, V, device=dev)]
+    static = mk()
+    native_gla(*static[:4], initial_state=static[4], output_final_state=True)  # warm-up: attributes set once
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, capture_error_mode="global"):
+        o, ht = native_gla(*static[:4], initial_state=static[4], output_final_state=True)
+    for _ in range(3):
+        new = mk()
+        for s, n in zip(static, new):
+            s.copy_(n)
+        g.replay()
+        want_o, want_ht = native_gla(*new[:4], initial_state=new[4], output_final_state=True)
+        torch.cuda.synchronize()
+        assert torch.equal(o, want_o) and torch.equal(ht, want_ht)
