@@ -224,18 +224,25 @@ def test_generation_through_the_device_sampler_equals_the_host_path(exports):
 
 def test_graph_handles_carry_their_own_graph_ids(exports):
     """The runtime's captured-handle plumbing (graph ids, no rebinding), run on the CPU provider,
-    which ignores the gpu_graph_id annotation: ids 0, 1 for the first pool, 2, 3 for the next."""
+    which ignores the gpu_graph_id annotation: ids 1, 2 for the first pool, 3, 4 for the next (0 is
+    ONNX Runtime's id for runs without the annotation; one-off step calls run as -1, no graph)."""
     path = exports["custom"]
     ref = StatefulDecoder(path, "ort-cpu", threads=1, batch_size=2)
     dec = StatefulDecoder(path, "ort-cpu", threads=1, batch_size=1)
     dec.cuda_graph = dec._runtime.cuda_graph = True
     dec.resize(2)
     h = dec._step_handles
-    assert [x[2].get_run_config_entry("gpu_graph_id") for x in h] == ["0", "1"] and h[0][1] is None
+    assert [x[2].get_run_config_entry("gpu_graph_id") for x in h] == ["1", "2"] and h[0][1] is None
     dec.resize(3)
-    assert [x[2].get_run_config_entry("gpu_graph_id") for x in dec._step_handles] == ["2", "3"]
+    assert [x[2].get_run_config_entry("gpu_graph_id") for x in dec._step_handles] == ["3", "4"]
     dec.resize(2)
     assert dec._step_handles is h  # the pool's graphs again, not new ones
+    seen = []
+    run = dec._runtime.sessions["step"].run_with_iobinding
+    dec._runtime.sessions["step"].run_with_iobinding = lambda b, o=None: (seen.append(o), run(b, o))[1]
+    dec.prefill([[5], [6]])  # one token a row: the step graph on one-off buffers
+    assert [o.get_run_config_entry("gpu_graph_id") for o in seen] == ["-1"]
+    dec.reset()
     prompts = [[256, 1, 2], [256, 3]]
     np.testing.assert_array_equal(dec.prefill(prompts), ref.prefill(prompts))
     for tok in range(5):

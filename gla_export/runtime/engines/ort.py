@@ -133,7 +133,8 @@ class OrtRuntime:
             self.sessions["step"] = open_session(metadata, "step", cuda=cuda, device_id=device_id, threads=threads)
         if self.cuda_graph:
             self.name += " + CUDA graph"
-        self._next_graph_id = 0
+        # ids from 1: a run without the annotation is graph 0 to ONNX Runtime, which would capture it
+        self._next_graph_id = 1
         self.has_mask = "attention_mask" in {i.name for i in self.sessions["prefill"].get_inputs()}
 
     def sync(self) -> None:
@@ -194,8 +195,15 @@ class OrtRuntime:
     def run(self, graph, feeds, outputs) -> None:
         self.sync()  # torch may have written these buffers on its stream
         b = self._binding(graph, feeds, outputs)
+        run_options = None
+        if graph == "step" and self.cuda_graph:
+            # buffers of this call only: run without a graph (-1), never capture them as graph 0
+            import onnxruntime as ort
+
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", "-1")
         try:
-            self.sessions[graph].run_with_iobinding(b)
+            self.sessions[graph].run_with_iobinding(b, run_options)
         except Exception as e:  # noqa: BLE001
             shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in feeds.items() if not n.startswith("past_"))
             first = str(e).strip().splitlines()[0]
