@@ -118,6 +118,7 @@ struct OrtOptions {
   int device_id = 0;
   int threads = 0;  // intra-op threads, 0 = ONNX Runtime's default
   bool use_prefill = true;
+  bool cuda_graph = true;  // --provider cuda: replay the step as CUDA graphs captured by ONNX Runtime
   std::string exe_dir;  // where gla-run lives (library search)
 };
 
