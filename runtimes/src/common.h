@@ -133,6 +133,7 @@ struct TrtOptions {
   std::string plugin_lib;  // libgla_tensorrt.so ("" = search)
   int device_id = 0;
   std::string exe_dir;
+  bool cuda_graph = true;  // capture the step (both directions of the state swap) in CUDA graphs
 };
 
 bool trt_compiled();  // false when built without TensorRT headers
