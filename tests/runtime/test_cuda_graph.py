@@ -178,13 +178,14 @@ def test_batch_changes_replay_without_recapture(exports):
 def test_save_and_resume_mid_graph(exports, tmp_path):
     path = exports["custom"]
     one = StatefulDecoder(path, "ort-cuda")
-    full = one.generate("Hello", max_new_tokens=24).run()[0].tokens
+    full = one.generate("Hello", max_new_tokens=24, ignore_eos=True).run()[0].tokens
     two = StatefulDecoder(path, "ort-cuda")
-    first = two.generate("Hello", max_new_tokens=11, snapshot=True).run()[0]
-    for _ in range(3):  # other traffic through the same graphs in between
+    first = two.generate("Hello", max_new_tokens=11, ignore_eos=True, snapshot=True).run()[0]
+    for _ in range(3):  # other traffic through the same graphs in between, at other batch sizes too
+        two.generate(["xyz", "abc", "q"], max_new_tokens=5).run()
         two.generate("xyz", max_new_tokens=5).run()
-    rest = two.generate(state=first.state, max_new_tokens=13).run()[0].tokens
-    assert first.tokens + rest == full
+    rest = two.generate(states=first.state, max_new_tokens=13, ignore_eos=True).run()[0].tokens
+    assert len(full) == 24 and first.tokens + rest == full
 
 
 @pytest.mark.gpu
