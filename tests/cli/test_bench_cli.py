@@ -184,8 +184,12 @@ def test_bench_on_the_gpu(tmp_path):
     rep = json.loads((tmp_path / "bench.json").read_text())
     results = {r["name"]: r for r in rep["results"]}
     assert rep["device"]["kind"] == "cuda"
-    for name in (bench_mod.OURS_ORT_CUDA, bench_mod.EAGER, bench_mod.FLA):
+    for name in (bench_mod.OURS_ORT_CUDA, bench_mod.OURS_ORT_CUDA_NOGRAPH, bench_mod.EAGER, bench_mod.FLA):
         assert name in results, rep["skipped"]
         assert results[name]["notes"] == [], results[name]["notes"]
         assert all(_positive(results[name]["decode"][b]["tokens_per_s"]) for b in ("1", "2"))
+        assert all(_positive(results[name]["decode"][b]["ratio_to_floor"]) for b in ("1", "2"))
+    assert "CUDA graph" in results[bench_mod.OURS_ORT_CUDA]["detail"]
+    assert "CUDA graph" not in results[bench_mod.OURS_ORT_CUDA_NOGRAPH]["detail"]
+    assert set(rep["copy_bandwidth"]["ways"]) == {"memcpy", "kernel"}
     assert rep["target"]["ratio"] is not None and rep["target"]["met"] in (True, False)
