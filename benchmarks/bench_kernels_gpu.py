@@ -110,14 +110,34 @@ def time_calls(calls: list, reps_in_graph: int = 8, rep_ms: int = 300) -> tuple[
         return do_bench(run, warmup=25, rep=rep_ms, return_mode="median") / len(calls), "stream"
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second."""
+def copy_bandwidth() -> tuple[float, dict[str, float]]:
+    """Device-to-device copy, bytes read + written per second: the fastest of three ways, and all three.
+
+    A ``dst.copy_(src)`` captured in a CUDA graph becomes a memcpy node, run by a copy engine, which
+    reads ~20 % slower than the same copy issued on the stream (2.44 vs 3.03 TB/s on an H100, issue
+    12): quoting kernels against it inflated their "% of copy". So the copy is timed as an SM copy
+    kernel (``torch.mul(src, 1, out=dst)``) in a graph, exactly as the kernels are timed, and as a
+    stream memcpy timed by CUDA events; the faster is the reference."""
     n = 1 << 28  # 1 GiB of fp32 each way
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
+    moved = 2 * n * 4
+    ways = {}
+    ms, _ = time_calls([lambda: torch.mul(src, 1.0, out=dst)], reps_in_graph=4)
+    ways["kernel-graph"] = moved / (ms * 1e-3)
     ms, _ = time_calls([lambda: dst.copy_(src)], reps_in_graph=4)
-    del src, dst
-    return 2 * n * 4 / (ms * 1e-3)
+    ways["memcpy-graph"] = moved / (ms * 1e-3)
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    ways["memcpy-events"] = moved / (sorted(times)[len(times) // 2] * 1e-3)
+    best = max(ways[k] for k in ("kernel-graph", "memcpy-events"))
+    return best, ways
 
 
 def _fla():
@@ -200,7 +220,7 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_properties(0)
-    bw = copy_bandwidth()
+    bw, bw_ways = copy_bandwidth()
     results: list[dict] = []
     peers = not args.no_peers
     work = [
@@ -232,13 +252,15 @@ def main(argv=None) -> int:
         "sms": dev.multi_processor_count,
         "torch": torch.__version__,
         "copy_bandwidth_tbps": bw / 1e12,
+        "copy_bandwidth_ways_tbps": {k: v / 1e12 for k, v in bw_ways.items()},
         "results": results,
     }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)
 
-    print(f"\n{info['date']}  {dev.name} ({dev.multi_processor_count} SMs)  copy {bw / 1e12:.2f} TB/s (read+write)")
+    print(f"\n{info['date']}  {dev.name} ({dev.multi_processor_count} SMs)  copy {bw / 1e12:.2f} TB/s (read+write; "
+          + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in bw_ways.items()) + ")")
     hdr = f"{'work':30s} {'ours ms':>9s} {'fla ms':>9s} {'sdpa ms':>9s} {'fla/ours':>8s} {'sdpa/ours':>9s}  notes"
     print(hdr)
     print("-" * len(hdr))

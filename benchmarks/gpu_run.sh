@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_run.sh tests   # every gpu-marked test + compute-sanitizer on the kernels
 #   bash benchmarks/gpu_run.sh bench   # kernels, Triton, ONNX Runtime and end-to-end benchmarks
 #   bash benchmarks/gpu_run.sh e2e     # verify + gla-export bench on the sample model
+#   bash benchmarks/gpu_run.sh decode  # captured decode: its gpu tests, then bench_decode_gpu.py (issue 12)
 #   bash benchmarks/gpu_run.sh fetch   # copy the trained sample model into $OUT
 #
 # Needs: the staged wheels installed into /tmp/site (onnxruntime-gpu, polygraphy, fla; see
@@ -109,8 +110,19 @@ e2e)
     > "$OUT/bench_e2e.log" 2>&1 || status=1
   for f in verify bench_e2e; do echo; echo "---- $f"; tail -40 "$OUT/$f.log"; done
   ;;
+decode)
+  note "captured decode step, device sampling, gla-run graphs: gpu tests (issue 12)"
+  timeout ${T_DECODE_TESTS:-170} python3 -m pytest -v -m gpu -p no:cacheprovider -o addopts="-ra" --timeout 150 --tb=short \
+    tests/runtime/test_cuda_graph.py tests/runtime/test_decoder.py tests/runtimes/test_gla_run.py -k cuda \
+    > "$OUT/tests_decode.log" 2>&1 || status=1
+  grep -E " (FAILED|ERROR) |^(FAILED|ERROR) " "$OUT/tests_decode.log" | head -30 | tee -a "$OUT/summary.txt"
+  grep -E "^=+ .*(passed|failed|error).* =+$" "$OUT/tests_decode.log" | tee -a "$OUT/summary.txt"
+  note "decode against the floor: sample B1, 1.3B fp16 B1/B16 (captured, uncaptured, eager, fla)"
+  timeout ${T_DECODE_BENCH:-290} python3 benchmarks/bench_decode_gpu.py --out "$OUT" > "$OUT/bench_decode.log" 2>&1 || status=1
+  tail -40 "$OUT/bench_decode.log"
+  ;;
 *)
-  echo "usage: $0 train|tests|bench|e2e|fetch" >&2
+  echo "usage: $0 train|tests|bench|e2e|fetch|decode" >&2
   exit 2
   ;;
 esac

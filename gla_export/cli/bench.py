@@ -47,7 +47,7 @@ def _ints(ctx, param, value: str) -> tuple[int, ...]:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["ort-cpu", "ort-cuda", "trt", "gla-run", "eager", "recompute", "fla"]),
+    type=click.Choice(["ort-cpu", "ort-cuda", "ort-cuda-nograph", "trt", "gla-run", "eager", "recompute", "fla"]),
     help="Run only these contenders (repeatable).",
 )
 @click.option(

@@ -45,14 +45,18 @@ RUNTIMES = ("ort-cpu", "ort-cuda", "trt")  # gla_export.runtime.RUNTIMES, not im
               help="Read prompts in pieces of at most this many tokens.")
 @click.option("--engines-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="TensorRT engines (default: EXPORT_DIR/tensorrt).")
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
+              help="ort-cuda: replay the step as CUDA graphs captured by ONNX Runtime (off: launch each node).")
+@click.option("--sample-on-device/--sample-on-host", default=True, show_default=True,
+              help="GPU backends: pick tokens on the GPU (only token ids come to the host each step).")
 @click.option("-i", "--interactive", is_flag=True,
               help="Chat: after each answer, read the next prompt from stdin (one line; empty: go on); Ctrl-D ends.")
 @click.option("-q", "--quiet", is_flag=True, help="No status on stderr.")
 def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, backend: str,
              temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None,
              save_state: Path | None, load_state: Path | None, ignore_eos: bool, output_ids: bool, device_id: int,
-             threads: int | None, prefill_chunk: int | None, engines_dir: Path | None, interactive: bool,
-             quiet: bool) -> None:
+             threads: int | None, prefill_chunk: int | None, engines_dir: Path | None, cuda_graph: bool,
+             sample_on_device: bool, interactive: bool, quiet: bool) -> None:
     """Generate text from the export in EXPORT_DIR, streaming it to stdout.
 
     Memory stays constant however many tokens are generated: the prompt is read once by
@@ -88,7 +92,8 @@ def generate(export_dir: Path, prompt: str | None, prompt_ids: str | None, max_n
         prompt = text
     t0 = time.perf_counter()
     decoder = StatefulDecoder(export_dir, backend, device_id=device_id, threads=threads, prefill_chunk=prefill_chunk,
-                              engines_dir=engines_dir)
+                              engines_dir=engines_dir, cuda_graph=cuda_graph if backend == "ort-cuda" else None,
+                              sample_on_device=sample_on_device if backend != "ort-cpu" else None)
     ids = parse_ids(prompt_ids, decoder.vocab_size) if prompt_ids is not None else None
 
     state = None

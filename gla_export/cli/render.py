@@ -72,14 +72,23 @@ def bench_tables(report: BenchReport):
     for b in batches:
         speed.add_column(f"decode ms/tok B{b}", justify="right")
         speed.add_column(f"decode tok/s B{b}", justify="right")
+        speed.add_column(f"÷ floor B{b}", justify="right")
     for r in report.results:
         if not r.prefill and not r.decode:
             continue
         cells = [_fmt(r.prefill.get(b, {}).get("tokens_per_s"), "{:,.0f}") for b in batches]
         for b in batches:
             d = r.decode.get(b, {})
-            cells += [_fmt(d.get("ms_per_token"), "{:.3f}"), _fmt(d.get("tokens_per_s"), "{:,.0f}")]
+            cells += [_fmt(d.get("ms_per_token"), "{:.3f}"), _fmt(d.get("tokens_per_s"), "{:,.0f}"),
+                      _fmt(d.get("ratio_to_floor"), "{:.2f}×")]
         speed.add_row(r.name, *cells)
+    floor = report.floor.get("ms_per_token") or {}
+    if floor:
+        bw = report.copy_bandwidth
+        cells = ["-"] * len(batches)
+        for b in batches:
+            cells += [_fmt(floor.get(b), "{:.3f}"), _fmt(1e3 * b / floor[b] if floor.get(b) else None, "{:,.0f}"), "1×"]
+        speed.add_row(f"floor (copy {bw['bytes_per_s'] / 1e9:,.0f} GB/s, {bw['way']})", *cells)
 
     contexts = report.settings["contexts"]
     mem = Table(title="next token at context L: memory beyond the weights (MiB) / latency (ms)")

@@ -174,11 +174,13 @@ def register_weights(model: GLAForCausalLM, table: WeightTable) -> None:
 
 
 def _rms_norm(b: GraphBuilder, x: str, weight: str | None, weight_type: int, eps: float, act: int) -> str:
-    """``rms_norm`` of modeling.py: float32 inside, cast back to ``act``."""
+    """``rms_norm`` of modeling.py: float32 inside, cast back to ``act``. Written as the pattern
+    ONNX Runtime's optimizer fuses into one ``SimplifiedLayerNormalization`` (Pow, ReduceMean,
+    Add, Sqrt, Div, Mul by the weight): six kernels a norm become one (issue 12)."""
     F = TensorProto.FLOAT
     xf = b.cast(x, F, act)
-    ms = b.op("ReduceMean", [b.op("Mul", [xf, xf]), b.i64(-1)], keepdims=1)
-    y = b.op("Mul", [xf, b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [ms, b.scalar(eps, F)])])])])
+    ms = b.op("ReduceMean", [b.op("Pow", [xf, b.scalar(2.0, F)]), b.i64(-1)], keepdims=1)
+    y = b.op("Div", [xf, b.op("Sqrt", [b.op("Add", [ms, b.scalar(eps, F)])])])
     if weight is not None:
         y = b.op("Mul", [y, b.cast(weight, F, weight_type)])
     return b.cast(y, act, F)

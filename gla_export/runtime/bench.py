@@ -56,11 +56,13 @@ OURS_ORT_CPU, OURS_ORT_CUDA, OURS_TRT, OURS_CPP = (
     "ours: TensorRT",
     "ours: gla-run (C++)",
 )
+OURS_ORT_CUDA_NOGRAPH = "ours: ORT CUDA, no graph"
 EAGER, RECOMPUTE, FLA = "PyTorch eager", "PyTorch eager, no cache", "fla GLAForCausalLM"
 # short names (the CLI's --only) of the contenders
 KEYS = {
     "ort-cpu": OURS_ORT_CPU,
     "ort-cuda": OURS_ORT_CUDA,
+    "ort-cuda-nograph": OURS_ORT_CUDA_NOGRAPH,
     "trt": OURS_TRT,
     "gla-run": OURS_CPP,
     "eager": EAGER,
@@ -124,6 +126,9 @@ class BenchReport:
     skipped: dict[str, str] = field(default_factory=dict)
     target: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # the decode floor (runtime/floor.py): copy bandwidth measured in this run, bytes per step
+    copy_bandwidth: dict[str, Any] = field(default_factory=dict)
+    floor: dict[str, Any] = field(default_factory=dict)
 
     def result(self, name: str) -> Result | None:
         return next((r for r in self.results if r.name == name), None)
@@ -137,6 +142,9 @@ class BenchReport:
             "results": [r.as_dict() for r in self.results],
             "skipped": self.skipped,
             "target": self.target,
+            "copy_bandwidth": self.copy_bandwidth,
+            "floor": {k: ({str(b): x for b, x in v.items()} if isinstance(v, dict) else v)
+                      for k, v in self.floor.items()},
             "seconds": round(self.seconds, 3),
         }
 
@@ -286,11 +294,15 @@ class Contender:
 class DecoderContender(Contender):
     """The export through StatefulDecoder (ort-cpu, ort-cuda or trt)."""
 
-    def __init__(self, name: str, export_dir: Path, backend: str, threads: int | None, device_id: int):
+    def __init__(self, name: str, export_dir: Path, backend: str, threads: int | None, device_id: int,
+                 cuda_graph: bool | None = None):
         from .decoder import StatefulDecoder
 
         self.name = name
-        self.dec = StatefulDecoder(export_dir, backend, batch_size=1, threads=threads, device_id=device_id)
+        self.dec = StatefulDecoder(export_dir, backend, batch_size=1, threads=threads, device_id=device_id,
+                                   cuda_graph=cuda_graph)
+        if cuda_graph and not self.dec.cuda_graph:
+            raise MissingRuntimeError(f"no CUDA graph: {self.dec.cuda_graph_off}")
         self.detail = self.dec.runtime_name
         self.state_bytes = self.dec.state_nbytes
 
@@ -303,14 +315,19 @@ class DecoderContender(Contender):
         self._batch(ids.shape[0])
         self.dec.prefill(list(ids))
 
+    def _greedy(self, tokens: np.ndarray) -> np.ndarray:
+        if self.dec.sample_on_device:  # as generate does on a GPU: only the token ids come back
+            return torch.argmax(self.dec._step_on_device(tokens), dim=-1).cpu().numpy()
+        return self.dec.step(tokens).argmax(-1)
+
     def decode(self, first, n, warmup):
         self._batch(len(first))
         tokens = np.asarray(first, dtype=np.int64)
-        for _ in range(warmup):
-            tokens = self.dec.step(tokens).argmax(-1)
+        for _ in range(max(warmup, 3 if self.dec.cuda_graph else 0)):  # a graph is captured at its 2nd run
+            tokens = self._greedy(tokens)
         t = time.perf_counter()
         for _ in range(n):
-            tokens = self.dec.step(tokens).argmax(-1)
+            tokens = self._greedy(tokens)
         return (time.perf_counter() - t) / n
 
     def at_context(self, ids, memory):
@@ -519,7 +536,7 @@ def bench(
     dev = torch.device("cuda", device_id) if device == "cuda" else torch.device("cpu")
     if settings.threads is not None and dev.type == "cpu":
         torch.set_num_threads(settings.threads)
-    known = (OURS_ORT_CPU, OURS_ORT_CUDA, OURS_TRT, OURS_CPP, EAGER, RECOMPUTE, FLA)
+    known = (OURS_ORT_CPU, OURS_ORT_CUDA, OURS_ORT_CUDA_NOGRAPH, OURS_TRT, OURS_CPP, EAGER, RECOMPUTE, FLA)
     if contenders is not None:
         bad = [c for c in contenders if c not in known]
         if bad:
@@ -559,12 +576,20 @@ def bench(
             (OURS_ORT_CPU, lambda: DecoderContender(OURS_ORT_CPU, export_dir, "ort-cpu", settings.threads, device_id))
         )
         report.skipped.setdefault(OURS_ORT_CUDA, "benchmarking on the CPU")
+        report.skipped.setdefault(OURS_ORT_CUDA_NOGRAPH, "benchmarking on the CPU")
         report.skipped.setdefault(OURS_TRT, "benchmarking on the CPU")
     else:
         makers.append(
             (
                 OURS_ORT_CUDA,
                 lambda: DecoderContender(OURS_ORT_CUDA, export_dir, "ort-cuda", settings.threads, device_id),
+            )
+        )
+        makers.append(
+            (
+                OURS_ORT_CUDA_NOGRAPH,
+                lambda: DecoderContender(OURS_ORT_CUDA_NOGRAPH, export_dir, "ort-cuda", settings.threads, device_id,
+                                         cuda_graph=False),
             )
         )
         makers.append((OURS_TRT, lambda: DecoderContender(OURS_TRT, export_dir, "trt", settings.threads, device_id)))
@@ -643,9 +668,30 @@ def bench(
             except Exception as e:  # noqa: BLE001
                 report.skipped[OURS_CPP] = _one_line(e)
 
+    say("copy bandwidth (the floor)")
+    add_floor(report, export_dir, dev)
     report.target = _target(report)
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def add_floor(report: BenchReport, export_dir: Path, device: torch.device, bytes_per_s: float | None = None) -> None:
+    """The floor of every batch (runtime/floor.py) beside every decode figure: ``floor_ms_per_token``
+    and ``ratio_to_floor`` in each decode entry, the copy bandwidth measured here (or given)."""
+    from .floor import copy_bandwidth, model_floor
+
+    if bytes_per_s is None:
+        report.copy_bandwidth = copy_bandwidth(device)
+        bytes_per_s = report.copy_bandwidth["bytes_per_s"]
+    else:
+        report.copy_bandwidth = {"bytes_per_s": bytes_per_s, "way": "given", "ways": {}}
+    batches = sorted({b for r in report.results for b in r.decode} | set(report.settings["batches"]))
+    report.floor = model_floor(export_dir, batches, bytes_per_s)
+    for r in report.results:
+        for b, d in r.decode.items():
+            f = report.floor["ms_per_token"][b]
+            d["floor_ms_per_token"] = f
+            d["ratio_to_floor"] = d["ms_per_token"] / f
 
 
 def _target(report: BenchReport) -> dict[str, Any]:

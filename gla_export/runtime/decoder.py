@@ -97,6 +97,20 @@ class StateSpec:
         return n * torch.tensor([], dtype=self.dtype).element_size()
 
 
+# batch sizes the captured step graphs are made for: a batch of B rows runs in the graph of the
+# smallest size >= B, its extra rows padding (they decode token 0 and are never read); batches
+# past the last size get a graph of their own size
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def capture_size(batch_size: int, sizes: Sequence[int] = CAPTURE_SIZES) -> int:
+    """The rows of the captured graph that runs a batch of ``batch_size`` rows."""
+    for s in sorted(sizes):
+        if s >= batch_size:
+            return s
+    return batch_size
+
+
 def buffer_specs(metadata: ExportMetadata) -> list[StateSpec]:
     """The decoder's state buffers, one per state the metadata lists (its dtypes were checked when
     it was read). A hybrid's shared position (layer None in the metadata) gets layer -1; a
@@ -132,6 +146,14 @@ class StatefulDecoder(GenerationMixin):
             activation memory; TensorRT's profile maximum applies in any case).
         engines_dir, plugin: for ``trt``: where ``gla-export build`` put the engines (default
             ``EXPORT_DIR/tensorrt``) and the plugin library (default: the one built with gla-export).
+        cuda_graph: for ``ort-cuda`` (default on there): run the step graph as CUDA graphs
+            captured by ONNX Runtime, one pair per batch size in :data:`CAPTURE_SIZES` that is used
+            (the two directions of the state swap), kept across :meth:`resize` so that a batch
+            change replays instead of capturing again; the batch is padded to that size.
+            ``runtime_name`` says whether it is on; ``cuda_graph_off`` why not.
+        sample_on_device: for ``ort-cuda`` and ``trt`` (default on there): :meth:`generate` picks
+            the tokens on the GPU (:mod:`.device_sampling`), so only the token ids come to the
+            host each step, not ``[batch, V]`` logits.
     """
 
     def __init__(
@@ -145,6 +167,8 @@ class StatefulDecoder(GenerationMixin):
         prefill_chunk: int | None = None,
         engines_dir: str | os.PathLike | None = None,
         plugin: str | os.PathLike | None = None,
+        cuda_graph: bool | None = None,
+        sample_on_device: bool | None = None,
     ):
         if backend not in RUNTIMES:
             raise UsageError(f"backend must be one of {', '.join(RUNTIMES)}, got {backend!r}")
@@ -170,7 +194,16 @@ class StatefulDecoder(GenerationMixin):
         self.bos_token_id: int | None = self.tokenizer.bos_token_id
         step, prefill = self.metadata.graphs["step"], self.metadata.graphs["prefill"]
         self._runtime = open_runtime(backend, self.metadata, device_id=device_id, threads=threads,
-                                     engines_dir=engines_dir, plugin=plugin)
+                                     engines_dir=engines_dir, plugin=plugin,
+                                     cuda_graph=False if self._grow else cuda_graph)
+        self.cuda_graph = bool(getattr(self._runtime, "cuda_graph", False))
+        self.cuda_graph_off: str | None = getattr(self._runtime, "cuda_graph_off", "not an ort-cuda runtime")
+        if self._grow and self._runtime.device.type == "cuda":  # a captured graph has fixed shapes
+            self.cuda_graph_off = "a hybrid's full-attention KV caches change shape every step"
+        if sample_on_device and self._runtime.device.type != "cuda":
+            raise UsageError(f"sampling on the device needs a GPU runtime (ort-cuda or trt), not {backend}")
+        self.sample_on_device = self._runtime.device.type == "cuda" and sample_on_device is not False
+        self._pools: dict[int, dict] = {}  # captured graphs' buffers by graph rows (kept across resize)
         mask = prefill.input("attention_mask")
         self._id_dtypes = {
             "step": torch_dtype(step.input("input_ids").dtype),
@@ -239,30 +272,63 @@ class StatefulDecoder(GenerationMixin):
         with self._lock:
             self._version += 1
             self._step_handles = None
-            dev, B = self.device, batch_size
-            pin = dev.type == "cuda"
-            self._states = [
-                {s.name: torch.zeros((B, *s.shape), dtype=s.dtype, device=dev) for s in self._fixed} for _ in range(2)
-            ]
-            self._kv = {s.name: torch.zeros((B, *s.shape), dtype=s.dtype, device=dev) for s in self._grow}
+            B = batch_size
+            pool = self._pool(capture_size(B) if self.cuda_graph else B)
+            for st in pool["states"]:
+                for t in st.values():
+                    t.zero_()
+            pool["ids_host"].zero_()
+            # the batch's rows are the first B of the pool's (contiguous views: prefill binds them too)
+            self._states = [{name: t[:B] for name, t in st.items()} for st in pool["states"]]
+            self._kv = {s.name: torch.zeros((B, *s.shape), dtype=s.dtype, device=self.device) for s in self._grow}
             self._cur = 0
-            ids, V = self._id_dtypes["step"], self.vocab_size
-            self._ids_host = torch.zeros((B, 1), dtype=ids, pin_memory=pin)
-            self._ids_dev = self._ids_host if not pin else torch.zeros((B, 1), dtype=ids, device=dev)
-            self._logits_dev = torch.zeros((B, 1, V), dtype=torch.float32, device=dev)
-            self._logits_host = self._logits_dev if not pin else torch.zeros((B, 1, V), pin_memory=True)
-            self._ids_np = self._ids_host.numpy()[:, 0]
-            self._logits_np = self._logits_host.numpy()[:, 0, :]
-            # growing caches change size every call: such a step binds its buffers each time (run)
-            self._step_handles = None if self._grow else [
-                self._runtime.bind_step(
-                    {"input_ids": self._ids_dev, **self._states[p]},
-                    {"logits": self._logits_dev, **{s.output: self._states[1 - p][s.name] for s in self._fixed}},
-                )
-                for p in (0, 1)
-            ]
+            self._ids_host, self._ids_dev = pool["ids_host"], pool["ids_dev"]
+            self._logits_dev, self._logits_host = pool["logits_dev"], pool["logits_host"]
+            self._ids_np = self._ids_host.numpy()[:B, 0]
+            self._logits_np = self._logits_host.numpy()[:B, 0, :]
+            self._step_handles = pool["handles"]
+            self._runtime.sync()
             self._consumed = [0] * B
             self.batch_size = B
+
+    def _pool(self, rows: int) -> dict:
+        """The step's buffers and bindings for a graph of ``rows`` rows: made once per size and kept
+        while CUDA graphs are on (a captured graph holds their addresses), fresh otherwise."""
+        if rows in self._pools:
+            return self._pools[rows]
+        dev = self.device
+        pin = dev.type == "cuda"
+        states = [{s.name: torch.zeros((rows, *s.shape), dtype=s.dtype, device=dev) for s in self._fixed}
+                  for _ in range(2)]
+        ids, V = self._id_dtypes["step"], self.vocab_size
+        ids_host = torch.zeros((rows, 1), dtype=ids, pin_memory=pin)
+        ids_dev = ids_host if not pin else torch.zeros((rows, 1), dtype=ids, device=dev)
+        logits_dev = torch.zeros((rows, 1, V), dtype=torch.float32, device=dev)
+        logits_host = logits_dev if not pin else torch.zeros((rows, 1, V), pin_memory=True)
+        # growing KV caches change size every call: such a step binds its buffers each time (run)
+        handles = None if self._grow else [
+            self._runtime.bind_step(
+                {"input_ids": ids_dev, **states[p]},
+                {"logits": logits_dev, **{s.output: states[1 - p][s.name] for s in self._fixed}},
+            )
+            for p in (0, 1)
+        ]
+        pool = {"states": states, "ids_host": ids_host, "ids_dev": ids_dev, "logits_dev": logits_dev,
+                "logits_host": logits_host, "handles": handles}
+        if self.cuda_graph:
+            # capture both graphs now (ONNX Runtime captures a graph id at its second run), so that
+            # decoding never pays for a capture, and a step graph that cannot be captured is found
+            # here: then the decoder goes on without graphs (``cuda_graph_off`` says why)
+            try:
+                for p in (0, 1, 0, 1, 0, 1):
+                    self._runtime.run_step(handles[p])
+            except ModelError as e:
+                self._runtime.disable_cuda_graph(f"capture failed: {e}")
+                self.cuda_graph, self.cuda_graph_off = False, self._runtime.cuda_graph_off
+                self._pools.clear()
+                return self._pool(rows)
+            self._pools[rows] = pool
+        return pool
 
     def _rows(self, rows: Sequence[int] | None) -> list[int]:
         if rows is None:
@@ -395,35 +461,42 @@ class StatefulDecoder(GenerationMixin):
         The array is a view of the decoder's logits buffer: valid until the next call.
         """
         with self._lock:
-            self._version += 1
-            ids = self._ids_np
-            if len(tokens) != self.batch_size:
-                raise UsageError(
-                    f"step needs one token per row: got {len(tokens)} tokens for a batch of {self.batch_size}")
-            ids[:] = tokens
-            self._check_ids(ids, "tokens")
-            if self._ids_dev is not self._ids_host:
-                self._ids_dev.copy_(self._ids_host)
-            if self._grow:
-                self._run_growing_step()
-            else:
-                self._runtime.run_step(self._step_handles[self._cur])
-            self._cur ^= 1
+            self._step_on_device(tokens)
             if self._logits_host is not self._logits_dev:
                 self._logits_host.copy_(self._logits_dev)
-            for r in range(self.batch_size):
-                self._consumed[r] += 1
             return self._logits_np
+
+    def _step_on_device(self, tokens: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """:meth:`step` without the copy of the logits to the host: their ``[batch_size, V]`` view on
+        the decoder's device, valid until the next call (the lock is the caller's)."""
+        self._version += 1
+        ids = self._ids_np
+        if len(tokens) != self.batch_size:
+            raise UsageError(
+                f"step needs one token per row: got {len(tokens)} tokens for a batch of {self.batch_size}")
+        ids[:] = tokens
+        self._check_ids(ids, "tokens")
+        if self._ids_dev is not self._ids_host:
+            self._ids_dev.copy_(self._ids_host)
+        if self._grow:
+            self._run_growing_step()
+        else:
+            self._runtime.run_step(self._step_handles[self._cur])
+        self._cur ^= 1
+        for r in range(self.batch_size):
+            self._consumed[r] += 1
+        return self._logits_dev[:self.batch_size, 0, :]
 
     def _run_growing_step(self) -> None:
         """One step of a hybrid with full-attention layers: the caches come out one slot longer, so
         the buffers are bound for this call (the double-buffered states as for any step)."""
+        B = self.batch_size
         cur, other = self._states[self._cur], self._states[1 - self._cur]
-        out_kv = {s.name: self._new_kv(s, self.batch_size, self.kv_length + 1) for s in self._grow}
+        out_kv = {s.name: self._new_kv(s, B, self.kv_length + 1) for s in self._grow}
         self._runtime.run(
             "step",
-            {"input_ids": self._ids_dev, **cur, **self._kv},
-            {"logits": self._logits_dev, **{s.output: other[s.name] for s in self._fixed},
+            {"input_ids": self._ids_dev[:B], **cur, **self._kv},
+            {"logits": self._logits_dev[:B], **{s.output: other[s.name] for s in self._fixed},
              **{s.output: out_kv[s.name] for s in self._grow}},
         )
         self._kv = out_kv

@@ -201,12 +201,12 @@ class GenerationMixin:
                 results[i] = RowResult(i, tokens[i], reason, state, bytes(text[i]), prompt_tokens[i])
                 return tail
 
-            def sample_round(logits: np.ndarray) -> list[TokenEvent]:
+            def sample_round(logits: np.ndarray | None, chosen: np.ndarray | None = None) -> list[TokenEvent]:
                 events = []
                 for i in range(n):
                     if not active[i]:
                         continue
-                    tok = samplers[i].sample(logits[i])
+                    tok = samplers[i].sample(logits[i]) if chosen is None else int(chosen[i])
                     next_ids[i] = tok
                     counts[i] += 1
                     generated[i] += 1
@@ -242,7 +242,14 @@ class GenerationMixin:
                                 events.append(TokenEvent(i, -1, tail))
                 if not any(active):
                     break
-                events += sample_round(self.step(next_ids))
+                if getattr(self, "sample_on_device", False):
+                    from .device_sampling import sample_on_device
+
+                    chosen = sample_on_device(self._step_on_device(next_ids),
+                                              [samplers[i] if active[i] else None for i in range(n)])
+                    events += sample_round(None, chosen)
+                else:
+                    events += sample_round(self.step(next_ids))
                 version = self._version
         yield from events
 

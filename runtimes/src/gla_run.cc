@@ -48,6 +48,8 @@ const char* kHelp =
     "                          $GLA_RUN_GLA_LIB, then ../lib beside gla-run)\n"
     "  --provider cpu|cuda     execution provider (default cpu; cuda needs onnxruntime-gpu)\n"
     "  --device-id N           CUDA device (default 0)\n"
+    "  --no-cuda-graph         --provider cuda and --engine: launch the step uncaptured instead of\n"
+    "                          replaying CUDA graphs (ONNX Runtime's capture; enqueueV3 captured)\n"
     "  --threads N             intra-op threads (default: ONNX Runtime's choice)\n"
     "TensorRT:\n"
     "  --engine PATH           run this TensorRT step engine instead of ONNX Runtime\n"
@@ -88,6 +90,7 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--max-new-tokens") a.max_new_tokens = parse_int(value(i, f), f);
     else if (f == "--ignore-eos") a.ignore_eos = true;
     else if (f == "--no-prefill") a.no_prefill = true;
+    else if (f == "--no-cuda-graph") a.ort.cuda_graph = a.trt.cuda_graph = false;
     else if (f == "--format") a.format = value(i, f);
     else if (f == "--quiet") a.quiet = true;
     else if (f == "--ort-lib") a.ort.ort_lib = value(i, f);

@@ -163,6 +163,27 @@ struct HostBuffer {
   HostBuffer& operator=(const HostBuffer&) = delete;
 };
 
+// cudaMemcpy of the CUDA runtime that ONNX Runtime's CUDA provider loaded (gla-run links no CUDA):
+// the captured step reads its token id from, and writes its logits to, device buffers at fixed
+// addresses, and ONNX Runtime's C API 21 has no tensor copy.
+struct CudaMemcpy {
+  using Fn = int (*)(void* dst, const void* src, size_t bytes, int kind);  // cudaError_t, cudaMemcpyKind
+  static constexpr int kHostToDevice = 1, kDeviceToHost = 2;
+  Fn fn = nullptr;
+  bool load() {
+    for (const char* name : {"libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"}) {
+      void* h = ::dlopen(name, RTLD_NOW | RTLD_NOLOAD);  // only one already loaded
+      if (!h) continue;
+      fn = reinterpret_cast<Fn>(::dlsym(h, "cudaMemcpy"));
+      if (fn) return true;
+    }
+    return false;
+  }
+  void operator()(void* dst, const void* src, size_t bytes, int kind) const {
+    if (int e = fn(dst, src, bytes, kind)) throw Error(kInternal, "cudaMemcpy failed (CUDA error " + std::to_string(e) + ")");
+  }
+};
+
 class OrtBackend final : public Backend {
  public:
   // `runtime` describes the ONNX Runtime already loaded (load_onnxruntime): the members' destructors
@@ -172,7 +193,9 @@ class OrtBackend final : public Backend {
 
     const std::string step_path = join_path(opt.export_dir, "step.onnx");
     if (!file_exists(step_path)) throw Error(kModel, step_path + " does not exist (is " + opt.export_dir + " a gla-export directory?)");
-    session_options_ = make_session_options();
+    session_options_ = make_session_options(false);
+    graph_ = opt.provider == "cuda" && opt.cuda_graph;
+    if (graph_) step_options_ = make_session_options(true);
 
     step_ = open_step(step_path);
     meta = read_metadata(step_, step_path);
@@ -200,9 +223,10 @@ class OrtBackend final : public Backend {
     const int64_t logits_shape[3] = {1, 1, meta.vocab_size};
     logits_value_ = Ort::Value::CreateTensor<float>(cpu_info_, logits_.data(), logits_.size(), logits_shape, 3);
 
+    if (graph_) start_graphs();
     // two bindings made once: state in buffer k -> state in buffer 1-k; a step only picks one (on
     // CUDA it also binds the token id again: see step())
-    for (int k = 0; k < 2; ++k) {
+    for (int k = 0; k < 2 && !graph_; ++k) {
       step_bindings_[k] = std::make_unique<Ort::IoBinding>(step_);
       auto& b = *step_bindings_[k];
       b.BindInput("input_ids", ids_value_);
@@ -217,6 +241,7 @@ class OrtBackend final : public Backend {
 
   std::string describe() const override {
     std::string what = opt_.provider == "cuda" ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+    if (opt_.provider == "cuda") what += graph_ ? " (CUDA graph)" : " (no CUDA graph" + (graph_off_.empty() ? "" : ": " + graph_off_) + ")";
     return runtime_ + ", " + what + (gla_lib_.empty() ? "" : ", custom ops " + gla_lib_);
   }
 
@@ -274,11 +299,25 @@ class OrtBackend final : public Backend {
       b.BindInput("input_ids", ids_value_);
       bind_past(b, /*present_to=*/1);
       b.BindOutput("logits", logits_value_);
-      step_.Run(Ort::RunOptions{nullptr}, b);
+      if (graph_)
+        step_.Run(no_graph_, b);
+      else
+        step_.Run(Ort::RunOptions{nullptr}, b);
       if (opt_.provider == "cuda") b.SynchronizeOutputs();
       first_from_zeros_ = false;
       cur_ = 1;
       zeros_.clear();  // needed once per conversation only
+      return logits_.data();
+    }
+    if (graph_) {
+      // the captured graph of this direction reads the id from, and writes the logits to, device
+      // buffers at the addresses it was captured with
+      copy_(ids_dev_.GetTensorMutableData<void>(), &next_id_, sizeof next_id_, CudaMemcpy::kHostToDevice);
+      step_.Run(graph_runs_[cur_], *step_bindings_[cur_]);
+      step_bindings_[cur_]->SynchronizeOutputs();
+      copy_(logits_.data(), logits_dev_.GetTensorMutableData<void>(), sizeof(float) * logits_.size(),
+            CudaMemcpy::kDeviceToHost);
+      cur_ = 1 - cur_;
       return logits_.data();
     }
     if (opt_.provider == "cuda") {
@@ -296,7 +335,48 @@ class OrtBackend final : public Backend {
  private:
   static constexpr int64_t kOneByOne[2] = {1, 1};
 
-  Ort::SessionOptions make_session_options() {
+  // The captured step: device buffers for the id and the logits, one binding and one graph id per
+  // direction of the state swap (1 and 2: a run without the annotation is ONNX Runtime's graph 0;
+  // the first step of a conversation, bound to host zeros, runs as -1, no graph). Both graphs are
+  // captured here (at their second run), on garbage states that reset() never reads; a step
+  // graph ONNX Runtime cannot capture falls back to the uncaptured session.
+  void start_graphs() {
+    if (!copy_.load()) return fall_back("the CUDA runtime (libcudart) is not loaded");
+    const int64_t one[2] = {1, 1}, logits_shape[3] = {1, 1, meta_.vocab_size};
+    ids_dev_ = Ort::Value::CreateTensor(*device_alloc_, one, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
+    logits_dev_ = Ort::Value::CreateTensor(*device_alloc_, logits_shape, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    no_graph_.AddConfigEntry("gpu_graph_id", "-1");
+    for (int k = 0; k < 2; ++k) {
+      graph_runs_[k].AddConfigEntry("gpu_graph_id", std::to_string(k + 1).c_str());
+      step_bindings_[k] = std::make_unique<Ort::IoBinding>(step_);
+      auto& b = *step_bindings_[k];
+      b.BindInput("input_ids", ids_dev_);
+      for (size_t s = 0; s < meta_.states.size(); ++s) {
+        b.BindInput(meta_.states[s].input.c_str(), states_[k][s]);
+        b.BindOutput(meta_.states[s].output.c_str(), states_[1 - k][s]);
+      }
+      b.BindOutput("logits", logits_dev_);
+    }
+    try {
+      for (int k : {0, 1, 0, 1, 0, 1}) {
+        step_.Run(graph_runs_[k], *step_bindings_[k]);
+        step_bindings_[k]->SynchronizeOutputs();
+      }
+    } catch (const Ort::Exception& e) {
+      fall_back(std::string("capture failed: ") + e.what());
+    }
+  }
+
+  void fall_back(const std::string& why) {
+    graph_ = false;
+    graph_off_ = why;
+    step_bindings_[0].reset();
+    step_bindings_[1].reset();
+    retired_step_ = std::move(step_);  // it owns the allocator of the state buffers: kept alive
+    step_ = Ort::Session(env_, join_path(opt_.export_dir, "step.onnx").c_str(), session_options_);
+  }
+
+  Ort::SessionOptions make_session_options(bool cuda_graph) {
     Ort::SessionOptions so;
     if (opt_.threads > 0) so.SetIntraOpNumThreads(opt_.threads);
     so.SetInterOpNumThreads(1);
@@ -314,9 +394,9 @@ class OrtBackend final : public Backend {
           cuda, Ort::GetApi().ReleaseCUDAProviderOptions);
       std::string dev = std::to_string(opt_.device_id);
       // TF32 off: ONNX Runtime's default TF32 MatMul moves float32 logits by ~1e-2 and flips greedy tokens
-      const char* keys[] = {"device_id", "use_tf32"};
-      const char* values[] = {dev.c_str(), "0"};
-      Ort::ThrowOnError(Ort::GetApi().UpdateCUDAProviderOptions(cuda, keys, values, 2));
+      const char* keys[] = {"device_id", "use_tf32", "enable_cuda_graph"};
+      const char* values[] = {dev.c_str(), "0", "1"};
+      Ort::ThrowOnError(Ort::GetApi().UpdateCUDAProviderOptions(cuda, keys, values, cuda_graph ? 3 : 2));
       so.AppendExecutionProvider_CUDA_V2(*cuda);
     } else if (opt_.provider != "cpu") {
       throw Error(kUsage, "--provider must be cpu or cuda, got '" + opt_.provider + "'");
@@ -338,9 +418,18 @@ class OrtBackend final : public Backend {
     if (!lib.empty()) {
       try {
         session_options_.RegisterCustomOpsLibrary(lib.c_str());
+        if (graph_) step_options_.RegisterCustomOpsLibrary(lib.c_str());
         gla_lib_ = lib;
       } catch (const Ort::Exception& e) {
         if (explicit_lib) throw Error(kMissingRuntime, "cannot register the custom-op library " + lib + ": " + e.what());
+      }
+    }
+    if (graph_) {
+      try {
+        return Ort::Session(env_, step_path.c_str(), step_options_);
+      } catch (const Ort::Exception& e) {  // ONNX Runtime refuses to capture this graph: go on without
+        graph_ = false;
+        graph_off_ = std::string("ONNX Runtime refused: ") + e.what();
       }
     }
     try {
@@ -430,10 +519,16 @@ class OrtBackend final : public Backend {
   std::string runtime_, gla_lib_, prefill_path_;
   bool has_prefill_ = false;
   Ort::Env env_{nullptr};
-  Ort::SessionOptions session_options_{nullptr};
+  Ort::SessionOptions session_options_{nullptr}, step_options_{nullptr};
+  bool graph_ = false;  // the step replays CUDA graphs (start_graphs)
+  std::string graph_off_;
+  CudaMemcpy copy_;
+  Ort::RunOptions graph_runs_[2], no_graph_;
+  Ort::Session retired_step_{nullptr};
   Ort::Session step_{nullptr}, prefill_{nullptr};
   Ort::MemoryInfo cpu_info_{nullptr}, device_info_{nullptr};
   std::unique_ptr<Ort::Allocator> device_alloc_;
+  Ort::Value ids_dev_{nullptr}, logits_dev_{nullptr};  // from device_alloc_: declared after it, freed before
   std::vector<std::unique_ptr<HostBuffer>> host_states_[2];
   std::vector<Ort::Value> states_[2];
   std::vector<std::pair<Ort::Value, std::unique_ptr<HostBuffer>>> zeros_;

@@ -71,9 +71,12 @@ class TrtBackend final : public Backend {
     allocate();
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     reset();
+    if (opt.cuda_graph) capture();
   }
 
   ~TrtBackend() override {
+    for (auto& g : graphs_)
+      if (g) cudaGraphExecDestroy(g);
     if (stream_) cudaStreamDestroy(stream_);
     if (host_) cudaFreeHost(host_);
     states_[0].clear();
@@ -86,7 +89,10 @@ class TrtBackend final : public Backend {
     // libnvinfer stays loaded: unloading it while TensorRT's static objects are alive is unsafe
   }
 
-  std::string describe() const override { return "TensorRT " + version_ + " (" + lib_ + "), engine " + opt_.engine; }
+  std::string describe() const override {
+    return "TensorRT " + version_ + " (" + lib_ + "), engine " + opt_.engine +
+           (graphs_[0] ? ", CUDA graph" : ", no CUDA graph" + (graph_off_.empty() ? "" : ": " + graph_off_));
+  }
   bool can_prefill() const override { return false; }
   const float* prefill(const std::vector<int64_t>&) override { throw Error(kInternal, "no prefill engine"); }
 
@@ -106,21 +112,73 @@ class TrtBackend final : public Backend {
       int32_t id32 = static_cast<int32_t>(id);
       std::memcpy(id_host, &id32, sizeof(int32_t));
     }
-    cuda_check(cudaMemcpyAsync(ids_->ptr, id_host, dtype_size(ids_dtype_), cudaMemcpyHostToDevice, stream_), "copy input_ids");
-    bool ok = context_->setTensorAddress("input_ids", ids_->ptr) && context_->setTensorAddress("logits", logits_->ptr);
-    for (size_t s = 0; s < meta_.states.size(); ++s) {
-      ok = ok && context_->setTensorAddress(meta_.states[s].input.c_str(), states_[cur_][s]->ptr);
-      ok = ok && context_->setTensorAddress(meta_.states[s].output.c_str(), states_[1 - cur_][s]->ptr);
+    if (graphs_[cur_]) {
+      // one launch: the id's copy in, the engine, the logits' copy out, all captured (capture())
+      cuda_check(cudaGraphLaunch(graphs_[cur_], stream_), "cudaGraphLaunch");
+    } else {
+      enqueue_step(cur_);
     }
-    if (!ok) throw Error(kInternal, "TensorRT refused a tensor address");
-    if (!context_->enqueueV3(stream_)) throw Error(kInternal, "TensorRT enqueueV3 failed (see the messages above)");
-    cuda_check(cudaMemcpyAsync(logits, logits_->ptr, logits_bytes_, cudaMemcpyDeviceToHost, stream_), "copy logits");
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     cur_ = 1 - cur_;
     return logits;
   }
 
+  // Whether direction k (states k in, 1-k out) is a captured graph: for tests and --verbose.
+  bool captured(int k) const { return graphs_[k] != nullptr; }
+
  private:
+  // The step of direction k on stream_: the id from the pinned host buffer, enqueueV3 with the
+  // states of buffer k in and 1-k out, the logits back to the pinned buffer.
+  void enqueue_step(int k) {
+    void* id_host = static_cast<char*>(host_) + logits_bytes_;
+    cuda_check(cudaMemcpyAsync(ids_->ptr, id_host, dtype_size(ids_dtype_), cudaMemcpyHostToDevice, stream_), "copy input_ids");
+    bool ok = context_->setTensorAddress("input_ids", ids_->ptr) && context_->setTensorAddress("logits", logits_->ptr);
+    for (size_t s = 0; s < meta_.states.size(); ++s) {
+      ok = ok && context_->setTensorAddress(meta_.states[s].input.c_str(), states_[k][s]->ptr);
+      ok = ok && context_->setTensorAddress(meta_.states[s].output.c_str(), states_[1 - k][s]->ptr);
+    }
+    if (!ok) throw Error(kInternal, "TensorRT refused a tensor address");
+    if (!context_->enqueueV3(stream_)) throw Error(kInternal, "TensorRT enqueueV3 failed (see the messages above)");
+    cuda_check(cudaMemcpyAsync(host_, logits_->ptr, logits_bytes_, cudaMemcpyDeviceToHost, stream_), "copy logits");
+  }
+
+  // Both directions of the state swap captured once as CUDA graphs (the addresses are fixed for the
+  // backend's life: states, ids, logits, the pinned host buffer). Each direction runs once
+  // uncaptured first (TensorRT finishes deferred work at its first enqueue), then is captured in
+  // thread-local mode. A capture that fails leaves the uncaptured path (graph_off_ says why); the
+  // states are zeroed again after, whatever the runs wrote.
+  void capture() {
+    for (int k = 0; k < 2; ++k) {
+      enqueue_step(k);
+      cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    }
+    for (int k = 0; k < 2; ++k) {
+      cudaGraph_t graph = nullptr;
+      cudaError_t e = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal);
+      bool enq = false;
+      if (e == cudaSuccess) {
+        try {
+          enqueue_step(k);
+          enq = true;
+        } catch (const Error& err) {
+          graph_off_ = err.what();
+        }
+        cudaError_t end = cudaStreamEndCapture(stream_, &graph);
+        if (e == cudaSuccess) e = end;
+      }
+      if (e == cudaSuccess && enq) e = cudaGraphInstantiate(&graphs_[k], graph, 0);
+      if (graph) cudaGraphDestroy(graph);
+      if (e != cudaSuccess || !enq) {
+        if (graph_off_.empty()) graph_off_ = std::string("capture failed: ") + cudaGetErrorString(e);
+        (void)cudaGetLastError();  // a failed capture is not sticky: clear it
+        for (auto& g : graphs_)
+          if (g) cudaGraphExecDestroy(g), g = nullptr;
+        break;
+      }
+    }
+    reset();
+  }
+
   void load_tensorrt() {
     std::vector<std::string> candidates;
     if (!opt_.trt_lib.empty()) candidates = {opt_.trt_lib};
@@ -232,6 +290,8 @@ class TrtBackend final : public Backend {
   std::vector<std::unique_ptr<DeviceBuffer>> states_[2];
   void* host_ = nullptr;
   int cur_ = 0;
+  cudaGraphExec_t graphs_[2] = {nullptr, nullptr};
+  std::string graph_off_;
 };
 
 }  // namespace

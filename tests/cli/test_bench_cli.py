@@ -75,6 +75,17 @@ def test_bench_runs_every_cpu_contender(tmp_path, capsys):
     )
     assert all(results[bench_mod.OURS_ORT_CPU]["context"][L]["bytes"] >= state_bytes for L in ("8", "200"))
     assert results[bench_mod.RECOMPUTE]["prefill"] == {} and results[bench_mod.RECOMPUTE]["decode"] == {}
+    # the floor beside every decode figure, from the copy bandwidth measured in this run
+    bw = rep["copy_bandwidth"]
+    assert _positive(bw["bytes_per_s"]) and set(bw["ways"]) == {"numpy-copyto", "torch-copy"}
+    assert bw["bytes_per_s"] == max(bw["ways"].values())
+    floor = rep["floor"]
+    for r in results.values():
+        for b, d in r["decode"].items():
+            want = 1e3 * (floor["weight_bytes"][b] + 2 * int(b) * floor["state_bytes_per_row"]) / bw["bytes_per_s"]
+            assert d["floor_ms_per_token"] == pytest.approx(want)
+            assert d["ratio_to_floor"] == pytest.approx(d["ms_per_token"] / want)
+    assert floor["state_bytes_per_row"] == state_bytes
     cpp = results[bench_mod.OURS_CPP]
     assert set(cpp["decode"]) == {"1"} and _positive(cpp["decode"]["1"]["tokens_per_s"])
     # skipped, with reasons
@@ -89,6 +100,7 @@ def test_bench_runs_every_cpu_contender(tmp_path, capsys):
         assert im.format == "PNG" and im.size == (1430, 990)
     out = capsys.readouterr().out
     assert "throughput and latency" in out and "next token at context L" in out and "skipped" in out
+    assert "floor (copy" in out and "÷ floor B1" in out
 
 
 def test_only_some_contenders(tmp_path):
@@ -114,6 +126,26 @@ def test_bad_arguments_exit_2(tmp_path, capsys, args, msg):
 def test_not_an_export(tmp_path, capsys):
     assert run(["bench", str(tmp_path), "-o", str(tmp_path)]) == 2
     assert "not an export directory" in capsys.readouterr().err
+
+
+def test_step_weight_bytes_counts_the_embedding_rows_a_step_gathers(tmp_path):
+    """All initializers once, the embedding table (read by a Gather only) for the rows gathered."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from gla_export.runtime.floor import floor_ms, step_weight_bytes
+
+    emb = helper.make_tensor("emb", TensorProto.FLOAT, [100, 8], np.zeros(800, np.float32))
+    w = helper.make_tensor("w", TensorProto.FLOAT16, [8, 100], np.zeros(800, np.float16))
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["x"]), helper.make_node("Cast", ["x"], ["h"], to=10),
+         helper.make_node("MatMul", ["h", "w"], ["logits"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 1])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, None)], [emb, w])
+    onnx.save(helper.make_model(graph), tmp_path / "step.onnx")
+    assert step_weight_bytes(tmp_path / "step.onnx", 1) == 1 * 8 * 4 + 800 * 2
+    assert step_weight_bytes(tmp_path / "step.onnx", 3) == 3 * 8 * 4 + 800 * 2
+    assert floor_ms(1000, 100, 4, 1e6) == pytest.approx(1e3 * 1800 / 1e6)
 
 
 def test_cpu_memory_probe_sees_an_allocation():
@@ -152,8 +184,12 @@ def test_bench_on_the_gpu(tmp_path):
     rep = json.loads((tmp_path / "bench.json").read_text())
     results = {r["name"]: r for r in rep["results"]}
     assert rep["device"]["kind"] == "cuda"
-    for name in (bench_mod.OURS_ORT_CUDA, bench_mod.EAGER, bench_mod.FLA):
+    for name in (bench_mod.OURS_ORT_CUDA, bench_mod.OURS_ORT_CUDA_NOGRAPH, bench_mod.EAGER, bench_mod.FLA):
         assert name in results, rep["skipped"]
         assert results[name]["notes"] == [], results[name]["notes"]
         assert all(_positive(results[name]["decode"][b]["tokens_per_s"]) for b in ("1", "2"))
+        assert all(_positive(results[name]["decode"][b]["ratio_to_floor"]) for b in ("1", "2"))
+    assert "CUDA graph" in results[bench_mod.OURS_ORT_CUDA]["detail"]
+    assert "CUDA graph" not in results[bench_mod.OURS_ORT_CUDA_NOGRAPH]["detail"]
+    assert set(rep["copy_bandwidth"]["ways"]) == {"memcpy", "kernel"}
     assert rep["target"]["ratio"] is not None and rep["target"]["met"] in (True, False)

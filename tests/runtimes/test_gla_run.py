@@ -310,3 +310,31 @@ def test_cuda_provider_matches_cpu():
             want, margins = greedy_pytorch(tiny_model(), prompt, 24)
             n = next((i for i, m in enumerate(margins) if m < 1e-2), len(margins))
             assert cuda.ids[:n] == cpu.ids[:n]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_matches_the_uncaptured_step():
+    """--provider cuda replays the step as two captured CUDA graphs (the states ping-ponged):
+    the same tokens as --no-cuda-graph, with and without the prefill graph."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    for form in ("decomposed", "custom"):
+        export = tiny_export(form)
+        prompt = random_prompt(9)
+        for prefill in (True, False):
+            cap = run_gla_run(export, ids=prompt, max_new_tokens=40, ignore_eos=True, prefill=prefill, provider="cuda")
+            ref = run_gla_run(export, ids=prompt, max_new_tokens=40, ignore_eos=True, prefill=prefill, provider="cuda",
+                              extra_args=["--no-cuda-graph"])
+            assert "(CUDA graph)" in cap.backend, cap.backend
+            assert "no CUDA graph" in ref.backend
+            assert cap.ids == ref.ids
+
+
+def test_no_cuda_graph_is_an_option_on_the_cpu_too():
+    """Parsed everywhere (a no-op on the CPU provider), listed in --help."""
+    export = tiny_export("decomposed")
+    a = run_gla_run(export, ids=[256, 1, 2], max_new_tokens=4, ignore_eos=True)
+    b = run_gla_run(export, ids=[256, 1, 2], max_new_tokens=4, ignore_eos=True, extra_args=["--no-cuda-graph"])
+    assert a.ids == b.ids and "CUDA graph" not in b.backend

@@ -22,13 +22,20 @@ def _bind_args(dev: str, dev_id: int, tensors: dict[str, torch.Tensor]) -> list[
     return [(n, dev, dev_id, ort_element_type(t.dtype), tuple(t.shape), t.data_ptr()) for n, t in tensors.items()]
 
 
-def open_session(metadata: ExportMetadata, graph: str, *, cuda: bool, device_id: int = 0, threads: int | None = None):
+def open_session(metadata: ExportMetadata, graph: str, *, cuda: bool, device_id: int = 0, threads: int | None = None,
+                 cuda_graph: bool = False):
     """A session for one graph of the export (the decoder's and ``verify``'s), through the one
-    session factory; ModelError when the file is not the graph the metadata describes."""
+    session factory; ModelError when the file is not the graph the metadata describes.
+    ``cuda_graph`` turns on ONNX Runtime's CUDA-graph capture (``enable_cuda_graph``): every run
+    must then bind its inputs and outputs at the same device addresses (one graph per
+    ``gpu_graph_id``)."""
     from ..session import create_session
 
     path = metadata.path(graph)
-    providers: list[Any] = [("cuda", {"device_id": device_id}), "cpu"] if cuda else ["cpu"]
+    cuda_options = {"device_id": device_id}
+    if cuda_graph:
+        cuda_options["enable_cuda_graph"] = "1"
+    providers: list[Any] = [("cuda", cuda_options), "cpu"] if cuda else ["cpu"]
     form = metadata.form
     try:
         sess = create_session(path, providers, library=form == "custom", intra_op_num_threads=threads,
@@ -93,21 +100,54 @@ class OrtRuntime:
             detail += f" + {lib.name}"
         return detail
 
-    def __init__(self, metadata: ExportMetadata, *, cuda: bool, device_id: int = 0, threads: int | None = None):
+    def __init__(self, metadata: ExportMetadata, *, cuda: bool, device_id: int = 0, threads: int | None = None,
+                 cuda_graph: bool = False):
         self.check(metadata, cuda=cuda)
         import onnxruntime as ort
+
+        if cuda_graph and not cuda:
+            raise UsageError("CUDA-graph capture needs ort-cuda (the CPU runtime has no graphs)")
 
         self._dev = ("cuda", device_id) if cuda else ("cpu", 0)
         self.device = torch.device(*self._dev) if cuda else torch.device("cpu")
         self.name = f"onnxruntime {ort.__version__} ({f'CUDA:{device_id}' if cuda else 'CPU'})"
         if metadata.form == "custom":
             self.name += " + libgla_onnxruntime"
-        self.sessions = {g: open_session(metadata, g, cuda=cuda, device_id=device_id, threads=threads)
-                         for g in ("prefill", "step")}
+        self.sessions = {"prefill": open_session(metadata, "prefill", cuda=cuda, device_id=device_id, threads=threads)}
+        # the step graph is captured (one CUDA graph per bound set of buffers) unless that is off
+        # or ONNX Runtime refuses: why it is off is kept in ``cuda_graph_off``
+        self.cuda_graph = False
+        self.cuda_graph_off: str | None = None if cuda_graph else "turned off"
+        if cuda_graph and metadata.form == "onnx":
+            # the standard LinearAttention has no CUDA kernel: its CPU fallback cannot be captured
+            self.cuda_graph_off = "the onnx form's LinearAttention runs on the CPU"
+        elif cuda_graph:
+            try:
+                self.sessions["step"] = open_session(metadata, "step", cuda=True, device_id=device_id,
+                                                     threads=threads, cuda_graph=True)
+                self.cuda_graph = True
+            except ModelError as e:
+                self.cuda_graph_off = f"ONNX Runtime refused CUDA-graph capture: {e}"
+        self._open_args = (metadata, cuda, device_id, threads)
+        if "step" not in self.sessions:
+            self.sessions["step"] = open_session(metadata, "step", cuda=cuda, device_id=device_id, threads=threads)
+        if self.cuda_graph:
+            self.name += " + CUDA graph"
+        # ids from 1: a run without the annotation is graph 0 to ONNX Runtime, which would capture it
+        self._next_graph_id = 1
         self.has_mask = "attention_mask" in {i.name for i in self.sessions["prefill"].get_inputs()}
 
     def sync(self) -> None:
         sync_device(self.device)
+
+    def disable_cuda_graph(self, why: str) -> None:
+        """Run the step graph uncaptured from now on (a session without graphs replaces the
+        captured one): handles bound before are void, bind again."""
+        metadata, cuda, device_id, threads = self._open_args
+        self.sessions["step"] = open_session(metadata, "step", cuda=cuda, device_id=device_id, threads=threads)
+        self.cuda_graph = False
+        self.cuda_graph_off = why
+        self.name = self.name.replace(" + CUDA graph", "")
 
     def _binding(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Any:
         b = self.sessions[graph].io_binding()
@@ -118,10 +158,28 @@ class OrtRuntime:
         return b
 
     def bind_step(self, feeds, outputs):
-        return self._binding("step", feeds, outputs), _bind_args(*self._dev, feeds)
+        """With CUDA graphs, each binding gets its own ``gpu_graph_id`` (captured at its second run,
+        replayed after): the caller keeps the buffers alive and at their addresses for as long as
+        it runs the handle, and never binds them again (a fresh binding is a fresh graph)."""
+        binding = self._binding("step", feeds, outputs)
+        if not self.cuda_graph:
+            return binding, _bind_args(*self._dev, feeds), None
+        import onnxruntime as ort
+
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", str(self._next_graph_id))
+        self._next_graph_id += 1
+        return binding, None, run_options
 
     def run_step(self, handle) -> None:
-        binding, feed_args = handle
+        binding, feed_args, run_options = handle
+        if run_options is not None:  # a captured graph: the addresses are those it was captured with
+            self.sync()  # torch wrote the token ids on its own stream
+            try:
+                self.sessions["step"].run_with_iobinding(binding, run_options)
+            except Exception as e:  # noqa: BLE001
+                raise ModelError(f"the captured step graph failed in ONNX Runtime: {str(e).strip().splitlines()[0]}") from e
+            return
         if self._dev[0] != "cpu":
             # ONNX Runtime copies an input to the device of the node that reads it when it is bound,
             # not when it runs: a state read by a node that fell back to the CPU (the onnx form's
@@ -137,8 +195,15 @@ class OrtRuntime:
     def run(self, graph, feeds, outputs) -> None:
         self.sync()  # torch may have written these buffers on its stream
         b = self._binding(graph, feeds, outputs)
+        run_options = None
+        if graph == "step" and self.cuda_graph:
+            # buffers of this call only: run without a graph (-1), never capture them as graph 0
+            import onnxruntime as ort
+
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", "-1")
         try:
-            self.sessions[graph].run_with_iobinding(b)
+            self.sessions[graph].run_with_iobinding(b, run_options)
         except Exception as e:  # noqa: BLE001
             shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in feeds.items() if not n.startswith("past_"))
             first = str(e).strip().splitlines()[0]
