@@ -41,7 +41,7 @@ def test_hybrid_states_typed(hybrid):
     assert by_input["past_key_values.1.recurrent_state"].output_shape == by_input["past_key_values.1.recurrent_state"].shape
     assert meta.state_bytes_per_token == 2 * full.bytes_per_token and meta.attention_layers is not None
     with pytest.raises(ModelError, match="grows with the context"):
-        full.row_shape
+        _ = full.row_shape
     specs = {s.name: s for s in buffer_specs(meta)}  # a growing cache: its empty-context shape
     assert specs["past_key_values.0.key"].grows and specs["past_key_values.0.key"].shape == (2, 0, 16)
     assert not specs["past_key_values.2.key"].grows and specs["past_key_values.position"].layer == -1
