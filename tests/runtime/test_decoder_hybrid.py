@@ -219,3 +219,25 @@ def test_verify_covers_hybrid_kv_caches(tmp_path):
     assert rep.passed
     outputs = {r.output for r in rep.rows}
     assert {"key", "value", "position"} <= outputs and {r.case for r in rep.rows} == {"prefill", "step", "decode"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["decomposed", "custom"])
+def test_full_attention_hybrid_on_ort_cuda_matches_cpu(full, form):
+    """ort-cuda: the growing caches stay on the device, stepped without CUDA graphs (and said so);
+    logits and greedy tokens as on the CPU, with a padded batch and a row prefilled alone."""
+    _, paths = full
+    cpu = StatefulDecoder(paths[form], "ort-cpu", threads=1, batch_size=2)
+    gpu = StatefulDecoder(paths[form], "ort-cuda", batch_size=2)
+    assert not gpu.cuda_graph and "change shape every step" in gpu.cuda_graph_off
+    prompts = [[256, 1, 2, 3, 4, 5, 6, 7], [256, 9]]
+    a, b = cpu.prefill(prompts), gpu.prefill(prompts)
+    assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < TOL
+    for tok in range(12):
+        a, b = cpu.step([tok, tok + 1]).copy(), gpu.step([tok, tok + 1]).copy()
+        assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < TOL, f"step {tok}"
+    assert all(t.device.type == "cuda" for t in gpu._kv.values()) and gpu.kv_length == cpu.kv_length == 20
+    a, b = cpu.prefill([[3, 4, 5]], rows=[1]), gpu.prefill([[3, 4, 5]], rows=[1])
+    assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < TOL
+    cpu.reset(), gpu.reset()
+    assert cpu.generate("Hi", max_new_tokens=16).run()[0].tokens == gpu.generate("Hi", max_new_tokens=16).run()[0].tokens
