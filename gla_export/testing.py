@@ -96,6 +96,36 @@ def zero_state_feeds(meta: dict, batch: int) -> dict[str, np.ndarray]:
     """Zero initial states for an export's graphs: ``{state input name: zeros}``, with the metadata's
     ``"batch"`` dimension set to ``batch``."""
     return {
-        st["input"]: np.zeros([batch if d == "batch" else d for d in st["shape"]], dtype=np.dtype(st["dtype"]))
+        # a full-attention cache ("past_sequence") is empty in an empty context
+        st["input"]: np.zeros([batch if d == "batch" else 0 if isinstance(d, str) else d for d in st["shape"]],
+                              dtype=np.dtype(st["dtype"]))
         for st in meta["states"]
     }
+
+
+def save_fla_checkpoint(config: dict, path, seed: int = 0) -> dict:
+    """Build flash-linear-attention's own ``GLAForCausalLM`` from ``config`` (fla's ``GLAConfig``
+    fields; an ``attn`` field makes a hybrid), perturb its norms and biases (fla initialises them
+    to 1 and 0, which would hide a mix-up), and write it with fla's ``save_pretrained``.
+    Returns the state dict written. fla's ``Attention`` refuses to be built without flash-attn
+    (CUDA only); building it runs no kernel, so a stand-in is installed while it is built."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Triton is not supported.*")
+    import fla.layers.attn as fla_attn
+    from fla.models import GLAConfig as FlaConfig
+    from fla.models import GLAForCausalLM as FlaModel
+
+    saved = fla_attn.flash_attn_func
+    fla_attn.flash_attn_func = saved or (lambda *a, **k: None)
+    try:
+        torch.manual_seed(seed)
+        model = FlaModel(FlaConfig(**config))
+    finally:
+        fla_attn.flash_attn_func = saved
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    return {k: v.clone() for k, v in model.state_dict().items()}

@@ -28,6 +28,8 @@ def _size(n: int) -> str:
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="Shape hint for engine builders.")
 @click.option("--attention-mask/--no-attention-mask", default=True, show_default=True,
               help="Give the prefill graph an attention_mask input (left-padded batches).")
+@click.option("--attention-op", type=click.Choice(["decomposed", "onnx"]), default="decomposed", show_default=True,
+              help="Hybrid models' attention layers: plain ops, or ONNX Attention/RotaryEmbedding (opset >= 23).")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Run the graphs and compare with PyTorch.")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance (default per dtype).")
 @click.option("--rtol", type=float, default=None, help="Tolerance relative to the largest reference value (default per dtype).")
@@ -35,8 +37,8 @@ def _size(n: int) -> str:
               help="What runs the graphs for validation.")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing export in OUTPUT.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq_len, attention_mask, validate, atol, rtol,
-           runtime, force, quiet) -> None:
+def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq_len, attention_mask, attention_op, validate,
+           atol, rtol, runtime, force, quiet) -> None:
     """Export MODEL (a checkpoint directory; default: the bundled sample model) to ONNX.
 
     Writes prefill.onnx and step.onnx sharing weights.onnx.data, and metadata.json. Validation
@@ -53,6 +55,7 @@ def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq
                 model, out_dir, gla_op=gla_op, dtype=dtype, state_dtype=state_dtype, opset=opset,
                 max_batch=max_batch, max_seq_len=max_seq_len, attention_mask=attention_mask, validate=validate,
                 atol=atol, rtol=rtol, force=force, progress=None if quiet else show, runtime=runtime,
+                attention_op=attention_op,
             )
     except ExportValidationError as e:
         err.print(validation_table(e.report))

@@ -248,6 +248,7 @@ def export_model(
     progress: bool | ProgressCallback | None = True,
     runtime: str = "auto",
     console=None,
+    attention_op: str = "decomposed",
 ) -> ExportResult:
     """Export a GLA causal LM to ONNX (docs/export.md).
 
@@ -264,6 +265,10 @@ def export_model(
         attention_mask: give the prefill graph an ``attention_mask`` input (left padding).
         validate: run both graphs and compare with PyTorch; ``atol``/``rtol`` default per dtype.
         runtime: which runtime validates (``auto``, ``onnxruntime``, ``reference``).
+        attention_op: hybrid models' softmax-attention layers as plain ops (``decomposed``: MatMul,
+            Softmax; every runtime) or as the standard ``Attention``/``RotaryEmbedding`` nodes
+            (``onnx``: opset >= 23; ONNX Runtime runs them, TensorRT builds them only for shapes and
+            dtypes it has attention kernels for).
         progress: a callable given a :class:`ProgressEvent` per step; False or None: nothing;
             True: the CLI's progress display on stderr (on ``console`` if given).
 
@@ -277,6 +282,10 @@ def export_model(
     act = parse_dtype(dtype, "dtype")
     sdt = parse_dtype(state_dtype, "state_dtype")
     opset = check_opset(gla_op, opset)
+    if attention_op not in ("decomposed", "onnx"):
+        raise UsageError(f"attention_op must be decomposed or onnx, got {attention_op!r}")
+    if attention_op == "onnx" and opset < 23:
+        raise UsageError(f"--attention-op onnx needs opset >= 23 (Attention, RotaryEmbedding), got --opset {opset}")
     for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len)):
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
@@ -303,7 +312,7 @@ def export_model(
 
         with prog.step("build graphs"):
             t = time.perf_counter()
-            spec = GraphSpec(model.config, act, sdt, gla_op, attention_mask)
+            spec = GraphSpec(model.config, act, sdt, gla_op, attention_mask, attention_op)
             table = WeightTable(WEIGHTS_FILE)
             register_weights(model, table)
             builders = {kind: build_graph(spec, table, kind) for kind in ("prefill", "step")}

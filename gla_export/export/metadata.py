@@ -68,7 +68,7 @@ def graph_io(spec: GraphSpec, kind: str) -> dict[str, list[dict[str, Any]]]:
     outputs = [_io("logits", onnx.TensorProto.FLOAT, [BATCH, T, c.vocab_size])]
     for st in state_specs(spec):
         inputs.append(_io(st["input"], st["elem_type"], st["shape"]))
-        outputs.append(_io(st["output"], st["elem_type"], st["shape"]))
+        outputs.append(_io(st["output"], st["elem_type"], st["output_shape"]))
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -98,6 +98,12 @@ def build_metadata(
             "shape": st["shape"],
             "dtype": ONNX_TYPE_NAMES[st["elem_type"]],
             "initial_value": 0,
+            # hybrids: a full-attention KV cache grows along axis 2 (past_sequence -> present_sequence)
+            # by bytes_per_token per row and token; every other state keeps its size
+            "output_shape": st["output_shape"],
+            "memory": st["memory"],
+            "bytes_per_token": st["bytes_per_token"],
+            **({"window_size": st["window_size"]} if st["kind"] in ("key", "value") else {}),
         }
         for st in state_specs(spec)
     ]
@@ -132,6 +138,9 @@ def build_metadata(
         "tokenizer": tokenizer,
         "graphs": {"prefill": graph_io(spec, "prefill"), "step": graph_io(spec, "step")},
         "states": states,
+        "attention_layers": c.attention_layers,
+        # bytes one row's state grows by per token (0: constant-memory decoding)
+        "state_bytes_per_token": sum(st["bytes_per_token"] for st in states),
         "padding": "left" if spec.attention_mask else None,
         # exports written before this field pad exactly only from zero states when the model has
         # short convolutions (the padding took slots of the convolution windows): runtimes read it
@@ -224,19 +233,43 @@ class GraphInfo:
 
 @dataclass(frozen=True)
 class StateInfo:
-    """One recurrent or convolution state of the graphs, with its batch dimension first."""
+    """One state of the graphs, with its batch dimension first: a GLA layer's recurrent or
+    convolution state, an attention layer's KV cache (``key``/``value``), or a hybrid's shared
+    ``position`` (``layer`` None)."""
 
-    layer: int
-    kind: str  # recurrent_state | conv_state
+    layer: int | None  # None: shared by the layers (a hybrid's position)
+    kind: str  # recurrent_state | conv_state | key | value | position
     input: str  # past_key_values.{layer}.{kind}
     output: str  # present.{layer}.{kind}
     shape: tuple[int | str, ...] = field(metadata={"of": lambda v, w: tuple(v)})
     dtype: str
     initial_value: float = 0
+    # the present output's shape; a full-attention KV cache's sequence axis grows
+    # (past_sequence -> present_sequence). None when given (exports before hybrids): the input's shape.
+    output_shape: tuple[int | str, ...] = field(default=None, metadata={"of": lambda v, w: tuple(v)})  # type: ignore[assignment]
+    memory: str = "fixed"  # fixed | grows (by bytes_per_token per row and token)
+    bytes_per_token: int = 0
+    window_size: int | None = None  # key/value of an attention layer: its sliding window, None for full
+
+    def __post_init__(self) -> None:
+        # shapes as tuples however the fields were given; no output_shape: the input's
+        object.__setattr__(self, "shape", tuple(self.shape))
+        object.__setattr__(self, "output_shape", tuple(self.shape if self.output_shape is None else self.output_shape))
+
+    @property
+    def grows(self) -> bool:
+        """Whether this state grows with the context (a full-attention layer's KV cache)."""
+        return self.memory != "fixed"
 
     @property
     def row_shape(self) -> tuple[int, ...]:
-        """The shape of one batch row (the batch dimension dropped)."""
+        """The shape of one batch row (the batch dimension dropped); ModelError for a state that
+        grows with the context, which has no fixed shape."""
+        if self.grows:
+            from ..errors import ModelError
+
+            raise ModelError(f"state {self.input} grows with the context (shape {list(self.shape)}): it has no fixed "
+                             "row shape")
         return tuple(int(d) for d in self.shape[1:])
 
 
@@ -296,6 +329,8 @@ class ExportMetadata:
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     padding: str | None = None
     padding_with_past: bool | None = None
+    attention_layers: Any = None  # hybrids: the config's attention-layer spec (None: pure GLA)
+    state_bytes_per_token: int = 0  # what one row's state grows by per token (0: constant memory)
     shape_hints: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # fields this version does not know, kept
     export_dir: Path | None = field(default=None, compare=False)
@@ -328,7 +363,8 @@ class ExportMetadata:
 
     def check(self) -> None:
         """What a runtime relies on: both graphs listed with their inputs and outputs, and one
-        state per past-state input of the step graph, every layer's recurrent state among them."""
+        state per past-state input of the step graph, every layer's recurrent state (an attention
+        layer's key and value) among them."""
         from ..errors import ModelError
 
         where = METADATA_FILE
@@ -342,17 +378,23 @@ class ExportMetadata:
         for s in self.states:
             if s.dtype not in DTYPES:
                 raise ModelError(f"{where}: state {s.input} has dtype {s.dtype!r}, which gla-export does not know")
+            if s.memory not in ("fixed", "grows"):
+                raise ModelError(f"{where}: state {s.input} has memory {s.memory!r}, which is neither fixed nor grows")
         step = self.graphs["step"]
         if "input_ids" not in step.input_names or "logits" not in step.output_names:
             raise ModelError(f"{where}: the step graph lists no input_ids input or logits output")
         listed = {s.input for s in self.states}
         past = [n for n in step.input_names if n != "input_ids"]
         unlisted = [n for n in past if n not in listed]
-        layers = {s.layer for s in self.states if s.kind == "recurrent_state"}
-        no_state = [i for i in range(self.model.num_layers) if i not in layers]
+        kinds: dict[int | None, set[str]] = {}
+        for s in self.states:
+            kinds.setdefault(s.layer, set()).add(s.kind)
+        # a GLA layer has a recurrent state; a hybrid's attention layer a KV cache instead
+        no_state = [i for i in range(self.model.num_layers)
+                    if "recurrent_state" not in kinds.get(i, ()) and not {"key", "value"} <= kinds.get(i, set())]
         if unlisted or no_state or not self.states:
             what = (f"no entry for the step graph's inputs {unlisted[:3]}" if unlisted
-                    else f"no recurrent state for layers {no_state[:5]}")
+                    else f"no recurrent state or KV cache for layers {no_state[:5]}")
             raise ModelError(f"{where}: the state list is truncated ({len(self.states)} states; {what}): "
                              "the export is damaged (export it again)")
         extra = sorted(listed - set(past))

@@ -11,6 +11,15 @@ kernels, which matters most for the launch-bound decode step. Masking a row comm
 projection (``(x·m)W = (xW)·m`` for m in {0, 1}), so the mask is applied after it.
 
 Logits are float32 whatever the activation type.
+
+Hybrid models: a softmax-attention layer (modeling.py's ``Attention``) is q/k/v projections (one
+MatMul, with the concatenated bias when the checkpoint has one), the rotary embedding from the
+row's positions, its KV cache ``past_key_values.{i}.key/.value [B, Hkv, L, d]`` extended by the
+new keys (left padding moved out, as for the convolutions), a masked softmax in float32 (GQA as a
+broadcast over the query groups) and o_proj; standard ops only (MatMul/Softmax), which every
+runtime runs. A full-attention layer's present cache is ``L + T`` long; a windowed layer's keeps
+the last W positions. One more state, ``past_key_values.position [B]`` (int64), counts each row's
+real tokens: the rotary position of its next token and which cache slots hold real keys.
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ from .graph import TORCH_TO_ONNX, GraphBuilder, WeightTable
 
 BATCH = "batch"
 SEQUENCE = "sequence"
+PAST_SEQUENCE = "past_sequence"  # a full-attention layer's cache length before the call ...
+PRESENT_SEQUENCE = "present_sequence"  # ... and after it (past_sequence + sequence)
+POSITION_STATE = "position"
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class GraphSpec:
     state_dtype: torch.dtype  # the GLA recurrent state
     form: str
     attention_mask: bool = True
+    attention_op: str = "decomposed"  # hybrids: "decomposed" (MatMul/Softmax) or "onnx" (Attention, RotaryEmbedding; opset 23)
 
     @property
     def act_type(self) -> int:
@@ -48,15 +61,30 @@ class GraphSpec:
 
 
 def state_names(layer: int, kind: str) -> tuple[str, str]:
-    """(input name, output name) of one layer's state; kind is ``recurrent_state`` or ``conv_state``."""
+    """(input name, output name) of one layer's state; kind is ``recurrent_state``, ``conv_state``,
+    ``key`` or ``value``."""
     return f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}"
 
 
 def state_specs(spec: GraphSpec) -> list[dict]:
-    """Every state tensor: name in and out, shape (``"batch"`` first), ONNX element type."""
+    """Every state tensor: name in and out, shape (``"batch"`` first) in and out, ONNX element type,
+    and how it grows (``memory``: ``fixed`` or ``grows``, with ``bytes_per_token`` per row)."""
     c = spec.config
     out = []
     for i in range(c.num_hidden_layers):
+        a = c.attention_spec(i)
+        if a is not None:
+            d, hkv, w = c.hidden_size // a["num_heads"], a["num_kv_heads"], a["window_size"]
+            itemsize = torch.empty((), dtype=spec.dtype).element_size()
+            for kind in ("key", "value"):
+                name_in, name_out = state_names(i, kind)
+                out.append(dict(layer=i, kind=kind, input=name_in, output=name_out,
+                                shape=[BATCH, hkv, w if w else PAST_SEQUENCE, d],
+                                output_shape=[BATCH, hkv, w if w else PRESENT_SEQUENCE, d],
+                                elem_type=spec.act_type, window_size=w,
+                                memory="fixed" if w else "grows",
+                                bytes_per_token=0 if w else hkv * d * itemsize))
+            continue
         name_in, name_out = state_names(i, "recurrent_state")
         out.append(dict(layer=i, kind="recurrent_state", input=name_in, output=name_out,
                         shape=[BATCH, c.kv_heads, c.head_k_dim, c.head_v_dim], elem_type=spec.state_type))
@@ -64,6 +92,13 @@ def state_specs(spec: GraphSpec) -> list[dict]:
             name_in, name_out = state_names(i, "conv_state")
             out.append(dict(layer=i, kind="conv_state", input=name_in, output=name_out,
                             shape=[BATCH, c.conv_channels, c.conv_size - 1], elem_type=spec.act_type))
+    if c.attn is not None:
+        out.append(dict(layer=None, kind=POSITION_STATE, input=f"past_key_values.{POSITION_STATE}",
+                        output=f"present.{POSITION_STATE}", shape=[BATCH], elem_type=TensorProto.INT64))
+    for st in out:
+        st.setdefault("output_shape", st["shape"])
+        st.setdefault("memory", "fixed")
+        st.setdefault("bytes_per_token", 0)
     return out
 
 
@@ -95,6 +130,17 @@ def register_weights(model: GLAForCausalLM, table: WeightTable) -> None:
     for i, layer in enumerate(model.model.layers):
         p, a = f"model.layers.{i}", layer.attn
         param(f"{p}.attn_norm.weight", layer.attn_norm.weight)
+        if c.attention_spec(i) is not None:
+            linear_t(f"{p}.attn.qkv_proj.weight", a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+            if a.q_proj.bias is not None:
+                biases = (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+                add(f"{p}.attn.qkv_proj.bias", lambda bs=biases: torch.cat([t.detach() for t in bs]),
+                    (sum(t.shape[0] for t in biases),), biases[0].dtype)
+            linear_t(f"{p}.attn.o_proj.weight", a.o_proj.weight)
+            param(f"{p}.mlp_norm.weight", layer.mlp_norm.weight)
+            linear_t(f"{p}.mlp.gate_up_proj.weight", layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight)
+            linear_t(f"{p}.mlp.down_proj.weight", layer.mlp.down_proj.weight)
+            continue
         parts = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
         if c.use_output_gate:
             parts.append(a.g_proj.weight)
@@ -186,11 +232,25 @@ def build_graph(spec: GraphSpec, table: WeightTable, kind: str) -> GraphBuilder:
     for st in states:
         by_layer.setdefault(st["layer"], {})[st["kind"]] = st
     present: dict[str, str] = {}
+    pos_ctx = None
+    if c.attn is not None:
+        b.scope = "/model/positions"
+        pos_st = next(st for st in states if st["kind"] == POSITION_STATE)
+        pos_ctx = _position_context(b, ids, mask if has_mask else None, pos_st["input"])
+        present[pos_st["output"]] = pos_ctx["present"]
 
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
         b.scope = f"/model/layers.{i}/attn"
         h = _rms_norm(b, x, b.weight(f"{p}.attn_norm.weight"), w_type[f"{p}.attn_norm.weight"], c.norm_eps, act)
+        if c.attention_spec(i) is not None:
+            kst, vst = by_layer[i]["key"], by_layer[i]["value"]
+            o, present[kst["output"]], present[vst["output"]] = _attention(
+                b, h, p, c, c.attention_spec(i), kst["input"], vst["input"], pos_ctx, act, has_mask, table,
+                spec.attention_op)
+            x = b.op("Add", [x, b.op("MatMul", [o, b.weight(f"{p}.attn.o_proj.weight")])])
+            x = _mlp(b, x, p, c, w_type, act, i)
+            continue
         proj = b.op("MatMul", [h, b.weight(f"{p}.attn.in_proj.weight")])
         qkv_dim = c.key_dim + c.key_dim_per_group + c.value_dim_per_group
         sizes = [qkv_dim] + ([c.value_dim] if c.use_output_gate else []) + [c.gate_low_rank_dim]
@@ -235,11 +295,7 @@ def build_graph(spec: GraphSpec, table: WeightTable, kind: str) -> GraphBuilder:
         o = b.op("Reshape", [o4, b.i64(0, 0, c.value_dim)])
         x = b.op("Add", [x, b.op("MatMul", [o, b.weight(f"{p}.attn.o_proj.weight")])])
 
-        b.scope = f"/model/layers.{i}/mlp"
-        h = _rms_norm(b, x, b.weight(f"{p}.mlp_norm.weight"), w_type[f"{p}.mlp_norm.weight"], c.norm_eps, act)
-        size = c.mlp_intermediate_size
-        gate, up = b.op("Split", [b.op("MatMul", [h, b.weight(f"{p}.mlp.gate_up_proj.weight")]), b.i64(size, size)], n_out=2, axis=-1)
-        x = b.op("Add", [x, b.op("MatMul", [b.op("Mul", [_silu(b, gate), up]), b.weight(f"{p}.mlp.down_proj.weight")])])
+        x = _mlp(b, x, p, c, w_type, act, i)
 
     b.scope = "/model/norm"
     x = _rms_norm(b, x, b.weight("model.norm.weight"), w_type["model.norm.weight"], c.norm_eps, act)
@@ -253,8 +309,146 @@ def build_graph(spec: GraphSpec, table: WeightTable, kind: str) -> GraphBuilder:
 
     b.output(logits, "logits", F, [BATCH, T, c.vocab_size])
     for st in states:
-        b.output(present[st["output"]], st["output"], st["elem_type"], st["shape"])
+        b.output(present[st["output"]], st["output"], st["elem_type"], st["output_shape"])
     return b
+
+
+def _mlp(b: GraphBuilder, x: str, p: str, c: GLAConfig, w_type: dict, act: int, i: int) -> str:
+    b.scope = f"/model/layers.{i}/mlp"
+    h = _rms_norm(b, x, b.weight(f"{p}.mlp_norm.weight"), w_type[f"{p}.mlp_norm.weight"], c.norm_eps, act)
+    size = c.mlp_intermediate_size
+    gate, up = b.op("Split", [b.op("MatMul", [h, b.weight(f"{p}.mlp.gate_up_proj.weight")]), b.i64(size, size)], n_out=2, axis=-1)
+    return b.op("Add", [x, b.op("MatMul", [b.op("Mul", [_silu(b, gate), up]), b.weight(f"{p}.mlp.down_proj.weight")])])
+
+
+def _position_context(b: GraphBuilder, ids: str, mask: str | None, past_pos: str) -> dict[str, str]:
+    """What every attention layer needs, computed once: the new tokens' rotary positions
+    ``[B, T]`` (``position + cumsum(mask) − 1``), their count of real tokens ``n_real``, each row's
+    left padding ``pad`` (``[B]``; None without a mask), T, and the present position."""
+    zero, one = b.const(0, np.int64, "i64"), b.const(1, np.int64, "i64")
+    T = b.op("Shape", [ids], start=1, end=2)  # [1]
+    pos2 = b.op("Unsqueeze", [past_pos, b.i64(1)])  # [B,1]
+    if mask is None:
+        n_real = T  # [1], broadcasts over B
+        positions = b.op("Add", [pos2, b.op("Range", [zero, b.op("Squeeze", [T, b.i64(0)]), one])])
+        pad = None
+    else:
+        n_real = b.op("ReduceSum", [mask, b.i64(1)], keepdims=0)  # [B]
+        positions = b.op("Sub", [b.op("Add", [pos2, b.op("CumSum", [mask, b.const(1, np.int64, "axis")])]), one])
+        pad = b.op("Sub", [T, n_real])
+    seen = b.op("Add", [past_pos, n_real])  # [B]
+    return dict(positions=positions, n_real=n_real, pad=pad, T=T, seen=seen, present=b.op("Identity", [seen]), cos_sin={})
+
+
+def _rotary_tables(b: GraphBuilder, ctx: dict, d: int, theta: float, act: int, squeeze: bool = False) -> tuple[str, str]:
+    """cos, sin ``[B, T, 1, d/2]`` float32 at the new tokens' positions, rounded to ``act`` first
+    (fla caches its tables in the activation dtype); shared by the layers of one (d, theta).
+    ``squeeze``: ``[B, T, d/2]`` in ``act``, as the ``RotaryEmbedding`` node takes them."""
+    if squeeze:
+        key = (d, float(theta), "act")
+        if key not in ctx["cos_sin"]:
+            cos, sin = _rotary_tables(b, ctx, d, theta, act)
+            ctx["cos_sin"][key] = tuple(b.cast(b.op("Squeeze", [t, b.i64(2)]), act, TensorProto.FLOAT) for t in (cos, sin))
+        return ctx["cos_sin"][key]
+    key = (d, float(theta))
+    if key not in ctx["cos_sin"]:
+        F = TensorProto.FLOAT
+        inv_freq = (1.0 / (float(theta) ** (torch.arange(0, d, 2, dtype=torch.float32) / d))).numpy()
+        freqs = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", [ctx["positions"]], to=F), b.i64(-1)]),
+                             b.const(inv_freq, np.float32, "inv_freq")])  # [B,T,d/2]
+        tables = []
+        for fn in ("Cos", "Sin"):
+            t = b.op(fn, [freqs])
+            if act != F:
+                t = b.cast(b.op("Cast", [t], to=act), F, act)
+            tables.append(b.op("Unsqueeze", [t, b.i64(2)]))
+        ctx["cos_sin"][key] = tuple(tables)
+    return ctx["cos_sin"][key]
+
+
+def _rotate(b: GraphBuilder, x: str, cos: str, sin: str, d: int, act: int) -> str:
+    """GPT-NeoX rotary rotation of ``x [B, T, H, d]`` in float32, cast back to ``act``."""
+    xf = b.cast(x, TensorProto.FLOAT, act)
+    x1, x2 = b.op("Split", [xf, b.i64(d // 2, d // 2)], n_out=2, axis=-1)
+    lo = b.op("Sub", [b.op("Mul", [x1, cos]), b.op("Mul", [x2, sin])])
+    hi = b.op("Add", [b.op("Mul", [x2, cos]), b.op("Mul", [x1, sin])])
+    return b.cast(b.op("Concat", [lo, hi], axis=-1), act, TensorProto.FLOAT)
+
+
+def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k: str, past_v: str, ctx: dict,
+               act: int, has_mask: bool, table: WeightTable, attention_op: str = "decomposed") -> tuple[str, str, str]:
+    """One softmax-attention layer as modeling.py's ``Attention.forward`` (before o_proj): returns
+    (output ``[B, T, H·d]``, present key, present value). ``attention_op="onnx"``: the rotation
+    and the masked softmax as the standard ``RotaryEmbedding`` and ``Attention`` nodes (opset 23,
+    tables given per position, a boolean mask); otherwise plain ops (MatMul, Softmax)."""
+    F = TensorProto.FLOAT
+    H, Hkv = spec["num_heads"], spec["num_kv_heads"]
+    d, G, W = c.hidden_size // H, H // Hkv, spec["window_size"]
+    qkv = b.op("MatMul", [h, b.weight(f"{p}.attn.qkv_proj.weight")])
+    if f"{p}.attn.qkv_proj.bias" in table.weights:
+        qkv = b.op("Add", [qkv, b.weight(f"{p}.attn.qkv_proj.bias")])
+    q, k, v = b.op("Split", [qkv, b.i64(H * d, Hkv * d, Hkv * d)], n_out=3, axis=-1)
+    if attention_op == "onnx":
+        cos, sin = _rotary_tables(b, ctx, d, spec["rope_theta"], act, squeeze=True)
+        q = b.op("Reshape", [b.op("RotaryEmbedding", [q, cos, sin], num_heads=H), b.i64(0, 0, H, d)])
+        k = b.op("Reshape", [b.op("RotaryEmbedding", [k, cos, sin], num_heads=Hkv), b.i64(0, 0, Hkv, d)])
+    else:
+        cos, sin = _rotary_tables(b, ctx, d, spec["rope_theta"], act)
+        q = _rotate(b, b.op("Reshape", [q, b.i64(0, 0, H, d)]), cos, sin, d, act)
+        k = _rotate(b, b.op("Reshape", [k, b.i64(0, 0, Hkv, d)]), cos, sin, d, act)
+    v = b.op("Reshape", [v, b.i64(0, 0, Hkv, d)])
+    # the cache and the new keys/values side by side on the last axis: [B, Hkv, L+T, 2d]
+    past = b.op("Concat", [past_k, past_v], axis=-1)
+    new = b.op("Transpose", [b.op("Concat", [k, v], axis=-1)], perm=[0, 2, 1, 3])
+    kv = b.op("Concat", [past, new], axis=2)
+    L = b.op("Shape", [past_k], start=2, end=3)  # [1]
+    Lk = b.op("Shape", [kv], start=2, end=3)
+    zero, one = b.const(0, np.int64, "i64"), b.const(1, np.int64, "i64")
+    j = b.op("Range", [zero, b.op("Squeeze", [Lk, b.i64(0)]), one])  # [Lk]
+    if has_mask:  # left padding out: the past moves right onto it, zeros enter (close_left_padding)
+        pad = b.op("Unsqueeze", [ctx["pad"], b.i64(1)])  # [B,1]
+        src = b.op("Where", [b.op("Less", [j, b.op("Add", [pad, L])]), b.op("Sub", [j, pad]), j])  # [B,Lk]
+        keep = b.op("Cast", [b.op("GreaterOrEqual", [j, pad])], to=act)  # [B,Lk]
+        B_ = b.op("Shape", [kv], start=0, end=1)
+        rows = b.op("Range", [zero, b.op("Squeeze", [B_, b.i64(0)]), one])
+        flat = b.op("Add", [b.op("Max", [src, zero]), b.op("Mul", [b.op("Unsqueeze", [rows, b.i64(1)]), Lk])])
+        rowsmaj = b.op("Reshape", [b.op("Transpose", [kv], perm=[0, 2, 1, 3]), b.i64(-1, Hkv * 2 * d)])
+        g = b.op("Gather", [rowsmaj, flat], axis=0)  # [B, Lk, Hkv·2d]
+        g = b.op("Mul", [g, b.op("Unsqueeze", [keep, b.i64(-1)])])
+        kv = b.op("Transpose", [b.op("Reshape", [g, b.i64(0, 0, Hkv, 2 * d)])], perm=[0, 2, 1, 3])
+    full_k, full_v = b.op("Split", [kv, b.i64(d, d)], n_out=2, axis=-1)
+
+    # which slots each query sees (attention_key_mask in modeling.py): [B, 1, 1, T, Lk]
+    qi = b.op("Unsqueeze", [b.op("Add", [b.op("Range", [zero, b.op("Squeeze", [ctx["T"], b.i64(0)]), one]), L]), b.i64(1)])  # [T,1]
+    first_real = b.op("Sub", [Lk, b.op("Reshape", [ctx["seen"], b.i64(-1, 1, 1, 1, 1)])])  # [B,1,1,1,1]
+    ok = b.op("And", [b.op("GreaterOrEqual", [j, first_real]), b.op("LessOrEqual", [j, qi])])
+    if W is not None:
+        ok = b.op("And", [ok, b.op("Less", [b.op("Sub", [qi, j]), b.const(W, np.int64, "window")])])
+    ok = b.op("Or", [ok, b.op("Equal", [j, qi])])
+    if attention_op == "onnx":
+        ok4 = b.op("Squeeze", [ok, b.i64(1)])  # [B,1,1,T,Lk] -> [B,1,T,Lk]
+        qh = b.op("Transpose", [q], perm=[0, 2, 1, 3])  # [B,H,T,d]
+        o = b.op("Attention", [qh, full_k, full_v, ok4], scale=d ** -0.5)  # 4D: the head counts come from the shapes
+        o = b.op("Reshape", [b.op("Transpose", [o], perm=[0, 2, 1, 3]), b.i64(0, 0, H * d)])
+        if W is not None:
+            big = b.i64(np.iinfo(np.int64).max)
+            full_k = b.op("Slice", [full_k, b.i64(-W), big, b.i64(2)])
+            full_v = b.op("Slice", [full_v, b.i64(-W), big, b.i64(2)])
+        return o, full_k, full_v
+    bias = b.op("Where", [ok, b.scalar(0.0, F), b.scalar(-1e30, F)])
+
+    qg = b.op("Reshape", [b.op("Transpose", [b.cast(q, F, act)], perm=[0, 2, 1, 3]), b.i64(0, Hkv, G, -1, d)])  # [B,Hkv,G,T,d]
+    kt = b.op("Unsqueeze", [b.op("Transpose", [b.cast(full_k, F, act)], perm=[0, 1, 3, 2]), b.i64(2)])  # [B,Hkv,1,d,Lk]
+    scores = b.op("Add", [b.op("Mul", [b.op("MatMul", [qg, kt]), b.scalar(d ** -0.5, F)]), bias])
+    probs = b.op("Softmax", [scores], axis=-1)
+    o = b.op("MatMul", [probs, b.op("Unsqueeze", [b.cast(full_v, F, act), b.i64(2)])])  # [B,Hkv,G,T,d]
+    o = b.op("Transpose", [b.op("Reshape", [o, b.i64(0, H, -1, d)])], perm=[0, 2, 1, 3])
+    o = b.cast(b.op("Reshape", [o, b.i64(0, 0, H * d)]), act, F)
+    if W is not None:
+        big = b.i64(np.iinfo(np.int64).max)
+        full_k = b.op("Slice", [full_k, b.i64(-W), big, b.i64(2)])
+        full_v = b.op("Slice", [full_v, b.i64(-W), big, b.i64(2)])
+    return o, full_k, full_v
 
 
 def _close_padding_indices(b: GraphBuilder, mask: str, n_cache: int, act: int) -> tuple[str, str]:

@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .._dtypes import to_numpy as _np
 from .._dtypes import torch_dtype
-from ..models.modeling import GLAForCausalLM, LayerState
+from ..models.modeling import STATE_FIELDS, GLAForCausalLM, LayerState, state_tensor
 from ..models.tokenizer import ByteTokenizer
 from .metadata import PREFILL_FILE, STEP_FILE, ExportMetadata, StateInfo, as_metadata
 
@@ -204,34 +205,64 @@ class Case:
     allowance: dict[str, float] = field(default_factory=dict)  # limit from PyTorch's own low-precision error
 
 
+def _state_tensor(states: list[LayerState], st: StateInfo) -> torch.Tensor:
+    """The PyTorch tensor behind one graph state (the shared position: any attention layer's)."""
+    return state_tensor(states, st.layer, st.kind)
+
+
 def _state_feeds(states: list[LayerState], state_names: Sequence[StateInfo]) -> dict[str, np.ndarray]:
     """The graph's past-state inputs, each in its dtype from the metadata."""
-    feeds = {}
-    for st in state_names:
-        layer = states[st.layer]
-        t = layer.recurrent if st.kind == "recurrent_state" else layer.conv
-        feeds[st.input] = _np(t.to(torch_dtype(st.dtype)))
-    return feeds
+    return {st.input: _np(_state_tensor(states, st).to(torch_dtype(st.dtype))) for st in state_names}
 
 
 def _rounded(states: list[LayerState], state_names: Sequence[StateInfo]) -> list[LayerState]:
     """States rounded to the graph's dtypes (and back), so that PyTorch and the graph continue
     from the very same values."""
-    dtypes = {(st.layer, st.kind): torch_dtype(st.dtype) for st in state_names}
+    dtypes = {(st.layer, STATE_FIELDS[st.kind]): torch_dtype(st.dtype) for st in state_names}
     out = []
     for i, s in enumerate(states):
-        rec = s.recurrent.to(dtypes[(i, "recurrent_state")]).to(s.recurrent.dtype)
-        conv = None if s.conv is None else s.conv.to(dtypes[(i, "conv_state")]).to(s.conv.dtype)
-        out.append(LayerState(rec, conv))
+        fields = {}
+        for f in ("recurrent", "conv", "key", "value", "position"):
+            t = getattr(s, f)
+            fields[f] = None if t is None or f == "position" else t.to(dtypes[(i, f)]).to(t.dtype)
+        fields["position"] = s.position
+        out.append(LayerState(**fields))
     return out
+
+
+def _cast_states(states: list[LayerState], sd: torch.dtype, act: torch.dtype, r: int | None = None) -> list[LayerState]:
+    """``states`` (or their row r) with the recurrent state in ``sd`` and the caches in ``act``."""
+    def cut(t, dtype=None):
+        if t is None:
+            return None
+        t = t if r is None else t[r:r + 1]
+        return t if dtype is None else t.to(dtype)
+
+    return [LayerState(cut(s.recurrent, sd), cut(s.conv, act), cut(s.key, act), cut(s.value, act), cut(s.position))
+            for s in states]
 
 
 def _state_outputs(states: list[LayerState], state_names: Sequence[StateInfo], row: slice | int | None = None) -> dict[str, torch.Tensor]:
     out = {}
     for st in state_names:
-        layer = states[st.layer]
-        t = layer.recurrent if st.kind == "recurrent_state" else layer.conv
+        t = _state_tensor(states, st)
         out[st.output] = t if row is None else t[row]
+    return out
+
+
+def _stack_rows(alone: list[dict[str, torch.Tensor]], state_names: Sequence[StateInfo]) -> dict[str, torch.Tensor]:
+    """Rows run alone as one padded batch's results: logits one row after the other; a growing
+    KV cache left-padded with zeros to the batch's length (the padded slots the graph zeroes)."""
+    growing = {st.output for st in state_names if st.grows}
+    out = {}
+    for k in alone[0]:
+        if k == "logits":
+            out[k] = torch.cat([a[k][0] for a in alone])
+        elif k in growing:
+            n = max(a[k].shape[2] for a in alone)
+            out[k] = torch.cat([F.pad(a[k], (0, 0, n - a[k].shape[2], 0)) for a in alone])
+        else:
+            out[k] = torch.cat([a[k] for a in alone])
     return out
 
 
@@ -332,7 +363,7 @@ def build_cases(
     ids2 = torch.randint(0, c.vocab_size, (2, 13), generator=gen)
 
     def cont(m, sd):
-        p = [LayerState(s.recurrent.to(sd), None if s.conv is None else s.conv.to(m.lm_head.weight.dtype)) for s in past]
+        p = _cast_states(past, sd, m.lm_head.weight.dtype)
         return results(fwd(m, sd, ids2, states=p))
 
     specs.append(("continue", "prefill", [prefill_feeds(ids2, past)], cont, last_run))
@@ -353,7 +384,7 @@ def build_cases(
         def padded(m, sd, rows=rows):
             alone = [results(fwd(m, sd, row[None])) for row in rows]
             # logits: the real positions of every row one after the other; states: one row each
-            return {k: torch.cat([a[k][0] if k == "logits" else a[k] for a in alone]) for k in alone[0]}
+            return _stack_rows(alone, states_meta)
 
         def padded_collect(runs, lens=lens, Tp=Tp):
             o = dict(runs[-1])
@@ -371,10 +402,9 @@ def build_cases(
         def padded_continue(m, sd, rows=crows):
             alone = []
             for r, row in enumerate(rows):
-                p = [LayerState(s.recurrent[r:r + 1].to(sd), None if s.conv is None else s.conv[r:r + 1].to(m.lm_head.weight.dtype))
-                     for s in past]
+                p = _cast_states(past, sd, m.lm_head.weight.dtype, r)
                 alone.append(results(fwd(m, sd, row[None], states=p)))
-            return {k: torch.cat([a[k][0] if k == "logits" else a[k] for a in alone]) for k in alone[0]}
+            return _stack_rows(alone, states_meta)
 
         specs.append(("padded-continue", "prefill", [prefill_feeds(cid, past, mask=cmask)], padded_continue,
                       lambda runs, lens=clens, Tp=Tc: padded_collect(runs, lens, Tp)))
@@ -416,7 +446,8 @@ def run_cases(
     states_meta = meta.states
     zeros = {}
     for st in states_meta:
-        shape = [1 if d == "batch" else d for d in st.shape]
+        # a growing KV cache starts empty (its symbolic sequence axis 0)
+        shape = [1 if d == "batch" else 0 if isinstance(d, str) else d for d in st.shape]
         zeros[st.input] = _np(torch.zeros(shape, dtype=torch_dtype(st.dtype)))
     for graph, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE)):
         runner = make_runner(out_dir / file, form, dtype, runtime, torch_dtype(meta.state_dtype))

@@ -9,7 +9,10 @@ onto fla's ``GLAConfig``:
   of 2/3 · 4 · embed_dim up to a multiple of 256;
 - ``head_dim``: d_k per head; with it, ``expand_k = num_heads · head_dim / embed_dim`` and d_v is
   ``head_dim · expand_v / expand_k`` (twice d_k with the default expansions 0.5 and 1.0);
-- ``expand_k``/``expand_v``: key and value widths over the model width, as in fla.
+- ``expand_k``/``expand_v``: key and value widths over the model width, as in fla;
+- ``attn``: softmax-attention layers among the GLA layers (a hybrid): fla's attention spec, a dict
+  or a list of dicts with ``layers``, ``num_heads`` and optionally ``num_kv_heads``, ``qkv_bias``,
+  ``window_size``, ``rope_theta`` (see :func:`attention_spec`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,20 @@ def recommended_config(size: str = "340M", **overrides: Any) -> GLAConfig:
     return GLAConfig(**{**RECOMMENDED[size], **overrides})
 
 
+def attention_spec(
+    layers: list[int],
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    window_size: int | None = None,
+    qkv_bias: bool = False,
+    rope_theta: float = 10000.0,
+) -> dict[str, Any]:
+    """One entry of fla's ``attn`` field: softmax attention at ``layers`` (a sliding window of
+    ``window_size`` keys, the query's own included, or full causal attention when None)."""
+    return dict(layers=list(layers), num_heads=num_heads, num_kv_heads=num_kv_heads if num_kv_heads is not None else num_heads,
+                qkv_bias=qkv_bias, window_size=window_size, rope_theta=rope_theta)
+
+
 def make_config(
     vocab_size: int = 256,
     embed_dim: int = 256,
@@ -47,6 +64,7 @@ def make_config(
     expand_k: float = 0.5,
     expand_v: float = 1.0,
     dropout: float = 0.0,
+    attn: dict | list[dict] | None = None,
     **overrides: Any,
 ) -> GLAConfig:
     """A :class:`GLAConfig` from builder-style arguments (see the module docstring)."""
@@ -65,6 +83,7 @@ def make_config(
         expand_k=expand_k,
         expand_v=expand_v,
         dropout=dropout,
+        attn=attn,
         **overrides,
     )
 
@@ -95,8 +114,15 @@ def output_size(config: GLAConfig) -> int:
     return config.vocab_size
 
 
-def state_shapes(config: GLAConfig, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
-    """Shape of every recurrent state of one layer for ``batch_size`` rows."""
+def state_shapes(config: GLAConfig, batch_size: int = 1, layer: int | None = None,
+                 context: int = 0) -> dict[str, tuple[int, ...]]:
+    """Shape of every state of one layer for ``batch_size`` rows: a GLA layer's (the first GLA
+    layer's when ``layer`` is None), or an attention layer's KV cache after ``context`` tokens
+    (``key``/``value``: W positions when windowed, ``context`` otherwise) and ``position``."""
+    spec = None if layer is None else config.attention_spec(layer)
+    if spec is not None:
+        kv = (batch_size, spec["num_kv_heads"], spec["window_size"] or context, config.hidden_size // spec["num_heads"])
+        return {"key": kv, "value": kv, "position": (batch_size,)}
     shapes = {"recurrent_state": (batch_size, config.kv_heads, config.head_k_dim, config.head_v_dim)}
     if config.use_short_conv:
         shapes["conv_state"] = (batch_size, config.conv_channels, config.conv_size - 1)

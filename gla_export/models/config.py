@@ -2,8 +2,13 @@
 
 A checkpoint's ``config.json`` is read into :class:`GLAConfig`. Fields that Hugging Face adds
 (``architectures``, ``transformers_version``, ...) are kept in ``extra`` and ignored; a field we
-know with a value we cannot run (hybrid attention layers, another activation, ...) raises
+know with a value we cannot run (another activation, attention residuals, ...) raises
 :class:`ConfigError` naming the field.
+
+Hybrid models: fla's ``attn`` field (a dict, or a list of dicts) puts softmax-attention layers at
+the indices in each spec's ``layers``; :func:`parse_attention` checks and fills it as fla's
+``parse_attention_config`` does (``num_kv_heads`` defaults to ``num_heads``, ``qkv_bias`` to False,
+``window_size`` to None, ``rope_theta`` to 10000).
 """
 
 from __future__ import annotations
@@ -18,6 +23,63 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config field has a value this package cannot run; the message names the field."""
+
+
+ATTENTION_KEYS = ("layers", "num_heads", "num_kv_heads", "qkv_bias", "window_size", "rope_theta")
+
+
+def parse_attention(attn: Any, num_hidden_layers: int, hidden_size: int) -> dict | list[dict] | None:
+    """fla's ``attn`` field checked and with its defaults filled (dict stays dict, list stays list).
+
+    Raises :class:`ConfigError` naming the field for anything fla would refuse and for what fla's
+    ``Attention`` layer cannot build (hidden_size not a multiple of num_heads, an odd head_dim that
+    the rotary embedding cannot rotate, num_heads not a multiple of num_kv_heads)."""
+    if attn is None:
+        return None
+    if not isinstance(attn, (dict, list)):
+        raise ConfigError(f"config field 'attn' = {attn!r}: must be null, an object or a list of objects")
+    out, owner = [], {}
+    for n, spec in enumerate([attn] if isinstance(attn, dict) else attn):
+        where = "config field 'attn'" + ("" if isinstance(attn, dict) else f"[{n}]")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where} = {spec!r}: must be an object")
+        spec = dict(spec)
+        for key in ("layers", "num_heads"):
+            if key not in spec:
+                raise ConfigError(f"{where}: field '{key}' is required")
+        layers = spec["layers"]
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ConfigError(f"{where}.layers = {layers!r}: must be a list of layer indices")
+        for i in layers:
+            if not 0 <= i < num_hidden_layers:
+                raise ConfigError(f"{where}.layers holds {i}: layer indices are in [0, {num_hidden_layers})")
+            if i in owner:
+                raise ConfigError(f"{where}.layers holds {i}, which is already an attention layer")
+            owner[i] = n
+        spec["layers"] = list(layers)
+        if spec.get("num_kv_heads") is None:
+            spec["num_kv_heads"] = spec["num_heads"]
+        for key in ("num_heads", "num_kv_heads"):
+            v = spec[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{where}.{key} = {v!r}: must be a positive integer")
+        if spec["num_heads"] % spec["num_kv_heads"]:
+            raise ConfigError(f"{where}.num_kv_heads = {spec['num_kv_heads']}: num_heads ({spec['num_heads']}) must be a multiple of it")
+        if hidden_size % spec["num_heads"] or (hidden_size // spec["num_heads"]) % 2:
+            raise ConfigError(f"{where}.num_heads = {spec['num_heads']}: hidden_size ({hidden_size}) over it must be "
+                              "a whole, even head dimension (rotary embedding)")
+        if not isinstance(spec.setdefault("qkv_bias", False), bool):
+            raise ConfigError(f"{where}.qkv_bias = {spec['qkv_bias']!r}: must be true or false")
+        w = spec.setdefault("window_size", None)
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+            raise ConfigError(f"{where}.window_size = {w!r}: must be a positive integer or null")
+        theta = spec.setdefault("rope_theta", 10000.0)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+            raise ConfigError(f"{where}.rope_theta = {theta!r}: must be positive and finite")
+        if spec.get("qk_norm"):
+            raise ConfigError(f"{where}.qk_norm: fla's hybrid models do not build q/k norms; not supported")
+        out.append(spec)
+    return out[0] if isinstance(attn, dict) else out
 
 
 @dataclass
@@ -121,6 +183,20 @@ class GLAConfig:
         """Channels of the short-convolution state (q, k and v convolutions side by side)."""
         return self.key_dim + self.key_dim_per_group + self.value_dim_per_group if self.use_short_conv else 0
 
+    def attention_spec(self, layer_idx: int) -> dict | None:
+        """The ``attn`` spec of a softmax-attention layer (None for a GLA layer)."""
+        if self.attn is None:
+            return None
+        for spec in [self.attn] if isinstance(self.attn, dict) else self.attn:
+            if layer_idx in spec["layers"]:
+                return spec
+        return None
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Indices of the softmax-attention layers, ascending."""
+        return [i for i in range(self.num_hidden_layers) if self.attention_spec(i) is not None]
+
     # ---- checks ----
     def validate(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -131,8 +207,7 @@ class GLAConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise bad(name, "must be a positive integer")
-        if self.attn is not None:
-            raise bad("attn", "hybrid models with softmax-attention layers are not supported")
+        self.attn = parse_attention(self.attn, self.num_hidden_layers, self.hidden_size)
         if self.attnres_block_size is not None:
             raise bad("attnres_block_size", "attention residuals are not supported")
         if self.feature_map is not None:

@@ -12,6 +12,18 @@ a position with ``attention_mask == 0`` gets ``k = 0`` and ``g = 0`` (it leaves 
 and is cut out of the convolution windows (the row's cached inputs move up to its first real
 token), so each row gets the logits and the states it would get run alone, whether it starts
 a context or continues one.
+
+Hybrid models (config ``attn``): the listed layers are fla's softmax ``Attention`` (q/k/v/o
+projections, optional q/k/v bias, GQA, rotary embedding on q and k, causal attention, optional
+sliding window). Their state is a KV cache of rotated keys and values ``[B, Hkv, L, d]`` and the
+number of real tokens each row has seen (``position [B]``: the rotary position of its next token).
+A full-attention layer's cache grows by one position per token (``L`` = tokens so far, padding
+included); a windowed layer's cache always holds ``W`` positions (the newest last; zeros, masked
+out, until W tokens are seen). Window semantics as fla passes ``window_size`` W to flash-attn
+(``window_size=(W-1, 0)``): the query at position p sees the keys at positions p-W+1 .. p, i.e.
+W keys including its own. Padding (left) is moved out of the cache as with the convolutions: the
+row's previous cache is moved right onto the padded positions, so its real keys stay contiguous
+at the end and slot distance is position distance.
 """
 
 from __future__ import annotations
@@ -98,8 +110,149 @@ def close_left_padding(full: torch.Tensor, pad: torch.Tensor, n_cache: int) -> t
 
 @dataclass
 class LayerState:
-    recurrent: torch.Tensor  # [B, Hkv, d_k, d_v]
-    conv: torch.Tensor | None = None  # [B, conv_channels, conv_size - 1]
+    recurrent: torch.Tensor | None = None  # GLA: [B, Hkv, d_k, d_v]
+    conv: torch.Tensor | None = None  # GLA with short convolutions: [B, conv_channels, conv_size - 1]
+    key: torch.Tensor | None = None  # attention: rotated keys [B, Hkv, L, d]
+    value: torch.Tensor | None = None  # attention: values [B, Hkv, L, d]
+    position: torch.Tensor | None = None  # attention: real tokens seen per row [B] int64
+
+
+# a graph state's kind (docs/export.md) -> the LayerState field that holds it
+STATE_FIELDS = {"recurrent_state": "recurrent", "conv_state": "conv", "key": "key", "value": "value", "position": "position"}
+
+
+def state_tensor(states: list[LayerState], layer: int | None, kind: str) -> torch.Tensor:
+    """The tensor of one graph state in ``states`` (``layer`` None: the shared position, which
+    every attention layer's LayerState carries)."""
+    if layer is None:
+        return next(s.position for s in states if s.position is not None)
+    return getattr(states[layer], STATE_FIELDS[kind])
+
+
+def layer_states(num_layers: int, tensors: list[tuple[int | None, str, torch.Tensor]]) -> list[LayerState]:
+    """LayerStates from graph states ``(layer, kind, tensor)`` (the inverse of :func:`state_tensor`)."""
+    states = [LayerState() for _ in range(num_layers)]
+    shared = [t for layer, _, t in tensors if layer is None]
+    for layer, kind, t in tensors:
+        if layer is not None:
+            setattr(states[layer], STATE_FIELDS[kind], t)
+    for s in states:
+        if s.key is not None and shared:
+            s.position = shared[0]
+    return states
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla's ``RotaryEmbedding`` tables at ``positions`` (any shape): ``cos, sin [..., head_dim/2]``
+    in float32, from ``inv_freq = 1 / theta^(2i/d)`` and float32 positions."""
+    inv_freq = 1.0 / (float(theta) ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    return torch.cos(freqs), torch.sin(freqs)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX rotation (fla's default, ``interleaved=False``) of ``x [B, T, H, d]`` by ``cos/sin
+    [B, T, d/2]`` (rounded to x's dtype first, as fla caches them), computed in float32."""
+    c, s = cos.to(x.dtype).float()[:, :, None], sin.to(x.dtype).float()[:, :, None]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def attention_key_mask(position: torch.Tensor, n_real: torch.Tensor, L: int, T: int, window: int | None) -> torch.Tensor:
+    """Which of the ``L + T`` cache slots (past then new, padding closed) each of the T new queries
+    may see: ``[B, T, L + T]`` bool. Query t sits in slot ``L + t``; a slot holds a real key when it
+    is among the row's last ``position + n_real`` slots; causal; within the window (W keys, its own
+    included). A query always sees its own slot, so a padded query's softmax has one finite score
+    (its output is unused; this only keeps NaN out of the graph)."""
+    j = torch.arange(L + T, device=position.device)
+    qi = (L + torch.arange(T, device=position.device))[:, None]  # [T, 1]
+    seen = (position + n_real)[:, None, None]  # [B, 1, 1]
+    ok = (j[None, None, :] >= L + T - seen) & (j <= qi)[None]
+    if window is not None:
+        ok = ok & (qi - j < window)[None]
+    return ok | (j == qi)[None]
+
+
+class Attention(nn.Module):
+    """fla's softmax ``Attention`` layer (fla/layers/attn.py) as a hybrid model builds it: parameter
+    names and shapes the same (no q/k norm; the rotary tables are not parameters)."""
+
+    def __init__(self, config: GLAConfig, layer_idx: int):
+        super().__init__()
+        spec = config.attention_spec(layer_idx)
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = spec["num_heads"], spec["num_kv_heads"]
+        self.head_dim = config.hidden_size // self.num_heads
+        self.window_size, self.rope_theta = spec["window_size"], float(spec["rope_theta"])
+        kv_dim = self.num_kv_heads * self.head_dim
+        bias = spec["qkv_bias"]
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def cache_length(self) -> int:
+        """Positions of an empty context's cache: W for a windowed layer, 0 for full attention."""
+        return self.window_size or 0
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state: LayerState | None = None,
+        gla_backend: str = "auto",
+    ) -> tuple[torch.Tensor, LayerState]:
+        B, T, _ = x.shape
+        H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, d)
+        k = self.k_proj(x).view(B, T, Hkv, d)
+        v = self.v_proj(x).view(B, T, Hkv, d)
+        if state is None or state.key is None:
+            L = self.cache_length()
+            past_k = x.new_zeros(B, Hkv, L, d)
+            past_v = x.new_zeros(B, Hkv, L, d)
+            position = torch.zeros(B, dtype=torch.int64, device=x.device)
+        else:
+            past_k, past_v, position = state.key.to(x.dtype), state.value.to(x.dtype), state.position.to(x.device)
+            L = past_k.shape[2]
+        if attention_mask is None:
+            m = None
+            n_real = torch.full((B,), T, dtype=torch.int64, device=x.device)
+            pos = position[:, None] + torch.arange(T, device=x.device)
+        else:
+            m = attention_mask[:, -T:].to(torch.int64)
+            n_real = m.sum(-1)
+            pos = position[:, None] + m.cumsum(-1) - 1
+        cos, sin = rotary_cos_sin(pos, d, self.rope_theta)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        full_k = torch.cat([past_k, k.transpose(1, 2)], dim=2)  # [B, Hkv, L+T, d]
+        full_v = torch.cat([past_v, v.transpose(1, 2)], dim=2)
+        if m is not None and L > 0:  # padding out of the cache: [B, C=Hkv·d, L+T] for close_left_padding
+            pad = T - n_real
+
+            def close(t):
+                flat = t.permute(0, 1, 3, 2).reshape(B, Hkv * d, L + T)
+                return close_left_padding(flat, pad, L).view(B, Hkv, d, L + T).permute(0, 1, 3, 2)
+
+            full_k, full_v = close(full_k), close(full_v)
+        if m is not None:  # the padded slots are now the row's first `pad` ones: zero them
+            keep = torch.arange(L + T, device=x.device)[None] >= (T - n_real)[:, None]
+            full_k = full_k * keep[:, None, :, None].to(full_k.dtype)
+            full_v = full_v * keep[:, None, :, None].to(full_v.dtype)
+        ok = attention_key_mask(position, n_real, L, T, self.window_size)  # [B, T, L+T]
+
+        G = H // Hkv
+        qf = q.transpose(1, 2).float()  # [B, H, T, d]
+        kf = full_k.float().repeat_interleave(G, dim=1)
+        vf = full_v.float().repeat_interleave(G, dim=1)
+        o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=ok[:, None], scale=d ** -0.5)
+        o = self.o_proj(o.transpose(1, 2).reshape(B, T, H * d).to(x.dtype))
+
+        new_k, new_v = full_k, full_v
+        if self.window_size is not None:
+            new_k, new_v = full_k[:, :, -self.window_size:], full_v[:, :, -self.window_size:]
+        return o, LayerState(key=new_k.contiguous(), value=new_v.contiguous(), position=position + n_real)
 
 
 @dataclass
@@ -215,7 +368,8 @@ class GLABlock(nn.Module):
     def __init__(self, config: GLAConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.attn = GatedLinearAttention(config, layer_idx)
+        is_attn = config.attention_spec(layer_idx) is not None
+        self.attn = Attention(config, layer_idx) if is_attn else GatedLinearAttention(config, layer_idx)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = GLAMLP(config)
         self.dropout = nn.Dropout(config.dropout)
@@ -278,7 +432,7 @@ class GLAForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         if states is not None and len(states) != len(self.model.layers):
             raise ValueError(f"expected {len(self.model.layers)} layer states, got {len(states)}")
-        if attention_mask is not None and self.config.use_short_conv:
+        if attention_mask is not None and (self.config.use_short_conv or self.config.attn is not None):
             _check_left_padded(attention_mask, input_ids.shape)
         x = self.model.embeddings(input_ids)
         new_states = []
@@ -292,12 +446,19 @@ class GLAForCausalLM(nn.Module):
         """Zero states for ``batch_size`` rows (the state of an empty context)."""
         c = self.config
         dtype = self.lm_head.weight.dtype
-        return [
-            LayerState(
+        states = []
+        for layer in self.model.layers:
+            a = layer.attn
+            if isinstance(a, Attention):
+                shape = (batch_size, a.num_kv_heads, a.cache_length(), a.head_dim)
+                states.append(LayerState(key=torch.zeros(shape, device=device, dtype=dtype),
+                                         value=torch.zeros(shape, device=device, dtype=dtype),
+                                         position=torch.zeros(batch_size, dtype=torch.int64, device=device)))
+                continue
+            states.append(LayerState(
                 torch.zeros(batch_size, c.kv_heads, c.head_k_dim, c.head_v_dim, device=device, dtype=state_dtype),
                 torch.zeros(batch_size, c.conv_channels, c.conv_size - 1, device=device, dtype=dtype)
                 if c.use_short_conv
                 else None,
-            )
-            for _ in range(c.num_hidden_layers)
-        ]
+            ))
+        return states

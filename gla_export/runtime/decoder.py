@@ -14,6 +14,16 @@ they swap roles), the ``input_ids`` and ``logits`` buffers, and for ONNX Runtime
 ids buffer and runs. Prompts (prefill) allocate their activations per call, optionally in
 chunks of ``prefill_chunk`` tokens to bound that too.
 
+Hybrid models (docs/export.md, section 3.1): a windowed attention layer's KV cache has a fixed
+size and is a state like any other. A full-attention layer's cache grows by one slot per token,
+so such an export does not decode in constant memory: its caches (one length for the whole
+batch, the longest row's) are not double-buffered but replaced by every graph call, which binds
+them for that call. Each row's cache is right-aligned: its last ``position`` slots hold its keys
+and values, a shorter row's slots before them are zeros that the graphs mask out (by the
+``position`` state). Rows prefilled alone and restored rows are zero-extended on the left to
+the batch's length; a snapshot keeps a row's last ``position`` slots; a reset or restore drops
+the leading slots no row uses.
+
 Buffers are torch tensors (on the CPU, or on the GPU for ``ort-cuda`` and ``trt``) handed to the
 runtimes by pointer, so that rows can be copied, zeroed, snapshotted and restored on the device
 without a trip through the host.
@@ -72,13 +82,15 @@ class StateSpec:
 
     name: str  # graph input, past_key_values.{layer}.{kind}
     output: str  # graph output, present.{layer}.{kind}
-    layer: int
-    kind: str  # recurrent_state | conv_state
-    shape: tuple[int, ...]
+    layer: int  # -1: shared by the layers (a hybrid's position)
+    kind: str  # recurrent_state | conv_state | key | value | position
+    shape: tuple[int, ...]  # a growing KV cache: [Hkv, 0, d], its empty-context shape
     dtype: torch.dtype
+    grows: bool = False  # a full-attention layer's KV cache: its axis 1 (2 with the batch) grows
 
     @property
     def row_nbytes(self) -> int:
+        """Bytes of one row (a growing cache: 0, its empty-context size)."""
         n = 1
         for s in self.shape:
             n *= s
@@ -101,8 +113,24 @@ def capture_size(batch_size: int, sizes: Sequence[int] = CAPTURE_SIZES) -> int:
 
 def buffer_specs(metadata: ExportMetadata) -> list[StateSpec]:
     """The decoder's state buffers, one per state the metadata lists (its dtypes were checked when
-    it was read)."""
-    return [StateSpec(s.input, s.output, s.layer, s.kind, s.row_shape, torch_dtype(s.dtype)) for s in metadata.states]
+    it was read). A hybrid's shared position (layer None in the metadata) gets layer -1; a
+    full-attention layer's KV cache (``[batch, Hkv, past_sequence, d]``, growing) its empty-context
+    shape ``(Hkv, 0, d)`` and ``grows``."""
+    specs = []
+    for s in metadata.states:
+        layer = -1 if s.layer is None else s.layer
+        if s.grows:
+            if s.kind not in ("key", "value") or len(s.shape) != 4 or not all(isinstance(d, int) for d in
+                                                                               (s.shape[1], s.shape[3])):
+                raise ModelError(f"state {s.input} grows with the context but is not a [batch, heads, sequence, "
+                                 f"head_dim] KV cache (shape {list(s.shape)}): the decoder cannot drive it")
+            shape = (int(s.shape[1]), 0, int(s.shape[3]))
+            specs.append(StateSpec(s.input, s.output, layer, s.kind, shape, torch_dtype(s.dtype), grows=True))
+        else:
+            specs.append(StateSpec(s.input, s.output, layer, s.kind, s.row_shape, torch_dtype(s.dtype)))
+    if any(s.grows for s in specs) and not any(s.kind == "position" for s in specs):
+        raise ModelError("the export has growing KV caches but no position state: the export is damaged")
+    return specs
 
 
 class StatefulDecoder(GenerationMixin):
@@ -154,6 +182,11 @@ class StatefulDecoder(GenerationMixin):
 
         self.metadata: ExportMetadata = open_export(self.export_dir)
         self.specs = buffer_specs(self.metadata)
+        # the double-buffered states (fixed sizes) and the full-attention KV caches (growing along
+        # axis 2; one tensor each, replaced by every call)
+        self._fixed = [s for s in self.specs if not s.grows]
+        self._grow = [s for s in self.specs if s.grows]
+        self._pos_name = next((s.name for s in self.specs if s.kind == "position"), None)
         self.vocab_size = self.metadata.model.vocab_size
         self.tokenizer: Tokenizer = load_tokenizer(self.export_dir, self.metadata)
         eos = self.metadata.model.eos_token_id
@@ -161,9 +194,12 @@ class StatefulDecoder(GenerationMixin):
         self.bos_token_id: int | None = self.tokenizer.bos_token_id
         step, prefill = self.metadata.graphs["step"], self.metadata.graphs["prefill"]
         self._runtime = open_runtime(backend, self.metadata, device_id=device_id, threads=threads,
-                                     engines_dir=engines_dir, plugin=plugin, cuda_graph=cuda_graph)
+                                     engines_dir=engines_dir, plugin=plugin,
+                                     cuda_graph=False if self._grow else cuda_graph)
         self.cuda_graph = bool(getattr(self._runtime, "cuda_graph", False))
         self.cuda_graph_off: str | None = getattr(self._runtime, "cuda_graph_off", "not an ort-cuda runtime")
+        if self._grow and self._runtime.device.type == "cuda":  # a captured graph has fixed shapes
+            self.cuda_graph_off = "a hybrid's full-attention KV caches change shape every step"
         if sample_on_device and self._runtime.device.type != "cuda":
             raise UsageError(f"sampling on the device needs a GPU runtime (ort-cuda or trt), not {backend}")
         self.sample_on_device = self._runtime.device.type == "cuda" and sample_on_device is not False
@@ -209,8 +245,20 @@ class StatefulDecoder(GenerationMixin):
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes of one conversation's state: what a snapshot holds, whatever its context length."""
+        """Bytes of one conversation's state: what a snapshot holds, whatever its context length
+        (a hybrid with full-attention layers: the part that does not grow; a snapshot adds
+        :attr:`state_bytes_per_token` per token of its context)."""
         return sum(s.row_nbytes for s in self.specs)
+
+    @property
+    def state_bytes_per_token(self) -> int:
+        """What one row's state grows by per token (0 unless full-attention layers keep KV caches)."""
+        return int(self.metadata.state_bytes_per_token or 0)
+
+    @property
+    def kv_length(self) -> int:
+        """The length of the full-attention KV caches (the longest row's context; 0 without them)."""
+        return self._kv[self._grow[0].name].shape[2] if self._grow else 0
 
     # -- buffers ---------------------------------------------------------------------------------------
 
@@ -232,6 +280,7 @@ class StatefulDecoder(GenerationMixin):
             pool["ids_host"].zero_()
             # the batch's rows are the first B of the pool's (contiguous views: prefill binds them too)
             self._states = [{name: t[:B] for name, t in st.items()} for st in pool["states"]]
+            self._kv = {s.name: torch.zeros((B, *s.shape), dtype=s.dtype, device=self.device) for s in self._grow}
             self._cur = 0
             self._ids_host, self._ids_dev = pool["ids_host"], pool["ids_dev"]
             self._logits_dev, self._logits_host = pool["logits_dev"], pool["logits_host"]
@@ -249,17 +298,18 @@ class StatefulDecoder(GenerationMixin):
             return self._pools[rows]
         dev = self.device
         pin = dev.type == "cuda"
-        states = [{s.name: torch.zeros((rows, *s.shape), dtype=s.dtype, device=dev) for s in self.specs}
+        states = [{s.name: torch.zeros((rows, *s.shape), dtype=s.dtype, device=dev) for s in self._fixed}
                   for _ in range(2)]
         ids, V = self._id_dtypes["step"], self.vocab_size
         ids_host = torch.zeros((rows, 1), dtype=ids, pin_memory=pin)
         ids_dev = ids_host if not pin else torch.zeros((rows, 1), dtype=ids, device=dev)
         logits_dev = torch.zeros((rows, 1, V), dtype=torch.float32, device=dev)
         logits_host = logits_dev if not pin else torch.zeros((rows, 1, V), pin_memory=True)
-        handles = [
+        # growing KV caches change size every call: such a step binds its buffers each time (run)
+        handles = None if self._grow else [
             self._runtime.bind_step(
                 {"input_ids": ids_dev, **states[p]},
-                {"logits": logits_dev, **{s.output: states[1 - p][s.name] for s in self.specs}},
+                {"logits": logits_dev, **{s.output: states[1 - p][s.name] for s in self._fixed}},
             )
             for p in (0, 1)
         ]
@@ -297,7 +347,7 @@ class StatefulDecoder(GenerationMixin):
         with self._lock:
             self._version += 1
             cur = self._states[self._cur]
-            for t in cur.values():
+            for t in (*cur.values(), *self._kv.values()):
                 if len(rows) == self.batch_size:
                     t.zero_()
                 else:
@@ -305,7 +355,32 @@ class StatefulDecoder(GenerationMixin):
                         t[r].zero_()
             for r in rows:
                 self._consumed[r] = 0
+            self._trim_kv()
             self._runtime.sync()
+
+    # -- growing KV caches (hybrids' full-attention layers) ----------------------------------------------
+    #
+    # Every row's cache is right-aligned: its last ``position`` slots hold its keys and values, the
+    # slots before are zeros the graphs mask out (by the position state). Rows share one length,
+    # the longest row's; a shorter row is zero-extended on the left.
+
+    def _grow_kv(self, length: int) -> None:
+        """Zero-extend every row's cache on the left to ``length`` slots."""
+        for name, t in self._kv.items():
+            L = t.shape[2]
+            if length > L:
+                new = torch.zeros((t.shape[0], t.shape[1], length, t.shape[3]), dtype=t.dtype, device=t.device)
+                new[:, :, length - L:] = t
+                self._kv[name] = new
+
+    def _trim_kv(self) -> None:
+        """Drop the leading slots no row uses (after a reset or restore shortened the longest row)."""
+        if not self._grow:
+            return
+        longest = int(self._states[self._cur][self._pos_name].max()) if self.batch_size else 0
+        for name, t in self._kv.items():
+            if longest < t.shape[2]:
+                self._kv[name] = t[:, :, t.shape[2] - longest:].contiguous()
 
     def consumed(self, row: int) -> int:
         """Tokens fed to ``row`` since it was reset or restored (plus the restored state's count)."""
@@ -320,7 +395,12 @@ class StatefulDecoder(GenerationMixin):
         (row,) = self._rows([row])
         with self._lock:
             cur = self._states[self._cur]
-            tensors = {s.name: cur[s.name][row:row + 1].to(device or self.device, copy=True) for s in self.specs}
+            tensors = {s.name: cur[s.name][row:row + 1].to(device or self.device, copy=True) for s in self._fixed}
+            if self._grow:  # the row's own keys and values: the last `position` slots
+                n = int(cur[self._pos_name][row])
+                for s in self._grow:
+                    t = self._kv[s.name]
+                    tensors[s.name] = t[row:row + 1, :, t.shape[2] - n:].to(device or self.device, copy=True).contiguous()
         if isinstance(sampler, Sampler):
             sampler = sampler.state_dict()
         return ConversationState(self.identity, tensors, pending_token, self._consumed[row], generated, sampler,
@@ -336,17 +416,34 @@ class StatefulDecoder(GenerationMixin):
             t = state.tensors.get(s.name)
             if t is None:
                 raise StateFileError(f"the conversation state has no tensor {s.name}")
-            if tuple(t.shape) != (1, *s.shape) or t.dtype != s.dtype:
-                raise StateFileError(
-                    f"state tensor {s.name} is {t.dtype} {list(t.shape)}, expected {s.dtype} {[1, *s.shape]}")
+            want = (1, *s.shape)
+            got = tuple(t.shape)
+            if s.grows and len(got) == 4:  # any length along the growing axis
+                got = (*got[:2], 0, got[3])
+            if got != want or t.dtype != s.dtype:
+                shown = [1, s.shape[0], "context", s.shape[2]] if s.grows else list(want)
+                raise StateFileError(f"state tensor {s.name} is {t.dtype} {list(t.shape)}, expected {s.dtype} {shown}")
+        n_real = int(state.tensors[self._pos_name][0]) if self._grow else 0
+        short = [s.name for s in self._grow if state.tensors[s.name].shape[2] < n_real]
+        if n_real < 0 or short:
+            raise StateFileError(f"the conversation state's KV caches {short[:2]} hold fewer slots than its position "
+                                 f"({n_real}): the state is damaged")
         if set(state.tensors) != {s.name for s in self.specs}:
             extra = sorted(set(state.tensors) - {s.name for s in self.specs})
             raise StateFileError(f"the conversation state has tensors this export does not: {extra}")
         with self._lock:
             self._version += 1
             cur = self._states[self._cur]
-            for s in self.specs:
+            for s in self._fixed:
                 cur[s.name][row].copy_(state.tensors[s.name][0])
+            if self._grow:
+                self._grow_kv(n_real)
+                for s in self._grow:
+                    t, src = self._kv[s.name], state.tensors[s.name]
+                    t[row].zero_()
+                    if n_real:
+                        t[row, :, t.shape[2] - n_real:].copy_(src[0, :, src.shape[2] - n_real:])
+                self._trim_kv()
             self._consumed[row] = state.consumed
             self._runtime.sync()
 
@@ -381,11 +478,31 @@ class StatefulDecoder(GenerationMixin):
         self._check_ids(ids, "tokens")
         if self._ids_dev is not self._ids_host:
             self._ids_dev.copy_(self._ids_host)
-        self._runtime.run_step(self._step_handles[self._cur])
+        if self._grow:
+            self._run_growing_step()
+        else:
+            self._runtime.run_step(self._step_handles[self._cur])
         self._cur ^= 1
         for r in range(self.batch_size):
             self._consumed[r] += 1
         return self._logits_dev[:self.batch_size, 0, :]
+
+    def _run_growing_step(self) -> None:
+        """One step of a hybrid with full-attention layers: the caches come out one slot longer, so
+        the buffers are bound for this call (the double-buffered states as for any step)."""
+        B = self.batch_size
+        cur, other = self._states[self._cur], self._states[1 - self._cur]
+        out_kv = {s.name: self._new_kv(s, B, self.kv_length + 1) for s in self._grow}
+        self._runtime.run(
+            "step",
+            {"input_ids": self._ids_dev[:B], **cur, **self._kv},
+            {"logits": self._logits_dev[:B], **{s.output: other[s.name] for s in self._fixed},
+             **{s.output: out_kv[s.name] for s in self._grow}},
+        )
+        self._kv = out_kv
+
+    def _new_kv(self, s: StateSpec, rows: int, length: int) -> torch.Tensor:
+        return torch.empty((rows, s.shape[0], length, s.shape[2]), dtype=s.dtype, device=self.device)
 
     def prefill(self, token_lists: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> np.ndarray:
         """Feed a prompt to each of ``rows`` (default: every row, one list per row), continuing from
@@ -426,10 +543,12 @@ class StatefulDecoder(GenerationMixin):
         cur = self._states[self._cur]
         if full:
             bufs = [cur, self._states[1 - self._cur]]
+            kv = dict(self._kv)
         else:
             idx = torch.tensor(rows, dtype=torch.long, device=dev)
             src = {name: t.index_select(0, idx) for name, t in cur.items()}
             bufs = [src, {name: torch.empty_like(t) for name, t in src.items()}]
+            kv = {name: t.index_select(0, idx) for name, t in self._kv.items()}
         single = L == 1  # one token per row: the step graph, exactly what uninterrupted decoding runs
         ids = np.zeros((n, L), dtype=np.int64)
         mask = np.zeros((n, L), dtype=np.int64)
@@ -449,16 +568,25 @@ class StatefulDecoder(GenerationMixin):
                 raise UsageError(
                     "this export's prefill graph has no attention_mask: prompts of one batch must have equal lengths")
             feeds.update(bufs[p])
+            feeds.update(kv)
             logits = torch.empty((n, stop - start, self.vocab_size), dtype=torch.float32, device=dev)
-            outputs = {"logits": logits, **{s.output: bufs[1 - p][s.name] for s in self.specs}}
+            kv_out = {s.name: self._new_kv(s, n, kv[s.name].shape[2] + stop - start) for s in self._grow}
+            outputs = {"logits": logits, **{s.output: bufs[1 - p][s.name] for s in self._fixed},
+                       **{s.output: kv_out[s.name] for s in self._grow}}
             eng.run(graph, feeds, outputs)
+            kv = kv_out
             p ^= 1
         if full:
             if p == 1:
                 self._cur ^= 1
+            self._kv = kv
         else:
             for name, t in cur.items():
                 t.index_copy_(0, idx, bufs[p][name])
+            if kv:  # the other rows' caches zero-extended on the left to the new length
+                self._grow_kv(next(iter(kv.values())).shape[2])
+                for name, t in kv.items():
+                    self._kv[name].index_copy_(0, idx, t)
             eng.sync()
         for r, t in zip(rows, lists, strict=True):
             self._consumed[r] += len(t)

@@ -55,7 +55,8 @@ STATE_FORMAT_VERSION = 1
 _PREAMBLE = struct.Struct("<8sIIQ")
 _DIGEST = 32
 _ALIGN = 64
-DTYPES = {name: torch_dtype(name) for name in FLOAT_NAMES}  # the state types a state file may hold
+# the state types a state file may hold; int64: a hybrid model's position (real tokens seen)
+DTYPES = {name: torch_dtype(name) for name in (*FLOAT_NAMES, "int64")}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # weights files up to this size are hashed whole; larger ones by size and sampled blocks
 FULL_HASH_LIMIT = 256 * 2**20

@@ -307,6 +307,8 @@ def _ranges(meta: ExportMetadata, max_batch: int | None, max_seq: int | None, op
         if not 1 <= lo <= opt <= hi:
             raise UsageError(f"{name} range must satisfy 1 <= min <= opt <= max, got min={lo} opt={opt} max={hi}")
         out[name] = (lo, opt, hi)
+    # hybrids: a full-attention layer's KV cache, empty at the start of a context
+    out["past_sequence"] = (0, out["sequence"][1], out["sequence"][2])
     return out
 
 

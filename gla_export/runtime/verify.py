@@ -168,12 +168,9 @@ class GraphModule(torch.nn.Module):
         self.layers = meta.model.num_layers
 
     def forward(self, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from ..models.modeling import LayerState
+        from ..models.modeling import layer_states, state_tensor
 
-        by_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(self.layers)]
-        for st in self.states:
-            by_layer[st.layer][st.kind] = feeds[st.input]
-        states = [LayerState(d["recurrent_state"], d.get("conv_state")) for d in by_layer]
+        states = layer_states(self.layers, [(st.layer, st.kind, feeds[st.input]) for st in self.states])
         # the plain PyTorch form of the op (as the export's own validation): no Triton kernel, and so
         # no TF32 products on a GPU, in the reference
         out = self.model(
@@ -181,8 +178,7 @@ class GraphModule(torch.nn.Module):
         )
         present = {}
         for st in self.states:
-            layer = out.states[st.layer]
-            present[st.output] = layer.recurrent if st.kind == "recurrent_state" else layer.conv
+            present[st.output] = state_tensor(out.states, st.layer, st.kind)
         return tuple(out.logits.float() if name == "logits" else present[name] for name in self.output_names)
 
 
@@ -305,7 +301,7 @@ class _Inputs:
 
 @torch.no_grad()
 def _make_inputs(model, meta: ExportMetadata, batch: int, prompt_len: int, steps: int, seed: int, device) -> _Inputs:
-    from ..models.modeling import LayerState
+    from ..models.modeling import LayerState, state_tensor
 
     gen = torch.Generator().manual_seed(seed)
     vocab = meta.model.vocab_size
@@ -318,8 +314,7 @@ def _make_inputs(model, meta: ExportMetadata, batch: int, prompt_len: int, steps
         if has_mask and ids.shape[1] > 1:
             f["attention_mask"] = np.ones(tuple(ids.shape), dtype=np.int64)
         for st in states_meta:
-            layer = states[st.layer]
-            f[st.input] = _to_numpy(layer.recurrent if st.kind == "recurrent_state" else layer.conv)
+            f[st.input] = _to_numpy(state_tensor(states, st.layer, st.kind))
         return f
 
     def run(ids, states):

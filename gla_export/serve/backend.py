@@ -77,6 +77,12 @@ class Graphs:
         meta = self.metadata
         self.backend = backend
         self.vocab_size = int(meta["model"]["vocab_size"])
+        growing = [s.input for s in meta.states if s.grows]
+        if growing:  # a hybrid's full-attention KV cache: the slots have fixed sizes
+            raise ModelError(
+                f"gla-export serve keeps each conversation in a fixed-size state slot, and this hybrid export's "
+                f"full-attention KV caches ({growing[0]}, ...) grow with the context: serve hybrids whose attention "
+                "layers are all windowed, or decode this one with `gla-export generate`")
         self.specs = [StateSpec(s["input"], s["output"], tuple(int(d) for d in s["shape"][1:]), _TORCH[s["dtype"]])
                       for s in meta["states"]]
         self.state_nbytes = sum(s.nbytes for s in self.specs)

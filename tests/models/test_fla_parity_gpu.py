@@ -74,3 +74,35 @@ def test_bf16_logits_match_fla(name):
     e_ours, e_fla = rel_err(got_ours, ref), rel_err(got_fla, ref)
     print(f"\nPARITY bf16 {name}: ours vs float64 {e_ours:.2e}, fla vs float64 {e_fla:.2e}")
     assert e_ours < 5e-2 and e_fla < 5e-2
+
+
+HYBRID_CONFIGS = {
+    "hybrid-full-and-window": dict(vocab_size=300, hidden_size=256, num_hidden_layers=4, num_heads=4, use_short_conv=True,
+                                   attn=[dict(layers=[1], num_heads=8, num_kv_heads=2, qkv_bias=True),
+                                         dict(layers=[3], num_heads=4, window_size=64)]),
+}
+
+
+@pytest.mark.parametrize("name", HYBRID_CONFIGS)
+@pytest.mark.parametrize("T", [64, 300])
+def test_hybrid_logits_match_fla_forward(name, T):
+    """Hybrid (softmax-attention layers): fla's Attention runs flash-attn, which takes only fp16/bf16,
+    so fla runs in bf16 and both are measured against our model in float64 on the CPU."""
+    pytest.importorskip("flash_attn", reason="fla's Attention layer needs flash-attn")
+    kwargs = HYBRID_CONFIGS[name]
+    fla_model = _fla_model(kwargs)
+    ours = GLAForCausalLM(GLAConfig(**kwargs))
+    with torch.no_grad():
+        for layer in ours.model.layers:
+            if hasattr(layer.attn, "gk_proj"):
+                layer.attn.gk_proj[1].bias.uniform_(-2.0, 4.0)
+    fla_model.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, kwargs["vocab_size"], (2, T))
+    with torch.no_grad():
+        ref = ours.double().eval()(ids, gla_backend="chunk").logits
+        got_ours = ours.float().cuda().eval()(ids.cuda()).logits
+        got_fla = fla_model.bfloat16().cuda().eval()(ids.cuda()).logits.float()
+    e_ours, e_fla = rel_err(got_ours, ref), rel_err(got_fla, ref)
+    print(f"\nPARITY {name} T={T}: ours (fp32) vs float64 {e_ours:.2e}, fla (bf16) vs float64 {e_fla:.2e}")
+    assert e_ours < 1e-4, e_ours
+    assert e_fla < 5e-2, e_fla  # bf16 activations over a whole model
