@@ -50,15 +50,19 @@ MS_DOMAIN = "com.microsoft"
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1] / "assets" / "sample-model" / "calibration.txt"
 
 # validation of a quantized export compares its graphs with the PyTorch model whose quantized weights
-# are replaced by their dequantized values: what remains is the kernels' arithmetic. MatMulNBits with
-# accuracy_level 4 quantizes the activations to int8 per block on the CPU (its int8 dot kernels).
-# (atol, rtol) per format and accuracy level, measured on the sample model and on random models (tests/quant).
-# ONNX Runtime's CPU optimizer fuses DequantizeLinear→MatMul into MatMulNBits with its session default
-# accuracy level 4 (session.qdq_matmulnbits_accuracy_level), so the qdq form runs there as accuracy 4 does.
+# are replaced by their dequantized values: what remains is the kernels' arithmetic. With float
+# activations (accuracy_level 0) that is float rounding, and the check is tight: it proves the packing
+# and the wiring. With accuracy_level 4, MatMulNBits on the CPU quantizes the activations to int8 per
+# block for its dot products; on the sample model that moves single logits by up to ~8 (of ~20) at
+# the most sensitive positions although bits per byte moves by < 0.1 % (docs/benchmarks.md), so its
+# max-error check is loose and the quality report (quality.py) is the measure. ONNX Runtime's CPU
+# optimizer fuses DequantizeLinear→MatMul into MatMulNBits with its session default accuracy level 4
+# (session.qdq_matmulnbits_accuracy_level), so the qdq form runs there as accuracy 4 does; TensorRT
+# runs it weight-only. (atol, rtol) per format and accuracy level, measured in tests/quant.
 TOLERANCES: dict[str, tuple[float, float]] = {
     "matmulnbits": (2e-3, 2e-3),
-    "matmulnbits-accuracy4": (5e-1, 1e-1),
-    "qdq": (5e-1, 1e-1),
+    "matmulnbits-accuracy4": (2.0, 0.5),
+    "qdq": (2.0, 0.5),
 }
 
 
@@ -81,9 +85,9 @@ class QuantConfig:
     quantize_gate: bool = False
     quantize_lm_head: bool = True
     quantize_embedding: bool = True
-    accuracy_level: int = 0
+    accuracy_level: int = 4
     calibration: str | None = None
-    calibration_tokens: int = 8192
+    calibration_tokens: int = 4096
     gptq_damp: float = 0.01
 
     @property
@@ -111,6 +115,8 @@ class QuantConfig:
                 raise UsageError("hqq's float zero points do not fit DequantizeLinear (integer zero points): use rtn or gptq with --quant-format qdq")
             if self.block_size is None:
                 raise UsageError("hqq needs a block size")
+            if self.bits != 4:
+                raise UsageError("hqq is for int4 (ONNX Runtime's CPU MatMulNBits takes float zero points only with 4 bits)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy level must be 0..4, got {self.accuracy_level!r}")
         if self.calibration is not None and not Path(self.calibration).is_file():
