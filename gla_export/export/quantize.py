@@ -720,6 +720,7 @@ def quantize_export(model: GLAForCausalLM, table: WeightTable, builders: dict[st
                       + ([] if cfg.quantize_gate else ["gate low-rank projections"]),
         "tensors": len(tensors),
         "quantized_parameters": int(sum(qt.codes.size for qt in tensors.values())),
+        "config": asdict(cfg),  # everything needed to quantize again (dequantized_reference)
         "tolerances": {k: {"atol": a, "rtol": r} for k, (a, r) in TOLERANCES.items()},
         "validation_tolerance": {"atol": atol, "rtol": rtol},
     }
@@ -820,3 +821,25 @@ def opset_imports(b: GraphBuilder) -> list[onnx.OperatorSetIdProto]:
 
 def config_dict(cfg: QuantConfig) -> dict[str, Any]:
     return asdict(cfg)
+
+
+def dequantized_reference(model: GLAForCausalLM, meta: dict[str, Any]) -> GLAForCausalLM:
+    """For ``verify``: the float model of a quantized export with its quantized weights replaced by
+    their dequantized values (quantized again from the metadata's config: every method here is
+    deterministic), in the model's dtype. ``model`` itself when the export is not quantized."""
+    q = meta.get("quantization")
+    if not q:
+        return model
+    from .model_graph import GraphSpec, build_graph, register_weights
+
+    cfg = QuantConfig(**q["config"])
+    act = {"float32": torch.float32, "float16": torch.float16}[meta["dtype"]]
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    cpu = copy.deepcopy(model).to("cpu").float()
+    spec = GraphSpec(cpu.config, torch.float32, torch.float32, "custom", False)
+    table = WeightTable("weights")
+    register_weights(cpu, table)
+    builders = {"step": build_graph(spec, table, "step")}
+    quantized = quantize_export(cpu, table, builders, cfg, act)
+    return quantized.reference_model(cpu).to(device=device, dtype=dtype).eval()
