@@ -60,7 +60,7 @@ def main() -> None:
                 continue
             out = Path(tmp) / name.replace(" ", "_")
             t = time.perf_counter()
-            export_model(None, out, weights=QuantConfig(**opts), progress=False, validate=True)
+            export_model(None, out, weights=QuantConfig(**opts), progress=False, validate=False)
             secs = time.perf_counter() - t
             r = compare(out, ref, text, greedy=args.greedy)
             size = (out / "weights.onnx.data").stat().st_size

@@ -234,20 +234,24 @@ def _rtn_positive(w: np.ndarray, bits: int, block_size: int | None, symmetric: b
                    None if symmetric else zero.reshape(n, kb).numpy().astype(np.uint8), bits, bs, per_channel, "rtn")
 
 
-def quantize_rtn(w: np.ndarray, bits: int, block_size: int | None, symmetric: bool, positive_scales: bool = False) -> QTensor:
+def quantize_rtn(w: np.ndarray | None, bits: int, block_size: int | None, symmetric: bool, positive_scales: bool = False,
+                 w_kn: np.ndarray | None = None) -> QTensor:
     """Round to nearest (``w``: ``[N, K]``) with ONNX Runtime's C++ block quantizer. Its symmetric
     scales are signed (the larger-magnitude end of each block maps to −2^(b−1)); TensorRT takes
     only positive scales, so ``positive_scales`` (and per-row scales, past its 256-wide blocks)
-    use :func:`_rtn_positive`."""
+    use :func:`_rtn_positive`. ``w_kn``: the same weight given as ``[K, N]`` (contiguous) instead of ``w``."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-    n, k = w.shape
+    if w is None:
+        k, n = w_kn.shape
+    else:
+        n, k = w.shape
     per_channel = block_size is None
     if per_channel or (symmetric and positive_scales):
         return _rtn_positive(w, bits, block_size, symmetric)
     bs = block_size
     kb = (k + bs - 1) // bs
-    wt = np.ascontiguousarray(w.T, dtype=np.float32)  # [K, N], as MatMul reads it
+    wt = w_kn if w_kn is not None else np.ascontiguousarray(w.T, dtype=np.float32)  # [K, N], as MatMul reads it
     pad = kb * bs - k
     if pad:
         wt = np.pad(wt, ((0, pad), (0, 0)))
@@ -632,19 +636,27 @@ def quantize_export(model: GLAForCausalLM, table: WeightTable, builders: dict[st
                             "tokens": sum(len(s) for s in seqs)}
 
     tensors: dict[str, QTensor] = {}
+    gate_columns: dict[str, torch.Tensor] = {}
     for name, role in targets.items():
-        w = table.weights[name].produce().detach().float()
-        w_nk = w if name in ("model.embeddings.weight", "lm_head.weight") else w.t()  # MatMul weights are stored [K, N]
+        stored = table.weights[name].produce().detach()
         if name in split_gate:
-            w_nk = w_nk[: w_nk.shape[0] - split_gate[name]]
-        w_np = np.ascontiguousarray(w_nk.numpy(), dtype=np.float32)
-        hess = hessians.get(name)
-        if cfg.method == "gptq" and hess is not None:
-            tensors[name] = quantize_gptq(w_np, hess, cfg.bits, cfg.block_size, cfg.symmetric, cfg.gptq_damp)
-        elif cfg.method == "hqq" and role not in ("embedding", "embedding+lm_head"):
-            tensors[name] = quantize_hqq(w_np, cfg.bits, cfg.block_size)
-        else:  # rtn; also the embedding table under hqq (GatherBlockQuantized takes integer zero points only)
-            tensors[name] = quantize_rtn(w_np, cfg.bits, cfg.block_size, cfg.symmetric, positive_scales=cfg.format == "qdq")
+            gate_columns[name] = stored[:, stored.shape[1] - split_gate[name]:].contiguous()
+            stored = stored[:, : stored.shape[1] - split_gate[name]]
+        is_kn = name not in ("model.embeddings.weight", "lm_head.weight")  # MatMul weights are stored [K, N]
+        rtn = cfg.method == "rtn" or (cfg.method == "gptq" and name not in hessians) or (
+            cfg.method == "hqq" and role in ("embedding", "embedding+lm_head"))  # GatherBlockQuantized: integer zero points
+        if rtn and is_kn and not (cfg.block_size is None or (cfg.symmetric and cfg.format == "qdq")):
+            # ORT's kernel reads [K, N]: hand it the stored layout (no transposes of large matrices)
+            tensors[name] = quantize_rtn(None, cfg.bits, cfg.block_size, cfg.symmetric, w_kn=stored.float().contiguous().numpy())
+        else:
+            w_np = np.ascontiguousarray((stored.t() if is_kn else stored).float().numpy())
+            if rtn:
+                tensors[name] = quantize_rtn(w_np, cfg.bits, cfg.block_size, cfg.symmetric, positive_scales=cfg.format == "qdq")
+            elif cfg.method == "gptq":
+                tensors[name] = quantize_gptq(w_np, hessians[name], cfg.bits, cfg.block_size, cfg.symmetric, cfg.gptq_damp)
+            else:
+                tensors[name] = quantize_hqq(w_np, cfg.bits, cfg.block_size)
+        del stored
         if progress is not None:
             progress(1)
 
@@ -666,9 +678,7 @@ def quantize_export(model: GLAForCausalLM, table: WeightTable, builders: dict[st
         if entry.get("gather") is False or entry.get("gemm") is False:
             new.weights[name] = wt  # a tied table quantized for one of its two uses keeps its float copy for the other
         if name in split_gate:
-            r = split_gate[name]
-            full = wt.produce().detach()
-            gate = full[:, full.shape[1] - r:].contiguous()
+            gate = gate_columns.pop(name)
             entry["float_tail"] = new.add(f"{base}.gate_columns.weight", tuple(gate.shape), gate.dtype, lambda g=gate: g)
         if cfg.format == "matmulnbits":
             arrs = matmulnbits_arrays(qt, np_act)
@@ -843,3 +853,37 @@ def dequantized_reference(model: GLAForCausalLM, meta: dict[str, Any]) -> GLAFor
     builders = {"step": build_graph(spec, table, "step")}
     quantized = quantize_export(cpu, table, builders, cfg, act)
     return quantized.reference_model(cpu).to(device=device, dtype=dtype).eval()
+
+
+def estimate_weights_bytes(model_config, cfg: QuantConfig | None, act_bytes: int = 2) -> dict[str, int]:
+    """The weights file of an export, without writing it (alignment padding aside):
+    ``{"total": ..., "embedding": ...}`` in bytes; ``cfg`` None for the float export.
+    The model is built on the meta device, so any size costs nothing."""
+    from ..models.modeling import GLAForCausalLM
+
+    with torch.device("meta"):
+        model = GLAForCausalLM(model_config)
+    table = WeightTable("weights")
+    from .model_graph import register_weights
+
+    register_weights(model, table)
+    targets = _targets(model, table, cfg) if cfg is not None else {}
+    total = emb = 0
+    for name, w in table.weights.items():
+        numel = int(np.prod(w.shape))
+        if name not in targets:
+            nbytes = numel * act_bytes
+        else:
+            n, k = (w.shape if name in ("model.embeddings.weight", "lm_head.weight") else w.shape[::-1])
+            if not cfg.quantize_gate and name.endswith("attn.in_proj.weight"):
+                r = model_config.gate_low_rank_dim
+                n -= r
+                total += k * r * act_bytes  # the gate's columns stay float
+            kb = 1 if cfg.block_size is None else -(-k // cfg.block_size)
+            nbytes = n * k * cfg.bits // 8 + n * kb * act_bytes
+            if not cfg.symmetric:
+                nbytes += n * kb * cfg.bits // 8
+        total += nbytes
+        if name == "model.embeddings.weight":
+            emb = nbytes
+    return {"total": total, "embedding": emb}
