@@ -272,7 +272,12 @@ def quantize_rtn(w: np.ndarray | None, bits: int, block_size: int | None, symmet
 
 def quantize_hqq(w: np.ndarray, bits: int, block_size: int) -> QTensor:
     """Half-quadratic quantization (ONNX Runtime's implementation): float zero point per block."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+    except ImportError as e:
+        from ..errors import MissingRuntimeError
+
+        raise MissingRuntimeError(f"--quant-method hqq needs ONNX Runtime's quantization tools ({e}): pip install 'gla-export[quant]'") from e
 
     q = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
     n, k = w.shape
@@ -286,9 +291,10 @@ def quantize_hqq(w: np.ndarray, bits: int, block_size: int) -> QTensor:
 def _grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and (integer) zero point per row of ``w`` ``[N, g]``, min/max style (0 inside the range)."""
     maxq = (1 << bits) - 1
-    if symmetric:  # ±amax on ±(2^(b−1) − 1): positive scales (TensorRT), the code −2^(b−1) unused
+    if symmetric:  # 2·amax over all 2^b − 1 steps (GPTQ's rule): positive scales (TensorRT), every code used;
+        # +amax rounds to the top code, half a step below it
         amax = w.abs().amax(1).clamp_min(1e-12)
-        scale = amax / ((1 << (bits - 1)) - 1)
+        scale = 2 * amax / maxq
         zero = torch.full_like(scale, float(1 << (bits - 1)))
         return scale, zero
     lo = w.amin(1).clamp_max(0)
