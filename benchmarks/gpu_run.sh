@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_run.sh tests   # every gpu-marked test + compute-sanitizer on the kernels
 #   bash benchmarks/gpu_run.sh bench   # kernels, Triton, ONNX Runtime and end-to-end benchmarks
 #   bash benchmarks/gpu_run.sh e2e     # verify + gla-export bench on the sample model
+#   bash benchmarks/gpu_run.sh quant   # fp16 vs int8 vs int4 exports of the 1.3B shape on ORT CUDA (< 6 min)
 #   bash benchmarks/gpu_run.sh fetch   # copy the trained sample model into $OUT
 #
 # Needs: the staged wheels installed into /tmp/site (onnxruntime-gpu, polygraphy, fla; see
@@ -109,8 +110,17 @@ e2e)
     > "$OUT/bench_e2e.log" 2>&1 || status=1
   for f in verify bench_e2e; do echo; echo "---- $f"; tail -40 "$OUT/$f.log"; done
   ;;
+quant)
+  note "quantized weights: fp16 vs int8 vs int4 (1.3B shape, random weights, ORT CUDA; exports included, budget 270 s)"
+  timeout ${T_QUANT:-330} python3 benchmarks/bench_quant_gpu.py --size ${QUANT_SIZE:-1.3B} --budget ${QUANT_BUDGET:-270} \
+    > "$OUT/bench_quant.log" 2>&1 || status=1
+  note "quantized sample model: export int4, verify on ort-cuda (logits vs the dequantized model, quality vs float)"
+  python3 -c "from gla_export.cli import main; main()" export -o /tmp/sample-int4 --weights int4 --force -q > "$OUT/export_int4.log" 2>&1 || status=1
+  timeout ${T_VERIFY:-90} python3 -c "from gla_export.cli import main; main()" verify /tmp/sample-int4 > "$OUT/verify_int4.log" 2>&1 || status=1
+  for f in bench_quant verify_int4; do echo; echo "---- $f"; tail -30 "$OUT/$f.log"; done
+  ;;
 *)
-  echo "usage: $0 train|tests|bench|e2e|fetch" >&2
+  echo "usage: $0 train|tests|bench|e2e|quant|fetch" >&2
   exit 2
   ;;
 esac

@@ -162,8 +162,12 @@ def compare(
     prompt: str = README_PROMPT,
     greedy: int = 512,
     max_bytes: int | None = None,
+    cache: dict | None = None,
 ) -> QualityReport:
-    """An export (typically quantized) against ``reference``: a float export directory or the model."""
+    """An export (typically quantized) against ``reference``: a float export directory or the model.
+    ``cache``: a dict kept between calls with the same reference, text and prompt (its results are
+    computed once)."""
+    cache = {} if cache is None else cache
     export_dir = Path(export_dir)
     lm = _ExportLM(export_dir)
     meta = lm.meta
@@ -172,13 +176,17 @@ def compare(
     ids = _ids(meta, export_dir, text)
     n_bytes = len(text.encode("utf-8"))
     got = lm.logits(ids)
-    ref_lm = _TorchLM(reference) if isinstance(reference, GLAForCausalLM) else _ExportLM(reference)
-    ref = ref_lm.logits(ids)
+    if "logits" not in cache:
+        ref_lm = _TorchLM(reference) if isinstance(reference, GLAForCausalLM) else _ExportLM(reference)
+        cache["logits"] = ref_lm.logits(ids)
+    ref = cache["logits"]
     diff = got.astype(np.float64) - ref
     prompt_ids = _ids(meta, export_dir, prompt)
     toks = greedy_tokens(export_dir, prompt_ids, greedy)
-    ref_toks = greedy_tokens(None if isinstance(reference, GLAForCausalLM) else reference, prompt_ids, greedy,
-                             model=reference if isinstance(reference, GLAForCausalLM) else None)
+    if "tokens" not in cache:
+        cache["tokens"] = greedy_tokens(None if isinstance(reference, GLAForCausalLM) else reference, prompt_ids, greedy,
+                                        model=reference if isinstance(reference, GLAForCausalLM) else None)
+    ref_toks = cache["tokens"]
     lead = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), len(toks))
     return QualityReport(
         text_bytes=n_bytes,
