@@ -37,6 +37,7 @@ def trt():
 
 
 @pytest.mark.tensorrt
+@pytest.mark.slow
 @pytest.mark.parametrize("id_,cfg,dtype", CASES, ids=[c[0] for c in CASES])
 def test_qdq_export_builds_tensorrt_engines(id_, cfg, dtype, trt, tmp_path):
     module, plugin = trt
