@@ -15,8 +15,9 @@ from gla_export.export.quantize import QuantConfig
 from gla_export.models import GLAForCausalLM, recommended_config
 from gla_export.runtime.tensorrt import ENGINE_FILES, build_engines
 
-CASES = [
+CASES = [  # the tiny random model (untied head); "sample": the sample model, whose tied table feeds Gather and Gemm
     ("int4-b32-fp32", QuantConfig(weights="int4", format="qdq"), "fp32"),
+    ("sample-int4-b32-fp16-tied", QuantConfig(weights="int4", format="qdq"), "fp16"),
     ("int8-b64-fp16", QuantConfig(weights="int8", block_size=64, format="qdq"), "fp16"),
     ("int8-per-channel-fp32", QuantConfig(weights="int8", block_size=None, format="qdq"), "fp32"),
 ]
@@ -42,7 +43,7 @@ def trt():
 def test_qdq_export_builds_tensorrt_engines(id_, cfg, dtype, trt, tmp_path):
     module, plugin = trt
     torch.manual_seed(0)
-    model = GLAForCausalLM(recommended_config("tiny"))
+    model = None if id_.startswith("sample") else GLAForCausalLM(recommended_config("tiny"))
     res = export_model(model, tmp_path / id_, weights=cfg, dtype=dtype, max_batch=4, max_seq_len=64, progress=False)
     assert res.validation.passed
     built = build_engines(res.out_dir, runtime=module, plugin=plugin, max_seq=32)
