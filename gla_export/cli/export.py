@@ -58,9 +58,8 @@ def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq
     failures exit with code 4 and write nothing.
     """
     from ..export import ExportValidationError, export_model
-    from . import console
-
     from ..export.quantize import quant_config
+    from . import console
 
     err = console(stderr=True)
     try:
