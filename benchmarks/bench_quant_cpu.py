@@ -26,9 +26,9 @@ from gla_export.runtime.decoder import StatefulDecoder
 
 VARIANTS = {
     "fp32": "fp",
-    "int8 b32": QuantConfig(weights="int8", block_size=32),
+    "int8 b32": QuantConfig(weights="int8", block_size=32, accuracy_level=0),
     "int8 b32 acc4": QuantConfig(weights="int8", block_size=32, accuracy_level=4),
-    "int4 b32": QuantConfig(weights="int4", block_size=32),
+    "int4 b32": QuantConfig(weights="int4", block_size=32, accuracy_level=0),
     "int4 b32 acc4": QuantConfig(weights="int4", block_size=32, accuracy_level=4),
 }
 
