@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_run.sh bench   # kernels, Triton, ONNX Runtime and end-to-end benchmarks
 #   bash benchmarks/gpu_run.sh e2e     # verify + gla-export bench on the sample model
 #   bash benchmarks/gpu_run.sh decode  # captured decode: its gpu tests, then bench_decode_gpu.py (issue 12)
+#   bash benchmarks/gpu_run.sh quant   # fp16 vs int8 vs int4 exports of the 1.3B shape on ORT CUDA (< 6 min)
 #   bash benchmarks/gpu_run.sh fetch   # copy the trained sample model into $OUT
 #
 # Needs: the staged wheels installed into /tmp/site (onnxruntime-gpu, polygraphy, fla; see
@@ -121,8 +122,17 @@ decode)
   timeout ${T_DECODE_BENCH:-290} python3 benchmarks/bench_decode_gpu.py --out "$OUT" > "$OUT/bench_decode.log" 2>&1 || status=1
   tail -40 "$OUT/bench_decode.log"
   ;;
+quant)
+  note "quantized weights: fp16 vs int8 vs int4 (1.3B shape, random weights, ORT CUDA; exports included, budget 270 s)"
+  timeout ${T_QUANT:-330} python3 benchmarks/bench_quant_gpu.py --size ${QUANT_SIZE:-1.3B} --budget ${QUANT_BUDGET:-270} \
+    > "$OUT/bench_quant.log" 2>&1 || status=1
+  note "quantized sample model: export int4, verify on ort-cuda (logits vs the dequantized model, quality vs float)"
+  python3 -c "from gla_export.cli import main; main()" export -o /tmp/sample-int4 --weights int4 --force -q > "$OUT/export_int4.log" 2>&1 || status=1
+  timeout ${T_VERIFY:-90} python3 -c "from gla_export.cli import main; main()" verify /tmp/sample-int4 > "$OUT/verify_int4.log" 2>&1 || status=1
+  for f in bench_quant verify_int4; do echo; echo "---- $f"; tail -30 "$OUT/$f.log"; done
+  ;;
 *)
-  echo "usage: $0 train|tests|bench|e2e|fetch|decode" >&2
+  echo "usage: $0 train|tests|bench|e2e|decode|quant|fetch" >&2
   exit 2
   ;;
 esac

@@ -35,27 +35,46 @@ def _size(n: int) -> str:
 @click.option("--rtol", type=float, default=None, help="Tolerance relative to the largest reference value (default per dtype).")
 @click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "reference"]), default="auto", show_default=True,
               help="What runs the graphs for validation.")
+@click.option("--weights", type=click.Choice(["fp", "int8", "int4"]), default="fp", show_default=True,
+              help="Weight-only quantization of the linear layers (fp: the --dtype).")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256", "per-channel"]), default=None,
+              help="Weights sharing one scale along the input dimension [32]; per-channel: int8 with --quant-format qdq.")
+@click.option("--quant-format", type=click.Choice(["matmulnbits", "qdq"]), default=None,
+              help="matmulnbits: com.microsoft::MatMulNBits for ONNX Runtime [default]; qdq: DequantizeLinear+MatMul for TensorRT.")
+@click.option("--quant-method", type=click.Choice(["rtn", "hqq", "gptq"]), default=None,
+              help="rtn: round to nearest [default]; hqq: half-quadratic (asymmetric); gptq: calibrated on --calibration text.")
+@click.option("--calibration", type=click.Path(dir_okay=False, exists=True, path_type=str), default=None,
+              help="Calibration text for gptq (default: a slice of the sample model's training text).")
+@click.option("--symmetric/--asymmetric", default=None, help="Symmetric (no zero point) [default] or asymmetric quantization.")
+@click.option("--quantize-gate/--no-quantize-gate", default=None, help="Also quantize the gate's low-rank projections [no].")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits accuracy_level (4: int8 dot products on the CPU) [0].")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing export in OUTPUT.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq_len, attention_mask, attention_op, validate,
-           atol, rtol, runtime, force, quiet) -> None:
+           atol, rtol, runtime, weights, block_size, quant_format, quant_method, calibration, symmetric, quantize_gate,
+           accuracy_level, force, quiet) -> None:
     """Export MODEL (a checkpoint directory; default: the bundled sample model) to ONNX.
 
     Writes prefill.onnx and step.onnx sharing weights.onnx.data, and metadata.json. Validation
     failures exit with code 4 and write nothing.
     """
     from ..export import ExportValidationError, export_model
+    from ..export.quantize import quant_config
     from . import console
     from .render import StepProgress, validation_table
 
     err = console(stderr=True)
     try:
+        quant = quant_config(weights, block_size=None if block_size is None else (0 if block_size == "per-channel" else int(block_size)),
+                             format=quant_format, method=quant_method, calibration=calibration, symmetric=symmetric,
+                             quantize_gate=quantize_gate, accuracy_level=accuracy_level)
         with StepProgress(err, enabled=not quiet) as show:
             result = export_model(
                 model, out_dir, gla_op=gla_op, dtype=dtype, state_dtype=state_dtype, opset=opset,
                 max_batch=max_batch, max_seq_len=max_seq_len, attention_mask=attention_mask, validate=validate,
                 atol=atol, rtol=rtol, force=force, progress=None if quiet else show, runtime=runtime,
-                attention_op=attention_op,
+                attention_op=attention_op, weights=quant or "fp",
             )
     except ExportValidationError as e:
         err.print(validation_table(e.report))

@@ -156,7 +156,14 @@ def verify(
             out.print(f"[dim]ran {b.name}: {escape(b.detail)}[/dim]")
     if report.polygraphy_commands:
         out.print(f"[dim]polygraphy equivalents in {Path(save_dir) / 'polygraphy_run.sh'}[/dim]")
+    quality = None
+    if report.passed and json.loads((Path(export_dir) / "metadata.json").read_text()).get("quantization"):
+        from ..export.quality import report_for_verify  # quantized weights: what they cost against the float model
+
+        quality = report_for_verify(export_dir, json.loads((Path(export_dir) / "metadata.json").read_text()))
+        for what, value in quality.rows() if quality is not None else []:
+            out.print(f"quantization: {what}: {value}")
     if json_path:
-        Path(json_path).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        Path(json_path).write_text(json.dumps({**report.as_dict(), **({"quality": quality.as_dict()} if quality else {})}, indent=2) + "\n")
     raise_if_failed(report)
     out.print(f"[green]verified[/green] {export_dir} against {', '.join(report.ran)} in {report.seconds:.1f} s")

@@ -217,10 +217,13 @@ def _progress(progress: bool | ProgressCallback | None, console: Any) -> tuple[P
 
 
 def _model_proto(b: GraphBuilder, table: WeightTable, opset: int, ir_version: int, form: str, meta_json: str, kind: str) -> onnx.ModelProto:
+    from .quantize import opset_imports
+
     graph = b.graph([table.tensor_proto(n) for n in b.used_weights])
     imports = [helper.make_opsetid("", opset)]
     if form == "custom":
         imports.append(helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_VERSION))
+    imports += opset_imports(b)  # com.microsoft for quantized weights (MatMulNBits)
     from .. import __version__
 
     model = helper.make_model(graph, opset_imports=imports, producer_name="gla-export", producer_version=__version__)
@@ -249,6 +252,7 @@ def export_model(
     runtime: str = "auto",
     console=None,
     attention_op: str = "decomposed",
+    weights: Any = "fp",
 ) -> ExportResult:
     """Export a GLA causal LM to ONNX (docs/export.md).
 
@@ -271,6 +275,8 @@ def export_model(
             dtypes it has attention kernels for).
         progress: a callable given a :class:`ProgressEvent` per step; False or None: nothing;
             True: the CLI's progress display on stderr (on ``console`` if given).
+        weights: ``fp`` (the activations' type), ``int8``, ``int4`` or a
+            :class:`~gla_export.export.quantize.QuantConfig` (weight-only quantization; docs/export.md).
 
     Raises:
         UsageError, ModelError, OutputExistsError, ExportValidationError (a ValidationError),
@@ -286,6 +292,11 @@ def export_model(
         raise UsageError(f"attention_op must be decomposed or onnx, got {attention_op!r}")
     if attention_op == "onnx" and opset < 23:
         raise UsageError(f"--attention-op onnx needs opset >= 23 (Attention, RotaryEmbedding), got --opset {opset}")
+    from .quantize import quant_config
+
+    qconfig = quant_config(weights)
+    if qconfig is not None and qconfig.format == "qdq" and opset < 21:
+        raise UsageError(f"--quant-format qdq needs opset >= 21 (blocked DequantizeLinear), got --opset {opset}")
     for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len)):
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
@@ -293,6 +304,11 @@ def export_model(
     coarse = max(act, sdt, key=[torch.float32, torch.float16, torch.bfloat16].index)
     d_atol, d_rtol = DEFAULT_TOLERANCES[coarse]
     default_tolerances = atol is None and rtol is None
+    if qconfig is not None and default_tolerances:  # against the dequantized model: the kernels' error (quantize.TOLERANCES)
+        from .quantize import TOLERANCES
+
+        q_atol, q_rtol = TOLERANCES[qconfig.tolerance_key()]
+        d_atol, d_rtol = max(d_atol, q_atol), max(d_rtol, q_rtol)
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
     if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # NaN fails every comparison
@@ -325,6 +341,13 @@ def export_model(
                 source=str(source) if source is not None else None,
                 num_parameters=table.numel,  # every parameter once (a tied lm_head is the embedding)
             )
+            quantized = None
+            if qconfig is not None:
+                from .quantize import quantize_export
+
+                quantized = quantize_export(model, table, builders, qconfig, act)
+                table = quantized.table
+                meta["quantization"] = quantized.metadata
             timings["build"] = time.perf_counter() - t
 
         tmp = staging_dir(out_dir)
@@ -353,10 +376,10 @@ def export_model(
             if validate:
                 with prog.step("validate"):
                     t = time.perf_counter()
-                    reference = _float32_reference(model)
+                    reference = _float32_reference(model) if quantized is None else quantized.reference_model(model)
                     # with default tolerances a low-precision graph may also be as far off as PyTorch in that dtype
                     low_precision = act != torch.float32 or sdt != torch.float32
-                    baseline = model if low_precision and default_tolerances else None
+                    baseline = model if low_precision and default_tolerances and quantized is None else None
                     was_training = model.training
                     model.eval()
                     reference.eval()

@@ -467,6 +467,10 @@ def _load_reference(meta: ExportMetadata, export_dir: Path, model: Any, device):
         raise ModelError(str(e)) from e
     if m.config.vocab_size != meta.model.vocab_size or m.config.num_hidden_layers != meta.model.num_layers:
         raise ModelError(f"the checkpoint {path} is not the model of this export (vocabulary or layer count differ)")
+    if meta.get("quantization"):  # quantized weights: compare with their dequantized values (quality: export/quality.py)
+        from ..export.quantize import dequantized_reference
+
+        return dequantized_reference(m, meta).to(device).eval(), f"{path} (weights dequantized as the export quantized them)"
     return m.to(device).eval(), str(path)
 
 
@@ -526,6 +530,9 @@ def verify(
     from ..export.validate import DEFAULT_TOLERANCES
 
     d_atol, d_rtol = DEFAULT_TOLERANCES[torch_dtype(meta.dtype)]
+    if meta.get("quantization"):  # the per-format tolerance of quantized weights (export/quantize.py)
+        q = meta["quantization"]["validation_tolerance"]
+        d_atol, d_rtol = max(d_atol, q["atol"]), max(d_rtol, q["rtol"])
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
     if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # NaN fails every comparison
