@@ -22,15 +22,20 @@ WINDOWED = dict(vocab_size=258, bos_token_id=256, eos_token_id=257, tie_word_emb
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def windowed(tmp_path_factory):
+def _export_both_forms(config: dict, tmp_path_factory, prefix: str):
+    """The model of ``config`` (seed 0) and its exports in both GLA forms: ``(model, {form: dir})``."""
     torch.manual_seed(0)
-    model = GLAForCausalLM(GLAConfig(**WINDOWED)).eval()
+    model = GLAForCausalLM(GLAConfig(**config)).eval()
     out = {}
     for form in ("decomposed", "custom"):
-        res = export_model(model, tmp_path_factory.mktemp(f"hybrid-{form}"), gla_op=form, validate=False, progress=False)
+        res = export_model(model, tmp_path_factory.mktemp(f"{prefix}-{form}"), gla_op=form, validate=False, progress=False)
         out[form] = res.out_dir
     return model, out
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    return _export_both_forms(WINDOWED, tmp_path_factory, "hybrid")
 
 
 @pytest.mark.parametrize("form", ["decomposed", "custom"])
@@ -97,13 +102,7 @@ FULL = {**WINDOWED, "attn": [dict(layers=[0], num_heads=4, num_kv_heads=2), dict
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     """Layer 0 full attention (a growing KV cache), layer 2 windowed, layer 1 GLA."""
-    torch.manual_seed(0)
-    model = GLAForCausalLM(GLAConfig(**FULL)).eval()
-    out = {}
-    for form in ("decomposed", "custom"):
-        res = export_model(model, tmp_path_factory.mktemp(f"full-{form}"), gla_op=form, validate=False, progress=False)
-        out[form] = res.out_dir
-    return model, out
+    return _export_both_forms(FULL, tmp_path_factory, "full")
 
 
 @pytest.mark.parametrize("form", ["decomposed", "custom"])
