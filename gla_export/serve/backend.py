@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._dtypes import ort_element_type, torch_dtype
 from ..errors import GlaExportError, MissingRuntimeError, ModelError, UsageError
 from ..export.metadata import open_export
 from ..runtime.sampling import Sampler, SamplingParams
@@ -38,10 +39,6 @@ __all__ = [
 ]
 
 BACKENDS = ("ort-cpu", "ort-cuda", "trt")
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-          "int32": torch.int32}
-_ORT_ELEM: dict[torch.dtype, Any] = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
-                                     torch.int32: np.int32, torch.bfloat16: 16}
 
 
 @dataclass(frozen=True)
@@ -83,7 +80,7 @@ class Graphs:
                 f"gla-export serve keeps each conversation in a fixed-size state slot, and this hybrid export's "
                 f"full-attention KV caches ({growing[0]}, ...) grow with the context: serve hybrids whose attention "
                 "layers are all windowed, or decode this one with `gla-export generate`")
-        self.specs = [StateSpec(s["input"], s["output"], tuple(int(d) for d in s["shape"][1:]), _TORCH[s["dtype"]])
+        self.specs = [StateSpec(s["input"], s["output"], tuple(int(d) for d in s["shape"][1:]), torch_dtype(s["dtype"]))
                       for s in meta["states"]]
         self.state_nbytes = sum(s.nbytes for s in self.specs)
         self.tokenizer: Tokenizer = load_tokenizer(self.export_dir, meta)
@@ -97,8 +94,8 @@ class Graphs:
         # padding over a non-zero past is exact unless an old export has short convolutions (docs/export.md)
         conv = any(s["kind"] == "conv_state" for s in meta["states"])
         self.pad_with_past = self.has_mask and (bool(meta.get("padding_with_past")) or not conv)
-        self._ids = {"prefill": _TORCH[prefill_in["input_ids"]], "step": _TORCH[step_in["input_ids"]],
-                     "mask": _TORCH[prefill_in.get("attention_mask", "int64")]}
+        self._ids = {"prefill": torch_dtype(prefill_in["input_ids"]), "step": torch_dtype(step_in["input_ids"]),
+                     "mask": torch_dtype(prefill_in.get("attention_mask", "int64"))}
         self._load_sessions(threads, device_id)
         self.identity = model_identity(self.export_dir, meta)
         if self.device.type == "cpu":
@@ -182,9 +179,9 @@ class Graphs:
     def _bind(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Any:
         b = self.sessions[graph].io_binding()
         for n, t in feeds.items():
-            b.bind_input(n, *self._dev, _ORT_ELEM[t.dtype], tuple(t.shape), t.data_ptr())
+            b.bind_input(n, *self._dev, ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
         for n, t in outputs.items():
-            b.bind_output(n, *self._dev, _ORT_ELEM[t.dtype], tuple(t.shape), t.data_ptr())
+            b.bind_output(n, *self._dev, ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
         return b
 
     def _run(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
