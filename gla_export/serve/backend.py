@@ -27,18 +27,17 @@ import torch
 from .._dtypes import ort_element_type, torch_dtype
 from ..errors import GlaExportError, MissingRuntimeError, ModelError, UsageError
 from ..export.metadata import open_export
+from ..runtime.engines import RUNTIMES
 from ..runtime.sampling import Sampler, SamplingParams
 from ..runtime.session import create_session
 from ..runtime.state import ConversationState, StateFileError, load_state, model_identity, save_state
 from ..runtime.tokenizers import TextDecoder, Tokenizer, TokenStream, load_tokenizer
 
 __all__ = [
-    "BACKENDS", "ConversationState", "GlaExportError", "Graphs", "MissingRuntimeError", "ModelError", "Sampler",
+    "ConversationState", "GlaExportError", "Graphs", "MissingRuntimeError", "ModelError", "Sampler",
     "SamplingParams", "StateFileError", "StateSpec", "TextDecoder", "TokenStream", "Tokenizer", "UsageError",
     "load_state", "load_tokenizer", "model_identity", "open_export", "save_state",
 ]
-
-BACKENDS = ("ort-cpu", "ort-cuda", "trt")
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,8 @@ class Graphs:
 
     def __init__(self, export_dir: str | os.PathLike, backend: str = "ort-cpu", *, threads: int | None = None,
                  device_id: int = 0):
-        if backend not in BACKENDS:
-            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend not in RUNTIMES:
+            raise UsageError(f"--backend must be one of {', '.join(RUNTIMES)}, got {backend!r}")
         if backend == "trt":
             raise MissingRuntimeError(
                 "gla-export serve runs on ONNX Runtime (ort-cpu, ort-cuda) for now: TensorRT engines are built for a "
