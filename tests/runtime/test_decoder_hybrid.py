@@ -33,6 +33,18 @@ def _export_both_forms(config: dict, tmp_path_factory, prefix: str):
     return model, out
 
 
+def _batch_equals_each_row_alone(path, max_new_tokens: int):
+    """Greedy generation of three prompts as one padded batch on ort-cpu gives each row the tokens
+    it gets alone; the decoder and the batch's results."""
+    prompts = ["A", "In the beginning", "Hello, world"]
+    dec = StatefulDecoder(path, "ort-cpu", threads=1)
+    batch = dec.generate(prompts, max_new_tokens=max_new_tokens).run()
+    for i, p in enumerate(prompts):
+        alone = StatefulDecoder(path, "ort-cpu", threads=1).generate(p, max_new_tokens=max_new_tokens).run()[0]
+        assert batch[i].tokens == alone.tokens, f"row {i} ({p!r})"
+    return dec, batch
+
+
 @pytest.fixture(scope="module")
 def windowed(tmp_path_factory):
     return _export_both_forms(WINDOWED, tmp_path_factory, "hybrid")
@@ -64,12 +76,7 @@ def test_windowed_hybrid_prefill_and_steps_match_pytorch(windowed, form):
 
 def test_windowed_hybrid_padded_batch_and_restore(windowed):
     _, paths = windowed
-    prompts = ["A", "In the beginning", "Hello, world"]
-    dec = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1)
-    batch = dec.generate(prompts, max_new_tokens=10).run()
-    for i, p in enumerate(prompts):
-        alone = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1).generate(p, max_new_tokens=10).run()[0]
-        assert batch[i].tokens == alone.tokens, f"row {i} ({p!r})"
+    dec, batch = _batch_equals_each_row_alone(paths["decomposed"], 10)
     # a saved conversation (KV caches and position included) continues identically in a fresh decoder
     cont = dec.generate(states=[batch[1].state], prompts=[" and"], max_new_tokens=6).run()[0]
     again = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1)
@@ -184,12 +191,7 @@ def test_full_attention_hybrid_generate_and_state_file(full, tmp_path):
     from gla_export.runtime.state import load_state, save_state
 
     _, paths = full
-    prompts = ["A", "In the beginning", "Hello, world"]
-    dec = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1)
-    batch = dec.generate(prompts, max_new_tokens=8).run()
-    for i, p in enumerate(prompts):
-        alone = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1).generate(p, max_new_tokens=8).run()[0]
-        assert batch[i].tokens == alone.tokens, f"row {i} ({p!r})"
+    dec, batch = _batch_equals_each_row_alone(paths["decomposed"], 8)
     st = batch[1].state  # its size: the fixed part and bytes_per_token per token of its context
     seen = int(st.tensors["past_key_values.position"][0])
     assert st.nbytes == dec.state_nbytes + dec.state_bytes_per_token * seen and seen > 8
