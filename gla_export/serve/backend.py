@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .._dtypes import ort_element_type, torch_dtype
-from ..errors import GlaExportError, MissingRuntimeError, ModelError, UsageError
+from ..errors import GlaExportError, MissingRuntimeError, ModelError, UsageError, first_line
 from ..export.metadata import open_export
 from ..runtime.engines import RUNTIMES
 from ..runtime.sampling import Sampler, SamplingParams
@@ -143,7 +143,7 @@ class Graphs:
             except GlaExportError:
                 raise
             except Exception as e:  # noqa: BLE001 - ONNX Runtime's own exception types
-                raise ModelError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+                raise ModelError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from e
         self.runtime_name = f"onnxruntime {ort.__version__} ({'CUDA' if cuda else 'CPU'})"
 
     # -- the pool ----------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ class Graphs:
             self.sessions[graph].run_with_iobinding(binding)
         except Exception as e:  # noqa: BLE001
             shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in feeds.items() if not n.startswith("past_"))
-            raise ModelError(f"the {graph} graph failed ({shapes}): {str(e).strip().splitlines()[0]}") from e
+            raise ModelError(f"the {graph} graph failed ({shapes}): {first_line(e)}") from e
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token to each of rows ``0..n-1`` (n = len(tokens)); the next-token logits [n, V]."""
