@@ -118,6 +118,8 @@ def copy_bandwidth() -> tuple[float, dict[str, float]]:
     12): quoting kernels against it inflated their "% of copy". So the copy is timed as an SM copy
     kernel (``torch.mul(src, 1, out=dst)``) in a graph, exactly as the kernels are timed, and as a
     stream memcpy timed by CUDA events; the faster is the reference."""
+    from gla_export.runtime.floor import cuda_event_seconds
+
     n = 1 << 28  # 1 GiB of fp32 each way
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
@@ -127,15 +129,7 @@ def copy_bandwidth() -> tuple[float, dict[str, float]]:
     ways["kernel-graph"] = moved / (ms * 1e-3)
     ms, _ = time_calls([lambda: dst.copy_(src)], reps_in_graph=4)
     ways["memcpy-graph"] = moved / (ms * 1e-3)
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    ways["memcpy-events"] = moved / (sorted(times)[len(times) // 2] * 1e-3)
+    ways["memcpy-events"] = moved / cuda_event_seconds(lambda: dst.copy_(src), 20)
     best = max(ways[k] for k in ("kernel-graph", "memcpy-events"))
     return best, ways
 

@@ -20,27 +20,8 @@ step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 note() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 t0=$SECONDS
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-if ls .whl/fla/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/fla/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-
-if [ -n "${GLA_EXPORT_LIB_DIR:-}" ] && [ -f "$GLA_EXPORT_LIB_DIR/libgla_kernels_capi.so" ]; then
-  note "library: carried $GLA_EXPORT_LIB_DIR/libgla_kernels_capi.so"
-elif step build; then
-  arch=${GLA_CUDA_ARCHITECTURES:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}
-  note "building libgla_kernels_capi for sm_$arch"
-  { cmake -S . -B build/bench-prefill -DGLA_CUDA_ARCHITECTURES="$arch" -DGLA_WITH_ORT=OFF -DGLA_WITH_TRT=OFF \
-      -DGLA_WITH_RUNNER=OFF -DCMAKE_BUILD_TYPE=Release \
-    && cmake --build build/bench-prefill --target gla_kernels_capi -j"$(nproc)"; } > "$OUT/build.log" 2>&1 \
-    || { note "build FAILED (see build.log)"; tail -30 "$OUT/build.log"; exit 1; }
-  export GLA_EXPORT_LIB_DIR=$PWD/build/bench-prefill/plugins/kernels
-  note "built in $((SECONDS - t0)) s"
-fi
-python3 -c "from gla_export.ops.native import cuda_compiled; assert cuda_compiled(), 'no CUDA kernels in the library'" \
-  || { note "library has no CUDA kernels"; exit 1; }
+. benchmarks/kernels_setup.sh
+kernels_setup build/bench-prefill || exit 1
 
 if step bench; then
   note "benchmark v1 / v2 / fla (at $((SECONDS - t0)) s)"

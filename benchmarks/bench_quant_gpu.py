@@ -42,22 +42,15 @@ def elapsed() -> float:
 
 
 def copy_bandwidth(device: torch.device) -> float | None:
-    """Device-to-device bytes/s: a 1 GiB copy (read + write counted), best of 5, events timed."""
+    """Device-to-device bytes/s (read + write counted): the library's floor measurement
+    (gla_export.runtime.floor.copy_bandwidth, the faster of memcpy and an SM copy, events timed)."""
     if device.type != "cuda":
         return None
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(6):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        best = min(best, s.elapsed_time(e) / 1e3)
-    del a, b
+    from gla_export.runtime.floor import copy_bandwidth as measure
+
+    bw = measure(device)["bytes_per_s"]
     torch.cuda.empty_cache()
-    return 2 * (1 << 30) / best
+    return bw
 
 
 def make_model(size: str, dtype: torch.dtype):

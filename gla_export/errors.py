@@ -46,3 +46,12 @@ class ExportFailedError(GlaExportError):
 
 
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in (UsageError, ModelError, ValidationError, MissingRuntimeError, OutputExistsError, ExportFailedError)}
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of ``e``'s message, stripped, for a one-line error; the exception's
+    type name when the message is empty (ONNX Runtime and protobuf raise some with none)."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(e).__name__

@@ -78,7 +78,9 @@ def test_only_the_same_outputs_folders_are_cleaned(tmp_path):
     assert clean_stale_staging(tmp_path / "out2") == [other] and not other.exists()
 
 
-def test_a_swap_cut_short_puts_the_previous_output_back(tmp_path):
+def _die_mid_swap(tmp_path: Path, second_rename: bool) -> Path:
+    """An output ``out`` ("old") that a child process swapped with a staged "new" one and was killed
+    after the first rename of swap_into_place, or after both (before removing the old one)."""
     final = tmp_path / "out"
     final.mkdir()
     (final / "metadata.json").write_text("old")
@@ -86,32 +88,26 @@ def test_a_swap_cut_short_puts_the_previous_output_back(tmp_path):
         final = Path({str(final)!r})
         tmp = staging_dir(final)
         (tmp / "metadata.json").write_text("new")
-        os.rename(final, tmp.with_name(tmp.name + ".old"))  # the first rename of swap_into_place, then death
+        os.rename(final, tmp.with_name(tmp.name + ".old"))  # the first rename of swap_into_place
+        if {second_rename!r}:
+            os.rename(tmp, final)
         print(tmp, flush=True)
         sys.stdin.read()
     """)
     proc.stdout.readline()
     _kill(proc)
+    return final
+
+
+def test_a_swap_cut_short_puts_the_previous_output_back(tmp_path):
+    final = _die_mid_swap(tmp_path, second_rename=False)
     assert not final.exists()
     clean_stale_staging(final)
     assert (final / "metadata.json").read_text() == "old" and _hidden(tmp_path) == []
 
 
 def test_a_swap_that_finished_its_renames_keeps_the_new_output(tmp_path):
-    final = tmp_path / "out"
-    final.mkdir()
-    (final / "metadata.json").write_text("old")
-    proc = _child(f"""
-        final = Path({str(final)!r})
-        tmp = staging_dir(final)
-        (tmp / "metadata.json").write_text("new")
-        os.rename(final, tmp.with_name(tmp.name + ".old"))
-        os.rename(tmp, final)  # both renames done; died before removing the old one
-        print(tmp, flush=True)
-        sys.stdin.read()
-    """)
-    proc.stdout.readline()
-    _kill(proc)
+    final = _die_mid_swap(tmp_path, second_rename=True)
     assert len(_hidden(tmp_path)) == 2  # the old output and the lock
     clean_stale_staging(final)
     assert (final / "metadata.json").read_text() == "new" and _hidden(tmp_path) == []

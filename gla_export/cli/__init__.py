@@ -15,6 +15,10 @@ import click
 from .. import __version__
 from ..errors import GlaExportError
 
+# gla_export.runtime.RUNTIMES, what --backend names; not imported from there so that --help stays fast
+# (tests/cli checks that the two agree)
+RUNTIMES = ("ort-cpu", "ort-cuda", "trt")
+
 # name -> "module:attribute"; each module defines one click command
 COMMANDS = {
     "bench": "gla_export.cli.bench:bench",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-RUNTIMES = ("ort-cpu", "ort-cuda", "trt")  # gla_export.runtime.RUNTIMES, not imported: --help stays fast
+from . import RUNTIMES
 
 
 @click.command()

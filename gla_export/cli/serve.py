@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-BACKENDS = ("ort-cpu", "ort-cuda", "trt")
+from . import RUNTIMES
+
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30}
 
@@ -31,7 +32,7 @@ class Size(click.ParamType):
 
 @click.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("-b", "--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True,
+@click.option("-b", "--backend", type=click.Choice(RUNTIMES), default="ort-cpu", show_default=True,
               help="ort-cpu / ort-cuda: ONNX Runtime (trt is not served yet: it says why).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from . import RUNTIMES
+
 
 @click.command()
 @click.argument("export_dir", type=click.Path(file_okay=False, path_type=str))
@@ -18,7 +20,7 @@ import click
     "--backend",
     "backends",
     multiple=True,
-    type=click.Choice(["ort-cpu", "ort-cuda", "trt"]),
+    type=click.Choice(RUNTIMES),
     help="Backends to verify (repeatable). Default: every one available here; the others are listed as skipped. "
     "A backend named here that cannot run is an error (exit code 5).",
 )

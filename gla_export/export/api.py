@@ -25,7 +25,7 @@ from onnx import helper
 
 from .._dtypes import BY_SHORT
 from .._files import check_output_dir, discard_staging, staging_dir, swap_into_place
-from ..errors import ExportFailedError, GlaExportError, ModelError, UsageError, ValidationError
+from ..errors import ExportFailedError, GlaExportError, ModelError, UsageError, ValidationError, first_line
 from ..models.config import ConfigError
 from ..models.loader import CheckpointError, cast_model, load_model, sample_model_path
 from ..models.modeling import GLAForCausalLM
@@ -369,7 +369,7 @@ def export_model(
                     try:
                         onnx.checker.check_model(str(tmp / file), full_check=True)
                     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-                        raise ExportFailedError(f"{file} fails the ONNX checker: {str(e).splitlines()[0]}") from e
+                        raise ExportFailedError(f"{file} fails the ONNX checker: {first_line(e)}") from e
                 timings["check"] = time.perf_counter() - t
 
             report = None

@@ -104,12 +104,17 @@ class WeightTable:
     def tensor_proto(self, name: str) -> TensorProto:
         """An initializer pointing into the data file (call after :meth:`write`)."""
         w = self.weights[name]
+        return self._external_proto(name, TORCH_TO_ONNX[w.dtype], w.shape, w)
+
+    def _external_proto(self, name: str, data_type: int, dims: Sequence[int], w) -> TensorProto:
+        """The initializer ``name`` of ONNX type ``data_type`` and shape ``dims`` at ``w``'s place
+        (``offset``, ``length``) in the data file; RuntimeError before ``w`` is written."""
         if w.offset < 0:
             raise RuntimeError(f"weight {name} has not been written yet")
         t = TensorProto()
         t.name = name
-        t.data_type = TORCH_TO_ONNX[w.dtype]
-        t.dims.extend(w.shape)
+        t.data_type = data_type
+        t.dims.extend(dims)
         t.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.file_name), ("offset", str(w.offset)), ("length", str(w.length))):
             entry = t.external_data.add()

@@ -456,17 +456,7 @@ class QuantWeightTable(WeightTable):
         w = self.weights[name]
         if not isinstance(w, QWeight):
             return super().tensor_proto(name)
-        if w.offset < 0:
-            raise RuntimeError(f"weight {name} has not been written yet")
-        t = TensorProto()
-        t.name = name
-        t.data_type = w.elem_type
-        t.dims.extend(w.dims)
-        t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.file_name), ("offset", str(w.offset)), ("length", str(w.length))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        return t
+        return self._external_proto(name, w.elem_type, w.dims, w)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ from .decoder import RUNTIMES, Generation, RowResult, StatefulDecoder, TokenEven
 from .sampling import Sampler, SamplingParams  # noqa: E402
 from .state import ConversationState, StateCache, StateFileError, load_state, save_state  # noqa: E402
 
-BACKENDS = RUNTIMES  # the former name, kept for code written against it; `BACKENDS` in gla_export.ops are op algorithms
-
-__all__ += ["BACKENDS", "RUNTIMES",
+__all__ += ["RUNTIMES",
             "ConversationState", "Generation", "RowResult", "Sampler", "SamplingParams", "StateCache",
             "StateFileError", "StatefulDecoder", "TokenEvent", "load_state", "save_state"]

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import MissingRuntimeError, ModelError, UsageError
+from ..errors import MissingRuntimeError, ModelError, UsageError, first_line
 from .verify import _one_line
 
 DEFAULT_BATCHES = (1, 16)
@@ -406,7 +406,7 @@ class FlaContender(Contender):
         try:
             fla_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=True)
         except RuntimeError as e:
-            raise ModelError(f"fla's GLAForCausalLM does not take our weights: {str(e).splitlines()[0]}") from e
+            raise ModelError(f"fla's GLAForCausalLM does not take our weights: {first_line(e)}") from e
         fla_model = fla_model.to(device)
         self.model = fla_model.to(dtype).eval()
         self.detail = f"fla {getattr(fla, '__version__', '?')}, {device}"

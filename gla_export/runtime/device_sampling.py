@@ -38,6 +38,11 @@ def sample_on_device(logits: torch.Tensor, samplers: Sequence[Sampler | None]) -
     n = logits.shape[0]
     if len(samplers) != n:
         raise UsageError(f"{len(samplers)} samplers for {n} rows of logits")
+    if all(s is not None and s.params.greedy for s in samplers):
+        # the common decode case: one argmax and one copy per token, no index lists sent to the device
+        for s in samplers:
+            s.sampled += 1
+        return torch.argmax(logits, dim=-1).cpu().numpy()
     dev = logits.device
     out = torch.zeros(n, dtype=torch.int64, device=dev)
     bad = torch.zeros(n, dtype=torch.bool, device=dev)

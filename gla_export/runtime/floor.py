@@ -52,6 +52,24 @@ def step_weight_bytes(step_graph: str | os.PathLike, batch: int, hidden_size: in
     return total
 
 
+def cuda_event_seconds(fn, repeats: int = 10, device: torch.device | None = None, warmup: int = 3) -> float:
+    """Median seconds of ``fn()`` on the current stream, each call between two CUDA events (never
+    inside a CUDA graph: module docstring), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> dict[str, Any]:
     """Copy bandwidth on ``device`` in bytes/s (read + written): ``{"bytes_per_s": best way,
     "way": its name, "ways": {name: bytes_per_s}, "buffer_bytes": n}`` (module docstring)."""
@@ -64,21 +82,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
             "memcpy": lambda: dst.copy_(src),
             "kernel": lambda: torch.mul(src, 1.0, out=dst),
         }
-        out = {}
-        for name, fn in ways.items():
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize(device)
-            times = []
-            for _ in range(repeats):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1e-3)
-            times.sort()
-            out[name] = moved / times[len(times) // 2]
+        out = {name: moved / cuda_event_seconds(fn, repeats, device) for name, fn in ways.items()}
     else:
         nbytes = nbytes or 256 << 20
         src = np.random.default_rng(0).random(nbytes // 8)

@@ -24,24 +24,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import GlaExportError, MissingRuntimeError, ModelError, UsageError
+from .._dtypes import ort_element_type, torch_dtype
+from ..errors import GlaExportError, MissingRuntimeError, ModelError, UsageError, first_line
 from ..export.metadata import open_export
+from ..runtime.engines import RUNTIMES
 from ..runtime.sampling import Sampler, SamplingParams
 from ..runtime.session import create_session
 from ..runtime.state import ConversationState, StateFileError, load_state, model_identity, save_state
 from ..runtime.tokenizers import TextDecoder, Tokenizer, TokenStream, load_tokenizer
 
 __all__ = [
-    "BACKENDS", "ConversationState", "GlaExportError", "Graphs", "MissingRuntimeError", "ModelError", "Sampler",
+    "ConversationState", "GlaExportError", "Graphs", "MissingRuntimeError", "ModelError", "Sampler",
     "SamplingParams", "StateFileError", "StateSpec", "TextDecoder", "TokenStream", "Tokenizer", "UsageError",
     "load_state", "load_tokenizer", "model_identity", "open_export", "save_state",
 ]
-
-BACKENDS = ("ort-cpu", "ort-cuda", "trt")
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-          "int32": torch.int32}
-_ORT_ELEM: dict[torch.dtype, Any] = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
-                                     torch.int32: np.int32, torch.bfloat16: 16}
 
 
 @dataclass(frozen=True)
@@ -65,8 +61,8 @@ class Graphs:
 
     def __init__(self, export_dir: str | os.PathLike, backend: str = "ort-cpu", *, threads: int | None = None,
                  device_id: int = 0):
-        if backend not in BACKENDS:
-            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend not in RUNTIMES:
+            raise UsageError(f"--backend must be one of {', '.join(RUNTIMES)}, got {backend!r}")
         if backend == "trt":
             raise MissingRuntimeError(
                 "gla-export serve runs on ONNX Runtime (ort-cpu, ort-cuda) for now: TensorRT engines are built for a "
@@ -83,7 +79,7 @@ class Graphs:
                 f"gla-export serve keeps each conversation in a fixed-size state slot, and this hybrid export's "
                 f"full-attention KV caches ({growing[0]}, ...) grow with the context: serve hybrids whose attention "
                 "layers are all windowed, or decode this one with `gla-export generate`")
-        self.specs = [StateSpec(s["input"], s["output"], tuple(int(d) for d in s["shape"][1:]), _TORCH[s["dtype"]])
+        self.specs = [StateSpec(s["input"], s["output"], tuple(int(d) for d in s["shape"][1:]), torch_dtype(s["dtype"]))
                       for s in meta["states"]]
         self.state_nbytes = sum(s.nbytes for s in self.specs)
         self.tokenizer: Tokenizer = load_tokenizer(self.export_dir, meta)
@@ -97,8 +93,8 @@ class Graphs:
         # padding over a non-zero past is exact unless an old export has short convolutions (docs/export.md)
         conv = any(s["kind"] == "conv_state" for s in meta["states"])
         self.pad_with_past = self.has_mask and (bool(meta.get("padding_with_past")) or not conv)
-        self._ids = {"prefill": _TORCH[prefill_in["input_ids"]], "step": _TORCH[step_in["input_ids"]],
-                     "mask": _TORCH[prefill_in.get("attention_mask", "int64")]}
+        self._ids = {"prefill": torch_dtype(prefill_in["input_ids"]), "step": torch_dtype(step_in["input_ids"]),
+                     "mask": torch_dtype(prefill_in.get("attention_mask", "int64"))}
         self._load_sessions(threads, device_id)
         self.identity = model_identity(self.export_dir, meta)
         if self.device.type == "cpu":
@@ -147,7 +143,7 @@ class Graphs:
             except GlaExportError:
                 raise
             except Exception as e:  # noqa: BLE001 - ONNX Runtime's own exception types
-                raise ModelError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+                raise ModelError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from e
         self.runtime_name = f"onnxruntime {ort.__version__} ({'CUDA' if cuda else 'CPU'})"
 
     # -- the pool ----------------------------------------------------------------------------------
@@ -182,9 +178,9 @@ class Graphs:
     def _bind(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Any:
         b = self.sessions[graph].io_binding()
         for n, t in feeds.items():
-            b.bind_input(n, *self._dev, _ORT_ELEM[t.dtype], tuple(t.shape), t.data_ptr())
+            b.bind_input(n, *self._dev, ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
         for n, t in outputs.items():
-            b.bind_output(n, *self._dev, _ORT_ELEM[t.dtype], tuple(t.shape), t.data_ptr())
+            b.bind_output(n, *self._dev, ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
         return b
 
     def _run(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
@@ -198,7 +194,7 @@ class Graphs:
             self.sessions[graph].run_with_iobinding(binding)
         except Exception as e:  # noqa: BLE001
             shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in feeds.items() if not n.startswith("past_"))
-            raise ModelError(f"the {graph} graph failed ({shapes}): {str(e).strip().splitlines()[0]}") from e
+            raise ModelError(f"the {graph} graph failed ({shapes}): {first_line(e)}") from e
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token to each of rows ``0..n-1`` (n = len(tokens)); the next-token logits [n, V]."""

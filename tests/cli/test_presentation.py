@@ -35,3 +35,12 @@ def test_export_reports_progress_as_events(tmp_path):
     write = [e for e in events if e.step == "write"]
     assert write[-1].done and write[-1].completed == write[-1].total > 0  # bytes written, advancing to the total
     assert all(isinstance(e, ProgressEvent) for e in events)
+
+
+def test_the_cli_offers_the_runtimes_the_library_runs():
+    """gla_export.cli keeps its own copy of the runtime names (importing the runtime would slow
+    --help); it must stay the library's."""
+    from gla_export.cli import RUNTIMES as cli_runtimes
+    from gla_export.runtime import RUNTIMES
+
+    assert cli_runtimes == RUNTIMES

@@ -117,6 +117,21 @@ def test_step_form_matches_reference(form, case):
     assert rel_err(got_s, ref_s) <= max(tol, TOLERANCE[torch.float32])
 
 
+def _decomposed_prefill_and_reference(case: GLACase, kw: dict):
+    """The decomposed one-op graph of ``case`` on ONNX Runtime CPU with the inputs ``kw`` (fp32,
+    initial state), and the reference: ``(out, state, ref_out, ref_state)``."""
+    import onnxruntime as ort
+
+    B, T = case.B, case.T
+    feeds = {"query": kw["q"].reshape(B, T, -1).numpy(), "key": kw["k"].reshape(B, T, -1).numpy(),
+             "value": kw["v"].reshape(B, T, -1).numpy(), "gate": kw["g"].reshape(B, T, -1).numpy(),
+             "past_state": kw["initial_state"].numpy()}
+    sess = ort.InferenceSession(one_op_model("decomposed", case, False).SerializeToString(), providers=["CPUExecutionProvider"])
+    out, state = sess.run(None, feeds)
+    ref_o, ref_s = reference(kw)
+    return out, state, ref_o, ref_s
+
+
 def test_decomposed_prefill_survives_strong_decay():
     """A log decay of -30 per step would overflow exp(-Γ) in a naive factorisation; the chunked
     form keeps every exponential <= 1."""
@@ -124,15 +139,7 @@ def test_decomposed_prefill_survives_strong_decay():
     kw = make_inputs(case)
     kw["g"] = torch.full_like(kw["g"], -30.0)
     kw["g"][:, ::7] = -0.01
-    B, T = 1, 65
-    feeds = {"query": kw["q"].reshape(B, T, -1).numpy(), "key": kw["k"].reshape(B, T, -1).numpy(),
-             "value": kw["v"].reshape(B, T, -1).numpy(), "gate": kw["g"].reshape(B, T, -1).numpy(),
-             "past_state": kw["initial_state"].numpy()}
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(one_op_model("decomposed", case, False).SerializeToString(), providers=["CPUExecutionProvider"])
-    out, state = sess.run(None, feeds)
-    ref_o, ref_s = reference(kw)
+    out, state, ref_o, ref_s = _decomposed_prefill_and_reference(case, kw)
     assert np.isfinite(out).all() and np.isfinite(state).all()
     assert rel_err(torch.from_numpy(out).reshape(ref_o.shape), ref_o) <= TOLERANCE[torch.float32]
     assert rel_err(torch.from_numpy(state), ref_s) <= TOLERANCE[torch.float32]
@@ -198,14 +205,6 @@ def test_decomposed_prefill_computes_positive_gates_as_the_formula():
     case = GLACase(B=1, T=70, Hq=2, Hkv=2, K=16, V=16, initial_state=True)
     kw = make_inputs(case)
     kw["g"] = kw["g"].abs() * 0.02 + 1e-3
-    B, T = 1, 70
-    feeds = {"query": kw["q"].reshape(B, T, -1).numpy(), "key": kw["k"].reshape(B, T, -1).numpy(),
-             "value": kw["v"].reshape(B, T, -1).numpy(), "gate": kw["g"].reshape(B, T, -1).numpy(),
-             "past_state": kw["initial_state"].numpy()}
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(one_op_model("decomposed", case, False).SerializeToString(), providers=["CPUExecutionProvider"])
-    out, state = sess.run(None, feeds)
-    ref_o, ref_s = reference(kw)
+    out, state, ref_o, ref_s = _decomposed_prefill_and_reference(case, kw)
     assert rel_err(torch.from_numpy(out).reshape(ref_o.shape), ref_o) <= TOLERANCE[torch.float32]
     assert rel_err(torch.from_numpy(state), ref_s) <= TOLERANCE[torch.float32]

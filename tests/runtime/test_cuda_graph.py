@@ -113,6 +113,19 @@ def test_device_sampler_matches_the_host_sampler_and_its_stream_position():
     assert [s.sampled for s in dev] == [s.sampled for s in host]
 
 
+def test_device_sampler_all_greedy_batch_is_the_host_argmax():
+    """A batch of greedy rows only (the shortcut: one argmax): the host sampler's tokens, ties to
+    the lower id, and each sampler's count advanced."""
+    host = [Sampler(SamplingParams()) for _ in range(6)]
+    dev = [Sampler(SamplingParams()) for _ in range(6)]
+    for step in range(3):
+        x = _logits(step)
+        want = [s.sample(x[i].numpy()) for i, s in enumerate(host)]
+        got = sample_on_device(x, dev)
+        assert got.dtype == np.int64 and got.tolist() == want, step
+    assert want[0] == 3 and [s.sampled for s in dev] == [s.sampled for s in host] == [3] * 6
+
+
 def test_device_sampler_skips_inactive_rows_and_refuses_nan():
     s = [Sampler(SamplingParams(temperature=1.0, seed=0)), None]
     before = s[0].rng.bit_generator.state

@@ -22,15 +22,32 @@ WINDOWED = dict(vocab_size=258, bos_token_id=256, eos_token_id=257, tie_word_emb
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def windowed(tmp_path_factory):
+def _export_both_forms(config: dict, tmp_path_factory, prefix: str):
+    """The model of ``config`` (seed 0) and its exports in both GLA forms: ``(model, {form: dir})``."""
     torch.manual_seed(0)
-    model = GLAForCausalLM(GLAConfig(**WINDOWED)).eval()
+    model = GLAForCausalLM(GLAConfig(**config)).eval()
     out = {}
     for form in ("decomposed", "custom"):
-        res = export_model(model, tmp_path_factory.mktemp(f"hybrid-{form}"), gla_op=form, validate=False, progress=False)
+        res = export_model(model, tmp_path_factory.mktemp(f"{prefix}-{form}"), gla_op=form, validate=False, progress=False)
         out[form] = res.out_dir
     return model, out
+
+
+def _batch_equals_each_row_alone(path, max_new_tokens: int):
+    """Greedy generation of three prompts as one padded batch on ort-cpu gives each row the tokens
+    it gets alone; the decoder and the batch's results."""
+    prompts = ["A", "In the beginning", "Hello, world"]
+    dec = StatefulDecoder(path, "ort-cpu", threads=1)
+    batch = dec.generate(prompts, max_new_tokens=max_new_tokens).run()
+    for i, p in enumerate(prompts):
+        alone = StatefulDecoder(path, "ort-cpu", threads=1).generate(p, max_new_tokens=max_new_tokens).run()[0]
+        assert batch[i].tokens == alone.tokens, f"row {i} ({p!r})"
+    return dec, batch
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    return _export_both_forms(WINDOWED, tmp_path_factory, "hybrid")
 
 
 @pytest.mark.parametrize("form", ["decomposed", "custom"])
@@ -59,12 +76,7 @@ def test_windowed_hybrid_prefill_and_steps_match_pytorch(windowed, form):
 
 def test_windowed_hybrid_padded_batch_and_restore(windowed):
     _, paths = windowed
-    prompts = ["A", "In the beginning", "Hello, world"]
-    dec = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1)
-    batch = dec.generate(prompts, max_new_tokens=10).run()
-    for i, p in enumerate(prompts):
-        alone = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1).generate(p, max_new_tokens=10).run()[0]
-        assert batch[i].tokens == alone.tokens, f"row {i} ({p!r})"
+    dec, batch = _batch_equals_each_row_alone(paths["decomposed"], 10)
     # a saved conversation (KV caches and position included) continues identically in a fresh decoder
     cont = dec.generate(states=[batch[1].state], prompts=[" and"], max_new_tokens=6).run()[0]
     again = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1)
@@ -97,13 +109,7 @@ FULL = {**WINDOWED, "attn": [dict(layers=[0], num_heads=4, num_kv_heads=2), dict
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     """Layer 0 full attention (a growing KV cache), layer 2 windowed, layer 1 GLA."""
-    torch.manual_seed(0)
-    model = GLAForCausalLM(GLAConfig(**FULL)).eval()
-    out = {}
-    for form in ("decomposed", "custom"):
-        res = export_model(model, tmp_path_factory.mktemp(f"full-{form}"), gla_op=form, validate=False, progress=False)
-        out[form] = res.out_dir
-    return model, out
+    return _export_both_forms(FULL, tmp_path_factory, "full")
 
 
 @pytest.mark.parametrize("form", ["decomposed", "custom"])
@@ -185,12 +191,7 @@ def test_full_attention_hybrid_generate_and_state_file(full, tmp_path):
     from gla_export.runtime.state import load_state, save_state
 
     _, paths = full
-    prompts = ["A", "In the beginning", "Hello, world"]
-    dec = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1)
-    batch = dec.generate(prompts, max_new_tokens=8).run()
-    for i, p in enumerate(prompts):
-        alone = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1).generate(p, max_new_tokens=8).run()[0]
-        assert batch[i].tokens == alone.tokens, f"row {i} ({p!r})"
+    dec, batch = _batch_equals_each_row_alone(paths["decomposed"], 8)
     st = batch[1].state  # its size: the fixed part and bytes_per_token per token of its context
     seen = int(st.tensors["past_key_values.position"][0])
     assert st.nbytes == dec.state_nbytes + dec.state_bytes_per_token * seen and seen > 8

@@ -58,3 +58,21 @@ def test_a_bfloat16_export_cannot_run_on_the_cpu():
     bf16 = dataclasses.replace(meta, dtype="bfloat16")
     with pytest.raises(GlaExportError, match="no bfloat16 CPU kernels"):
         check_runtime("ort-cpu", bf16)
+
+
+def test_an_onnx_runtime_error_without_a_message_is_still_a_one_line_model_error(monkeypatch):
+    """ONNX Runtime may raise with an empty message: the adapter said ``splitlines()[0]`` of it and
+    crashed with IndexError instead of a ModelError."""
+    from gla_export import errors
+    from gla_export.runtime import session
+    from gla_export.runtime.engines.ort import open_session
+
+    assert errors.first_line(RuntimeError("\n  the cause \nmore")) == "the cause"
+    assert errors.first_line(RuntimeError("")) == "RuntimeError"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(session, "create_session", fail)
+    with pytest.raises(errors.ModelError, match=r"cannot load .*step.*: RuntimeError$"):
+        open_session(open_export(tiny_export("decomposed")), "step", cuda=False)

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Protocol, TYPE_CHECKING
 
 import torch
 
-from ...errors import ModelError
+from ...errors import ModelError, first_line
 
 if TYPE_CHECKING:
     from ...export.metadata import ExportMetadata
@@ -77,7 +77,7 @@ def check_graph_files(metadata: ExportMetadata) -> None:
         try:
             g = onnx.load(str(path), load_external_data=False).graph
         except Exception as e:  # noqa: BLE001 - protobuf's errors: the file is not an ONNX model
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = first_line(e)
             raise ModelError(f"{path} is not a readable ONNX model: {why}") from e
         initializers = {t.name for t in g.initializer}
         inputs = [i.name for i in g.input if i.name not in initializers]

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, TYPE_CHECKING
 import torch
 
 from ..._dtypes import ort_element_type
-from ...errors import MissingRuntimeError, ModelError, UsageError
+from ...errors import MissingRuntimeError, ModelError, UsageError, first_line
 from .base import check_graph_io, sync_device
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def open_session(metadata: ExportMetadata, graph: str, *, cuda: bool, device_id:
             raise MissingRuntimeError(f"{e}; or export with --gla-op decomposed, which needs no library") from e
         raise
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        raise ModelError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+        raise ModelError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from e
     check_graph_io(metadata, graph, [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()],
                    str(path))
     if cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
@@ -178,7 +178,7 @@ class OrtRuntime:
             try:
                 self.sessions["step"].run_with_iobinding(binding, run_options)
             except Exception as e:  # noqa: BLE001
-                raise ModelError(f"the captured step graph failed in ONNX Runtime: {str(e).strip().splitlines()[0]}") from e
+                raise ModelError(f"the captured step graph failed in ONNX Runtime: {first_line(e)}") from e
             return
         if self._dev[0] != "cpu":
             # ONNX Runtime copies an input to the device of the node that reads it when it is bound,
@@ -190,7 +190,7 @@ class OrtRuntime:
         try:
             self.sessions["step"].run_with_iobinding(binding)
         except Exception as e:  # noqa: BLE001
-            raise ModelError(f"the step graph failed in ONNX Runtime: {str(e).strip().splitlines()[0]}") from e
+            raise ModelError(f"the step graph failed in ONNX Runtime: {first_line(e)}") from e
 
     def run(self, graph, feeds, outputs) -> None:
         self.sync()  # torch may have written these buffers on its stream
@@ -206,5 +206,5 @@ class OrtRuntime:
             self.sessions[graph].run_with_iobinding(b, run_options)
         except Exception as e:  # noqa: BLE001
             shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in feeds.items() if not n.startswith("past_"))
-            first = str(e).strip().splitlines()[0]
+            first = first_line(e)
             raise ModelError(f"the {graph} graph failed in ONNX Runtime ({shapes}): {first}") from e
