@@ -45,7 +45,7 @@ def same_tokens(export_dir: Path) -> dict:
     from gla_export.runtime.decoder import StatefulDecoder
 
     out = {}
-    cap = StatefulDecoder(export_dir, "ort-cuda")
+    cap = StatefulDecoder(export_dir, "ort-cuda", cuda_graph=True, sample_on_device=True)
     ref = StatefulDecoder(export_dir, "ort-cuda", cuda_graph=False, sample_on_device=False)
     out["captured"] = cap.cuda_graph
     out["why_not"] = cap.cuda_graph_off

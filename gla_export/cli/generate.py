@@ -45,10 +45,10 @@ from . import RUNTIMES
               help="Read prompts in pieces of at most this many tokens.")
 @click.option("--engines-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="TensorRT engines (default: EXPORT_DIR/tensorrt).")
-@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
-              help="ort-cuda: replay the step as CUDA graphs captured by ONNX Runtime (off: launch each node).")
-@click.option("--sample-on-device/--sample-on-host", default=True, show_default=True,
-              help="GPU backends: pick tokens on the GPU (only token ids come to the host each step).")
+@click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
+              help="ort-cuda: replay the step as CUDA graphs captured by ONNX Runtime (opt-in until proven on a GPU).")
+@click.option("--sample-on-device/--sample-on-host", default=False, show_default=True,
+              help="GPU backends: pick tokens on the GPU (only token ids come to the host each step; opt-in).")
 @click.option("-i", "--interactive", is_flag=True,
               help="Chat: after each answer, read the next prompt from stdin (one line; empty: go on); Ctrl-D ends.")
 @click.option("-q", "--quiet", is_flag=True, help="No status on stderr.")

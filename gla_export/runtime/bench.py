@@ -582,7 +582,8 @@ def bench(
         makers.append(
             (
                 OURS_ORT_CUDA,
-                lambda: DecoderContender(OURS_ORT_CUDA, export_dir, "ort-cuda", settings.threads, device_id),
+                lambda: DecoderContender(OURS_ORT_CUDA, export_dir, "ort-cuda", settings.threads, device_id,
+                                         cuda_graph=True),
             )
         )
         makers.append(

@@ -146,12 +146,13 @@ class StatefulDecoder(GenerationMixin):
             activation memory; TensorRT's profile maximum applies in any case).
         engines_dir, plugin: for ``trt``: where ``gla-export build`` put the engines (default
             ``EXPORT_DIR/tensorrt``) and the plugin library (default: the one built with gla-export).
-        cuda_graph: for ``ort-cuda`` (default on there): run the step graph as CUDA graphs
+        cuda_graph: for ``ort-cuda`` (opt-in: off by default until the captured path has passed its
+            GPU tests; see docs/decoding.md): run the step graph as CUDA graphs
             captured by ONNX Runtime, one pair per batch size in :data:`CAPTURE_SIZES` that is used
             (the two directions of the state swap), kept across :meth:`resize` so that a batch
             change replays instead of capturing again; the batch is padded to that size.
             ``runtime_name`` says whether it is on; ``cuda_graph_off`` why not.
-        sample_on_device: for ``ort-cuda`` and ``trt`` (default on there): :meth:`generate` picks
+        sample_on_device: for ``ort-cuda`` and ``trt`` (opt-in, like ``cuda_graph``): :meth:`generate` picks
             the tokens on the GPU (:mod:`.device_sampling`), so only the token ids come to the
             host each step, not ``[batch, V]`` logits.
     """
@@ -195,14 +196,14 @@ class StatefulDecoder(GenerationMixin):
         step, prefill = self.metadata.graphs["step"], self.metadata.graphs["prefill"]
         self._runtime = open_runtime(backend, self.metadata, device_id=device_id, threads=threads,
                                      engines_dir=engines_dir, plugin=plugin,
-                                     cuda_graph=False if self._grow else cuda_graph)
+                                     cuda_graph=False if self._grow else bool(cuda_graph))
         self.cuda_graph = bool(getattr(self._runtime, "cuda_graph", False))
         self.cuda_graph_off: str | None = getattr(self._runtime, "cuda_graph_off", "not an ort-cuda runtime")
         if self._grow and self._runtime.device.type == "cuda":  # a captured graph has fixed shapes
             self.cuda_graph_off = "a hybrid's full-attention KV caches change shape every step"
         if sample_on_device and self._runtime.device.type != "cuda":
             raise UsageError(f"sampling on the device needs a GPU runtime (ort-cuda or trt), not {backend}")
-        self.sample_on_device = self._runtime.device.type == "cuda" and sample_on_device is not False
+        self.sample_on_device = self._runtime.device.type == "cuda" and bool(sample_on_device)
         self._pools: dict[int, dict] = {}  # captured graphs' buffers by graph rows (kept across resize)
         mask = prefill.input("attention_mask")
         self._id_dtypes = {

@@ -118,7 +118,7 @@ struct OrtOptions {
   int device_id = 0;
   int threads = 0;  // intra-op threads, 0 = ONNX Runtime's default
   bool use_prefill = true;
-  bool cuda_graph = true;  // --provider cuda: replay the step as CUDA graphs captured by ONNX Runtime
+  bool cuda_graph = false;  // --cuda-graph with --provider cuda (opt-in until proven on a GPU): replay the step as CUDA graphs captured by ONNX Runtime
   std::string exe_dir;  // where gla-run lives (library search)
 };
 
@@ -133,7 +133,7 @@ struct TrtOptions {
   std::string plugin_lib;  // libgla_tensorrt.so ("" = search)
   int device_id = 0;
   std::string exe_dir;
-  bool cuda_graph = true;  // capture the step (both directions of the state swap) in CUDA graphs
+  bool cuda_graph = false;  // --cuda-graph: capture the step (both directions of the state swap) in CUDA graphs
 };
 
 bool trt_compiled();  // false when built without TensorRT headers

@@ -48,8 +48,8 @@ const char* kHelp =
     "                          $GLA_RUN_GLA_LIB, then ../lib beside gla-run)\n"
     "  --provider cpu|cuda     execution provider (default cpu; cuda needs onnxruntime-gpu)\n"
     "  --device-id N           CUDA device (default 0)\n"
-    "  --no-cuda-graph         --provider cuda and --engine: launch the step uncaptured instead of\n"
-    "                          replaying CUDA graphs (ONNX Runtime's capture; enqueueV3 captured)\n"
+    "  --cuda-graph            --provider cuda and --engine: replay the step as CUDA graphs (ONNX\n"
+    "                          Runtime's capture; enqueueV3 captured); opt-in, --no-cuda-graph: off\n"
     "  --threads N             intra-op threads (default: ONNX Runtime's choice)\n"
     "TensorRT:\n"
     "  --engine PATH           run this TensorRT step engine instead of ONNX Runtime\n"
@@ -91,6 +91,7 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--ignore-eos") a.ignore_eos = true;
     else if (f == "--no-prefill") a.no_prefill = true;
     else if (f == "--no-cuda-graph") a.ort.cuda_graph = a.trt.cuda_graph = false;
+    else if (f == "--cuda-graph") a.ort.cuda_graph = a.trt.cuda_graph = true;
     else if (f == "--format") a.format = value(i, f);
     else if (f == "--quiet") a.quiet = true;
     else if (f == "--ort-lib") a.ort.ort_lib = value(i, f);

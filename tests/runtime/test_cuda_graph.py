@@ -150,7 +150,7 @@ def _states(dec: StatefulDecoder) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("form", ["decomposed", "custom"])
 def test_replayed_steps_equal_uncaptured_steps_bitwise(exports, form):
     path = exports[form]
-    cap = StatefulDecoder(path, "ort-cuda", batch_size=4)
+    cap = StatefulDecoder(path, "ort-cuda", batch_size=4, cuda_graph=True)
     ref = StatefulDecoder(path, "ort-cuda", batch_size=4, cuda_graph=False)
     assert cap.cuda_graph, cap.cuda_graph_off
     assert "CUDA graph" in cap.runtime_name and not ref.cuda_graph
@@ -168,7 +168,7 @@ def test_replayed_steps_equal_uncaptured_steps_bitwise(exports, form):
 @pytest.mark.gpu
 def test_batch_changes_replay_without_recapture(exports):
     path = exports["custom"]
-    dec = StatefulDecoder(path, "ort-cuda", batch_size=3)
+    dec = StatefulDecoder(path, "ort-cuda", batch_size=3, cuda_graph=True)
     ref = StatefulDecoder(path, "ort-cuda", batch_size=3, cuda_graph=False)
     ids_before = dec._runtime._next_graph_id
     for b in (3, 1, 4, 2, 3, 1):
@@ -190,9 +190,9 @@ def test_batch_changes_replay_without_recapture(exports):
 @pytest.mark.gpu
 def test_save_and_resume_mid_graph(exports, tmp_path):
     path = exports["custom"]
-    one = StatefulDecoder(path, "ort-cuda")
+    one = StatefulDecoder(path, "ort-cuda", cuda_graph=True, sample_on_device=True)
     full = one.generate("Hello", max_new_tokens=24, ignore_eos=True).run()[0].tokens
-    two = StatefulDecoder(path, "ort-cuda")
+    two = StatefulDecoder(path, "ort-cuda", cuda_graph=True, sample_on_device=True)
     first = two.generate("Hello", max_new_tokens=11, ignore_eos=True, snapshot=True).run()[0]
     for _ in range(3):  # other traffic through the same graphs in between, at other batch sizes too
         two.generate(["xyz", "abc", "q"], max_new_tokens=5).run()
@@ -205,7 +205,7 @@ def test_save_and_resume_mid_graph(exports, tmp_path):
 @pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"t{p.temperature}k{p.top_k}p{p.top_p}")
 def test_device_sampling_gives_the_host_samplers_tokens(exports, params):
     path = exports["custom"]
-    dev = StatefulDecoder(path, "ort-cuda")
+    dev = StatefulDecoder(path, "ort-cuda", cuda_graph=True, sample_on_device=True)
     host = StatefulDecoder(path, "ort-cuda", sample_on_device=False)
     assert dev.sample_on_device and not host.sample_on_device
     a = dev.generate("Once", max_new_tokens=40, sampling=params).run()[0].tokens

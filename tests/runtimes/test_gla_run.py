@@ -324,7 +324,8 @@ def test_cuda_graph_step_matches_the_uncaptured_step():
         export = tiny_export(form)
         prompt = random_prompt(9)
         for prefill in (True, False):
-            cap = run_gla_run(export, ids=prompt, max_new_tokens=40, ignore_eos=True, prefill=prefill, provider="cuda")
+            cap = run_gla_run(export, ids=prompt, max_new_tokens=40, ignore_eos=True, prefill=prefill, provider="cuda",
+                              extra_args=["--cuda-graph"])
             ref = run_gla_run(export, ids=prompt, max_new_tokens=40, ignore_eos=True, prefill=prefill, provider="cuda",
                               extra_args=["--no-cuda-graph"])
             assert "(CUDA graph)" in cap.backend, cap.backend
@@ -335,6 +336,6 @@ def test_cuda_graph_step_matches_the_uncaptured_step():
 def test_no_cuda_graph_is_an_option_on_the_cpu_too():
     """Parsed everywhere (a no-op on the CPU provider), listed in --help."""
     export = tiny_export("decomposed")
-    a = run_gla_run(export, ids=[256, 1, 2], max_new_tokens=4, ignore_eos=True)
+    a = run_gla_run(export, ids=[256, 1, 2], max_new_tokens=4, ignore_eos=True, extra_args=["--cuda-graph"])
     b = run_gla_run(export, ids=[256, 1, 2], max_new_tokens=4, ignore_eos=True, extra_args=["--no-cuda-graph"])
     assert a.ids == b.ids and "CUDA graph" not in b.backend
