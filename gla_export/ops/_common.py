@@ -105,7 +105,7 @@ def check_inputs(
                 raise GLAShapeError(
                     f"cu_seqlens must start at 0, never decrease and end at T={T}, got {cu.tolist()}"
                 )
-        N = cu.numel() - 1
+        N = cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, Hkv, K, V):
         raise GLAShapeError(
             f"initial_state must be [N, Hkv, d_k, d_v] = [{N}, {Hkv}, {K}, {V}], got shape {_shape(initial_state)}"
