@@ -127,3 +127,15 @@ def test_public_function_validates_once(backend, monkeypatch):
     ops.gated_linear_attention(kw["q"], kw["k"], kw["v"], kw["g"], initial_state=kw["initial_state"],
                                cu_seqlens=kw["cu_seqlens"], output_final_state=True, backend=backend)
     assert len(calls) == 1, calls
+
+
+@pytest.mark.parametrize("cu_contents", [True, False])
+def test_check_inputs_counts_sequences_from_cu_seqlens(cu_contents):
+    """N is len(cu_seqlens) - 1 whether or not the offsets are read on the host (the device path
+    skips that read; N came from an unbound name there and every native CUDA call with cu_seqlens
+    failed, found on the GPU)."""
+    from gla_export.ops._common import check_inputs
+
+    x = make_inputs(GLACase(B=1, T=10, Hq=2, Hkv=2, K=8, V=8, cu_seqlens=(0, 3, 3, 10)))
+    dims = check_inputs(x["q"], x["k"], x["v"], x["g"], cu_seqlens=x["cu_seqlens"], cu_contents=cu_contents)
+    assert dims.N == 3
