@@ -134,9 +134,9 @@ def _plan(runner, kw) -> dict:
 
     p = make_problem(kw["q"], kw["k"], kw["v"], kw.get("g"), None, kw.get("initial_state"), kw.get("g_gamma"),
                      kw.get("reverse", False), kw.get("cu_seqlens"))  # fmt: skip
-    out = (ctypes.c_int64 * 10)()
+    out = (ctypes.c_int64 * 11)()
     runner.lib.gla_emu_plan(ctypes.byref(p), out)
-    return dict(zip(["chunk", "seg_len", "slots", "nkb", "nvb", "ct", "R", "threads", "gb", "v2"], list(out)))
+    return dict(zip(["chunk", "seg_len", "slots", "nkb", "nvb", "ct", "R", "threads", "gb", "v2", "v3"], list(out)))
 
 
 def _check(run, kw, tol_o, tol_s, name=""):
@@ -238,6 +238,52 @@ def test_gpu_extreme_decay_stays_finite(gpu, dtype, per_head):
     _check(gpu, kw, tol, tol, "extreme decay")
 
 
+# Every prefill path on the GPU, chosen here rather than by the environment of the whole run:
+# where a head has 2+ value blocks GLA_CUDA_PREFILL picks v1, v2 or v3 (v1 elsewhere).
+PREFILL_CASES = [
+    GLACase(B=1, T=t, Hq=4, Hkv=4, K=256, V=512, dtype=dt, initial_state=True) for t in (65, 1000) for dt in (F32, F16, BF16)
+] + [
+    GLACase(B=2, T=700, Hq=8, Hkv=8, K=128, V=128, dtype=F16, initial_state=True, reverse=True),
+    GLACase(B=1, T=4097, Hq=4, Hkv=2, K=100, V=130, dtype=BF16, initial_state=True, g_gamma=True),  # segments, GQA, odd
+    GLACase(B=1, T=300, Hq=6, Hkv=1, K=64, V=200, dtype=F16, gate_per_head=True),
+    GLACase(Hq=4, Hkv=2, K=64, V=96, cu_seqlens=(0, 0, 2500, 2500, 4100, 4101, 4101), initial_state=True, g_gamma=True),
+    GLACase(Hq=2, Hkv=2, K=128, V=256, dtype=F16, cu_seqlens=(0, 1, 2, 3, 700, 701), reverse=True, initial_state=True),
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: c.id)
+def test_gpu_prefill_versions_match_reference(gpu, case, version, monkeypatch):
+    monkeypatch.setenv("GLA_CUDA_PREFILL", version)
+    _check(gpu, make_inputs(case), *_tol(case.dtype), f"{case.id} {version}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["v2", "v3"])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
+def test_gpu_prefill_versions_extreme_decay(gpu, version, dtype, monkeypatch):
+    case = GLACase(B=2, T=300, Hq=2, Hkv=2, K=64, V=128, dtype=dtype, initial_state=True)
+    kw = make_inputs(case)
+    g = F.logsigmoid(torch.randn(kw["g"].shape) * 30)
+    g[..., 1::2] = kw["g"][..., 1::2].float()
+    kw["g"] = g.to(dtype)
+    monkeypatch.setenv("GLA_CUDA_PREFILL", version)
+    tol = max(TOLERANCE[dtype], 1e-4)
+    _check(gpu, kw, tol, tol, f"extreme decay {version}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_gpu_prefill_versions_repeatable(gpu, version, monkeypatch):
+    monkeypatch.setenv("GLA_CUDA_PREFILL", version)
+    kw = make_inputs(GLACase(B=1, T=2100, Hq=4, Hkv=2, K=256, V=256, dtype=F16, initial_state=True, g_gamma=True))
+    o1, s1 = gpu(kw)
+    for _ in range(3):
+        o2, s2 = gpu(kw)
+        assert torch.equal(o1, o2) and torch.equal(s1, s2)
+
+
 @pytest.mark.gpu
 def test_gpu_big_gqa_group_and_large_head(gpu):
     # 24 query heads share one key/value head; d_k past the chunk kernel's 256 runs step by step
@@ -301,8 +347,9 @@ def test_emulated_plan_covers_every_kernel(emu):
     assert any(p["chunk"] and p["seg_len"] > 0 for p in plans)
 
 
-# Prefill v2 (shared scores: gla_scores_kernel, then the main kernel without Q̃K̃ᵀ) wherever a head
-# has two or more value blocks of 64; GLA_CUDA_PREFILL picks v1 or v2 (read at each call).
+# Prefill v2 (shared scores: gla_scores_kernel, then the main kernel without Q̃K̃ᵀ) and v3 (the state
+# at every chunk boundary, the scores, then every chunk's output in parallel) wherever a head has two
+# or more value blocks of 64; GLA_CUDA_PREFILL picks v1, v2 or v3 (read at each call).
 V2_CASES = [
     GLACase(B=1, T=130, Hq=4, Hkv=2, K=60, V=100, initial_state=True, g_gamma=True),  # fp32 planes, GQA, odd
     GLACase(B=2, T=70, Hq=2, Hkv=2, K=100, V=130, dtype=F16, initial_state=True, reverse=True),  # 2 key, 3 value blocks
@@ -314,24 +361,56 @@ V2_CASES = [
 ]  # fmt: skip
 
 
+# v3 only: odd sizes in every dtype, a chunk-multiple length, GQA with segments and ragged empty
+# sequences, no gate with g_gamma, a per-head gate
+V3_CASES = [
+    GLACase(B=2, T=129, Hq=2, Hkv=2, K=36, V=70, dtype=dt, initial_state=True, g_gamma=True) for dt in (F32, F16, BF16)
+] + [
+    GLACase(B=1, T=128, Hq=4, Hkv=1, K=64, V=128, dtype=BF16, initial_state=True),
+    GLACase(Hq=4, Hkv=2, K=20, V=66, dtype=BF16, cu_seqlens=(0, 1100, 1100, 1101, 1300), initial_state=True,
+            g_gamma=True),  # segments, GQA, an empty and a one-step sequence
+    GLACase(B=2, T=90, Hq=2, Hkv=2, K=70, V=65, dtype=F16, gate_per_head=True, reverse=True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
 @pytest.mark.parametrize("case", V2_CASES, ids=lambda c: c.id)
-def test_emulated_v2_matches_reference(emu, case, monkeypatch):
+def test_emulated_v2_v3_match_reference(emu, case, version, monkeypatch):
     kw = make_inputs(case)
-    monkeypatch.setenv("GLA_CUDA_PREFILL", "v2")
+    monkeypatch.setenv("GLA_CUDA_PREFILL", version)
     plan = _plan(emu, kw)
-    assert plan["chunk"] and plan["v2"], plan
-    _check(emu, kw, *_tol(case.dtype), case.id + " v2")
+    assert plan["chunk"] and plan[version] and plan["v2" if version == "v3" else "v3"] == 0, plan
+    _check(emu, kw, *_tol(case.dtype), f"{case.id} {version}")
 
 
-def test_emulated_v2_extreme_decay(emu, monkeypatch):
-    # the exact per-pair diagonal path now lives in the scores kernel
+@pytest.mark.parametrize("case", V3_CASES, ids=lambda c: c.id)
+def test_emulated_v3_matches_reference(emu, case, monkeypatch):
+    kw = make_inputs(case)
+    monkeypatch.setenv("GLA_CUDA_PREFILL", "v3")
+    assert _plan(emu, kw)["v3"]
+    _check(emu, kw, *_tol(case.dtype), case.id + " v3")
+
+
+def test_emulated_v3_no_gate_int64_seqlens(emu, monkeypatch):
+    case = GLACase(Hq=2, Hkv=1, K=48, V=72, dtype=F16, cu_seqlens=(0, 100, 100, 230), g_gamma=True, initial_state=True)
+    kw = make_inputs(case)
+    kw["g"] = None
+    kw["cu_seqlens"] = kw["cu_seqlens"].long()
+    monkeypatch.setenv("GLA_CUDA_PREFILL", "v3")
+    assert _plan(emu, kw)["v3"]
+    _check(emu, kw, *_tol(F16), "no gate v3")
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_emulated_v2_v3_extreme_decay(emu, version, monkeypatch):
+    # the exact per-pair diagonal path lives in the scores kernel
     kw = make_inputs(GLACase(B=1, T=100, Hq=1, Hkv=1, K=32, V=80, dtype=F16))
     g = F.logsigmoid(torch.randn(kw["g"].shape) * 30)
     g[..., ::3] = kw["g"][..., ::3].float()
     kw["g"] = g.half()
-    monkeypatch.setenv("GLA_CUDA_PREFILL", "v2")
-    assert _plan(emu, kw)["v2"]
-    _check(emu, kw, 3e-3, 3e-3, "extreme decay v2")
+    monkeypatch.setenv("GLA_CUDA_PREFILL", version)
+    assert _plan(emu, kw)[version]
+    _check(emu, kw, 3e-3, 3e-3, f"extreme decay {version}")
 
 
 def test_emulated_v1_v2_choice_keeps_the_workspace(emu, monkeypatch):
@@ -342,7 +421,8 @@ def test_emulated_v1_v2_choice_keeps_the_workspace(emu, monkeypatch):
     d128 = make_inputs(GLACase(B=1, T=300, Hq=4, Hkv=4, K=128, V=128, dtype=F16))
     d64 = make_inputs(GLACase(B=1, T=300, Hq=4, Hkv=4, K=64, V=64, dtype=F16))
     monkeypatch.delenv("GLA_CUDA_PREFILL", raising=False)
-    assert not _plan(emu, big)["v2"] and not _plan(emu, d128)["v2"] and not _plan(emu, d64)["v2"]
+    for kw in (big, d128, d64):
+        assert not _plan(emu, kw)["v2"] and not _plan(emu, kw)["v3"]
 
     def ws(kw):
         from gla_export.ops.native import make_problem
@@ -351,24 +431,27 @@ def test_emulated_v1_v2_choice_keeps_the_workspace(emu, monkeypatch):
         return lib.gla_emu_workspace_bytes(ctypes.byref(p))
 
     sizes = {}
-    for choice in ("v1", "v2"):
+    for choice in ("v1", "v2", "v3"):
         monkeypatch.setenv("GLA_CUDA_PREFILL", choice)
-        assert _plan(emu, big)["v2"] == (choice == "v2") and _plan(emu, d128)["v2"] == (choice == "v2")
-        assert not _plan(emu, d64)["v2"]
+        for version in ("v2", "v3"):
+            assert _plan(emu, big)[version] == (choice == version) and _plan(emu, d128)[version] == (choice == version)
+            assert not _plan(emu, d64)[version]
         sizes[choice] = [ws(kw) for kw in (big, d128, d64)]
-    assert sizes["v1"] == sizes["v2"]
-    assert sizes["v1"][0] >= 300 * 4 * 64 * 2  # the scores
+    assert sizes["v1"] == sizes["v2"] == sizes["v3"]
+    # the scores and (v3) the state at each of the 5 chunk boundaries
+    assert sizes["v1"][0] >= 300 * 4 * 64 * 2 + 5 * 4 * 256 * 512 * 2
 
 
-def test_emulated_v1_and_v2_agree(emu, monkeypatch):
+def test_emulated_v1_v2_v3_agree(emu, monkeypatch):
     kw = make_inputs(GLACase(B=1, T=150, Hq=2, Hkv=2, K=64, V=136, dtype=BF16, initial_state=True))
     outs = {}
-    for choice in ("v1", "v2"):
+    for choice in ("v1", "v2", "v3"):
         monkeypatch.setenv("GLA_CUDA_PREFILL", choice)
         outs[choice] = emu(kw)
-    assert rel_err(outs["v1"][0], outs["v2"][0]) <= TOLERANCE[BF16]
-    assert rel_err(outs["v1"][1], outs["v2"][1]) <= TOLERANCE[BF16]
-    assert not torch.isnan(outs["v2"][0]).any() and not torch.isnan(outs["v2"][1]).any()
+    for choice in ("v2", "v3"):
+        assert rel_err(outs["v1"][0], outs[choice][0]) <= TOLERANCE[BF16]
+        assert rel_err(outs["v1"][1], outs[choice][1]) <= TOLERANCE[BF16]
+        assert not torch.isnan(outs[choice][0]).any() and not torch.isnan(outs[choice][1]).any()
 
 
 @pytest.mark.slow

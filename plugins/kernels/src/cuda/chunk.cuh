@@ -145,12 +145,12 @@ __device__ __forceinline__ RowRun row_run(const Params& p, const ChunkCtx& x, in
   return r;
 }
 
-// Prefetch of q (if want_q), k, g for rows t0 + 16a + r (r < 16) of key column kb*64 + c: one
+// Prefetch of q (if want_q), k (if want_k), g for rows t0 + 16a + r (r < 16) of key column kb*64 + c: one
 // pointer per tensor stepped row by row, loads predicated on the row existing (missing rows and
 // columns past d_k read as zero: k = 0 and g = 0 leave the state alone).
 template <class Act>
 __device__ __forceinline__ void load_qkg(const Params& p, const ChunkCtx& x, Raw<Act>& raw, int64_t t0, int kb,
-                                         bool want_q) {
+                                         bool want_q, bool want_k = true) {
   const int col = kb * kBK + x.c;
   const RowRun rr = row_run(p, x, t0 + 16 * x.a, 1, 16);
   const int nv = col < p.K ? rr.nvalid : 0;
@@ -169,7 +169,7 @@ __device__ __forceinline__ void load_qkg(const Params& p, const ChunkCtx& x, Raw
   const Act zero = from_float<Act>(0.f);
 #pragma unroll
   for (int r = 0; r < 16; ++r) {
-    raw.k[r] = r < nv ? *pk : zero;
+    if (want_k) raw.k[r] = r < nv ? *pk : zero;
     if (want_q) raw.q[r] = r < nv ? *pq : zero;
     raw.g[r] = r < ng ? *pg : zero;
     pk += kst;
@@ -831,6 +831,367 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Para
           float val = j <= i ? A[u][2 * half + e] : 0.f;
           if (chunk_exact && j <= i && j >= 16 * mt) val += sDiag[(mt * 16 + (i - 16 * mt)) * 16 + (j - 16 * mt)];
           orow[j] = from_float<Act>(val * p.scale);
+        }
+      }
+    }
+  }
+}
+
+// ---- prefill v3: the state at every chunk boundary, then the outputs of every chunk in parallel ----
+//
+// "chunk states" walks each segment (or sequence) forward per (key/value head, 64 key rows, 64 value
+// columns) with only the state update S = 2^Γ_C ⊙ S + K̂ᵀV (no queries, no scores): its 64×64 fp32
+// tile is 16 registers a thread. Before each chunk it stores S, rounded to the activation type (the
+// operand the output's Q̂S reads in v1/v2 too; fp32 for fp32), to p.chunk_state; after the last
+// chunk of a sequence it writes the final state. "output" then runs one block per (chunk, query
+// head, 64 value columns), all at once: O = scale · Q̂ S_chunk + A V with A from the scores kernel.
+
+// The chunk slot of chunk ci of sequence n (the scores kernel's layout, chunk_slots).
+__device__ __forceinline__ int64_t chunk_slot(const Params& p, int64_t n, int64_t ci) {
+  return (p.cu ? int64_t(p.chunk_off[n]) : n * int64_t(p.nchunk_dense)) + ci;
+}
+
+template <class Act>
+constexpr size_t chunk_states_smem_bytes() {
+  return segment_smem_bytes<Act>() + size_t(64) * 4;  // K̂ and V planes, sTot; sDC
+}
+
+template <class Act>
+__global__ void __launch_bounds__(kChunkThreads) gla_chunk_states_kernel(const Params p) {
+  using OP = Operand<Act>;
+  using E = typename OP::E;
+  constexpr int NP = OP::kPlanes;
+  constexpr int kPlane = 2 * 64 * kPitch;  // K̂ then V
+#if defined(GLA_EMULATE)
+  unsigned char* smem_raw = gla_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+  E* sm = reinterpret_cast<E*>(smem_raw);
+  float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kPlane * 2);
+  float* sDC = sTot + 4 * 64;
+
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int mt = warp & 3, nh = warp >> 2, lg = lane >> 2, lt = lane & 3;
+  int64_t bx = blockIdx.x;
+  const int vb = int(bx % p.nvb);
+  bx /= p.nvb;
+  const int kb = int(bx % p.nkb);
+  bx /= p.nkb;
+  const int h = int(bx % p.Hkv);
+  const int64_t slot = bx / p.Hkv;
+  int64_t n, s, nseg, slot0;
+  if (!find_segment(p, slot, n, s, nseg, slot0)) return;  // uniform over the block
+
+  ChunkCtx x;
+  sequence_bounds(p, n, x.bos, x.len);
+  x.h = h;
+  x.hq = h * p.G;
+  x.c = tid & 63;
+  x.a = tid >> 6;
+  x.gam = gamma_log2(p, h);
+  const int64_t t_begin = p.seg_len ? s * p.seg_len : 0;
+  const int64_t t_end = p.seg_len && s + 1 < nseg ? (s + 1) * p.seg_len : x.len;
+  const int64_t nchunks = t_end > t_begin ? (t_end - t_begin + kChunk - 1) / kChunk : 0;
+  const int vcol = vb * kBV + x.c, vrow0 = x.a;
+
+  // this thread's accumulators: rows kb*64 + 16mt + lg (+8), columns vb*64 + 32nh + 8nt + 2lt (+1)
+  float S[4][4];
+  {
+    const int64_t base_h0 = (n * p.Hkv + h) * int64_t(p.K) * p.V;
+    const int64_t base_ws = (slot * p.Hkv + h) * int64_t(p.K) * p.V;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
+        const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
+        float val = 0.f;
+        if (row < p.K && col < p.V) {
+          if (p.seg_len) val = p.seg_state[base_ws + int64_t(row) * p.V + col];
+          else if (p.h0) val = load_any(p.h0, base_h0 + int64_t(row) * p.V + col, p.state_dt);
+        }
+        S[nt][e] = val;
+      }
+  }
+
+  Raw<Act> raw;
+  raw.nv = raw.ng = 0;
+  if (nchunks > 0) {
+    load_qkg<Act>(p, x, raw, t_begin, kb, false);
+    load_v<Act>(p, x, raw, t_begin, vcol, vrow0);
+  }
+  Act* __restrict__ hc = static_cast<Act*>(p.chunk_state);
+  const int64_t cs0 = chunk_slot(p, n, t_begin / kChunk);
+  for (int64_t ci = 0; ci < nchunks; ++ci) {
+    // the state at this chunk's start
+    {
+      const int64_t base = ((cs0 + ci) * p.Hkv + h) * int64_t(p.K) * p.V;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = kb * 64 + 16 * mt + lg + 8 * half;
+          const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt;  // even
+          if (row >= p.K) continue;
+          Act* dst = hc + base + int64_t(row) * p.V + col;
+          if (p.V % 2 == 0 && col + 1 < p.V) {  // the workspace is aligned: pairs are when d_v is even
+            store_pair(dst, S[nt][2 * half], S[nt][2 * half + 1]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (col + e < p.V) dst[e] = from_float<Act>(S[nt][2 * half + e]);
+          }
+        }
+    }
+    float P[16];
+    float run = 0.f;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      run += raw.decay(r, x.gam);
+      P[r] = run;
+    }
+    sTot[x.a * 64 + x.c] = P[15];
+    __syncthreads();
+    float after = 0.f, total = 0.f;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const float tb = sTot[b * 64 + x.c];
+      if (b > x.a) after += tb;
+      total += tb;
+    }
+    if (x.a == 0) sDC[x.c] = fast_exp2(total);
+    E* Kh = sm;
+    E* Vs = sm + 64 * kPitch;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int row = 16 * x.a + r;
+      put<Act, kPlane>(Kh + row * kPitch + x.c, to_float(raw.k[r]) * fast_exp2(P[15] - P[r] + after));
+      put<Act, kPlane>(Vs + (vrow0 + 4 * r) * kPitch + x.c, to_float(raw.v[r]));
+    }
+    if (ci + 1 < nchunks) {
+      load_qkg<Act>(p, x, raw, t_begin + (ci + 1) * kChunk, kb, false);
+      load_v<Act>(p, x, raw, t_begin + (ci + 1) * kChunk, vcol, vrow0);
+    }
+    __syncthreads();
+    {
+      const float d0 = sDC[16 * mt + lg], d1 = sDC[16 * mt + lg + 8];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        S[nt][0] *= d0;
+        S[nt][1] *= d0;
+        S[nt][2] *= d1;
+        S[nt][3] *= d1;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      uint32_t af[NP][4];
+#pragma unroll
+      for (int pl = 0; pl < NP; ++pl)
+        ldsm_x4_t(af[pl], Kh + pl * kPlane + (16 * ks + (lane & 7) + (lane >> 4) * 8) * kPitch + 16 * mt +
+                              ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int pp = 0; pp < 2; ++pp) {
+        uint32_t b[NP][4];
+#pragma unroll
+        for (int pl = 0; pl < NP; ++pl)
+          ldsm_x4_t(b[pl], Vs + pl * kPlane + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
+                               16 * pp + (lane >> 4) * 8);
+        uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
+#pragma unroll
+        for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
+        mma_planes<Act>(S[2 * pp], af, b0, b1);
+        mma_planes<Act>(S[2 * pp + 1], af, b2, b3);
+      }
+    }
+    __syncthreads();  // the next chunk overwrites sTot, K̂ and V
+  }
+
+  // the final state, from the sequence's last segment
+  if (s + 1 == nseg) {
+    const int64_t base = (n * p.Hkv + h) * int64_t(p.K) * p.V;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
+        const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
+        if (row < p.K && col < p.V) store_any(p.ht, base + int64_t(row) * p.V + col, p.state_dt, S[nt][e]);
+      }
+  }
+}
+
+// Output: one block per (chunk slot, query head, 64 value columns). Per key block: Q̂ = q 2^Γ_i and
+// the chunk's start state (rows of the key block) to shared memory, O += Q̂ S; then O = scale·O + A V
+// with the chunk's scores (already masked and scaled by the scores kernel).
+constexpr int kOutRowQh = 0, kOutRowS = 64, kOutRowA = 128, kOutRowV = 192, kOutPlane = 256 * kPitch;
+
+template <class Act>
+constexpr size_t output_smem_bytes() {
+  return size_t(Operand<Act>::kPlanes) * kOutPlane * 2 + size_t(4 * 64) * 4;  // Q̂, S, A, V; sTot
+}
+
+template <class Act>
+__global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Params p) {
+  using OP = Operand<Act>;
+  using E = typename OP::E;
+  constexpr int NP = OP::kPlanes;
+#if defined(GLA_EMULATE)
+  unsigned char* smem_raw = gla_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+  E* sm = reinterpret_cast<E*>(smem_raw);
+  float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kOutPlane * 2);
+
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int mt = warp & 3, nh = warp >> 2, lg = lane >> 2, lt = lane & 3;
+  int64_t bx = blockIdx.x;
+  const int vb = int(bx % p.nvb);
+  bx /= p.nvb;
+  const int hq = int(bx % p.Hq);
+  const int64_t cslot = bx / p.Hq;
+  int64_t n, ci, nch, slot0;
+  if (!find_segment(chunk_slots(p), cslot, n, ci, nch, slot0)) return;  // uniform over the block
+  ChunkCtx x;
+  sequence_bounds(p, n, x.bos, x.len);
+  const int64_t t0 = ci * kChunk;
+  if (t0 >= x.len) return;  // an empty sequence's slot
+  x.hq = hq;
+  x.h = hq / p.G;
+  x.c = tid & 63;
+  x.a = tid >> 6;
+  x.gam = gamma_log2(p, x.h);
+  const int vcol = vb * kBV + x.c, vrow0 = x.a;
+
+  // the scores and V of the chunk: tiles of their own, covered by the first key block's barrier
+  Raw<Act> raw;
+  load_a<Act>(p, x, raw, t0);
+  load_v<Act>(p, x, raw, t0, vcol, vrow0);
+  {
+    E* myA = sm + (kOutRowA + 16 * x.a) * kPitch + x.c;
+    E* myV = sm + (kOutRowV + vrow0) * kPitch + x.c;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      put<Act, kOutPlane>(myA + r * kPitch, to_float(raw.a[r]));
+      put<Act, kOutPlane>(myV + 4 * r * kPitch, to_float(raw.v[r]));
+    }
+  }
+
+  float O[4][4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) O[u][e] = 0.f;
+
+  const Act* hc = static_cast<const Act*>(p.chunk_state) + (cslot * p.Hkv + x.h) * int64_t(p.K) * p.V;
+  E* const myQh = sm + (kOutRowQh + 16 * x.a) * kPitch + x.c;
+  const int srow = tid >> 2, scol = (tid & 3) * 16;  // this thread's 16 elements of the state tile
+#pragma unroll 1
+  for (int kb = 0; kb < p.nkb; ++kb) {
+    load_qkg<Act>(p, x, raw, t0, kb, true, false);
+    float P[16];
+    float run = 0.f;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      run += raw.decay(r, x.gam);
+      P[r] = run;
+    }
+    sTot[x.a * 64 + x.c] = P[15];
+    {
+      const int row = kb * kBK + srow;
+      const int col0 = vb * kBV + scol;
+      const Act* src = hc + int64_t(row < p.K ? row : 0) * p.V;
+      E* dst = sm + (kOutRowS + srow) * kPitch + scol;
+#pragma unroll
+      for (int u = 0; u < 16; ++u) {
+        const int col = col0 + u;
+        put<Act, kOutPlane>(dst + u, row < p.K && col < p.V ? to_float(src[col]) : 0.f);
+      }
+    }
+    __syncthreads();
+    float before = 0.f;
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      if (b < x.a) before += sTot[b * 64 + x.c];
+#pragma unroll
+    for (int r = 0; r < 16; ++r) put<Act, kOutPlane>(myQh + r * kPitch, to_float(raw.q[r]) * fast_exp2(before + P[r]));
+    __syncthreads();
+    {
+      const E* Qh = sm + kOutRowQh * kPitch;
+      const E* Ss = sm + kOutRowS * kPitch;
+      const int a_row = 16 * mt + (lane & 15), a_col = (lane >> 4) * 8;
+      const int bt_row = (lane & 7) + ((lane >> 3) & 1) * 8, bt_col = 32 * nh + (lane >> 4) * 8;
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        uint32_t af[NP][4];
+#pragma unroll
+        for (int pl = 0; pl < NP; ++pl) ldsm_x4(af[pl], Qh + pl * kOutPlane + a_row * kPitch + 16 * ks + a_col);
+#pragma unroll
+        for (int pp = 0; pp < 2; ++pp) {
+          uint32_t b[NP][4];
+#pragma unroll
+          for (int pl = 0; pl < NP; ++pl)
+            ldsm_x4_t(b[pl], Ss + pl * kOutPlane + (16 * ks + bt_row) * kPitch + bt_col + 16 * pp);
+          uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
+#pragma unroll
+          for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
+          mma_planes<Act>(O[2 * pp], af, b0, b1);
+          mma_planes<Act>(O[2 * pp + 1], af, b2, b3);
+        }
+      }
+    }
+    __syncthreads();  // the next key block overwrites sTot, Q̂ and S
+  }
+
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) O[u][e] *= p.scale;
+  {
+    const E* As = sm + kOutRowA * kPitch;
+    const E* Vs = sm + kOutRowV * kPitch;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      if (ks <= mt) {
+        uint32_t af[NP][4];
+#pragma unroll
+        for (int pl = 0; pl < NP; ++pl)
+          ldsm_x4(af[pl], As + pl * kOutPlane + (16 * mt + (lane & 15)) * kPitch + 16 * ks + (lane >> 4) * 8);
+#pragma unroll
+        for (int pp = 0; pp < 2; ++pp) {
+          uint32_t b[NP][4];
+#pragma unroll
+          for (int pl = 0; pl < NP; ++pl)
+            ldsm_x4_t(b[pl], Vs + pl * kOutPlane + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
+                                 16 * pp + (lane >> 4) * 8);
+          uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
+#pragma unroll
+          for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
+          mma_planes<Act>(O[2 * pp], af, b0, b1);
+          mma_planes<Act>(O[2 * pp + 1], af, b2, b3);
+        }
+      }
+    }
+  }
+  // rows 16mt + lg and 16mt + lg + 8 of the chunk; columns 32nh + 8nt + 2lt (+1)
+  Act* __restrict__ o = static_cast<Act*>(p.o);
+  const int col0 = vb * kBV + 32 * nh + 2 * lt;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const RowRun rr = row_run(p, x, t0 + 16 * mt + lg + 8 * half, 1, 1);
+    if (rr.nvalid) {
+      Act* orow = o + (rr.pos0 * p.Hq + hq) * int64_t(p.V);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int col = col0 + 8 * nt;  // even
+        if (p.vec_out && col + 1 < p.V) {
+          store_pair(orow + col, O[nt][2 * half], O[nt][2 * half + 1]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (col + e < p.V) orow[col + e] = from_float<Act>(O[nt][2 * half + e]);
         }
       }
     }

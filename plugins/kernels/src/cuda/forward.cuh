@@ -102,19 +102,20 @@ inline int step_rows() {
 inline size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
 // Prefill v2 (shared scores: gla_scores_kernel once per chunk and query head, then the main kernel
-// without Q̃K̃ᵀ) can run wherever a head has two or more value blocks; its workspace is planned for
-// every such problem whichever path runs, so the choice below never changes the workspace.
+// without Q̃K̃ᵀ) and v3 (the state at every chunk boundary, then the scores and a parallel output
+// kernel) can run wherever a head has two or more value blocks; the workspace of both is planned
+// for every such problem whichever path runs, so the choice below never changes the workspace.
 inline bool shares_scores(int nvb) { return nvb >= 2; }
 
-// Which prefill runs where v2 can: GLA_CUDA_PREFILL=v1 or v2 (a knob for benchmarks and tests, read
-// at each call; it changes no workspace). Default v1 everywhere: v2 is meant for 4+ value blocks
-// (d_v > 192) but stays opt-in until it has run and been timed on a GPU (docs/cuda-kernels.md).
-inline bool prefer_v2(int nvb) {
+// Which prefill runs where v2/v3 can: GLA_CUDA_PREFILL=v1, v2 or v3 (a knob for benchmarks and
+// tests, read at each call; it changes no workspace). Default v1 everywhere: v2 and v3 stay opt-in
+// until they have been timed on a GPU (docs/cuda-kernels.md).
+inline int prefill_version(int nvb) {
   const char* e = std::getenv("GLA_CUDA_PREFILL");
-  if (e && std::strcmp(e, "v1") == 0) return false;
-  if (e && std::strcmp(e, "v2") == 0) return true;
+  if (e && std::strcmp(e, "v2") == 0) return 2;
+  if (e && std::strcmp(e, "v3") == 0) return 3;
   (void)nvb;
-  return false;
+  return 1;
 }
 
 struct Plan {
@@ -125,11 +126,11 @@ struct Plan {
   int64_t nseg_dense = 1;
   int64_t slots = 0;
   size_t off_seg_off = 0, off_seg_state = 0, off_seg_decay = 0;
-  // shared scores (v2): planned whenever shares_scores(nvb); used when v2
-  bool v2 = false;
+  // shared scores (v2, v3) and chunk-boundary states (v3): planned whenever shares_scores(nvb)
+  bool v2 = false, v3 = false;
   int64_t cslots = 0;  // chunk slots: the scores kernel's grid over (sequence, chunk)
   int64_t nchunk_dense = 0;
-  size_t off_chunk_off = 0, off_scores = 0;
+  size_t off_chunk_off = 0, off_scores = 0, off_chunk_state = 0;
   size_t workspace = 0;
   // recurrent path (always planned: the fallback when the chunk kernel cannot run on this device)
   int ct = 0, R = 0, threads = 0, gb = 0, rnvb = 0;
@@ -193,7 +194,9 @@ inline Plan make_plan(const Problem& pr) {
     off = align_up(off + size_t(pl.slots) * pr.kv_heads * K * sizeof(float));
   }
   if (shares_scores(pl.nvb)) {
-    pl.v2 = prefer_v2(pl.nvb);
+    const int version = prefill_version(pl.nvb);
+    pl.v2 = version == 2;
+    pl.v3 = version == 3;
     pl.nchunk_dense = std::max<int64_t>(1, ceil_div(T, kChunk));
     pl.cslots = pr.has_cu_seqlens ? N + T / kChunk : N * pl.nchunk_dense;
     if (pr.has_cu_seqlens) {
@@ -202,6 +205,8 @@ inline Plan make_plan(const Problem& pr) {
     }
     pl.off_scores = off;
     off = align_up(off + size_t(pr.batch) * size_t(T) * pr.q_heads * kChunk * dtype_size(pr.act_dtype));
+    pl.off_chunk_state = off;
+    off = align_up(off + size_t(pl.cslots) * pr.kv_heads * K * V * dtype_size(pr.act_dtype));
   }
   pl.workspace = off;
   return pl;
@@ -262,8 +267,28 @@ Status launch_scores(const Plan& pl, const Params& p, stream_t stream, int dev) 
   return launch_failed("scores");
 }
 
+// v3: every chunk's start state (and the final state), the scores, then all outputs at once
+template <class Act, int NKB>
+Status launch_v3(const Plan& pl, const Params& p, stream_t stream, int dev) {
+  const char* why = nullptr;
+  constexpr size_t st_smem = chunk_states_smem_bytes<Act>();
+  if (!rt::allow_smem<gla_chunk_states_kernel<Act>>(dev, st_smem, why))
+    return detail::fail(Status::kCudaError, "preparing the GLA chunk-states kernel failed: %s", why ? why : "?");
+  auto* st_kernel = &gla_chunk_states_kernel<Act>;
+  GLA_LAUNCH(st_kernel, pl.slots * p.Hkv * pl.nkb * pl.nvb, kChunkThreads, st_smem, stream, p);
+  if (Status st = launch_failed("chunk states"); st != Status::kOk) return st;
+  if (Status st = launch_scores<Act, NKB>(pl, p, stream, dev); st != Status::kOk) return st;
+  constexpr size_t out_smem = output_smem_bytes<Act>();
+  if (!rt::allow_smem<gla_output_kernel<Act>>(dev, out_smem, why))
+    return detail::fail(Status::kCudaError, "preparing the GLA output kernel failed: %s", why ? why : "?");
+  auto* out_kernel = &gla_output_kernel<Act>;
+  GLA_LAUNCH(out_kernel, pl.cslots * p.Hq * pl.nvb, kChunkThreads, out_smem, stream, p);
+  return launch_failed("output");
+}
+
 template <class Act, int NKB>
 Status launch_chunk_nkb(const Plan& pl, const Params& p, stream_t stream, int dev) {
+  if (pl.v3) return launch_v3<Act, NKB>(pl, p, stream, dev);
   if (!pl.v2) return launch_chunk_main<Act, NKB, false>(pl, p, stream, dev);
   if (Status st = launch_scores<Act, NKB>(pl, p, stream, dev); st != Status::kOk) return st;
   return launch_chunk_main<Act, NKB, true>(pl, p, stream, dev);
@@ -295,8 +320,9 @@ Status launch_chunk(const Plan& pl, Params p, unsigned char* ws, stream_t stream
     GLA_LAUNCH(gla_segment_scan_kernel, ceil_div(elems, 256), 256, 0, stream, p);
     if (Status st = launch_failed("segment scan"); st != Status::kOk) return st;
   }
-  if (pl.v2) {
+  if (pl.v2 || pl.v3) {
     p.scores = ws + pl.off_scores;
+    p.chunk_state = pl.v3 ? ws + pl.off_chunk_state : nullptr;
     p.chunk_off = p.cu ? reinterpret_cast<int32_t*>(ws + pl.off_chunk_off) : nullptr;
     p.nchunk_dense = int32_t(pl.nchunk_dense);
     if (p.cu) {  // chunk slots per sequence: the segment offsets kernel with one-chunk segments
@@ -353,7 +379,8 @@ inline size_t workspace_bytes(const Problem& pr) {
 //     packed: slots = N + T / seg_len <= N_seg + T / seg_min
 // with N_seg = min(N, ceil(kTargetBlocks / (Hq * nvb)) - 1) the most sequences that still split.
 // Where the scores can be shared (nvb >= 2), every chunked problem also has N + 1 chunk offsets
-// (cu_seqlens) and batch * T * Hq * 64 scores: both grow with the problem.
+// (cu_seqlens), batch * T * Hq * 64 scores and (v3) chunk slots * Hkv * K * V chunk-boundary
+// states, chunk slots = N * ceil(T / 64) (dense) or N + T / 64 (packed): all grow with the problem.
 inline size_t workspace_bound(const Problem& largest) {
   if (validate(largest) != Status::kOk) return 0;
   const int64_t N = largest.num_seqs, T = largest.seq_len;
@@ -375,6 +402,8 @@ inline size_t workspace_bound(const Problem& largest) {
   if (shares_scores(int(ceil_div(V, kBV)))) {
     if (largest.has_cu_seqlens) off = align_up(off + size_t(N + 1) * sizeof(int32_t));
     off = align_up(off + size_t(largest.batch) * size_t(T) * largest.q_heads * kChunk * dtype_size(largest.act_dtype));
+    const int64_t cslots = largest.has_cu_seqlens ? N + T / kChunk : N * ceil_div(T, kChunk);
+    off = align_up(off + size_t(cslots) * largest.kv_heads * K * V * dtype_size(largest.act_dtype));
   }
   return off;
 }

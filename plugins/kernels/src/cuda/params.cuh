@@ -50,6 +50,10 @@ struct Params {
   void* scores;           // [positions, Hq, 64] Act: row i's masked, scaled scores against its chunk's rows j <= i
   int32_t* chunk_off;     // [N + 1] first chunk slot of each sequence (cu_seqlens only)
   int32_t nchunk_dense;   // chunks per sequence without cu_seqlens
+
+  // prefill v3: the state at the start of every chunk, written by the chunk-states kernel, read by
+  // the output kernel; chunk slots as for the scores
+  void* chunk_state;  // [chunk slots, Hkv, K, V] Act (the rounded copy the products use; fp32 for fp32)
 };
 
 __device__ __forceinline__ void sequence_bounds(const Params& p, int64_t n, int64_t& bos, int64_t& len) {

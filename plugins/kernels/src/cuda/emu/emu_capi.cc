@@ -19,11 +19,11 @@ size_t gla_emu_workspace_bound(const gla::Problem* problem) { return gla::cuda::
 const char* gla_emu_last_error() { return gla::last_error_message(); }
 
 // What make_plan chose, for tests that must know which kernels ran: [chunk, seg_len, slots, nkb,
-// nvb, ct, R, threads, gb, v2].
+// nvb, ct, R, threads, gb, v2, v3].
 void gla_emu_plan(const gla::Problem* problem, int64_t* out) {
   const gla::cuda::Plan p = gla::cuda::make_plan(*problem);
-  const int64_t v[] = {p.chunk, p.seg_len, p.slots, p.nkb, p.nvb, p.ct, p.R, p.threads, p.gb, p.v2};
-  for (int i = 0; i < 10; ++i) out[i] = v[i];
+  const int64_t v[] = {p.chunk, p.seg_len, p.slots, p.nkb, p.nvb, p.ct, p.R, p.threads, p.gb, p.v2, p.v3};
+  for (int i = 0; i < 11; ++i) out[i] = v[i];
 }
 
 }  // extern "C"
