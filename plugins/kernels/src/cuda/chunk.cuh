@@ -29,6 +29,8 @@
 // mma (hi·hi + hi·lo + lo·hi), about 2^-16 relative per product, enough for fp32's tolerance.
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/params.cuh"
 
 namespace gla {
@@ -851,15 +853,31 @@ __device__ __forceinline__ int64_t chunk_slot(const Params& p, int64_t n, int64_
   return (p.cu ? int64_t(p.chunk_off[n]) : n * int64_t(p.nchunk_dense)) + ci;
 }
 
+// A 64×64 tile of a chunk-boundary state (rows = key rows, columns = value columns) moves between
+// the workspace and the kernels in 16-byte pieces: piece idx = tid + 256·it is row idx / kPerRow,
+// columns kVec·(idx % kPerRow) + [0, kVec), so a warp's accesses are whole 128- or 256-byte rows.
+// Vector accesses need d_v to be a multiple of kVec (every row then starts 16-byte aligned: the
+// workspace is 256-byte aligned); otherwise (odd d_v) each element goes alone.
 template <class Act>
-constexpr size_t chunk_states_smem_bytes() {
-  return segment_smem_bytes<Act>() + size_t(64) * 4;  // K̂ and V planes, sTot; sDC
+struct StateTile {
+  using Vec = typename std::conditional<sizeof(Act) == 4, float4, uint4>::type;
+  static constexpr int kVec = 16 / int(sizeof(Act));
+  static constexpr int kPerRow = 64 / kVec;
+  static constexpr int kIters = 64 * kPerRow / kChunkThreads;
+  static constexpr int kStagePitch = 64 + kVec;  // Act elements per row of a staging tile (16-byte rows)
+  Vec w[kIters];
+};
+
+template <class Act>
+constexpr size_t chunk_states_smem_bytes() {  // K̂ and V planes, the staging tile, sTot, sDC
+  return segment_smem_bytes<Act>() + size_t(64) * StateTile<Act>::kStagePitch * sizeof(Act) + size_t(64) * 4;
 }
 
 template <class Act>
-__global__ void __launch_bounds__(kChunkThreads) gla_chunk_states_kernel(const Params p) {
+__global__ void __launch_bounds__(kChunkThreads, 2) gla_chunk_states_kernel(const Params p) {
   using OP = Operand<Act>;
   using E = typename OP::E;
+  using ST = StateTile<Act>;
   constexpr int NP = OP::kPlanes;
   constexpr int kPlane = 2 * 64 * kPitch;  // K̂ then V
 #if defined(GLA_EMULATE)
@@ -868,7 +886,8 @@ __global__ void __launch_bounds__(kChunkThreads) gla_chunk_states_kernel(const P
   extern __shared__ __align__(16) unsigned char smem_raw[];
 #endif
   E* sm = reinterpret_cast<E*>(smem_raw);
-  float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kPlane * 2);
+  Act* sStage = reinterpret_cast<Act*>(smem_raw + size_t(NP) * kPlane * 2);  // the state, for coalesced stores
+  float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kPlane * 2 + size_t(64) * ST::kStagePitch * sizeof(Act));
   float* sDC = sTot + 4 * 64;
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
@@ -923,27 +942,15 @@ __global__ void __launch_bounds__(kChunkThreads) gla_chunk_states_kernel(const P
   }
   Act* __restrict__ hc = static_cast<Act*>(p.chunk_state);
   const int64_t cs0 = chunk_slot(p, n, t_begin / kChunk);
+  const bool vec = p.V % ST::kVec == 0;
   for (int64_t ci = 0; ci < nchunks; ++ci) {
-    // the state at this chunk's start
-    {
-      const int64_t base = ((cs0 + ci) * p.Hkv + h) * int64_t(p.K) * p.V;
+    // the state at this chunk's start: to the staging tile now, to the workspace after the barrier
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = kb * 64 + 16 * mt + lg + 8 * half;
-          const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt;  // even
-          if (row >= p.K) continue;
-          Act* dst = hc + base + int64_t(row) * p.V + col;
-          if (p.V % 2 == 0 && col + 1 < p.V) {  // the workspace is aligned: pairs are when d_v is even
-            store_pair(dst, S[nt][2 * half], S[nt][2 * half + 1]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-              if (col + e < p.V) dst[e] = from_float<Act>(S[nt][2 * half + e]);
-          }
-        }
-    }
+      for (int half = 0; half < 2; ++half)
+        store_pair(sStage + (16 * mt + lg + 8 * half) * ST::kStagePitch + 32 * nh + 8 * nt + 2 * lt, S[nt][2 * half],
+                   S[nt][2 * half + 1]);
     float P[16];
     float run = 0.f;
 #pragma unroll
@@ -953,6 +960,22 @@ __global__ void __launch_bounds__(kChunkThreads) gla_chunk_states_kernel(const P
     }
     sTot[x.a * 64 + x.c] = P[15];
     __syncthreads();
+    {  // the staging tile to the workspace (read before the next chunk's first barrier: rewritten after it)
+      const int64_t base = ((cs0 + ci) * p.Hkv + h) * int64_t(p.K) * p.V;
+#pragma unroll
+      for (int it = 0; it < ST::kIters; ++it) {
+        const int idx = tid + kChunkThreads * it, r = idx / ST::kPerRow, cv = (idx % ST::kPerRow) * ST::kVec;
+        const int row = kb * 64 + r, col = vb * kBV + cv;
+        if (row >= p.K || col >= p.V) continue;
+        Act* dst = hc + base + int64_t(row) * p.V + col;
+        const Act* src = sStage + r * ST::kStagePitch + cv;
+        if (vec) {
+          *reinterpret_cast<typename ST::Vec*>(dst) = *reinterpret_cast<const typename ST::Vec*>(src);
+        } else {
+          for (int u = 0; u < ST::kVec && col + u < p.V; ++u) dst[u] = src[u];
+        }
+      }
+    }
     float after = 0.f, total = 0.f;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
@@ -1024,12 +1047,57 @@ __global__ void __launch_bounds__(kChunkThreads) gla_chunk_states_kernel(const P
 
 // Output: one block per (chunk slot, query head, 64 value columns). Per key block: Q̂ = q 2^Γ_i and
 // the chunk's start state (rows of the key block) to shared memory, O += Q̂ S; then O = scale·O + A V
-// with the chunk's scores (already masked and scaled by the scores kernel).
-constexpr int kOutRowQh = 0, kOutRowS = 64, kOutRowA = 128, kOutRowV = 192, kOutPlane = 256 * kPitch;
+// with the chunk's scores (already masked and scaled by the scores kernel). The Q̂ and S tiles are
+// double-buffered and the next key block's q, g and S are loaded while this one's products run: two
+// barriers a key block.
+constexpr int kOutRowA = 0, kOutRowV = 64, kOutRowQh = 128, kOutRowS = 256, kOutPlane = 384 * kPitch;  // Q̂, S: 2 × 64 rows
 
 template <class Act>
 constexpr size_t output_smem_bytes() {
-  return size_t(Operand<Act>::kPlanes) * kOutPlane * 2 + size_t(4 * 64) * 4;  // Q̂, S, A, V; sTot
+  return size_t(Operand<Act>::kPlanes) * kOutPlane * 2 + size_t(2 * 4 * 64) * 4;  // A, V, 2 Q̂, 2 S; 2 sTot
+}
+
+// The state tile of key block kb into registers (zeros past d_k; only when d_v allows vector loads)
+template <class Act>
+__device__ __forceinline__ void load_state_tile(const Params& p, StateTile<Act>& st, const Act* hc, int kb, int vb, int tid) {
+  using ST = StateTile<Act>;
+#pragma unroll
+  for (int it = 0; it < ST::kIters; ++it) {
+    const int idx = tid + kChunkThreads * it, r = idx / ST::kPerRow, cv = (idx % ST::kPerRow) * ST::kVec;
+    const int row = kb * kBK + r, col = vb * kBV + cv;
+    if (row < p.K && col < p.V) st.w[it] = *reinterpret_cast<const typename ST::Vec*>(hc + int64_t(row) * p.V + col);
+    else st.w[it] = typename ST::Vec{};
+  }
+}
+
+// ... and from there (or, when d_v does not allow vector loads, element by element from hc) into
+// the S tile at `dst` (row 0 of the tile)
+template <class Act>
+__device__ __forceinline__ void put_state_tile(const Params& p, const StateTile<Act>& st, bool vec, const Act* hc, int kb,
+                                               int vb, int tid, typename Operand<Act>::E* dst) {
+  using ST = StateTile<Act>;
+#pragma unroll
+  for (int it = 0; it < ST::kIters; ++it) {
+    const int idx = tid + kChunkThreads * it, r = idx / ST::kPerRow, cv = (idx % ST::kPerRow) * ST::kVec;
+    typename Operand<Act>::E* d = dst + r * kPitch + cv;
+    if (vec) {
+      if constexpr (sizeof(Act) == 4) {
+        const float4 f = st.w[it];
+        put<Act, kOutPlane>(d + 0, f.x);
+        put<Act, kOutPlane>(d + 1, f.y);
+        put<Act, kOutPlane>(d + 2, f.z);
+        put<Act, kOutPlane>(d + 3, f.w);
+      } else {
+        *reinterpret_cast<uint4*>(d) = st.w[it];  // E is Act: the bits as they are
+      }
+    } else {
+      const int row = kb * kBK + r, col = vb * kBV + cv;
+      for (int u = 0; u < ST::kVec; ++u) {
+        const bool in = row < p.K && col + u < p.V;
+        put<Act, kOutPlane>(d + u, in ? to_float(hc[int64_t(in ? row : 0) * p.V + (in ? col + u : 0)]) : 0.f);
+      }
+    }
+  }
 }
 
 template <class Act>
@@ -1043,7 +1111,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
   extern __shared__ __align__(16) unsigned char smem_raw[];
 #endif
   E* sm = reinterpret_cast<E*>(smem_raw);
-  float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kOutPlane * 2);
+  float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kOutPlane * 2);  // [2][4 * 64]
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int mt = warp & 3, nh = warp >> 2, lg = lane >> 2, lt = lane & 3;
@@ -1064,11 +1132,15 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
   x.a = tid >> 6;
   x.gam = gamma_log2(p, x.h);
   const int vcol = vb * kBV + x.c, vrow0 = x.a;
+  const Act* hc = static_cast<const Act*>(p.chunk_state) + (cslot * p.Hkv + x.h) * int64_t(p.K) * p.V;
+  const bool vec = p.V % StateTile<Act>::kVec == 0;
 
   // the scores and V of the chunk: tiles of their own, covered by the first key block's barrier
   Raw<Act> raw;
+  StateTile<Act> st;
   load_a<Act>(p, x, raw, t0);
   load_v<Act>(p, x, raw, t0, vcol, vrow0);
+  if (vec) load_state_tile<Act>(p, st, hc, 0, vb, tid);
   {
     E* myA = sm + (kOutRowA + 16 * x.a) * kPitch + x.c;
     E* myV = sm + (kOutRowV + vrow0) * kPitch + x.c;
@@ -1085,11 +1157,9 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
 #pragma unroll
     for (int e = 0; e < 4; ++e) O[u][e] = 0.f;
 
-  const Act* hc = static_cast<const Act*>(p.chunk_state) + (cslot * p.Hkv + x.h) * int64_t(p.K) * p.V;
-  E* const myQh = sm + (kOutRowQh + 16 * x.a) * kPitch + x.c;
-  const int srow = tid >> 2, scol = (tid & 3) * 16;  // this thread's 16 elements of the state tile
 #pragma unroll 1
   for (int kb = 0; kb < p.nkb; ++kb) {
+    const int buf = kb & 1;
     load_qkg<Act>(p, x, raw, t0, kb, true, false);
     float P[16];
     float run = 0.f;
@@ -1098,29 +1168,24 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
       run += raw.decay(r, x.gam);
       P[r] = run;
     }
-    sTot[x.a * 64 + x.c] = P[15];
-    {
-      const int row = kb * kBK + srow;
-      const int col0 = vb * kBV + scol;
-      const Act* src = hc + int64_t(row < p.K ? row : 0) * p.V;
-      E* dst = sm + (kOutRowS + srow) * kPitch + scol;
-#pragma unroll
-      for (int u = 0; u < 16; ++u) {
-        const int col = col0 + u;
-        put<Act, kOutPlane>(dst + u, row < p.K && col < p.V ? to_float(src[col]) : 0.f);
-      }
-    }
+    sTot[buf * 256 + x.a * 64 + x.c] = P[15];
+    put_state_tile<Act>(p, st, vec, hc, kb, vb, tid, sm + (kOutRowS + 64 * buf) * kPitch);
     __syncthreads();
     float before = 0.f;
 #pragma unroll
     for (int b = 0; b < 4; ++b)
-      if (b < x.a) before += sTot[b * 64 + x.c];
+      if (b < x.a) before += sTot[buf * 256 + b * 64 + x.c];
+    E* const myQh = sm + (kOutRowQh + 64 * buf + 16 * x.a) * kPitch + x.c;
 #pragma unroll
     for (int r = 0; r < 16; ++r) put<Act, kOutPlane>(myQh + r * kPitch, to_float(raw.q[r]) * fast_exp2(before + P[r]));
+    if (vec && kb + 1 < p.nkb) load_state_tile<Act>(p, st, hc, kb + 1, vb, tid);  // arrives during the products
     __syncthreads();
+    // O += Q̂ S. No barrier after: the next key block writes the other buffers, and the one after
+    // writes these only past the next block's second barrier, which no warp reaches before every
+    // warp has finished these products.
     {
-      const E* Qh = sm + kOutRowQh * kPitch;
-      const E* Ss = sm + kOutRowS * kPitch;
+      const E* Qh = sm + (kOutRowQh + 64 * buf) * kPitch;
+      const E* Ss = sm + (kOutRowS + 64 * buf) * kPitch;
       const int a_row = 16 * mt + (lane & 15), a_col = (lane >> 4) * 8;
       const int bt_row = (lane & 7) + ((lane >> 3) & 1) * 8, bt_col = 32 * nh + (lane >> 4) * 8;
 #pragma unroll
@@ -1142,7 +1207,6 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
         }
       }
     }
-    __syncthreads();  // the next key block overwrites sTot, Q̂ and S
   }
 
 #pragma unroll
