@@ -174,11 +174,11 @@ def _check_attention_op(c, attention_op: str, act: torch.dtype, validate: bool) 
     for i in c.attention_layers:
         d = c.hidden_size // c.attention_spec(i)["num_heads"]
         if d % 8:
-            raise UsageError(f"--attention-op gqa: layer {i}'s head size {d} is not a multiple of 8, which ONNX Runtime's "
-                             f"GroupQueryAttention requires; use --attention-op decomposed")
+            raise UsageError(f"--attention-op gqa: layer {i}'s head size {d} is not a multiple of 8, which ONNX "
+                             f"Runtime's GroupQueryAttention requires; use --attention-op decomposed")
     if act == torch.bfloat16 and validate:
-        raise UsageError("--attention-op gqa with bf16 cannot be validated here (ONNX Runtime has no bfloat16 CPU kernels "
-                         "and the reference evaluator no GroupQueryAttention): pass --no-validate")
+        raise UsageError("--attention-op gqa with bf16 cannot be validated here (ONNX Runtime has no bfloat16 CPU "
+                         "kernels and the reference evaluator no GroupQueryAttention): pass --no-validate")
 
 
 @dataclass(frozen=True)

@@ -487,8 +487,9 @@ def _attention_gqa(b: GraphBuilder, q: str, k: str, v: str, spec: dict, d: int, 
         pos_ids = ctx["gqa_position_ids"]
     else:
         cos_t, sin_t = _rotary_tables(b, ctx, d, spec["rope_theta"], act)
-        q = b.op("Reshape", [_rotate(b, b.op("Reshape", [q, b.i64(0, 0, H, d)]), cos_t, sin_t, d, act), b.i64(0, 0, H * d)])
-        k = b.op("Reshape", [_rotate(b, b.op("Reshape", [k, b.i64(0, 0, Hkv, d)]), cos_t, sin_t, d, act), b.i64(0, 0, Hkv * d)])
+        q = _rotate(b, b.op("Reshape", [q, b.i64(0, 0, H, d)]), cos_t, sin_t, d, act)
+        k = _rotate(b, b.op("Reshape", [k, b.i64(0, 0, Hkv, d)]), cos_t, sin_t, d, act)
+        q, k = b.op("Reshape", [q, b.i64(0, 0, H * d)]), b.op("Reshape", [k, b.i64(0, 0, Hkv * d)])
     seqlens = b.op("Cast", [b.op("Expand", [b.op("Sub", [Lk, one]), B_])], to=I32)
     total = b.op("Cast", [b.op("Squeeze", [Lk, b.i64(0)])], to=I32)
     qlens = b.op("Cast", [b.op("Expand", [ctx["T"], B_])], to=I32)
@@ -500,10 +501,12 @@ def _attention_gqa(b: GraphBuilder, q: str, k: str, v: str, spec: dict, d: int, 
     in_new = b.op("GreaterOrEqual", [j, L])  # [Lk]
     if has_mask:
         pad = b.op("Unsqueeze", [ctx["pad"], b.i64(1)])  # [B,1]
-        ordk = b.op("Sub", [b.op("Sub", [j, L]), b.op("Mul", [pad, b.op("Cast", [in_new], to=TensorProto.INT64)])])  # [B,Lk]
+        shift = b.op("Mul", [pad, b.op("Cast", [in_new], to=TensorProto.INT64)])  # new slots move left past the padding
+        ordk = b.op("Sub", [b.op("Sub", [j, L]), shift])  # [B,Lk]
         ordq = b.op("Sub", [t, pad])  # [B,T]
-        valid = b.op("Or", [b.op("And", [in_new, b.op("GreaterOrEqual", [j, b.op("Add", [L, pad])])]),  # [B,Lk]
-                            b.op("And", [b.op("Not", [in_new]), b.op("GreaterOrEqual", [j, b.op("Sub", [L, past_pos])])])])
+        real_new = b.op("And", [in_new, b.op("GreaterOrEqual", [j, b.op("Add", [L, pad])])])
+        real_past = b.op("And", [b.op("Not", [in_new]), b.op("GreaterOrEqual", [j, b.op("Sub", [L, past_pos])])])
+        valid = b.op("Or", [real_new, real_past])  # [B,Lk]
     else:
         ordk = b.op("Unsqueeze", [b.op("Sub", [j, L]), b.i64(0)])  # [1,Lk]
         ordq = b.op("Unsqueeze", [t, b.i64(0)])  # [1,T]

@@ -53,7 +53,8 @@ def _attr(node: onnx.NodeProto, name: str) -> int:
     return next(a.i for a in node.attribute if a.name == name)
 
 
-@pytest.mark.parametrize("cfg, dtype", [(HYBRID, "fp32"), (HYBRID, "fp16"), (WIDE, "fp32")], ids=["hybrid-fp32", "hybrid-fp16", "wide-fp32"])
+@pytest.mark.parametrize("cfg, dtype", [(HYBRID, "fp32"), (HYBRID, "fp16"), (WIDE, "fp32")],
+                         ids=["hybrid-fp32", "hybrid-fp16", "wide-fp32"])
 def test_gqa_export_validates_and_matches_the_decomposed_attention(tmp_path, cfg, dtype):
     model = _model(cfg, 1)
     gqa = export_model(model, tmp_path / "gqa", gla_op="decomposed", attention_op="gqa", dtype=dtype, progress=False)
@@ -78,7 +79,8 @@ def test_gqa_export_validates_and_matches_the_decomposed_attention(tmp_path, cfg
     # both forms on the same feeds: a padded batch from zero states, then a padded batch continuing
     # those contexts (caches right-aligned, front slots empty), then steps past every window
     tol = 2e-5 if dtype == "fp32" else 2e-2
-    runs = {f: (session(r.prefill_path, "decomposed"), session(r.step_path, "decomposed")) for f, r in (("gqa", gqa), ("ref", ref))}
+    runs = {f: (session(r.prefill_path, "decomposed"), session(r.step_path, "decomposed"))
+            for f, r in (("gqa", gqa), ("ref", ref))}
     states = ref.metadata["states"]
     rng = np.random.default_rng(0)
     B, T = 3, 9
@@ -132,7 +134,8 @@ def test_gqa_refuses_what_ort_cannot_run(tmp_path):
         export_model(GLAForCausalLM(GLAConfig(**HYBRID)), tmp_path / "b", attention_op="gqa", runtime="reference",
                      progress=False)
     with pytest.raises(UsageError, match="bf16 cannot be validated"):
-        export_model(GLAForCausalLM(GLAConfig(**HYBRID)), tmp_path / "c", attention_op="gqa", dtype="bf16", progress=False)
+        export_model(GLAForCausalLM(GLAConfig(**HYBRID)), tmp_path / "c", attention_op="gqa", dtype="bf16",
+                     progress=False)
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
@@ -141,10 +144,9 @@ def test_ort_local_window_size_counts_the_query_itself(W):
     """What ORT 1.32's CPU GroupQueryAttention does with ``local_window_size = W``: the query
     at position p sees keys p−W+1 .. p (W keys, its own included), fla's window of W. The graphs
     give the exact window in ``attention_bias`` anyway; this records the hint's meaning."""
+    import onnxruntime as ort
     from onnx import TensorProto as TP
     from onnx import helper as oh
-
-    import onnxruntime as ort
 
     H, d, P = 1, 8, 6
     names = ["q", "k", "v", "pk", "pv", "seqlens_k", "total"]
@@ -152,7 +154,8 @@ def test_ort_local_window_size_counts_the_query_itself(W):
     ins += [oh.make_tensor_value_info(n, TP.INT32, None) for n in names[5:]]
     node = oh.make_node("GroupQueryAttention", names, ["o", "k_out", "v_out"], domain="com.microsoft", num_heads=H,
                         kv_num_heads=H, local_window_size=W)
-    graph = oh.make_graph([node], "g", ins, [oh.make_tensor_value_info(n, TP.FLOAT, None) for n in ("o", "k_out", "v_out")])
+    outs = [oh.make_tensor_value_info(n, TP.FLOAT, None) for n in ("o", "k_out", "v_out")]
+    graph = oh.make_graph([node], "g", ins, outs)
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21), oh.make_opsetid("com.microsoft", 1)])
     s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     # equal scores (zero keys), values = their position: the output is the mean of the positions seen
