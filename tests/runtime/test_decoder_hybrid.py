@@ -247,3 +247,32 @@ def test_full_attention_hybrid_on_ort_cuda_matches_cpu(full, form):
     assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < TOL
     cpu.reset(), gpu.reset()
     assert cpu.generate("Hi", max_new_tokens=16).run()[0].tokens == gpu.generate("Hi", max_new_tokens=16).run()[0].tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["decomposed", "custom", "gqa"])
+def test_windowed_hybrid_captured_steps_equal_uncaptured(windowed, form):
+    """An all-windowed hybrid's states (KV caches of W slots, the position) have fixed sizes, so
+    ort-cuda replays its step as CUDA graphs: the same logits and states as uncaptured steps,
+    bitwise, past both windows, at two batch sizes (the second replays a padded graph), and the
+    same tokens through device sampling."""
+    _, paths = windowed
+    cap = StatefulDecoder(paths[form], "ort-cuda", batch_size=3, cuda_graph=True)
+    ref = StatefulDecoder(paths[form], "ort-cuda", batch_size=3, cuda_graph=False)
+    assert cap.cuda_graph, cap.cuda_graph_off
+    prompts = [[256, 1, 2, 3], [256, 4], [256, 5, 6, 7, 8, 9, 10, 11]]
+    assert np.array_equal(cap.prefill(prompts), ref.prefill(prompts))
+    rng = np.random.default_rng(0)
+    for step in range(24):  # past the windows (5 and 2) many times over, both graphs of the pair
+        toks = rng.integers(0, 258, 3).tolist()
+        assert np.array_equal(cap.step(toks), ref.step(toks)), step
+    for name, t in cap._states[cap._cur].items():
+        assert torch.equal(t, ref._states[ref._cur][name]), name
+    for dec in (cap, ref):
+        dec.resize(2)  # a captured graph of 2 rows (CAPTURE_SIZES)
+    a = cap.generate(["In the", "And"], max_new_tokens=20, ignore_eos=True).run()
+    b = ref.generate(["In the", "And"], max_new_tokens=20, ignore_eos=True).run()
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    dev = StatefulDecoder(paths[form], "ort-cuda", batch_size=2, cuda_graph=True, sample_on_device=True)
+    c = dev.generate(["In the", "And"], max_new_tokens=20, ignore_eos=True).run()
+    assert [r.tokens for r in c] == [r.tokens for r in b]
