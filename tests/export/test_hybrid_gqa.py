@@ -176,3 +176,32 @@ def test_tensorrt_build_refuses_a_gqa_export(tmp_path):
     with pytest.raises(UsageError, match="--attention-op decomposed"):
         build_engines(res.out_dir, runtime="tensorrt_rtx")
     assert not (res.out_dir / "tensorrt").exists()
+
+
+def test_cli_attention_op_gqa(tmp_path, capsys):
+    """``gla-export export --attention-op gqa``: the nodes and the metadata field; a head size ORT
+    cannot take exits 2 with one line and writes nothing."""
+    from gla_export.cli import main
+    from gla_export.errors import EXIT_CODES
+    from gla_export.models import save_model
+
+    def run(args):
+        try:
+            main(args)
+        except SystemExit as e:
+            return int(e.code or 0)
+        return 0
+
+    ckpt = save_model(_model(HYBRID, 4), tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert run(["export", str(ckpt), "-o", str(out), "--gla-op", "decomposed", "--attention-op", "gqa", "-q"]) == 0
+    assert len(_gqa_nodes(out / "step.onnx")) == 2
+    import json
+
+    assert json.loads((out / "metadata.json").read_text())["attention_op"] == "gqa"
+    capsys.readouterr()
+    odd = save_model(GLAForCausalLM(GLAConfig(**dict(HYBRID, attn=dict(layers=[1], num_heads=8)))), tmp_path / "odd")
+    code = run(["export", str(odd), "-o", str(tmp_path / "bad"), "--attention-op", "gqa", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_CODES["UsageError"] == 2 and len(err.splitlines()) == 1 and "multiple of 8" in err
+    assert not (tmp_path / "bad").exists()
