@@ -67,6 +67,7 @@ from gla_export.models import (
 LN2 = math.log(2.0)
 PROMPTS = ("In the beginning", "And the LORD said unto Moses,")
 MAX_WEIGHTS_BYTES = 10 * 2**20
+BYTE_PRESETS = ("sample", "hybrid-sample", "sample-small")  # the byte-level shapes of RECOMMENDED
 DEVICE_DEFAULTS = {  # (batch size, sequence length)
     "cpu": (8, 256),
     "cuda": (64, 1024),
@@ -274,6 +275,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument(
+        "--preset",
+        choices=BYTE_PRESETS,
+        default="sample",
+        help="model shape (gla_export.models.RECOMMENDED): sample (the bundled model), hybrid-sample (GLA + windowed "
+        "softmax attention, samples/hybrid-model) or sample-small (hybrid-sample's shape, GLA only)",
+    )
+    ap.add_argument(
         "--minutes",
         type=float,
         default=None,
@@ -359,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     subset = [s[: s.rfind(b"\n", 0, args.eval_subset) + 1] or s[: args.eval_subset] for s in streams]
 
     tok = ByteTokenizer()
-    config = recommended_config("sample", dropout=args.dropout)
+    config = recommended_config(args.preset, dropout=args.dropout)
     assert config.vocab_size == tok.vocab_size and config.bos_token_id == tok.bos_token_id
     torch.manual_seed(args.seed)
     model = GLAForCausalLM(config).to(device).train()
@@ -488,19 +496,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_model_card(args, config, steps, seconds, bpb, scored, size, device, samples, stopped_early, text) -> None:
+    if args.preset == "sample":
+        title, intro = "# gla-export sample model", [
+            "A byte-level Gated Linear Attention causal LM trained on the King James Bible: the default",
+            "model of every gla-export command. Written by `samples/train_sample.py` (see samples/README.md",
+            "for the corpus, its licence and how to reproduce); `training_log.txt` is the run's full log.",
+        ]
+    else:
+        kind = "hybrid GLA + softmax-attention" if config.attn is not None else "Gated Linear Attention"
+        title, intro = f"# gla-export {args.preset} model", [
+            f"A byte-level {kind} causal LM trained on the King James Bible by",
+            f"`samples/train_sample.py --preset {args.preset}` (see samples/README.md for the corpus, its licence",
+            "and how to reproduce); `training_log.txt` is the run's full log.",
+        ]
+    gla_layers = [i for i in range(config.num_hidden_layers) if i not in set(config.attention_layers)]
+    attention = ""
+    for i in config.attention_layers:
+        a = config.attention_spec(i)
+        window = f"a sliding window of {a['window_size']} bytes" if a["window_size"] else "full causal attention"
+        attention += (f"; layer {i}: softmax attention, {a['num_heads']} heads / {a['num_kv_heads']} kv heads of "
+                      f"{config.hidden_size // a['num_heads']}, rotary θ {a['rope_theta']:g}, {window}")
     lines = [
-        "# gla-export sample model",
+        title,
         "",
-        "A byte-level Gated Linear Attention causal LM trained on the King James Bible: the default",
-        "model of every gla-export command. Written by `samples/train_sample.py` (see samples/README.md",
-        "for the corpus, its licence and how to reproduce); `training_log.txt` is the run's full log.",
+        *intro,
         "",
         "| | |",
         "|---|---|",
         (
-            f"| architecture | fla-compatible `GLAForCausalLM`: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-            f"{config.num_heads} heads (d_k {config.head_k_dim}, d_v {config.head_v_dim}), "
-            f"SwiGLU MLP {config.mlp_intermediate_size}, fused gated output norm, tied embeddings, no short convolution |"
+            f"| architecture | fla-compatible `GLAForCausalLM`: hidden {config.hidden_size}, {config.num_hidden_layers} layers "
+            f"(GLA at {', '.join(map(str, gla_layers))}: {config.num_heads} heads, d_k {config.head_k_dim}, d_v {config.head_v_dim}"
+            f"{attention}), SwiGLU MLP {config.mlp_intermediate_size}, fused gated output norm, tied embeddings, no short convolution |"
         ),
         f"| parameters | {count_parameters(config):,} |",
         f"| weights | `model.safetensors`, {args.save_dtype}, {size / 2**20:.2f} MiB (load_model casts to float32) |",

@@ -28,8 +28,10 @@ def _size(n: int) -> str:
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="Shape hint for engine builders.")
 @click.option("--attention-mask/--no-attention-mask", default=True, show_default=True,
               help="Give the prefill graph an attention_mask input (left-padded batches).")
-@click.option("--attention-op", type=click.Choice(["decomposed", "onnx"]), default="decomposed", show_default=True,
-              help="Hybrid models' attention layers: plain ops, or ONNX Attention/RotaryEmbedding (opset >= 23).")
+@click.option("--attention-op", type=click.Choice(["decomposed", "onnx", "gqa"]), default="decomposed",
+              show_default=True,
+              help="Hybrid models' attention layers: plain ops, ONNX Attention/RotaryEmbedding (opset >= 23), or ONNX "
+                   "Runtime's com.microsoft::GroupQueryAttention (ONNX Runtime only).")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Run the graphs and compare with PyTorch.")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance (default per dtype).")
 @click.option("--rtol", type=float, default=None, help="Tolerance relative to the largest reference value (default per dtype).")

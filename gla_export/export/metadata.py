@@ -139,6 +139,8 @@ def build_metadata(
         "graphs": {"prefill": graph_io(spec, "prefill"), "step": graph_io(spec, "step")},
         "states": states,
         "attention_layers": c.attention_layers,
+        # how the attention layers are written: decomposed, onnx (Attention) or gqa (com.microsoft)
+        "attention_op": spec.attention_op if c.attn is not None else None,
         # bytes one row's state grows by per token (0: constant-memory decoding)
         "state_bytes_per_token": sum(st["bytes_per_token"] for st in states),
         "padding": "left" if spec.attention_mask else None,
@@ -330,6 +332,7 @@ class ExportMetadata:
     padding: str | None = None
     padding_with_past: bool | None = None
     attention_layers: Any = None  # hybrids: the config's attention-layer spec (None: pure GLA)
+    attention_op: str | None = None  # hybrids: decomposed, onnx or gqa (None: pure GLA, or written before the field)
     state_bytes_per_token: int = 0  # what one row's state grows by per token (0: constant memory)
     shape_hints: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # fields this version does not know, kept

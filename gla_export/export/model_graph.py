@@ -388,6 +388,8 @@ def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k
     if f"{p}.attn.qkv_proj.bias" in table.weights:
         qkv = b.op("Add", [qkv, b.weight(f"{p}.attn.qkv_proj.bias")])
     q, k, v = b.op("Split", [qkv, b.i64(H * d, Hkv * d, Hkv * d)], n_out=3, axis=-1)
+    if attention_op == "gqa":
+        return _attention_gqa(b, q, k, v, spec, d, past_k, past_v, ctx, act, has_mask)
     if attention_op == "onnx":
         cos, sin = _rotary_tables(b, ctx, d, spec["rope_theta"], act, squeeze=True)
         q = b.op("Reshape", [b.op("RotaryEmbedding", [q, cos, sin], num_heads=H), b.i64(0, 0, H, d)])
@@ -449,6 +451,97 @@ def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k
         full_k = b.op("Slice", [full_k, b.i64(-W), big, b.i64(2)])
         full_v = b.op("Slice", [full_v, b.i64(-W), big, b.i64(2)])
     return o, full_k, full_v
+
+
+def _attention_gqa(b: GraphBuilder, q: str, k: str, v: str, spec: dict, d: int, past_k: str, past_v: str, ctx: dict,
+                   act: int, has_mask: bool) -> tuple[str, str, str]:
+    """The attention of one layer as ONNX Runtime's ``com.microsoft::GroupQueryAttention``, with
+    the same cache contract as the plain-op form (right-aligned caches, W slots for a window).
+
+    The op sees ``[past, new]`` in buffer order (``seqlens_k = L + T − 1`` and ``query_seqlens =
+    T`` for every row, so it appends the new keys at ``L``); which slots each query sees is given
+    in full by ``attention_bias`` (our mask: the row's real keys, causal and within the window by
+    real-token order, itself always), because a row's empty front slots and its left padding are
+    not in the op's model of a cache. ``local_window_size`` is set where buffer order is real-token
+    order (no mask input): a hint the bias makes exact. The rotation is fused (``do_rotary``) when
+    the op takes it (head size a multiple of 16 on the CPU): the tables are given per token
+    (``cos_cache`` row ``b·T + t``, ``position_ids`` pointing at it, padded to the op's minimum of
+    ``L + T`` rows), so each row gets its own positions. The padding then leaves the present cache
+    as in the plain-op form (one Gather), and a window keeps the last W slots."""
+    I32 = TensorProto.INT32
+    H, Hkv, W = spec["num_heads"], spec["num_kv_heads"], spec["window_size"]
+    zero, one = b.const(0, np.int64, "i64"), b.const(1, np.int64, "i64")
+    L = b.op("Shape", [past_k], start=2, end=3)  # [1]
+    Lk = b.op("Add", [L, ctx["T"]])
+    B_ = b.op("Shape", [q], start=0, end=1)
+    fused = d % 16 == 0
+    cos = sin = pos_ids = ""
+    if fused:
+        cos_t, sin_t = _rotary_tables(b, ctx, d, spec["rope_theta"], act, squeeze=True)  # [B,T,d/2]
+        pads = b.op("Concat", [b.i64(0, 0), Lk, b.i64(0)], axis=0)
+        cos, sin = (b.op("Pad", [b.op("Reshape", [t, b.i64(-1, d // 2)]), pads]) for t in (cos_t, sin_t))
+        if "gqa_position_ids" not in ctx:
+            shape = b.op("Shape", [ctx["positions"]])
+            n = b.op("ReduceProd", [shape], keepdims=0)
+            ctx["gqa_position_ids"] = b.op("Reshape", [b.op("Range", [zero, n, one]), shape])
+        pos_ids = ctx["gqa_position_ids"]
+    else:
+        cos_t, sin_t = _rotary_tables(b, ctx, d, spec["rope_theta"], act)
+        q = _rotate(b, b.op("Reshape", [q, b.i64(0, 0, H, d)]), cos_t, sin_t, d, act)
+        k = _rotate(b, b.op("Reshape", [k, b.i64(0, 0, Hkv, d)]), cos_t, sin_t, d, act)
+        q, k = b.op("Reshape", [q, b.i64(0, 0, H * d)]), b.op("Reshape", [k, b.i64(0, 0, Hkv * d)])
+    seqlens = b.op("Cast", [b.op("Expand", [b.op("Sub", [Lk, one]), B_])], to=I32)
+    total = b.op("Cast", [b.op("Squeeze", [Lk, b.i64(0)])], to=I32)
+    qlens = b.op("Cast", [b.op("Expand", [ctx["T"], B_])], to=I32)
+
+    # the bias: slot j of [past (L), new (T)] for query t of row b, in real-token order
+    j = b.op("Range", [zero, b.op("Squeeze", [Lk, b.i64(0)]), one])  # [Lk]
+    t = b.op("Range", [zero, b.op("Squeeze", [ctx["T"], b.i64(0)]), one])  # [T]
+    past_pos = b.op("Unsqueeze", [b.op("Sub", [ctx["seen"], ctx["n_real"]]), b.i64(1)])  # [B,1]: real keys in the past
+    in_new = b.op("GreaterOrEqual", [j, L])  # [Lk]
+    if has_mask:
+        pad = b.op("Unsqueeze", [ctx["pad"], b.i64(1)])  # [B,1]
+        shift = b.op("Mul", [pad, b.op("Cast", [in_new], to=TensorProto.INT64)])  # new slots move left past the padding
+        ordk = b.op("Sub", [b.op("Sub", [j, L]), shift])  # [B,Lk]
+        ordq = b.op("Sub", [t, pad])  # [B,T]
+        real_new = b.op("And", [in_new, b.op("GreaterOrEqual", [j, b.op("Add", [L, pad])])])
+        real_past = b.op("And", [b.op("Not", [in_new]), b.op("GreaterOrEqual", [j, b.op("Sub", [L, past_pos])])])
+        valid = b.op("Or", [real_new, real_past])  # [B,Lk]
+    else:
+        ordk = b.op("Unsqueeze", [b.op("Sub", [j, L]), b.i64(0)])  # [1,Lk]
+        ordq = b.op("Unsqueeze", [t, b.i64(0)])  # [1,T]
+        valid = b.op("GreaterOrEqual", [j, b.op("Sub", [L, past_pos])])  # [B,Lk]
+    ordk = b.op("Unsqueeze", [ordk, b.i64(1)])  # [B|1,1,Lk]
+    ordq = b.op("Unsqueeze", [ordq, b.i64(2)])  # [B|1,T,1]
+    ok = b.op("And", [b.op("Unsqueeze", [valid, b.i64(1)]), b.op("LessOrEqual", [ordk, ordq])])  # [B,T,Lk]
+    if W is not None:
+        ok = b.op("And", [ok, b.op("Less", [b.op("Sub", [ordq, ordk]), b.const(W, np.int64, "window")])])
+    own = b.op("Equal", [j, b.op("Unsqueeze", [b.op("Add", [t, L]), b.i64(1)])])  # [T,Lk]: its own key, always
+    ok = b.op("Unsqueeze", [b.op("Or", [ok, own]), b.i64(1)])  # [B,1,T,Lk]
+    lowest = float(np.finfo(np.float16).min) if act == TensorProto.FLOAT16 else -1e30
+    bias = b.op("Where", [ok, b.scalar(0.0, act), b.scalar(lowest, act)])
+
+    inputs = [q, k, v, past_k, past_v, seqlens, total, cos, sin, pos_ids, bias, "", "", "", "", "", qlens]
+    window = W if (W is not None and not has_mask) else -1
+    o, present_k, present_v = b.op("GroupQueryAttention", inputs, n_out=3, domain="com.microsoft",
+                                   num_heads=H, kv_num_heads=Hkv, scale=d ** -0.5, do_rotary=int(fused),
+                                   rotary_interleaved=0, local_window_size=window)
+    if has_mask:  # left padding out, as in the plain-op form: the past moves right onto it
+        Lk_ = b.op("Shape", [present_k], start=2, end=3)
+        src = b.op("Where", [b.op("Less", [j, b.op("Add", [pad, L])]), b.op("Sub", [j, pad]), j])  # [B,Lk]
+        keep = b.op("Cast", [b.op("GreaterOrEqual", [j, pad])], to=act)
+        rows = b.op("Range", [zero, b.op("Squeeze", [B_, b.i64(0)]), one])
+        flat = b.op("Add", [b.op("Max", [src, zero]), b.op("Mul", [b.op("Unsqueeze", [rows, b.i64(1)]), Lk_])])
+        kv = b.op("Concat", [present_k, present_v], axis=-1)
+        rowsmaj = b.op("Reshape", [b.op("Transpose", [kv], perm=[0, 2, 1, 3]), b.i64(-1, Hkv * 2 * d)])
+        g = b.op("Mul", [b.op("Gather", [rowsmaj, flat], axis=0), b.op("Unsqueeze", [keep, b.i64(-1)])])
+        kv = b.op("Transpose", [b.op("Reshape", [g, b.i64(0, 0, Hkv, 2 * d)])], perm=[0, 2, 1, 3])
+        present_k, present_v = b.op("Split", [kv, b.i64(d, d)], n_out=2, axis=-1)
+    if W is not None:
+        big = b.i64(np.iinfo(np.int64).max)
+        present_k = b.op("Slice", [present_k, b.i64(-W), big, b.i64(2)])
+        present_v = b.op("Slice", [present_v, b.i64(-W), big, b.i64(2)])
+    return o, present_k, present_v
 
 
 def _close_padding_indices(b: GraphBuilder, mask: str, n_cache: int, act: int) -> tuple[str, str]:

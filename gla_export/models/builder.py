@@ -28,6 +28,15 @@ from .modeling import GLAForCausalLM
 RECOMMENDED: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_heads=2),
     "sample": dict(vocab_size=258, hidden_size=256, num_hidden_layers=4, num_heads=4, bos_token_id=256, eos_token_id=257, tie_word_embeddings=True),
+    # the hybrid sample (samples/hybrid-model): half the sample's width, layers 1 and 3 softmax
+    # attention over a sliding window of 64 bytes (GQA 4/2, head 32), so it decodes in constant
+    # memory; "sample-small" is the same shape with GLA everywhere, the comparison it is scored against
+    "hybrid-sample": dict(vocab_size=258, hidden_size=128, num_hidden_layers=4, num_heads=2, bos_token_id=256,
+                          eos_token_id=257, tie_word_embeddings=True,
+                          attn=dict(layers=[1, 3], num_heads=4, num_kv_heads=2, window_size=64, qkv_bias=False,
+                                    rope_theta=10000.0)),
+    "sample-small": dict(vocab_size=258, hidden_size=128, num_hidden_layers=4, num_heads=2, bos_token_id=256,
+                         eos_token_id=257, tie_word_embeddings=True),
     "340M": dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, num_heads=4),
     "1.3B": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_heads=4),
 }

@@ -462,6 +462,11 @@ def build_engines(
 
     export_dir = Path(export_dir)
     meta = open_export(export_dir)
+    if meta.attention_op == "gqa":
+        from ..errors import UsageError
+
+        raise UsageError("this export's attention layers are com.microsoft::GroupQueryAttention, an ONNX Runtime op "
+                         "that TensorRT has no layer for: export with --attention-op decomposed to build engines")
     final = Path(out_dir) if out_dir is not None else export_dir / ENGINES_DIR
     _check_engines_dir(final, force, export_dir)
     module = require_module(runtime)

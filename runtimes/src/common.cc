@@ -230,7 +230,15 @@ DType parse_dtype(const std::string& name, const std::string& what) {
 
 size_t Metadata::state_bytes() const {
   size_t n = 0;
-  for (const auto& st : states) n += size_t(st.elements_per_row()) * dtype_size(st.dtype);
+  for (const auto& st : states)
+    if (!st.grows()) n += size_t(st.elements_per_row()) * dtype_size(st.dtype);
+  return n;
+}
+
+size_t Metadata::bytes_per_token() const {
+  size_t n = 0;
+  for (const auto& st : states)
+    if (st.grows()) n += size_t(st.elements_per_row()) * dtype_size(st.dtype);
   return n;
 }
 
@@ -241,8 +249,16 @@ std::string env(const char* name) {
 
 int64_t StateInfo::elements_per_row() const {
   int64_t n = 1;
-  for (size_t d = 1; d < shape.size(); ++d) n *= shape[d];
+  for (size_t d = 1; d < shape.size(); ++d)
+    if (int(d) != seq_axis) n *= shape[d];
   return n;
+}
+
+std::vector<int64_t> StateInfo::shape_at(int64_t length) const {
+  std::vector<int64_t> s = shape;
+  s[0] = 1;
+  if (seq_axis >= 0) s[size_t(seq_axis)] = length;
+  return s;
 }
 
 namespace {
@@ -336,16 +352,25 @@ Metadata parse_metadata(const std::string& json_text, const std::string& origin)
     std::string path = "states[" + std::to_string(k) + "].";
     if (s.type != Json::Type::Object) r.bad(path, "must be an object");
     StateInfo st;
-    st.layer = int(r.integer(s, "layer", path));
+    st.layer = int(r.integer_or_none(s, "layer", path));  // null: the hybrids' position
     st.kind = r.str(s, "kind", path);
     st.input = r.str(s, "input", path);
     st.output = r.str(s, "output", path);
     st.dtype = parse_dtype(r.str(s, "dtype", path), origin + ": " + path + "dtype");
+    // a full-attention layer's KV cache ("memory": "grows") has a symbolic sequence axis after the
+    // batch; every other state has a fixed size but the batch
+    const Json* memory = s.find("memory");
+    const bool grows = memory && memory->type == Json::Type::String && memory->string == "grows";
+    if (memory && !(memory->type == Json::Type::String && (memory->string == "grows" || memory->string == "fixed")))
+      r.bad(path + "memory", "must be \"fixed\" or \"grows\"");
     const Json& shape = r.array(s, "shape", path);
     for (size_t d = 0; d < shape.array.size(); ++d) {
       const Json& dim = shape.array[d];
       if (dim.type == Json::Type::String) {
-        if (d != 0) r.bad(path + "shape", "may only have a symbolic batch dimension first");
+        if (d != 0 && (!grows || st.seq_axis >= 0))
+          r.bad(path + "shape", grows ? "has more than one growing dimension"
+                                      : "may only have a symbolic batch dimension first (a fixed-size state)");
+        if (d != 0) st.seq_axis = int(d);
         st.shape.push_back(-1);
       } else if (Reader::integral(dim) && dim.number > 0) {
         st.shape.push_back(static_cast<int64_t>(dim.number));
@@ -353,7 +378,8 @@ Metadata parse_metadata(const std::string& json_text, const std::string& origin)
         r.bad(path + "shape", "has a bad dimension");
       }
     }
-    if (st.shape.size() < 2 || st.shape[0] != -1) r.bad(path + "shape", "must start with the batch dimension");
+    if (st.shape.empty() || st.shape[0] != -1) r.bad(path + "shape", "must start with the batch dimension");
+    if (grows && st.seq_axis < 0) r.bad(path + "shape", "has no symbolic sequence dimension, but memory is \"grows\"");
     m.states.push_back(std::move(st));
   }
   if (m.states.empty()) r.bad("states", "is empty: a step graph needs at least one state");

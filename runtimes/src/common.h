@@ -61,13 +61,17 @@ const char* dtype_name(DType t);
 DType parse_dtype(const std::string& name, const std::string& what);  // the names of metadata.json
 
 struct StateInfo {
-  int layer = 0;
-  std::string kind;                  // recurrent_state | conv_state
+  int layer = -1;                    // -1: not a layer's (the hybrids' shared position)
+  std::string kind;                  // recurrent_state | conv_state | key | value | position
   std::string input, output;         // past_key_values.{i}.{kind} -> present.{i}.{kind}
-  std::vector<int64_t> shape;        // batch dimension as -1
+  std::vector<int64_t> shape;        // batch dimension as -1; a growing cache's sequence axis as -1 too
   DType dtype = DType::Float32;
+  int seq_axis = -1;                 // a full-attention KV cache: the axis that grows by one slot per token
 
-  int64_t elements_per_row() const;  // product of the non-batch dimensions
+  bool grows() const { return seq_axis >= 0; }
+  // product of the non-batch dimensions; for a growing cache, of those but the sequence axis (one slot)
+  int64_t elements_per_row() const;
+  std::vector<int64_t> shape_at(int64_t length) const;  // batch 1, a growing cache `length` slots long
 };
 
 struct Metadata {
@@ -83,7 +87,9 @@ struct Metadata {
   bool prefill_has_mask = false;
   std::vector<StateInfo> states;
 
-  size_t state_bytes() const;  // one conversation's states, all layers
+  size_t state_bytes() const;      // one conversation's fixed-size states, all layers
+  size_t bytes_per_token() const;  // what the growing KV caches add per token (0: constant memory)
+  bool any_growing() const { return bytes_per_token() > 0; }
 };
 
 constexpr int kMetadataFormatVersion = 1;  // gla_export/export/metadata.py FORMAT_VERSION
@@ -106,6 +112,11 @@ class Backend {
   virtual const float* prefill(const std::vector<int64_t>& ids) = 0;
   // Zero states (the start of a conversation).
   virtual void reset() = 0;
+  // Room for `positions` tokens in a conversation (prompt and generated): the growing KV caches of
+  // full-attention layers are allocated here once, at that capacity. No-op for fixed-size states.
+  virtual void reserve(int64_t positions) { (void)positions; }
+  // Positions the growing KV caches hold now (0 without such caches).
+  virtual int64_t kv_length() const { return 0; }
   // One token from the current state; returns its logits (vocab_size floats, valid until the next call).
   virtual const float* step(int64_t id) = 0;
 };

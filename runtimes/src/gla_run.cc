@@ -262,6 +262,9 @@ int run(int argc, char** argv) {
     a.trt.export_dir = a.export_dir;
     a.trt.exe_dir = exe_dir();
     if (!file_exists(a.trt.engine)) throw Error(kUsage, "--engine " + a.trt.engine + " does not exist");
+    if (meta.any_growing())
+      throw Error(kUsage, "this export has full-attention KV caches, which grow every step; gla-run's TensorRT backend "
+                          "decodes fixed-size states only: drop --engine (ONNX Runtime), or export with windowed attention");
     backend = make_trt_backend(a.trt, meta);
   } else {
     a.ort.export_dir = a.export_dir;
@@ -295,6 +298,8 @@ int run(int argc, char** argv) {
   double prompt_s = 0, decode_s = 0;
   long long rss_prompt = -1, rss_end = -1;  // what decoding adds shows between the two
   const bool prefilled = backend->can_prefill();
+  // full-attention KV caches: room for the whole conversation, allocated once before it starts
+  backend->reserve(int64_t(prompt.size()) + a.max_new_tokens);
 
   {
     const auto t0 = clock::now();
@@ -347,7 +352,8 @@ int run(int argc, char** argv) {
     if (byte_tok) {
       js << ",\"bytes_hex\":" << json_string(hex(bytes)) << ",\"text\":" << (valid_utf8(bytes) ? json_string(bytes) : "null");
     }
-    js << ",\"state_bytes\":" << meta.state_bytes() << ",\"timing\":{\"load_s\":" << load_s << ",\"prompt_s\":" << prompt_s
+    js << ",\"state_bytes\":" << meta.state_bytes() << ",\"state_bytes_per_token\":" << meta.bytes_per_token()
+       << ",\"kv_positions\":" << backend->kv_length() << ",\"timing\":{\"load_s\":" << load_s << ",\"prompt_s\":" << prompt_s
        << ",\"prompt_tokens\":" << prompt.size() << ",\"decode_s\":" << decode_s << ",\"decode_steps\":" << decode_steps
        << ",\"ms_per_token\":" << ms_per_token << ",\"tokens_per_s\":" << (decode_s > 0 ? double(decode_steps) / decode_s : 0.0)
        << "},\"memory\":{\"rss_after_prompt_kib\":" << rss_prompt << ",\"rss_end_kib\":" << rss_end << "}}";
@@ -355,11 +361,15 @@ int run(int argc, char** argv) {
   }
   std::fflush(stdout);
   if (!a.quiet) {
+    std::string state = std::to_string(meta.state_bytes()) + " bytes";
+    if (meta.any_growing())  // full-attention KV caches: what they hold now
+      state += " + KV caches " + std::to_string(meta.bytes_per_token()) + " bytes/token x " +
+               std::to_string(backend->kv_length()) + " positions";
     std::fprintf(stderr,
                  "gla-run: %s\ngla-run: prompt %zu tokens (%s) in %.2f ms; %zu tokens generated, %zu steps in %.2f ms "
-                 "(%.3f ms/token); state %zu bytes; resident %lld KiB after the prompt, %lld KiB at the end; stop: %s\n",
+                 "(%.3f ms/token); state %s; resident %lld KiB after the prompt, %lld KiB at the end; stop: %s\n",
                  backend->describe().c_str(), prompt.size(), prefilled ? "prefill.onnx" : "stepped", 1e3 * prompt_s,
-                 n_generated, decode_steps, 1e3 * decode_s, ms_per_token, meta.state_bytes(), rss_prompt, rss_end,
+                 n_generated, decode_steps, 1e3 * decode_s, ms_per_token, state.c_str(), rss_prompt, rss_end,
                  stop.c_str());
   }
   return 0;

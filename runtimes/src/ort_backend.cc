@@ -199,6 +199,11 @@ class OrtBackend final : public Backend {
 
     step_ = open_step(step_path);
     meta = read_metadata(step_, step_path);
+    if (graph_ && meta.any_growing()) {  // the metadata is only known now: reopen the step uncaptured
+      graph_ = false;
+      graph_off_ = "full-attention KV caches change shape every step";
+      step_ = Ort::Session(env_, step_path.c_str(), session_options_);
+    }
     if (meta.step_file != "step.onnx")
       throw Error(kModel, meta.origin + ": files.step is '" + meta.step_file + "', gla-run expects step.onnx");
     check_graph(step_, step_path, /*prefill=*/false);
@@ -231,6 +236,7 @@ class OrtBackend final : public Backend {
       auto& b = *step_bindings_[k];
       b.BindInput("input_ids", ids_value_);
       for (size_t s = 0; s < meta.states.size(); ++s) {
+        if (meta.states[s].grows()) continue;  // bound per call, at the cache's length (bind_growing)
         b.BindInput(meta.states[s].input.c_str(), states_[k][s]);
         b.BindOutput(meta.states[s].output.c_str(), states_[1 - k][s]);
       }
@@ -247,15 +253,40 @@ class OrtBackend final : public Backend {
 
   bool can_prefill() const override { return has_prefill_; }
 
+  int64_t kv_length() const override { return meta_.any_growing() ? kv_len_ : 0; }
+
+  // The growing caches: two buffers per state (past and present swap, as for the fixed states) of
+  // `positions` slots each, allocated once; each call views them at the cache's current length.
+  // A [1, H, L, d] cache is contiguous at every L, and the present of one call (L + T slots) is the
+  // past of the next, so the views need no copy between calls.
+  void reserve(int64_t positions) override {
+    if (!meta_.any_growing() || positions <= capacity_) return;
+    if (kv_len_ > 0) throw Error(kInternal, "reserve() after the conversation started");
+    for (int k = 0; k < 2; ++k)
+      for (size_t s = 0; s < meta_.states.size(); ++s) {
+        const StateInfo& st = meta_.states[s];
+        if (!st.grows()) continue;
+        const size_t bytes = size_t(positions) * size_t(st.elements_per_row()) * dtype_size(st.dtype);
+        if (opt_.provider == "cuda") {
+          std::vector<int64_t> shape = st.shape_at(positions);
+          kv_device_[k][s] = Ort::Value::CreateTensor(*device_alloc(), shape.data(), shape.size(), ort_type(st.dtype));
+        } else {
+          host_states_[k][s] = std::make_unique<HostBuffer>(bytes);
+        }
+      }
+    capacity_ = positions;
+  }
+
   void reset() override {
     // Host states are zeroed in place; device states are zeroed by the first run of a conversation,
     // which reads host zeros instead of the device buffer (no CUDA calls needed here).
     cur_ = 0;
+    kv_len_ = 0;  // a growing cache starts empty: nothing to zero
     if (opt_.provider == "cuda") {
       first_from_zeros_ = true;
     } else {
       for (size_t s = 0; s < meta_.states.size(); ++s)
-        std::memset(host_states_[0][s]->data, 0, host_states_[0][s]->bytes);
+        if (!meta_.states[s].grows()) std::memset(host_states_[0][s]->data, 0, host_states_[0][s]->bytes);
       first_from_zeros_ = false;
     }
   }
@@ -265,6 +296,7 @@ class OrtBackend final : public Backend {
     if (!prefill_) throw Error(kInternal, "gla-run prefills once per run (the prefill session is released after it)");
     reset();
     const int64_t T = static_cast<int64_t>(ids.size());
+    check_room(T);
     const int64_t shape[2] = {1, T};
     std::vector<int64_t> input_ids(ids), mask(ids.size(), 1);
     Ort::Value ids_v = Ort::Value::CreateTensor<int64_t>(cpu_info_, input_ids.data(), input_ids.size(), shape, 2);
@@ -272,7 +304,7 @@ class OrtBackend final : public Backend {
     Ort::IoBinding b(prefill_);
     b.BindInput("input_ids", ids_v);
     if (meta_.prefill_has_mask) b.BindInput("attention_mask", mask_v);
-    bind_past(b, /*present_to=*/1);
+    bind_past(b, /*present_to=*/1, T);
     b.BindOutput("logits", cpu_info_);  // [1, T, V]: ONNX Runtime allocates it, once per prompt
     prefill_.Run(Ort::RunOptions{nullptr}, b);
     if (opt_.provider == "cuda") b.SynchronizeOutputs();
@@ -285,6 +317,7 @@ class OrtBackend final : public Backend {
     const float* last = logits->GetTensorData<float>() + (T - 1) * meta_.vocab_size;
     std::memcpy(logits_.data(), last, sizeof(float) * logits_.size());
     cur_ = 1;
+    kv_len_ += T;
     first_from_zeros_ = false;
     // Prompts come once per run: the prefill session (its weights and arena) is released here, so
     // the decode loop holds one copy of the weights.
@@ -294,10 +327,11 @@ class OrtBackend final : public Backend {
 
   const float* step(int64_t id) override {
     next_id_ = id;
+    check_room(1);
     if (first_from_zeros_) {
       Ort::IoBinding b(step_);
       b.BindInput("input_ids", ids_value_);
-      bind_past(b, /*present_to=*/1);
+      bind_past(b, /*present_to=*/1, 1);
       b.BindOutput("logits", logits_value_);
       if (graph_)
         step_.Run(no_graph_, b);
@@ -306,6 +340,7 @@ class OrtBackend final : public Backend {
       if (opt_.provider == "cuda") b.SynchronizeOutputs();
       first_from_zeros_ = false;
       cur_ = 1;
+      kv_len_ += 1;
       zeros_.clear();  // needed once per conversation only
       return logits_.data();
     }
@@ -326,9 +361,11 @@ class OrtBackend final : public Backend {
       // would read the id the binding was made with.
       step_bindings_[cur_]->BindInput("input_ids", ids_value_);
     }
+    bind_growing(*step_bindings_[cur_], cur_, 1);
     step_.Run(Ort::RunOptions{nullptr}, *step_bindings_[cur_]);
     if (opt_.provider == "cuda") step_bindings_[cur_]->SynchronizeOutputs();
     cur_ = 1 - cur_;
+    kv_len_ += 1;
     return logits_.data();
   }
 
@@ -480,12 +517,16 @@ class OrtBackend final : public Backend {
     for (int k = 0; k < 2; ++k) {
       states_[k].reserve(n);
       for (const auto& st : meta_.states) {
-        std::vector<int64_t> shape = st.shape;
-        shape[0] = 1;
+        kv_device_[k].emplace_back(nullptr);
+        if (st.grows()) {  // allocated by reserve(), viewed per call (kv_view)
+          states_[k].emplace_back(nullptr);
+          host_states_[k].emplace_back();
+          continue;
+        }
+        std::vector<int64_t> shape = st.shape_at(0);
         const size_t count = size_t(st.elements_per_row());
         if (opt_.provider == "cuda") {
-          if (!device_alloc_) device_alloc_ = std::make_unique<Ort::Allocator>(step_, device_info_);
-          states_[k].push_back(Ort::Value::CreateTensor(*device_alloc_, shape.data(), shape.size(), ort_type(st.dtype)));
+          states_[k].push_back(Ort::Value::CreateTensor(*device_alloc(), shape.data(), shape.size(), ort_type(st.dtype)));
         } else {
           host_states_[k].push_back(std::make_unique<HostBuffer>(count * dtype_size(st.dtype)));
           states_[k].push_back(Ort::Value::CreateTensor(cpu_info_, host_states_[k].back()->data, host_states_[k].back()->bytes,
@@ -495,13 +536,45 @@ class OrtBackend final : public Backend {
     }
   }
 
+  Ort::Allocator* device_alloc() {
+    if (!device_alloc_) device_alloc_ = std::make_unique<Ort::Allocator>(step_, device_info_);
+    return device_alloc_.get();
+  }
+
+  void check_room(int64_t new_positions) {
+    if (!meta_.any_growing()) return;
+    if (kv_len_ + new_positions > capacity_)
+      throw Error(kInternal, "the KV caches hold " + std::to_string(capacity_) + " positions (reserve), " +
+                                 std::to_string(kv_len_ + new_positions) + " are needed");
+  }
+
+  // Buffer k of growing state s, viewed as a cache of `length` slots.
+  Ort::Value kv_view(int k, size_t s, int64_t length) {
+    const StateInfo& st = meta_.states[s];
+    std::vector<int64_t> shape = st.shape_at(length);
+    const size_t bytes = size_t(capacity_) * size_t(st.elements_per_row()) * dtype_size(st.dtype);
+    if (opt_.provider == "cuda")
+      return Ort::Value::CreateTensor(device_info_, kv_device_[k][s].GetTensorMutableData<void>(), bytes, shape.data(),
+                                      shape.size(), ort_type(st.dtype));
+    return Ort::Value::CreateTensor(cpu_info_, host_states_[k][s]->data, bytes, shape.data(), shape.size(),
+                                    ort_type(st.dtype));
+  }
+
+  // The growing caches of a call that reads buffer k (kv_len_ slots) and writes buffer 1-k (T more).
+  void bind_growing(Ort::IoBinding& b, int k, int64_t T) {
+    for (size_t s = 0; s < meta_.states.size(); ++s) {
+      if (!meta_.states[s].grows()) continue;
+      b.BindInput(meta_.states[s].input.c_str(), kv_view(k, s, kv_len_));
+      b.BindOutput(meta_.states[s].output.c_str(), kv_view(1 - k, s, kv_len_ + T));
+    }
+  }
+
   // Binds the current state as `past` (host zeros on the first run of a device conversation) and
-  // buffer `present_to` as `present`.
-  void bind_past(Ort::IoBinding& b, int present_to) {
+  // buffer `present_to` as `present`; the growing caches `T` slots longer.
+  void bind_past(Ort::IoBinding& b, int present_to, int64_t T) {
     if (first_from_zeros_ && zeros_.empty()) {
       for (const auto& st : meta_.states) {
-        std::vector<int64_t> shape = st.shape;
-        shape[0] = 1;
+        std::vector<int64_t> shape = st.shape_at(0);  // a growing cache: empty (unused: bind_growing)
         auto buf = std::make_unique<HostBuffer>(size_t(st.elements_per_row()) * dtype_size(st.dtype));
         zeros_.emplace_back(Ort::Value::CreateTensor(cpu_info_, buf->data, buf->bytes, shape.data(), shape.size(),
                                                      ort_type(st.dtype)),
@@ -509,9 +582,11 @@ class OrtBackend final : public Backend {
       }
     }
     for (size_t s = 0; s < meta_.states.size(); ++s) {
+      if (meta_.states[s].grows()) continue;  // empty at the start: bind_growing
       b.BindInput(meta_.states[s].input.c_str(), first_from_zeros_ ? zeros_[s].first : states_[1 - present_to][s]);
       b.BindOutput(meta_.states[s].output.c_str(), states_[present_to][s]);
     }
+    bind_growing(b, 1 - present_to, T);
   }
 
   OrtOptions opt_;
@@ -529,6 +604,8 @@ class OrtBackend final : public Backend {
   Ort::MemoryInfo cpu_info_{nullptr}, device_info_{nullptr};
   std::unique_ptr<Ort::Allocator> device_alloc_;
   Ort::Value ids_dev_{nullptr}, logits_dev_{nullptr};  // from device_alloc_: declared after it, freed before
+  std::vector<Ort::Value> kv_device_[2];  // growing caches on the device at capacity_ (reserve), else null
+  int64_t capacity_ = 0, kv_len_ = 0;     // slots of each growing cache buffer; slots in use
   std::vector<std::unique_ptr<HostBuffer>> host_states_[2];
   std::vector<Ort::Value> states_[2];
   std::vector<std::pair<Ort::Value, std::unique_ptr<HostBuffer>>> zeros_;

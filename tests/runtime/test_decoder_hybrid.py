@@ -23,12 +23,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _export_both_forms(config: dict, tmp_path_factory, prefix: str):
-    """The model of ``config`` (seed 0) and its exports in both GLA forms: ``(model, {form: dir})``."""
+    """The model of ``config`` (seed 0) and its exports in both GLA forms, and the decomposed one with
+    ONNX Runtime's GroupQueryAttention (``"gqa"``): ``(model, {form: dir})``."""
     torch.manual_seed(0)
     model = GLAForCausalLM(GLAConfig(**config)).eval()
     out = {}
-    for form in ("decomposed", "custom"):
-        res = export_model(model, tmp_path_factory.mktemp(f"{prefix}-{form}"), gla_op=form, validate=False, progress=False)
+    for form in ("decomposed", "custom", "gqa"):
+        gla_op, attention_op = ("decomposed", "gqa") if form == "gqa" else (form, "decomposed")
+        res = export_model(model, tmp_path_factory.mktemp(f"{prefix}-{form}"), gla_op=gla_op, attention_op=attention_op,
+                           validate=False, progress=False)
         out[form] = res.out_dir
     return model, out
 
@@ -50,7 +53,7 @@ def windowed(tmp_path_factory):
     return _export_both_forms(WINDOWED, tmp_path_factory, "hybrid")
 
 
-@pytest.mark.parametrize("form", ["decomposed", "custom"])
+@pytest.mark.parametrize("form", ["decomposed", "custom", "gqa"])
 def test_windowed_hybrid_prefill_and_steps_match_pytorch(windowed, form):
     model, paths = windowed
     dec = StatefulDecoder(paths[form], "ort-cpu", threads=1)
@@ -74,12 +77,13 @@ def test_windowed_hybrid_prefill_and_steps_match_pytorch(windowed, form):
     assert rel_err(snap.tensors["past_key_values.2.value"], st[2].value) < TOL
 
 
-def test_windowed_hybrid_padded_batch_and_restore(windowed):
+@pytest.mark.parametrize("form", ["decomposed", "gqa"])
+def test_windowed_hybrid_padded_batch_and_restore(windowed, form):
     _, paths = windowed
-    dec, batch = _batch_equals_each_row_alone(paths["decomposed"], 10)
+    dec, batch = _batch_equals_each_row_alone(paths[form], 10)
     # a saved conversation (KV caches and position included) continues identically in a fresh decoder
     cont = dec.generate(states=[batch[1].state], prompts=[" and"], max_new_tokens=6).run()[0]
-    again = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1)
+    again = StatefulDecoder(paths[form], "ort-cpu", threads=1)
     again.resize(3)
     cont2 = again.generate(states=[batch[1].state], prompts=[" and"], max_new_tokens=6).run()[0]
     assert cont.tokens == cont2.tokens and len(cont.tokens) == 6
@@ -112,7 +116,7 @@ def full(tmp_path_factory):
     return _export_both_forms(FULL, tmp_path_factory, "full")
 
 
-@pytest.mark.parametrize("form", ["decomposed", "custom"])
+@pytest.mark.parametrize("form", ["decomposed", "custom", "gqa"])
 def test_full_attention_hybrid_decodes_with_pytorch_logits(full, form):
     """Prefill then steps on ort-cpu: PyTorch's logits at every position, the caches one slot
     longer per token, and a snapshot holds the row's keys exactly as PyTorch's cache."""
@@ -139,7 +143,8 @@ def test_full_attention_hybrid_decodes_with_pytorch_logits(full, form):
     assert dec.kv_length == 0
 
 
-def test_full_attention_hybrid_padded_rows_subsets_and_restore(full):
+@pytest.mark.parametrize("form", ["decomposed", "gqa"])
+def test_full_attention_hybrid_padded_rows_subsets_and_restore(full, form):
     """Rows of different lengths in one padded prefill (short rows' caches zero-extended), a
     prefill of one row while the others wait, a snapshot restored into another row of a fresh
     decoder: every row's logits are those of PyTorch run on that row alone."""
@@ -147,7 +152,7 @@ def test_full_attention_hybrid_padded_rows_subsets_and_restore(full):
     rng = np.random.default_rng(4)
     prompts = [[256, *rng.integers(0, 256, n).tolist()] for n in (3, 11, 6)]
     extra = rng.integers(0, 256, 5).tolist()
-    dec = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1, batch_size=3)
+    dec = StatefulDecoder(paths[form], "ort-cpu", threads=1, batch_size=3)
 
     def ref(seq):
         with torch.no_grad():
@@ -174,7 +179,7 @@ def test_full_attention_hybrid_padded_rows_subsets_and_restore(full):
     snap = dec.snapshot(2)
     assert snap.tensors["past_key_values.0.key"].shape[2] == len(seqs[2])
     # a shorter conversation restored next to a longer one, in a fresh decoder
-    again = StatefulDecoder(paths["decomposed"], "ort-cpu", threads=1, batch_size=2)
+    again = StatefulDecoder(paths[form], "ort-cpu", threads=1, batch_size=2)
     again.prefill([prompts[1] + [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]], rows=[0])
     again.restore(1, snap)
     got = again.step([42, 42])
@@ -223,7 +228,7 @@ def test_verify_covers_hybrid_kv_caches(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["decomposed", "custom"])
+@pytest.mark.parametrize("form", ["decomposed", "custom", "gqa"])
 def test_full_attention_hybrid_on_ort_cuda_matches_cpu(full, form):
     """ort-cuda: the growing caches stay on the device, stepped without CUDA graphs (and said so);
     logits and greedy tokens as on the CPU, with a padded batch and a row prefilled alone."""
@@ -242,3 +247,32 @@ def test_full_attention_hybrid_on_ort_cuda_matches_cpu(full, form):
     assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < TOL
     cpu.reset(), gpu.reset()
     assert cpu.generate("Hi", max_new_tokens=16).run()[0].tokens == gpu.generate("Hi", max_new_tokens=16).run()[0].tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["decomposed", "custom", "gqa"])
+def test_windowed_hybrid_captured_steps_equal_uncaptured(windowed, form):
+    """An all-windowed hybrid's states (KV caches of W slots, the position) have fixed sizes, so
+    ort-cuda replays its step as CUDA graphs: the same logits and states as uncaptured steps,
+    bitwise, past both windows, at two batch sizes (the second replays a padded graph), and the
+    same tokens through device sampling."""
+    _, paths = windowed
+    cap = StatefulDecoder(paths[form], "ort-cuda", batch_size=3, cuda_graph=True)
+    ref = StatefulDecoder(paths[form], "ort-cuda", batch_size=3, cuda_graph=False)
+    assert cap.cuda_graph, cap.cuda_graph_off
+    prompts = [[256, 1, 2, 3], [256, 4], [256, 5, 6, 7, 8, 9, 10, 11]]
+    assert np.array_equal(cap.prefill(prompts), ref.prefill(prompts))
+    rng = np.random.default_rng(0)
+    for step in range(24):  # past the windows (5 and 2) many times over, both graphs of the pair
+        toks = rng.integers(0, 258, 3).tolist()
+        assert np.array_equal(cap.step(toks), ref.step(toks)), step
+    for name, t in cap._states[cap._cur].items():
+        assert torch.equal(t, ref._states[ref._cur][name]), name
+    for dec in (cap, ref):
+        dec.resize(2)  # a captured graph of 2 rows (CAPTURE_SIZES)
+    a = cap.generate(["In the", "And"], max_new_tokens=20, ignore_eos=True).run()
+    b = ref.generate(["In the", "And"], max_new_tokens=20, ignore_eos=True).run()
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    dev = StatefulDecoder(paths[form], "ort-cuda", batch_size=2, cuda_graph=True, sample_on_device=True)
+    c = dev.generate(["In the", "And"], max_new_tokens=20, ignore_eos=True).run()
+    assert [r.tokens for r in c] == [r.tokens for r in b]
