@@ -373,13 +373,19 @@ class Scheduler(threading.Thread):
         """Each row's next token (or why it could not be sampled) from the step's ``[n, V]`` logits
         on the pool's device: on the device (``sample_on_device``: only the ids come to the host),
         else on the host, the greedy rows in one ``argmax``. A row whose logits cannot be sampled
-        (NaN) fails alone: the device sampler refuses the whole batch, so the host decides then."""
+        (NaN) fails alone: the device sampler refuses the whole batch, so the host decides then,
+        with every generator where it was (seeded rows draw the numbers they would have drawn)."""
         samplers = [r.sampler for r in reqs]
         if self.graphs.sample_on_device:
+            # where it refuses, the host decides from the same draws: each generator goes back first
+            saved = [(s, s.sampled, None if s.params.greedy else s.rng.bit_generator.state) for s in samplers]
             try:
                 return [int(t) for t in backend.sample_on_device(logits, samplers)]
             except backend.UsageError:
-                pass
+                for s, sampled, state in saved:
+                    s.sampled = sampled
+                    if state is not None:
+                        s.rng.bit_generator.state = state
         host = logits.cpu().numpy()  # no copy on ort-cpu
         out: list[int | BaseException] = [0] * len(reqs)
         greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
