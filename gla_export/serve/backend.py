@@ -216,12 +216,14 @@ class Graphs:
         n = len(tokens)
         c = next(s for s in self._sizes if s >= n) if self.cuda_graph else n
         where = self._where
+        head = where[:n]
         # read from the set most of the rows are in (all of them, unless the batch changed)
-        x = 1 if 2 * sum(1 for w in where[:n] if w == 1) > n else 0
+        x = 1 if 2 * head.count(1) > n else 0
         y = 1 - x
-        for r in range(n):
-            if where[r] != x:
-                self._move(r, x)
+        if head.count(x) != n:
+            for r in range(n):
+                if where[r] != x:
+                    self._move(r, x)
         for r in range(n, c):  # padding rows of a captured graph: the step overwrites their rows in y
             if where[r] == y:
                 self._move(r, x)
@@ -238,8 +240,7 @@ class Graphs:
             raise
         except Exception as e:  # noqa: BLE001 - a runtime's own exception types
             raise ModelError(f"the step graph failed ({n} rows): {first_line(e)}") from e
-        for r in range(n):
-            where[r] = y
+        where[:n] = [y] * n
         return self._logits[:n, 0]
 
     def prefill(self, rows: list[int], chunks: list[np.ndarray]) -> np.ndarray:

@@ -95,7 +95,7 @@ def _serve(args: list[str]) -> subprocess.CompletedProcess:
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run([sys.executable, "-c", "from gla_export.cli import main; main()", "serve", *args],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          check=False, capture_output=True, text=True, env=env, timeout=120)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without a GPU")
