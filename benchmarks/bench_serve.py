@@ -8,7 +8,8 @@ Starts the server on a free loopback port (or uses ``--url``), then for each con
 a first request, then a follow-up whose prompt is the first turn's prompt, its answer and a new
 line (the prefix cache should make it prefill only the new tokens). Reports aggregate decode
 tokens/s, time to first token and inter-token latency (p50/p99, client side), the cache hit rate
-and prefill tokens saved (server's /stats), and the server's peak resident memory.
+and prefill tokens saved (server's /stats), the server's peak resident memory and its CPU time per generated token (all threads; unlike
+throughput, it hardly depends on how busy a shared machine is).
 
 Then the long-prompt scenario: 16 streams decode; after a baseline window, one request with a
 prompt of ``--big-prompt-bytes`` (1 MB) arrives; the streams' inter-token p99 during its prefill
@@ -78,6 +79,16 @@ class Server:
     def reset_peak(self) -> None:
         self.peak = 0
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used (all its threads): its cost per token does not
+        depend on how busy a shared machine is, as wall-clock throughput does."""
+        if self.proc is None:
+            return None
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
     def stats(self) -> dict:
         import httpx
 
@@ -122,6 +133,7 @@ def run_level(server: Server, model: str, streams: int, max_tokens: int, timeout
     lock = threading.Lock()
     before = server.stats()
     server.reset_peak() if server.proc else None
+    cpu0 = server.cpu_seconds()
 
     def worker(i: int) -> None:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=timeout)
@@ -146,6 +158,7 @@ def run_level(server: Server, model: str, streams: int, max_tokens: int, timeout
     for t in threads:
         t.join(timeout * 2)
     wall = time.perf_counter() - t0
+    cpu = server.cpu_seconds()
     after = server.stats()
     hits = after["cache"]["hits"] - before["cache"]["hits"]
     misses = after["cache"]["misses"] - before["cache"]["misses"]
@@ -159,6 +172,7 @@ def run_level(server: Server, model: str, streams: int, max_tokens: int, timeout
         "prefill_tokens_saved": after["prefill_tokens_saved"] - before["prefill_tokens_saved"],
         "prefill_tokens": after["prefill_tokens"] - before["prefill_tokens"],
         "peak_rss_mib": round(server.peak / 2**20, 1) if server.proc else None,
+        "server_cpu_ms_per_token": round(1e3 * (cpu - cpu0) / max(rec["tokens"], 1), 3) if cpu is not None else None,
     }
 
 
@@ -243,7 +257,7 @@ def _ms(x: float | None) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("export_dir")
-    ap.add_argument("--backend", default="ort-cpu", choices=["ort-cpu", "ort-cuda"])
+    ap.add_argument("--backend", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "trt"])
     ap.add_argument("--url", default=None, help="use a running server instead of starting one")
     ap.add_argument("--levels", default="1,4,16,64")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -279,11 +293,12 @@ def main() -> None:
                   "load_average": os.getloadavg(), "cpus": os.cpu_count()}
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"\n| streams | tokens/s | TTFT p50 / p99 ms | inter-token p50 / p99 ms | cache hit rate | "
-              f"prefill saved | peak RSS MiB |\n|---|---|---|---|---|---|---|")
+              f"prefill saved | peak RSS MiB | server CPU ms/token |\n|---|---|---|---|---|---|---|---|")
         for r in levels:
             print(f"| {r['streams']} | {r['tokens_per_s']} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
                   f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['cache_hit_rate']} | {r['prefill_tokens_saved']:.0f} "
-                  f"of {r['prefill_tokens'] + r['prefill_tokens_saved']:.0f} | {r['peak_rss_mib']} |")
+                  f"of {r['prefill_tokens'] + r['prefill_tokens_saved']:.0f} | {r['peak_rss_mib']} | "
+                  f"{r['server_cpu_ms_per_token']} |")
         print(f"speedup 16 streams vs 1: {result['speedup_16_vs_1']}")
         if big:
             print(f"long prompt ({big['big_prompt_bytes']} bytes) during 16 streams: inter-token p99 "

@@ -33,7 +33,15 @@ class Size(click.ParamType):
 @click.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("-b", "--backend", type=click.Choice(RUNTIMES), default="ort-cpu", show_default=True,
-              help="ort-cpu / ort-cuda: ONNX Runtime (trt is not served yet: it says why).")
+              help="ort-cpu / ort-cuda: ONNX Runtime; trt: the engines of `gla-export build` (not yet run on a GPU).")
+@click.option("--cuda-graph", is_flag=True,
+              help="ort-cuda: run the decode step as captured CUDA graphs (opt-in until proven on a GPU).")
+@click.option("--sample-on-device", is_flag=True,
+              help="ort-cuda/trt: pick tokens on the GPU, only the ids come to the host (opt-in until proven on a GPU).")
+@click.option("--engines-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="trt: where `gla-export build` put the engines (default EXPORT_DIR/tensorrt).")
+@click.option("--plugin", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="trt: the gla TensorRT plugin library (default: the one built with gla-export).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
               help="0 picks a free port (the URL is printed on stdout).")
@@ -70,7 +78,8 @@ class Size(click.ParamType):
 @click.option("--device-id", type=click.IntRange(min=0), default=0, show_default=True, help="GPU for ort-cuda.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="warning",
               show_default=True, help="uvicorn's log level.")
-def serve(export_dir: Path, backend: str, host: str, port: int, model_name: str | None, memory_limit: int | None,
+def serve(export_dir: Path, backend: str, cuda_graph: bool, sample_on_device: bool, engines_dir: Path | None,
+          plugin: Path | None, host: str, port: int, model_name: str | None, memory_limit: int | None,
           cache_memory: int | None, cache_dir: Path | None, cache_dir_size: int | None, max_slots: int, max_queue: int,
           prefill_chunk: int, token_budget: int, prefill_share: float, snapshot_interval: int, max_body_bytes: int,
           max_prompt_tokens: int, max_tokens: int, request_timeout: float, drain_timeout: float, threads: int | None,
@@ -92,7 +101,9 @@ def serve(export_dir: Path, backend: str, host: str, port: int, model_name: str 
     from ..serve.app import ServeConfig, Server
     from ..serve.app import serve as run
 
-    cfg = ServeConfig(backend=backend, threads=threads, device_id=device_id, model_name=model_name,
+    cfg = ServeConfig(backend=backend, threads=threads, device_id=device_id, cuda_graph=cuda_graph,
+                      sample_on_device=sample_on_device, engines_dir=str(engines_dir) if engines_dir else None,
+                      plugin=str(plugin) if plugin else None, model_name=model_name,
                       memory_limit=memory_limit, cache_bytes=cache_memory,
                       cache_dir=str(cache_dir) if cache_dir else None, cache_dir_bytes=cache_dir_size,
                       max_slots=max_slots, max_queue=max_queue, prefill_chunk=prefill_chunk, token_budget=token_budget,

@@ -70,7 +70,7 @@ from .generation import (  # noqa: F401 - re-exported: the decoder's public name
 )
 from .sampling import Sampler
 from .state import ConversationState, StateFileError, model_identity
-from .tokenizers import Tokenizer, load_tokenizer
+from .tokenizers import Tokenizer, load_tokenizer, stop_ids
 
 if TYPE_CHECKING:
     from ..export.metadata import ExportMetadata
@@ -191,7 +191,8 @@ class StatefulDecoder(GenerationMixin):
         self.vocab_size = self.metadata.model.vocab_size
         self.tokenizer: Tokenizer = load_tokenizer(self.export_dir, self.metadata)
         eos = self.metadata.model.eos_token_id
-        self.eos_token_id: int | None = int(eos) if eos is not None else self.tokenizer.eos_token_id
+        # one id or a list of them (Hugging Face generation configs): any of them ends a row
+        self.eos_token_ids: frozenset[int] = stop_ids(eos if eos is not None else self.tokenizer.eos_token_id)
         self.bos_token_id: int | None = self.tokenizer.bos_token_id
         step, prefill = self.metadata.graphs["step"], self.metadata.graphs["prefill"]
         self._runtime = open_runtime(backend, self.metadata, device_id=device_id, threads=threads,
@@ -230,6 +231,16 @@ class StatefulDecoder(GenerationMixin):
         self.resize(batch_size)
 
     # -- properties ------------------------------------------------------------------------------------
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The end-of-sequence id (the lowest of :attr:`eos_token_ids` when the config lists several);
+        setting it makes it the only one."""
+        return min(self.eos_token_ids) if self.eos_token_ids else None
+
+    @eos_token_id.setter
+    def eos_token_id(self, value: int | list[int] | None) -> None:
+        self.eos_token_ids = stop_ids(value)
 
     @property
     def runtime_name(self) -> str:

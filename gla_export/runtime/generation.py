@@ -149,7 +149,7 @@ class GenerationMixin:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise UsageError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         stops = set(int(t) for t in stop_token_ids) if stop_token_ids is not None else set()
-        eos = None if ignore_eos else self.eos_token_id
+        eos = frozenset() if ignore_eos else self.eos_token_ids
         results: list[RowResult | None] = [None] * n
         return Generation(self._generate(n, prompt_rows, id_rows, state_rows, sampling_rows, max_new_tokens, eos, stops,
                                          keep_tokens, snapshot, should_stop, results), results)
@@ -214,7 +214,7 @@ class GenerationMixin:
                     if keep_tokens:
                         tokens[i].append(tok)
                         text[i] += piece
-                    reason = FINISH_EOS if tok == eos else FINISH_STOP if tok in stops else \
+                    reason = FINISH_EOS if tok in eos else FINISH_STOP if tok in stops else \
                         FINISH_LENGTH if counts[i] >= max_new_tokens else None
                     if reason is not None:
                         piece += finish(i, reason)

@@ -188,6 +188,17 @@ def load_tokenizer(export_dir: str | Path, metadata: Any) -> Tokenizer:
     return tok
 
 
+def stop_ids(value: Any, what: str = "eos_token_id") -> frozenset[int]:
+    """The token ids of a config's ``eos_token_id`` (one id, a list of ids as Hugging Face
+    generation configs give it, or None: no ids); ModelError for anything else."""
+    from ..errors import ModelError
+
+    items = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        raise ModelError(f"{what} must be a token id or a list of token ids, got {value!r}")
+    return frozenset(int(i) for i in items)
+
+
 def parse_ids(text: str, vocab_size: int, what: str = "--prompt-ids") -> list[int]:
     """``"256,72,105"`` (commas or spaces) to token ids, each checked against the vocabulary."""
     try:

@@ -41,6 +41,10 @@ class ServeConfig:
     backend: str = "ort-cpu"
     threads: int | None = None
     device_id: int = 0
+    cuda_graph: bool = False  # ort-cuda: the step as captured CUDA graphs (opt-in until proven on a GPU)
+    sample_on_device: bool = False  # ort-cuda/trt: pick tokens on the GPU (opt-in until proven on a GPU)
+    engines_dir: str | None = None  # trt: where `gla-export build` put the engines
+    plugin: str | None = None  # trt: the plugin library
     model_name: str | None = None
     memory_limit: int | None = None  # bytes the server may use in all; default: 80% of what is available
     cache_bytes: int | None = None  # prefix cache in memory; default: a quarter of what the pool may use
@@ -95,7 +99,7 @@ def plan_memory(graphs: backend.Graphs, cfg: ServeConfig) -> MemoryPlan:
     prefill = token_budget * per_token
     slot = graphs.slot_nbytes() + per_token
     cache = cfg.cache_bytes if cfg.cache_bytes is not None else max((room - prefill) // 4, 0)
-    slots = min(cfg.max_slots, (room - prefill - cache) // slot)
+    slots = min(cfg.max_slots, graphs.max_rows or cfg.max_slots, (room - prefill - cache) // slot)
     if slots < 1:
         raise backend.UsageError(
             f"--memory-limit {limit / MiB:.0f} MiB leaves no room for one state slot ({slot} bytes) after the model "
@@ -119,12 +123,16 @@ class Server:
     def __init__(self, export_dir: str | os.PathLike, cfg: ServeConfig):
         self.cfg = cfg
         self.export_dir = Path(export_dir)
-        self.graphs = backend.Graphs(export_dir, cfg.backend, threads=cfg.threads, device_id=cfg.device_id)
+        self.graphs = backend.Graphs(export_dir, cfg.backend, threads=cfg.threads, device_id=cfg.device_id,
+                                     cuda_graph=cfg.cuda_graph, sample_on_device=cfg.sample_on_device,
+                                     engines_dir=cfg.engines_dir, plugin=cfg.plugin)
         self.plan = plan_memory(self.graphs, cfg)
         self.cache = PrefixCache(self.plan.cache, directory=cfg.cache_dir, identity=self.graphs.identity,
                                  metadata=self.graphs.metadata, disk_max_bytes=cfg.cache_dir_bytes)
         self.metrics = Metrics()
-        opts = Options(slots=self.plan.slots, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk,
+        # TensorRT's prefill profile bounds a call's tokens per row
+        chunk = min(cfg.prefill_chunk, self.graphs.max_prefill_tokens or cfg.prefill_chunk)
+        opts = Options(slots=self.plan.slots, max_queue=cfg.max_queue, prefill_chunk=chunk,
                        token_budget=self.plan.token_budget, prefill_share=cfg.prefill_share,
                        snapshot_interval=cfg.snapshot_interval)
         self.scheduler = Scheduler(self.graphs, self.cache, opts, self.metrics)

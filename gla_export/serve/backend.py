@@ -24,19 +24,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._dtypes import ort_element_type, torch_dtype
+from .._dtypes import torch_dtype
 from ..errors import GlaExportError, MissingRuntimeError, ModelError, UsageError, first_line
 from ..export.metadata import open_export
-from ..runtime.engines import RUNTIMES
+from ..runtime.decoder import CAPTURE_SIZES
+from ..runtime.device_sampling import sample_on_device
+from ..runtime.engines import RUNTIMES, Runtime, check_runtime, open_runtime
 from ..runtime.sampling import Sampler, SamplingParams
-from ..runtime.session import create_session
 from ..runtime.state import ConversationState, StateFileError, load_state, model_identity, save_state
-from ..runtime.tokenizers import TextDecoder, Tokenizer, TokenStream, load_tokenizer
+from ..runtime.tokenizers import TextDecoder, Tokenizer, TokenStream, load_tokenizer, stop_ids
 
 __all__ = [
     "ConversationState", "GlaExportError", "Graphs", "MissingRuntimeError", "ModelError", "Sampler",
     "SamplingParams", "StateFileError", "StateSpec", "TextDecoder", "TokenStream", "Tokenizer", "UsageError",
-    "load_state", "load_tokenizer", "model_identity", "open_export", "save_state",
+    "load_state", "load_tokenizer", "model_identity", "open_export", "sample_on_device", "save_state",
 ]
 
 
@@ -55,47 +56,74 @@ class StateSpec:
 class Graphs:
     """The prefill and step graphs of an export over a pool of ``slots`` state rows.
 
-    The pool holds every row's state; a graph call writes into scratch buffers that are copied
-    back only when it succeeded, so a failed call leaves every state as it was.
+    The pool is two sets of state buffers, A and B, of ``slots`` rows each (what the decoder's
+    double buffering holds per row), and every row's state lives in one of them (``_where``). A
+    step over rows ``0..n-1`` reads them from one set and writes the other, and those rows then
+    live in the other set: nothing is copied back, and a step that failed leaves the rows where
+    they were, intact. Rows are gathered into one set only when the batch's composition changed
+    (a row joined the decoding block from the other set). The step's bindings (ONNX Runtime I/O
+    bindings, TensorRT tensor addresses, CUDA graphs) are made once per (rows, direction) and
+    reused: the buffers never move.
+
+    A prefill reads its rows wherever they live into fresh tensors and writes its results back to
+    the same places only when the call succeeded, so a failed prefill leaves every row as it was.
     """
 
     def __init__(self, export_dir: str | os.PathLike, backend: str = "ort-cpu", *, threads: int | None = None,
-                 device_id: int = 0):
+                 device_id: int = 0, cuda_graph: bool = False, sample_on_device: bool = False,
+                 engines_dir: str | os.PathLike | None = None, plugin: str | os.PathLike | None = None):
         if backend not in RUNTIMES:
             raise UsageError(f"--backend must be one of {', '.join(RUNTIMES)}, got {backend!r}")
-        if backend == "trt":
-            raise MissingRuntimeError(
-                "gla-export serve runs on ONNX Runtime (ort-cpu, ort-cuda) for now: TensorRT engines are built for a "
-                "fixed optimisation profile of batch sizes that the continuous batcher's changing batch would have "
-                "to be planned around (use `gla-export generate --backend trt` for TensorRT)")
+        if cuda_graph and backend != "ort-cuda":
+            raise UsageError(f"--cuda-graph is an ort-cuda option (the {backend} backend has no captured step)")
+        if sample_on_device and backend == "ort-cpu":
+            raise UsageError("--sample-on-device needs a GPU backend (ort-cuda or trt): on ort-cpu the logits "
+                             "are on the host already")
+        if backend != "trt" and (engines_dir is not None or plugin is not None):
+            raise UsageError("--engines-dir and --plugin are options of --backend trt")
         self.export_dir = Path(export_dir)
         self.metadata = open_export(self.export_dir)
         meta = self.metadata
         self.backend = backend
-        self.vocab_size = int(meta["model"]["vocab_size"])
+        self.vocab_size = int(meta.model.vocab_size)
         growing = [s.input for s in meta.states if s.grows]
         if growing:  # a hybrid's full-attention KV cache: the slots have fixed sizes
             raise ModelError(
                 f"gla-export serve keeps each conversation in a fixed-size state slot, and this hybrid export's "
-                f"full-attention KV caches ({growing[0]}, ...) grow with the context: serve hybrids whose attention "
-                "layers are all windowed, or decode this one with `gla-export generate`")
-        self.specs = [StateSpec(s["input"], s["output"], tuple(int(d) for d in s["shape"][1:]), torch_dtype(s["dtype"]))
-                      for s in meta["states"]]
+                f"full-attention KV caches ({growing[0]}, ...) grow with the context "
+                f"({meta.state_bytes_per_token} bytes per token): serve hybrids whose attention layers are all "
+                "windowed (export with a window), or decode this one with `gla-export generate`")
+        self.specs = [StateSpec(s.input, s.output, tuple(int(d) for d in s.row_shape), torch_dtype(s.dtype))
+                      for s in meta.states]
         self.state_nbytes = sum(s.nbytes for s in self.specs)
         self.tokenizer: Tokenizer = load_tokenizer(self.export_dir, meta)
-        eos = meta["model"].get("eos_token_id")
-        self.eos_token_id = int(eos) if eos is not None else self.tokenizer.eos_token_id
-        self.weights_nbytes = (self.export_dir / meta["files"]["weights"]).stat().st_size \
-            if (self.export_dir / meta["files"]["weights"]).is_file() else 0
-        prefill_in = {i["name"]: i["dtype"] for i in meta["graphs"]["prefill"]["inputs"]}
-        step_in = {i["name"]: i["dtype"] for i in meta["graphs"]["step"]["inputs"]}
-        self.has_mask = "attention_mask" in prefill_in
+        self.eos_token_ids: frozenset[int] = eos_token_ids(meta, self.tokenizer)
+        self.eos_token_id = min(self.eos_token_ids) if self.eos_token_ids else None
+        weights = self.export_dir / meta["files"]["weights"]
+        self.weights_nbytes = weights.stat().st_size if weights.is_file() else 0
+        self.runtime = _open_runtime(backend, meta, threads=threads, device_id=device_id, cuda_graph=cuda_graph,
+                                     engines_dir=engines_dir, plugin=plugin)
+        rt = self.runtime
+        self.device = rt.device
+        self.cuda_graph = bool(getattr(rt, "cuda_graph", False))
+        self.cuda_graph_off: str | None = None if self.cuda_graph else (
+            getattr(rt, "cuda_graph_off", None) or "not an ort-cuda backend")
+        self.sample_on_device = bool(sample_on_device) and self.device.type == "cuda"
+        self.has_mask = rt.has_mask
         # padding over a non-zero past is exact unless an old export has short convolutions (docs/export.md)
-        conv = any(s["kind"] == "conv_state" for s in meta["states"])
-        self.pad_with_past = self.has_mask and (bool(meta.get("padding_with_past")) or not conv)
-        self._ids = {"prefill": torch_dtype(prefill_in["input_ids"]), "step": torch_dtype(step_in["input_ids"]),
-                     "mask": torch_dtype(prefill_in.get("attention_mask", "int64"))}
-        self._load_sessions(threads, device_id)
+        conv = any(s.kind == "conv_state" for s in meta.states)
+        self.pad_with_past = self.has_mask and (bool(meta.padding_with_past) or not conv)
+        step, prefill = meta.graphs["step"], meta.graphs["prefill"]
+        mask = prefill.input("attention_mask")
+        self._ids = {"prefill": torch_dtype(prefill.input("input_ids").dtype),
+                     "step": torch_dtype(step.input("input_ids").dtype),
+                     "mask": torch_dtype(mask.dtype if mask is not None else "int64")}
+        input_dtypes = getattr(rt, "input_dtypes", None)
+        if input_dtypes:  # TensorRT's engines decide (a builder may have narrowed int64 ids)
+            self._ids["prefill"] = self._ids["step"] = input_dtypes["input_ids"]
+            self._ids["mask"] = input_dtypes.get("attention_mask", torch.int64)
+        self.max_rows: int | None = rt.max_batch  # TensorRT's profile bounds the pool and the prefill
+        self.max_prefill_tokens: int | None = rt.max_seq
         self.identity = model_identity(self.export_dir, meta)
         if self.device.type == "cpu":
             # the server's own tensor work is row copies; torch's OpenMP threads beside ONNX Runtime's
@@ -103,63 +131,52 @@ class Graphs:
             torch.set_num_threads(1)
         self.slots = 0
 
-    # -- sessions ----------------------------------------------------------------------------------
-
-    def _load_sessions(self, threads: int | None, device_id: int) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise MissingRuntimeError("onnxruntime is not installed: pip install 'gla-export[cpu]'") from e
-        meta = self.metadata
-        cuda = self.backend == "ort-cuda"
-        if cuda:
-            if not torch.cuda.is_available():
-                raise MissingRuntimeError("--backend ort-cuda needs a CUDA GPU and a CUDA build of PyTorch")
-            self.device = torch.device("cuda", device_id)
-            opts: dict[str, Any] = {"device_id": device_id}
-            if meta["dtype"] == "float32":
-                opts["use_tf32"] = "0"
-            providers: list[Any] = [("cuda", opts), "cpu"]
-            self._dev = ("cuda", device_id)
-        else:
-            if meta["dtype"] == "bfloat16":
-                raise UsageError("this export is bfloat16 and ONNX Runtime has no bfloat16 CPU kernels: "
-                                 "use --backend ort-cuda")
-            self.device = torch.device("cpu")
-            providers = ["cpu"]
-            self._dev = ("cpu", 0)
-        if meta["gla_op"]["form"] == "onnx":
-            os.environ["ALLOW_RELEASED_ONNX_OPSET_ONLY"] = "0"  # LinearAttention is opset 27
-        self.sessions = {}
-        for graph in ("prefill", "step"):
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            if threads:
-                so.intra_op_num_threads = threads
-                so.inter_op_num_threads = 1
-            path = self.export_dir / meta["files"][graph]
-            try:
-                self.sessions[graph] = create_session(path, providers, so)
-            except GlaExportError:
-                raise
-            except Exception as e:  # noqa: BLE001 - ONNX Runtime's own exception types
-                raise ModelError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from e
-        self.runtime_name = f"onnxruntime {ort.__version__} ({'CUDA' if cuda else 'CPU'})"
+    @property
+    def runtime_name(self) -> str:
+        return self.runtime.name
 
     # -- the pool ----------------------------------------------------------------------------------
 
     def allocate(self, slots: int) -> None:
-        """Buffers for ``slots`` rows, all states zero."""
+        """Buffers for ``slots`` rows, all states zero (and, with CUDA graphs, the step captured
+        for every batch size it will run: see :data:`CAPTURE_SIZES`)."""
+        if self.max_rows is not None and slots > self.max_rows:
+            raise UsageError(f"{slots} slots exceed the TensorRT engines' maximum batch {self.max_rows} "
+                             "(rebuild them with a larger --max-batch, or lower --max-slots)")
         dev, S = self.device, slots
         # zero_() commits the pages now: a first touch in the middle of serving costs page faults
-        self._pool = {s.name: torch.empty((S, *s.shape), dtype=s.dtype, device=dev).zero_() for s in self.specs}
-        self._scratch = {s.name: torch.empty((S, *s.shape), dtype=s.dtype, device=dev).zero_() for s in self.specs}
-        self._ids_host = torch.zeros((S, 1), dtype=self._ids["step"])
+        self._bufs = [{s.name: torch.empty((S, *s.shape), dtype=s.dtype, device=dev).zero_() for s in self.specs}
+                      for _ in range(2)]
+        self._where: list[int | None] = [0] * S  # which set holds each row's state (None: no state)
+        pin = dev.type == "cuda"
+        self._ids_host = torch.zeros((S, 1), dtype=self._ids["step"], pin_memory=pin)
         self._ids_np = self._ids_host.numpy()
-        self._ids_buf = self._ids_host if dev.type == "cpu" else torch.zeros((S, 1), dtype=self._ids["step"], device=dev)
-        self._step_bindings: dict[int, Any] = {}
-        self._logits_buf = torch.zeros((S, 1, self.vocab_size), dtype=torch.float32, device=dev)
+        self._ids_dev = self._ids_host if not pin else torch.zeros((S, 1), dtype=self._ids["step"], device=dev)
+        self._logits = torch.zeros((S, 1, self.vocab_size), dtype=torch.float32, device=dev)
+        self._handles: dict[tuple[int, int], Any] = {}
         self.slots = S
+        # graph sizes: with CUDA graphs a batch of n rows runs in the captured graph of the smallest
+        # size >= n (its extra rows are padding), the pool's own size the last one
+        self._sizes = [c for c in CAPTURE_SIZES if c < S] + [S]
+        if self.cuda_graph:
+            self._capture()
+
+    def _capture(self) -> None:
+        # ONNX Runtime captures a graph id at its second run: run each (size, direction) three times
+        # now, on zero states, so that serving never pays for a capture and a step graph that cannot
+        # be captured is found here (then the server goes on without graphs; cuda_graph_off says why)
+        try:
+            for c in self._sizes:
+                for x in (0, 1, 0, 1, 0, 1):
+                    self.runtime.run_step(self._handle(c, x))
+        except ModelError as e:
+            self.runtime.disable_cuda_graph(f"capture failed: {e}")
+            self.cuda_graph, self.cuda_graph_off = False, self.runtime.cuda_graph_off
+            self._handles.clear()
+        self.runtime.sync()
+        for bufs in self._bufs:
+            for t in bufs.values():
+                t.zero_()
 
     def slot_nbytes(self) -> int:
         """Memory one slot costs: two copies of the state, its id and its logits row."""
@@ -170,49 +187,61 @@ class Graphs:
         (every position's, float32) and the activations of the widest layer, a dozen hidden-size
         float32 vectors per token (projections, gates, MLP), counted twice for ONNX Runtime's
         arena rounding."""
-        m = self.metadata["model"]
-        hidden = int(m["hidden_size"])
-        inter = int(m["config"].get("intermediate_size") or 4 * hidden)
+        m = self.metadata.model
+        hidden = int(m.hidden_size or m.config.get("hidden_size"))
+        inter = int(m.config.get("intermediate_size") or 4 * hidden)
         return 2 * 4 * (self.vocab_size + 12 * hidden + 3 * inter)
 
-    def _bind(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Any:
-        b = self.sessions[graph].io_binding()
-        for n, t in feeds.items():
-            b.bind_input(n, *self._dev, ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
-        for n, t in outputs.items():
-            b.bind_output(n, *self._dev, ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
-        return b
+    def _handle(self, rows: int, x: int) -> Any:
+        """The step over rows ``0..rows-1`` reading set ``x`` and writing the other, bound once."""
+        h = self._handles.get((rows, x))
+        if h is None:
+            src, dst = self._bufs[x], self._bufs[1 - x]
+            h = self._handles[(rows, x)] = self.runtime.bind_step(
+                {"input_ids": self._ids_dev[:rows], **{k: v[:rows] for k, v in src.items()}},
+                {"logits": self._logits[:rows], **{s.output: dst[s.name][:rows] for s in self.specs}})
+        return h
 
-    def _run(self, graph: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
-             binding: Any = None) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        if binding is None or self.device.type == "cuda":
-            # on a GPU ONNX Runtime copies an input for a CPU-fallback node when it is bound: bind anew
-            binding = self._bind(graph, feeds, outputs)
-        try:
-            self.sessions[graph].run_with_iobinding(binding)
-        except Exception as e:  # noqa: BLE001
-            shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in feeds.items() if not n.startswith("past_"))
-            raise ModelError(f"the {graph} graph failed ({shapes}): {first_line(e)}") from e
+    def _move(self, row: int, to: int) -> None:
+        """Copy ``row``'s state into set ``to`` (where it then lives)."""
+        at = self._where[row]
+        if at is not None and at != to:
+            for k, v in self._bufs[to].items():
+                v[row].copy_(self._bufs[at][k][row])
+        self._where[row] = to
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """Feed one token to each of rows ``0..n-1`` (n = len(tokens)); the next-token logits [n, V]."""
+    def step(self, tokens: np.ndarray) -> torch.Tensor:
+        """Feed one token to each of rows ``0..n-1`` (n = len(tokens)); the next-token logits
+        ``[n, V]`` float32 on the pool's device, a view valid until the next call."""
         n = len(tokens)
+        c = next(s for s in self._sizes if s >= n) if self.cuda_graph else n
+        where = self._where
+        head = where[:n]
+        # read from the set most of the rows are in (all of them, unless the batch changed)
+        x = 1 if 2 * head.count(1) > n else 0
+        y = 1 - x
+        if head.count(x) != n:
+            for r in range(n):
+                if where[r] != x:
+                    self._move(r, x)
+        for r in range(n, c):  # padding rows of a captured graph: the step overwrites their rows in y
+            if where[r] == y:
+                self._move(r, x)
         self._ids_np[:n, 0] = tokens
-        ids = self._ids_buf[:n]
-        if ids.device.type != "cpu":
-            ids.copy_(self._ids_host[:n], non_blocking=False)
-        # the step writes a scratch copy, taken back only when it succeeded: a failed step leaves the pool intact
-        feeds = {"input_ids": ids, **{k: v[:n] for k, v in self._pool.items()}}
-        outputs = {"logits": self._logits_buf[:n], **{s.output: self._scratch[s.name][:n] for s in self.specs}}
-        binding = self._step_bindings.get(n)
-        if binding is None and self.device.type == "cpu":
-            binding = self._step_bindings[n] = self._bind("step", feeds, outputs)
-        self._run("step", feeds, outputs, binding)
-        for k, v in self._pool.items():
-            v[:n].copy_(self._scratch[k][:n])
-        return self._logits_buf[:n, 0].to("cpu").numpy()
+        if c > n:
+            self._ids_np[n:c, 0] = 0
+        if self._ids_dev is not self._ids_host:
+            self._ids_dev[:c].copy_(self._ids_host[:c])
+        if self.device.type == "cuda":
+            self.runtime.sync()  # the row copies above ran on torch's stream
+        try:
+            self.runtime.run_step(self._handle(c, x))
+        except GlaExportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a runtime's own exception types
+            raise ModelError(f"the step graph failed ({n} rows): {first_line(e)}") from e
+        where[:n] = [y] * n
+        return self._logits[:n, 0]
 
     def prefill(self, rows: list[int], chunks: list[np.ndarray]) -> np.ndarray:
         """Feed ``chunks[i]`` to row ``rows[i]`` (continuing its state); the logits after each
@@ -238,44 +267,104 @@ class Graphs:
         for i, c in enumerate(chunks):
             ids[i, L - len(c):] = c
             mask[i, L - len(c):] = 1
-        idx = torch.tensor(rows, dtype=torch.long, device=dev)
-        cur = self._pool
-        past = {k: v.index_select(0, idx) for k, v in cur.items()}
+        for r in rows:
+            if self._where[r] is None:
+                self.zero(r)
+        # (positions in the call, rows) per set the rows live in
+        parts = []
+        for b in (0, 1):
+            pos = [i for i, r in enumerate(rows) if self._where[r] == b]
+            if pos:
+                parts.append((b, torch.tensor(pos, dtype=torch.long, device=dev),
+                              torch.tensor([rows[i] for i in pos], dtype=torch.long, device=dev)))
+        past = {}
+        for s in self.specs:
+            if len(parts) == 1:
+                b, _, idx = parts[0]
+                past[s.name] = self._bufs[b][s.name].index_select(0, idx)
+            else:
+                t = past[s.name] = torch.empty((n, *s.shape), dtype=s.dtype, device=dev)
+                for b, pos, idx in parts:
+                    t.index_copy_(0, pos, self._bufs[b][s.name].index_select(0, idx))
         present = {k: torch.empty_like(v) for k, v in past.items()}
         feeds = {"input_ids": torch.from_numpy(ids).to(dev, self._ids["prefill"]), **past}
         if self.has_mask:
             feeds["attention_mask"] = torch.from_numpy(mask).to(dev, self._ids["mask"])
         logits = torch.empty((n, L, self.vocab_size), dtype=torch.float32, device=dev)
-        self._run("prefill", feeds, {"logits": logits, **{s.output: present[s.name] for s in self.specs}})
-        for k, v in cur.items():
-            v.index_copy_(0, idx, present[k])
+        try:
+            self.runtime.run("prefill", feeds, {"logits": logits, **{s.output: present[s.name] for s in self.specs}})
+        except GlaExportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a runtime's own exception types
+            raise ModelError(f"the prefill graph failed (input_ids {[n, L]}): {first_line(e)}") from e
+        for b, pos, idx in parts:
+            for k, v in self._bufs[b].items():
+                v.index_copy_(0, idx, present[k] if len(parts) == 1 else present[k].index_select(0, pos))
         return logits[:, -1].to("cpu").numpy()
 
     # -- rows --------------------------------------------------------------------------------------
 
     def zero(self, row: int) -> None:
-        for v in self._pool.values():
+        b = self._where[row] or 0
+        for v in self._bufs[b].values():
             v[row].zero_()
+        self._where[row] = b
+
+    def discard(self, row: int) -> None:
+        """``row`` holds no state any more (its slot was freed): no step or gather copies it."""
+        self._where[row] = None
 
     def swap(self, a: int, b: int) -> None:
         if a == b:
             return
-        for v in self._pool.values():
-            tmp = v[a].clone()
-            v[a].copy_(v[b])
-            v[b].copy_(tmp)
+        wa, wb = self._where[a], self._where[b]
+        if wa is not None:
+            saved = {k: v[a].clone() for k, v in self._bufs[wa].items()}
+        if wb is not None:
+            for k, v in self._bufs[wb].items():
+                v[a].copy_(v[b])
+        if wa is not None:
+            for k, v in self._bufs[wa].items():
+                v[b].copy_(saved[k])
+        self._where[a], self._where[b] = wb, wa
 
     def read(self, row: int) -> dict[str, torch.Tensor]:
         """A CPU copy of ``row``'s states, each ``[1, ...]``."""
-        return {k: v[row:row + 1].to("cpu", copy=True) for k, v in self._pool.items()}
+        b = self._where[row]
+        if b is None:
+            raise UsageError(f"row {row} holds no state")
+        return {k: v[row:row + 1].to("cpu", copy=True) for k, v in self._bufs[b].items()}
 
     def write(self, row: int, tensors: dict[str, torch.Tensor]) -> None:
-        cur = self._pool
         for s in self.specs:
             t = tensors.get(s.name)
             if t is None or tuple(t.shape) != (1, *s.shape) or t.dtype != s.dtype:
                 raise StateFileError(f"a cached state tensor {s.name} does not fit this export")
-            cur[s.name][row].copy_(t[0])
+        b = self._where[row] or 0
+        for s in self.specs:
+            self._bufs[b][s.name][row].copy_(tensors[s.name][0])
+        self._where[row] = b
+
+
+def eos_token_ids(meta: Any, tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids that end a generation: the config's ``eos_token_id`` (one id or a list, as Hugging
+    Face generation configs have it), else the tokenizer's."""
+    eos = meta.model.eos_token_id
+    return stop_ids(eos if eos is not None else tokenizer.eos_token_id, "eos_token_id")
+
+
+def _open_runtime(backend: str, meta: Any, *, threads: int | None, device_id: int, cuda_graph: bool,
+                  engines_dir: str | os.PathLike | None, plugin: str | os.PathLike | None) -> Runtime:
+    """The runtime adapter of ``backend`` (:mod:`gla_export.runtime.engines`), its failures as one-line errors."""
+    try:
+        if backend == "trt":
+            check_runtime("trt", meta, engines_dir=engines_dir, plugin=plugin)
+        return open_runtime(backend, meta, device_id=device_id, threads=threads, engines_dir=engines_dir,
+                            plugin=plugin, cuda_graph=cuda_graph if backend == "ort-cuda" else None)
+    except GlaExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's and TensorRT's own exception types
+        raise ModelError(f"{backend} cannot load the export {meta.export_dir}: {first_line(e)}") from e
 
 
 def available_memory(device: torch.device) -> int:

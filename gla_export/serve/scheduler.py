@@ -359,21 +359,62 @@ class Scheduler(threading.Thread):
                 for r in list(reqs):
                     self._fail(r, f"decode step failed: {_one_line(e)}", 500)
                 return
+        picked = self._sample_rows(reqs, logits)
         dt = time.monotonic() - t0
         self.step_s = dt if self.step_s == 0 else 0.8 * self.step_s + 0.2 * dt
         self.metrics.occupancy.observe(n / self.opt.slots)
-        for i, req in enumerate(reqs):
-            self._take(req, logits[i])
+        for req, tok in zip(reqs, picked):
+            if isinstance(tok, BaseException):
+                self._fail(req, f"sampling failed: {_one_line(tok)}", 500)
+            else:
+                self._accept(req, tok)
+
+    def _sample_rows(self, reqs: list[Request], logits: Any) -> list[int | BaseException]:
+        """Each row's next token (or why it could not be sampled) from the step's ``[n, V]`` logits
+        on the pool's device: on the device (``sample_on_device``: only the ids come to the host),
+        else on the host, the greedy rows in one ``argmax``. A row whose logits cannot be sampled
+        (NaN) fails alone: the device sampler refuses the whole batch, so the host decides then,
+        with every generator where it was (seeded rows draw the numbers they would have drawn)."""
+        samplers = [r.sampler for r in reqs]
+        if self.graphs.sample_on_device:
+            # where it refuses, the host decides from the same draws: each generator goes back first
+            saved = [(s, s.sampled, None if s.params.greedy else s.rng.bit_generator.state) for s in samplers]
+            try:
+                return [int(t) for t in backend.sample_on_device(logits, samplers)]
+            except backend.UsageError:
+                for s, sampled, state in saved:
+                    s.sampled = sampled
+                    if state is not None:
+                        s.rng.bit_generator.state = state
+        host = logits.cpu().numpy()  # no copy on ort-cpu
+        out: list[int | BaseException] = [0] * len(reqs)
+        greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
+        if greedy:
+            for i, tok in zip(greedy, host[greedy].argmax(axis=-1).tolist() if len(greedy) < len(reqs)
+                              else host.argmax(axis=-1).tolist()):
+                samplers[i].sampled += 1  # as Sampler.sample counts a greedy token
+                out[i] = tok
+        for i, s in enumerate(samplers):
+            if not s.params.greedy:
+                try:
+                    out[i] = s.sample(host[i])
+                except Exception as e:  # noqa: BLE001
+                    out[i] = e
+        return out
 
     # -- one request ---------------------------------------------------------------------------------
 
     def _take(self, req: Request, logits: np.ndarray) -> None:
-        """Sample ``req``'s next token, stream it, end the request when it is done."""
+        """Sample ``req``'s next token from its row of logits and :meth:`_accept` it."""
         try:
             tok = req.sampler.sample(logits)
         except Exception as e:  # noqa: BLE001
             self._fail(req, f"sampling failed: {_one_line(e)}", 500)
             return
+        self._accept(req, tok)
+
+    def _accept(self, req: Request, tok: int) -> None:
+        """Stream ``req``'s next token, end the request when it is done."""
         now = time.monotonic()
         req.generated.append(tok)
         self.metrics.generated_tokens.inc()
@@ -384,7 +425,7 @@ class Scheduler(threading.Thread):
             self.metrics.itl.observe(now - req.last_at)
         req.last_at = now
         p = req.params
-        eos = tok == self.graphs.eos_token_id and not p.ignore_eos
+        eos = tok in self.graphs.eos_token_ids and not p.ignore_eos
         piece = b"" if eos or tok in p.stop_token_ids else req.stream.bytes_for(tok)
         text, stopped = req.stop_text.feed(req.text.feed(piece))
         req._fire({"type": "token", "text": text, "token": tok})  # text may be "" (half a character)
@@ -448,6 +489,7 @@ class Scheduler(threading.Thread):
             self.n_dec -= 1
             row = last
         self.rows[row] = None
+        self.graphs.discard(row)
         self.free.append(row)
         self.free.sort(reverse=True)
         req.row = None

@@ -10,6 +10,7 @@ import sys
 
 import httpx
 import pytest
+import torch
 
 from gla_export.serve.app import ServeConfig, Server, create_app
 from gla_export.serve.chat import PLAIN_STOP, ChatTemplate
@@ -86,7 +87,15 @@ def test_cli_errors_are_one_line(tiny_export, tmp_path):
 def test_configurations_that_cannot_serve_are_refused(tiny_export):
     from gla_export.errors import MissingRuntimeError, UsageError
 
-    with pytest.raises(MissingRuntimeError, match="ort-cpu"):
+    # trt is served through the engines of `gla-export build` (tests/serve/test_trt_serve.py)
+    with pytest.raises(UsageError, match="no TensorRT engines .* run `gla-export build"):
         Server(tiny_export, ServeConfig(backend="trt"))
+    with pytest.raises(UsageError, match="--cuda-graph is an ort-cuda option"):
+        Server(tiny_export, ServeConfig(cuda_graph=True))
+    with pytest.raises(UsageError, match="--sample-on-device needs a GPU backend"):
+        Server(tiny_export, ServeConfig(sample_on_device=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(MissingRuntimeError):
+            Server(tiny_export, ServeConfig(backend="ort-cuda"))
     with pytest.raises(UsageError, match="memory-limit"):
         Server(tiny_export, ServeConfig(memory_limit=1 << 20))

@@ -12,7 +12,9 @@ from gla_export.runtime.decoder import StatefulDecoder
 pytestmark = pytest.mark.gpu
 
 
-def test_cuda_pool_batches_like_the_cpu_decoder(tiny_export):
+@pytest.mark.parametrize("cuda_graph,on_device", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["plain", "cuda-graph", "sample-on-device", "cuda-graph+sample-on-device"])
+def test_cuda_pool_batches_like_the_cpu_decoder(tiny_export, cuda_graph, on_device):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
         pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
@@ -23,8 +25,12 @@ def test_cuda_pool_batches_like_the_cpu_decoder(tiny_export):
 
     prompts = ["In the beginning", "Hello there, how are you doing today?", "x", "The quick brown fox jumps"]
     dec = StatefulDecoder(tiny_export, threads=1)
-    graphs = backend.Graphs(tiny_export, "ort-cuda")
+    graphs = backend.Graphs(tiny_export, "ort-cuda", cuda_graph=cuda_graph, sample_on_device=on_device)
+    assert graphs.sample_on_device == on_device
     sched = Scheduler(graphs, PrefixCache(1 << 24), Options(slots=3, prefill_chunk=5, token_budget=12), Metrics())
+    assert graphs.cuda_graph == cuda_graph, graphs.cuda_graph_off  # captured for sizes 1, 2 and 3 at allocate
+    assert all(t.device.type == "cuda" for bufs in graphs._bufs for t in bufs.values())
+    ptrs = {t.data_ptr() for bufs in graphs._bufs for t in bufs.values()}
     sched.start()
     try:
         results = []
@@ -42,3 +48,4 @@ def test_cuda_pool_batches_like_the_cpu_decoder(tiny_export):
             assert agree >= 8, (p, got, ref)  # float32 on two devices: a near tie may part late, never early
     finally:
         sched.shutdown(5)
+    assert {t.data_ptr() for bufs in graphs._bufs for t in bufs.values()} == ptrs  # the states never moved
