@@ -14,8 +14,9 @@ int8 ≥ 1.5× the float export); writes bench_quant_gpu.json to ``--json`` or t
 Time: the whole run must fit a few minutes of GPU time, exports included. The three exports run
 at once, in worker processes (each builds the same random model, on the GPU when there is one:
 seconds, where filling 1.4 B parameters from one CPU generator takes over a minute), while the
-main process measures the copy bandwidth; then the variants are measured one after the other. A
-variant whose export is not done, or whose measurement is projected past ``--budget`` seconds, is
+main process measures the copy bandwidth; once all are written (so that no export competes with a
+measurement for the CPU), the variants are measured one after the other. An export not done when
+only ``--measure-s`` per variant is left of ``--budget``, or a measurement projected past it, is
 skipped and said so in the table and the JSON. ``--cache DIR`` keeps the exports for a second run.
 
 onnxruntime-gpu 1.31 finds the CUDA libraries only after ``import torch`` (done first here) or
@@ -85,6 +86,11 @@ def _export_worker(size: str, dtype: str, weights: str, out: str, gla_op: str, m
     export_model(model, out, weights=quant_config(weights) or "fp", dtype=dtype, gla_op=gla_op, validate=False,
                  progress=False, force=True, max_batch=max_batch, max_seq_len=max_seq_len)
     return {"model_build_s": build_s, "export_s": time.perf_counter() - t}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def bench_decode(dec, batch: int, steps: int, prompt: int) -> float:
@@ -202,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-reps", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads (ort-cpu)")
+    ap.add_argument("--measure-s", type=float, default=30.0,
+                    help="seconds kept per variant for its measurement when waiting for the exports")
     ap.add_argument("--cache", type=Path, help="keep the exports here (reused when present)")
     ap.add_argument("--only", nargs="*", choices=list(WEIGHTS), help="variants to run (by --weights value)")
     ap.add_argument("--json", type=Path, help="where the JSON goes (default: $OUT/bench_quant_gpu.json when OUT is set)")
@@ -249,38 +257,42 @@ def main(argv: list[str] | None = None) -> int:
           f"{dtype} activations, GLA op {args.gla_op}; {args.backend} on {gpu}"
           + (f"; copy bandwidth {bw / 1e9:,.0f} GB/s ({bw_info['way']})" if bw else ""), flush=True)
 
-    rows: dict[str, dict] = {}
-    per_bench: float | None = None
+    rows: dict[str, dict] = {names[w]: {} for w in wanted}
     reserve = 20.0  # seconds kept for the table and the JSON
-    for w in wanted:
-        name = names[w]
-        row: dict = {}
-        rows[name] = row
+    # every export finishes before any variant is measured: a worker still quantizing on the CPU
+    # would slow the host side of the other variants' steps (and flatter the quantized ones)
+    deadline = args.budget - reserve - args.measure_s * len(wanted)
+    for w, fut in futures.items():
         try:
-            if w in futures:
-                left = args.budget - reserve - elapsed() - (per_bench or 0)
-                try:
-                    row.update(futures[w].result(timeout=max(left, 0.1)))
-                except FutureTimeout:
-                    row["skipped"] = f"export not done {elapsed():.0f} s into the {args.budget:.0f} s budget"
-                    print(f"{name}: skipped ({row['skipped']})", flush=True)
-                    continue
-            projected = per_bench or 0
-            if elapsed() + projected > args.budget - reserve:
-                row["skipped"] = f"measuring projected to pass the {args.budget:.0f} s budget (spent {elapsed():.0f} s)"
-                print(f"{name}: skipped ({row['skipped']})", flush=True)
-                continue
-            measure(outs[w], name, args, bw, row)
-            per_bench = max(per_bench or 0, row["bench_s"])
-        except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, the others still run
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-        print(f"{name}: {json.dumps(row, default=lambda v: round(v, 3))}", flush=True)
+            rows[names[w]].update(fut.result(timeout=max(deadline - elapsed(), 0.1)))
+        except FutureTimeout:
+            rows[names[w]]["skipped"] = f"export not done {elapsed():.0f} s into the {args.budget:.0f} s budget"
+        except Exception as e:  # noqa: BLE001 - an export that fails is reported, the others still run
+            rows[names[w]]["error"] = f"export: {type(e).__name__}: {_first_line(e)}"
     if pool is not None:
         workers = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         for p in workers:  # a worker still exporting past the budget
             if p.is_alive():
                 p.terminate()
+        for p in workers:
+            p.join(10)
+    print(f"exports done at {elapsed():.0f} s", flush=True)
+
+    per_bench: float | None = None
+    for w in wanted:
+        name = names[w]
+        row = rows[name]
+        if "skipped" not in row and "error" not in row:
+            if elapsed() + (per_bench or 0) > args.budget - reserve:
+                row["skipped"] = f"measuring projected to pass the {args.budget:.0f} s budget (spent {elapsed():.0f} s)"
+            else:
+                try:
+                    measure(outs[w], name, args, bw, row)
+                    per_bench = max(per_bench or 0, row["bench_s"])
+                except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, the others still run
+                    row["error"] = f"{type(e).__name__}: {_first_line(e)}"
+        print(f"{name}: {json.dumps(row, default=lambda v: round(v, 3))}", flush=True)
 
     print()
     print("\n".join(table(rows, args, base)))
