@@ -190,7 +190,7 @@ def table(rows: dict, args, base: str) -> list[str]:
             cells.append(f"{dec[str(b)]:,.1f}" + (f" ({ratio:.2f}×)" if ratio else ""))
         cells.append(f"{dec[b0] / ref['decode_tok_s'][b0]:.2f}" if ref.get("decode_tok_s") else "")
         cells.append(f"{r['prefill_tok_s']:,.0f}")
-        cells.append(f"{r['export_s']:.0f}" if "export_s" in r else "cached")
+        cells.append(f"{r['export_s']:.1f}" if "export_s" in r else "cached")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
