@@ -50,6 +50,11 @@ VARIANTS = {
     "int4 gptq b32 asym": dict(weights="int4", block_size=32, method="gptq", symmetric=False, accuracy_level=0),
     "int4 gptq b32 +gate": dict(weights="int4", block_size=32, method="gptq", quantize_gate=True, accuracy_level=0),
     "int4 gptq b64": dict(weights="int4", block_size=64, method="gptq", accuracy_level=0),
+    "int4 awq b32": dict(weights="int4", block_size=32, method="awq", accuracy_level=0),
+    "int4 awq b64": dict(weights="int4", block_size=64, method="awq", accuracy_level=0),
+    "int4 awq b128": dict(weights="int4", block_size=128, method="awq", accuracy_level=0),
+    "int4 awq b32 asym": dict(weights="int4", block_size=32, method="awq", symmetric=False, accuracy_level=0),
+    "int8 awq b128 acc4": dict(weights="int8", block_size=128, method="awq", accuracy_level=4),
     "int4 gptq b128": dict(weights="int4", block_size=128, method="gptq", accuracy_level=0),
 }
 
