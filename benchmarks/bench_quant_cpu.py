@@ -28,6 +28,7 @@ VARIANTS = {
     "fp32": "fp",
     "int8 b32": QuantConfig(weights="int8", block_size=32, accuracy_level=0),
     "int8 b32 acc4": QuantConfig(weights="int8", block_size=32, accuracy_level=4),
+    "int8 b128 acc4": QuantConfig(weights="int8", block_size=128, accuracy_level=4),  # the int8 default
     "int4 b32": QuantConfig(weights="int4", block_size=32, accuracy_level=0),
     "int4 b32 acc4": QuantConfig(weights="int4", block_size=32, accuracy_level=4),
 }

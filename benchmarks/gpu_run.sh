@@ -141,7 +141,7 @@ decode)
 quant)
   note "quantized weights: fp16 vs int8 vs int4 (1.3B shape, random weights, ORT CUDA; exports included, budget 270 s)"
   timeout ${T_QUANT:-330} python3 benchmarks/bench_quant_gpu.py --size ${QUANT_SIZE:-1.3B} --budget ${QUANT_BUDGET:-270} \
-    > "$OUT/bench_quant.log" 2>&1 || status=1
+    --json "$OUT/bench_quant_gpu.json" > "$OUT/bench_quant.log" 2>&1 || status=1
   note "quantized sample model: export int4, verify on ort-cuda (logits vs the dequantized model, quality vs float)"
   python3 -c "from gla_export.cli import main; main()" export -o /tmp/sample-int4 --weights int4 --force -q > "$OUT/export_int4.log" 2>&1 || status=1
   timeout ${T_VERIFY:-90} python3 -c "from gla_export.cli import main; main()" verify /tmp/sample-int4 > "$OUT/verify_int4.log" 2>&1 || status=1

@@ -28,6 +28,15 @@ VARIANTS = {
     "int8 rtn b128": dict(weights="int8", block_size=128, accuracy_level=0),
     "int8 rtn per-channel qdq": dict(weights="int8", block_size=None, format="qdq", accuracy_level=0),
     "int8 gptq b32": dict(weights="int8", block_size=32, method="gptq", accuracy_level=0),
+    # the int8 default (issue 11's greedy target is measured as exported: accuracy_level 4)
+    "int8 rtn b64 acc4": dict(weights="int8", block_size=64, accuracy_level=4),
+    "int8 rtn b128 acc4": dict(weights="int8", block_size=128, accuracy_level=4),
+    "int8 rtn b256 acc4": dict(weights="int8", block_size=256, accuracy_level=4),
+    "int8 rtn b32 asym acc4": dict(weights="int8", block_size=32, symmetric=False, accuracy_level=4),
+    "int8 rtn b128 asym acc4": dict(weights="int8", block_size=128, symmetric=False, accuracy_level=4),
+    "int8 gptq b32 acc4": dict(weights="int8", block_size=32, method="gptq", accuracy_level=4),
+    "int8 gptq b128 acc4": dict(weights="int8", block_size=128, method="gptq", accuracy_level=4),
+    "int8 rtn b128 qdq": dict(weights="int8", block_size=128, format="qdq", accuracy_level=0),
     "int4 rtn b32": dict(weights="int4", block_size=32, accuracy_level=0),
     "int4 rtn b32 acc4": dict(weights="int4", block_size=32, accuracy_level=4),
     "int4 rtn b32 asym": dict(weights="int4", block_size=32, symmetric=False, accuracy_level=0),
@@ -41,6 +50,11 @@ VARIANTS = {
     "int4 gptq b32 asym": dict(weights="int4", block_size=32, method="gptq", symmetric=False, accuracy_level=0),
     "int4 gptq b32 +gate": dict(weights="int4", block_size=32, method="gptq", quantize_gate=True, accuracy_level=0),
     "int4 gptq b64": dict(weights="int4", block_size=64, method="gptq", accuracy_level=0),
+    "int4 awq b32": dict(weights="int4", block_size=32, method="awq", accuracy_level=0),
+    "int4 awq b64": dict(weights="int4", block_size=64, method="awq", accuracy_level=0),
+    "int4 awq b128": dict(weights="int4", block_size=128, method="awq", accuracy_level=0),
+    "int4 awq b32 asym": dict(weights="int4", block_size=32, method="awq", symmetric=False, accuracy_level=0),
+    "int8 awq b128 acc4": dict(weights="int8", block_size=128, method="awq", accuracy_level=4),
     "int4 gptq b128": dict(weights="int4", block_size=128, method="gptq", accuracy_level=0),
 }
 

@@ -40,17 +40,17 @@ def _size(n: int) -> str:
 @click.option("--weights", type=click.Choice(["fp", "int8", "int4"]), default="fp", show_default=True,
               help="Weight-only quantization of the linear layers (fp: the --dtype).")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256", "per-channel"]), default=None,
-              help="Weights sharing one scale along the input dimension [32]; per-channel: int8 with --quant-format qdq.")
+              help="Weights sharing one scale along the input dimension [int4: 32, int8: 128]; per-channel: int8 with --quant-format qdq.")
 @click.option("--quant-format", type=click.Choice(["matmulnbits", "qdq"]), default=None,
               help="matmulnbits: com.microsoft::MatMulNBits for ONNX Runtime [default]; qdq: DequantizeLinear+MatMul for TensorRT.")
-@click.option("--quant-method", type=click.Choice(["rtn", "hqq", "gptq"]), default=None,
-              help="rtn: round to nearest [default]; hqq: half-quadratic (asymmetric); gptq: calibrated on --calibration text.")
+@click.option("--quant-method", type=click.Choice(["rtn", "hqq", "gptq", "awq"]), default=None,
+              help="rtn: round to nearest [default]; hqq: half-quadratic (asymmetric); gptq, awq: calibrated on --calibration text.")
 @click.option("--calibration", type=click.Path(dir_okay=False, exists=True, path_type=str), default=None,
-              help="Calibration text for gptq (default: a slice of the sample model's training text).")
+              help="Calibration text for gptq and awq (default: a slice of the sample model's training text).")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric (no zero point) [default] or asymmetric quantization.")
 @click.option("--quantize-gate/--no-quantize-gate", default=None, help="Also quantize the gate's low-rank projections [no].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
-              help="MatMulNBits accuracy_level (4: int8 dot products on the CPU) [0].")
+              help="MatMulNBits accuracy_level (4: int8 dot products on the CPU) [4].")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing export in OUTPUT.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq_len, attention_mask, attention_op, validate,

@@ -60,12 +60,18 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else spec.format(v)
 
 
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.2f} MiB"
+
+
 def bench_tables(report: BenchReport):
     """Throughput and latency per batch; memory and latency of the next token per context."""
     from rich.table import Table
 
     batches = report.settings["batches"]
-    speed = Table(title=f"throughput and latency ({report.device['name']}, {report.model['dtype']})")
+    weights = report.model.get("weights", "fp")
+    what = report.model["dtype"] + ("" if weights == "fp" else f", weights {weights}")
+    speed = Table(title=f"throughput and latency ({report.device['name']}, {what})")
     speed.add_column("contender", no_wrap=True)
     for b in batches:
         speed.add_column(f"prefill tok/s B{b}", justify="right")
@@ -89,6 +95,12 @@ def bench_tables(report: BenchReport):
         for b in batches:
             cells += [_fmt(floor.get(b), "{:.3f}"), _fmt(1e3 * b / floor[b] if floor.get(b) else None, "{:,.0f}"), "1×"]
         speed.add_row(f"floor (copy {bw['bytes_per_s'] / 1e9:,.0f} GB/s, {bw['way']})", *cells)
+        per_step = report.floor.get("step_bytes") or {}
+        speed.caption = (
+            f"weights resident {_mib(report.floor.get('weights_resident_bytes'))} (as stored, each tensor once); "
+            "read per decode step: " + ", ".join(f"B{b} {_mib(per_step.get(b))}" for b in batches)
+            + " (weights a step reads + 2 × state per row); floor = that ÷ copy bandwidth"
+        )
 
     contexts = report.settings["contexts"]
     mem = Table(title="next token at context L: memory beyond the weights (MiB) / latency (ms)")

@@ -23,6 +23,9 @@ round-to-nearest is its C++ ``quantize_matmul_4bits``/``quantize_matmul_8bits`` 
 GPTQ is written here: ONNX Runtime's (from Intel Neural Compressor) returns only the dequantized
 weights and re-quantizes them with a fresh min/max, which moves them off the grid GPTQ chose; it
 also needs the calibration inputs of every MatMul from ONNX graphs, where we have the PyTorch model.
+AWQ is written here too (ONNX Runtime has it only through NVIDIA ModelOpt, on one ONNX graph at a
+time: docs/edge.md): per input channel scales searched on the calibration statistics GPTQ uses,
+folded into the op before each quantized matrix, then round to nearest.
 """
 
 from __future__ import annotations
@@ -44,8 +47,14 @@ from .graph import GraphBuilder, Weight, WeightTable
 
 BITS = {"int8": 8, "int4": 4}
 FORMATS = ("matmulnbits", "qdq")
-METHODS = ("rtn", "hqq", "gptq")
+METHODS = ("rtn", "hqq", "gptq", "awq")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+# int8's default block (int4's is QuantConfig's 32): measured on the sample model with the default
+# accuracy_level 4 (docs/edge.md, "Choosing the int8 default"), block 128 keeps fp32's first 64
+# greedy tokens of the README prompt where 32 and 64 flip a near-tie at token 52, agrees with fp32
+# as often as 32 over 25 held-out prompts, decodes as fast on the CPU and makes a smaller file
+# (0.508x the fp16 file of the 1.3B shape against 0.532x)
+DEFAULT_INT8_BLOCK = 128
 MS_DOMAIN = "com.microsoft"
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1] / "assets" / "sample-model" / "calibration.txt"
 
@@ -71,7 +80,8 @@ class QuantConfig:
     """What to quantize and how (``gla-export export --weights int8|int4 ...``).
 
     ``block_size``: elements along the input dimension that share one scale (and zero point);
-    ``None`` means per output channel (int8 only). ``accuracy_level`` is MatMulNBits' attribute
+    ``None`` means per output channel (int8 only). :func:`quant_config` defaults int8 to
+    :data:`DEFAULT_INT8_BLOCK` (128) and int4 to 32. ``accuracy_level`` is MatMulNBits' attribute
     (4: int8 dot products on the CPU; 0: none written). The calibration text feeds GPTQ; by default
     a slice of the sample model's training text that ships with the package (never the held-out
     books, on which quality is measured).
@@ -146,7 +156,7 @@ def quant_config(weights: Any = "fp", **options: Any) -> QuantConfig | None:
     if options.get("block_size") == 0 or options.get("block_size") == "per-channel":
         options["block_size"] = None
     if weights == "int8" and "block_size" not in options:
-        options["block_size"] = 32
+        options["block_size"] = DEFAULT_INT8_BLOCK
     return QuantConfig(weights=weights, **options).validated()
 
 
@@ -510,6 +520,112 @@ def collect_hessians(model: GLAForCausalLM, sequences: list[list[int]]) -> dict[
 
 
 # ---------------------------------------------------------------------------------------------
+# AWQ: activation-aware scales per input channel, folded into the op before
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_quant(w: torch.Tensor, bits: int, block_size: int | None, symmetric: bool, signed_scales: bool = False
+                ) -> torch.Tensor:
+    """``w`` ``[N, K]`` quantized to nearest per block and dequantized, on the grid of the quantizer
+    that runs afterwards: ONNX Runtime's symmetric one (``signed_scales``: the block's largest-
+    magnitude value maps to −2^(b−1), :func:`quantize_rtn`) or :func:`_grid`'s."""
+    n, k = w.shape
+    group = k if block_size is None else block_size
+    kb = -(-k // group)
+    wp = torch.nn.functional.pad(w, (0, kb * group - k)).reshape(n * kb, group)
+    if signed_scales:
+        half = 1 << (bits - 1)
+        peak = wp.gather(1, wp.abs().argmax(1, keepdim=True))[:, 0]
+        scale = torch.where(peak == 0, torch.ones_like(peak), peak / -half)
+        q = torch.clamp(torch.round(wp / scale[:, None]) + half, 0, (1 << bits) - 1)
+        return ((q - half) * scale[:, None]).reshape(n, kb * group)[:, :k]
+    scale, zero = _grid(wp, bits, symmetric)
+    q = torch.clamp(torch.round(wp / scale[:, None]) + zero[:, None], 0, (1 << bits) - 1)
+    return ((q - zero[:, None]) * scale[:, None]).reshape(n, kb * group)[:, :k]
+
+
+def awq_scale(w: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int | None, symmetric: bool,
+              grid: int = 20, max_rows: int = 2048, signed_scales: bool = False) -> tuple[torch.Tensor, float]:
+    """AWQ (Lin et al. 2024) for ``w`` ``[N, K]`` with inputs whose Gram matrix is ``hessian``
+    (``XᵀX / n``): the scale ``s = rms(x)^α`` per input channel (normalised to a geometric mean of
+    1) that minimises the layer's output error ``‖X (Q(W·diag(s))·diag(1/s) − W)ᵀ‖²`` over
+    ``α ∈ {0, 1/grid, …, 1}`` (α = 0: no scaling). The activation size is the RMS (the Gram
+    matrix's diagonal) where the paper takes the mean magnitude. ``max_rows`` output rows (a fixed
+    sample) enter the search. Returns ``(s [K], α)``."""
+    H = hessian.to(torch.float32)
+    rms = torch.sqrt(torch.diag(H).clamp_min(0))
+    rms = rms.clamp_min(float(rms.max()) * 1e-4 + 1e-12)
+    w = w.to(torch.float32)
+    if w.shape[0] > max_rows:
+        w = w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]]
+
+    def error(s: torch.Tensor) -> float:
+        d = _fake_quant(w * s[None, :], bits, block_size, symmetric, signed_scales) / s[None, :] - w
+        return float(((d @ H) * d).sum())
+
+    ones = torch.ones_like(rms)
+    best = (error(ones), 0.0, ones)
+    for i in range(1, grid + 1):
+        a = i / grid
+        s = rms ** a
+        s = s / torch.sqrt(s.max() * s.min())
+        e = error(s)
+        if e < best[0]:
+            best = (e, a, s)
+    return best[2], best[1]
+
+
+def awq_fold(config, table: WeightTable, targets: dict[str, str], hessians: dict[str, torch.Tensor], cfg: QuantConfig,
+             split_gate: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The stored tensors AWQ changes (float32, the table's layouts) and each scaled matrix's scales.
+
+    Each matrix's input channels are multiplied by its scales and the op before it divides by
+    them, so the float model computes the same: the fused q/k/v/g(/gate) projection and the MLP's
+    gate/up projection after their RMSNorms (the norm weights), ``down_proj`` after ``act(gate) ·
+    up`` (``up``'s rows), an untied ``lm_head`` after the final norm. Not scaled: ``o_proj`` (its
+    input's norm weight is one per head dimension, shared by the heads) and a tied ``lm_head``
+    (the scales would change the embeddings)."""
+    new: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        return new[name] if name in new else table.weights[name].produce().detach().to(torch.float32)
+
+    def search(w_nk: torch.Tensor, name: str) -> torch.Tensor:
+        # the grid quantize_export's round to nearest uses for this config (quantize_rtn)
+        signed = cfg.symmetric and cfg.block_size is not None and cfg.format != "qdq"
+        return awq_scale(w_nk, hessians[name], cfg.bits, cfg.block_size, cfg.symmetric, signed_scales=signed)[0]
+
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        down, gate_up, in_proj = f"{p}.mlp.down_proj.weight", f"{p}.mlp.gate_up_proj.weight", f"{p}.attn.in_proj.weight"
+        if down in targets and down in hessians and gate_up in table.weights:
+            wd = get(down)  # [inter, hidden]
+            s = search(wd.t(), down)
+            new[down] = wd * s[:, None]
+            gu = get(gate_up).clone()  # [hidden, 2·inter]: gate's columns, then up's
+            gu[:, gu.shape[1] - wd.shape[0]:] /= s[None, :]
+            new[gate_up] = gu
+            scales[down] = s
+        for name, norm in ((gate_up, f"{p}.mlp_norm.weight"), (in_proj, f"{p}.attn_norm.weight")):
+            if name in targets and name in hessians and norm in table.weights:
+                w = get(name)  # [K, N]
+                tail = split_gate.get(name, 0)  # the float gate columns take the scales but are not searched on
+                s = search(w[:, : w.shape[1] - tail].t(), name)
+                new[name] = w * s[:, None]
+                new[norm] = get(norm) / s
+                scales[name] = s
+    if not config.tie_word_embeddings and "lm_head.weight" in targets and "lm_head.weight" in hessians \
+            and "model.norm.weight" in table.weights:
+        w = get("lm_head.weight")  # [V, H]
+        s = search(w, "lm_head.weight")
+        new["lm_head.weight"] = w * s[None, :]
+        new["model.norm.weight"] = get("model.norm.weight") / s
+        scales["lm_head.weight"] = s
+    return new, scales
+
+
+# ---------------------------------------------------------------------------------------------
 # the export
 # ---------------------------------------------------------------------------------------------
 
@@ -522,6 +638,7 @@ class QuantizedExport:
     metadata: dict[str, Any]
     config: QuantConfig
     uses: dict[str, bool] = field(default_factory=dict)  # the embedding table: quantized for the Gather, the logits
+    awq_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # quantized table name -> its input scales (AWQ)
 
     @property
     def tolerances(self) -> tuple[float, float]:
@@ -569,7 +686,28 @@ class QuantizedExport:
                         layer.mlp.down_proj.weight.copy_(w)
                     else:
                         raise KeyError(name)
+        # AWQ: the ops before the scaled matrices take the inverse scales (awq_fold)
+        with torch.no_grad():
+            for name, sc in self.awq_scales.items():
+                sc = sc.to(torch.float32)
+                if name == "lm_head.weight":
+                    ref.model.norm.weight.div_(sc)
+                    continue
+                layer = ref.model.layers[int(name.split(".")[2])]
+                if name.endswith("mlp.gate_up_proj.weight"):
+                    layer.mlp_norm.weight.div_(sc)
+                elif name.endswith("attn.in_proj.weight"):
+                    layer.attn_norm.weight.div_(sc)
+                    if name in self.split_gate:  # the float gate columns read the scaled input too
+                        layer.attn.gk_proj[0].weight.mul_(sc[None, :])
+                # mlp.down_proj: its inverse went into up_proj's rows, part of gate_up's dequantized values
         return ref
+
+
+def _gather_quantized(cfg: QuantConfig, config) -> bool:
+    """Whether the embedding Gather becomes GatherBlockQuantized (matmulnbits only). Not for int4
+    with an odd hidden size: GatherBlockQuantized unpacks whole bytes, two codes each."""
+    return cfg.quantize_embedding and cfg.format == "matmulnbits" and not (cfg.bits == 4 and config.hidden_size % 2)
 
 
 def _targets(model: GLAForCausalLM, table: WeightTable, cfg: QuantConfig) -> dict[str, str]:
@@ -584,7 +722,7 @@ def _targets(model: GLAForCausalLM, table: WeightTable, cfg: QuantConfig) -> dic
         out[f"{p}.attn.o_proj.weight"] = "attn"
         out[f"{p}.mlp.gate_up_proj.weight"] = "mlp"
         out[f"{p}.mlp.down_proj.weight"] = "mlp"
-    emb_gather = cfg.quantize_embedding and cfg.format == "matmulnbits"
+    emb_gather = _gather_quantized(cfg, c)
     if c.tie_word_embeddings:
         if cfg.quantize_lm_head or emb_gather:
             out["model.embeddings.weight"] = "embedding+lm_head"
@@ -619,7 +757,7 @@ def quantize_export(model: GLAForCausalLM, table: WeightTable, builders: dict[st
 
     hessians: dict[str, torch.Tensor] = {}
     calibration_note = None
-    if cfg.method == "gptq":
+    if cfg.method in ("gptq", "awq"):
         path = Path(cfg.calibration) if cfg.calibration else DEFAULT_CALIBRATION
         text = path.read_text(encoding="utf-8", errors="replace")
         seqs = calibration_ids(text, c, cfg.calibration_tokens)
@@ -631,15 +769,25 @@ def quantize_export(model: GLAForCausalLM, table: WeightTable, builders: dict[st
         calibration_note = {"file": str(path) if cfg.calibration else "gla_export/assets/sample-model/calibration.txt",
                             "tokens": sum(len(s) for s in seqs)}
 
+    # AWQ: the float model changed where it stays equivalent (weights scaled per input channel, the
+    # op before them by the inverse), then round to nearest
+    awq_new: dict[str, torch.Tensor] = {}
+    awq_scales: dict[str, torch.Tensor] = {}
+    if cfg.method == "awq":
+        awq_new, awq_scales = awq_fold(c, table, targets, hessians, cfg, split_gate)
+
     tensors: dict[str, QTensor] = {}
     gate_columns: dict[str, torch.Tensor] = {}
     for name, role in targets.items():
-        stored = table.weights[name].produce().detach()
+        if name in awq_new:
+            stored = awq_new[name].to(table.weights[name].dtype)
+        else:
+            stored = table.weights[name].produce().detach()
         if name in split_gate:
             gate_columns[name] = stored[:, stored.shape[1] - split_gate[name]:].contiguous()
             stored = stored[:, : stored.shape[1] - split_gate[name]]
         is_kn = name not in ("model.embeddings.weight", "lm_head.weight")  # MatMul weights are stored [K, N]
-        rtn = cfg.method == "rtn" or (cfg.method == "gptq" and name not in hessians) or (
+        rtn = cfg.method in ("rtn", "awq") or (cfg.method == "gptq" and name not in hessians) or (
             cfg.method == "hqq" and role in ("embedding", "embedding+lm_head"))  # GatherBlockQuantized: integer zero points
         if rtn and is_kn and not (cfg.block_size is None or (cfg.symmetric and cfg.format == "qdq")):
             # ORT's kernel reads [K, N]: hand it the stored layout (no transposes of large matrices)
@@ -662,13 +810,16 @@ def quantize_export(model: GLAForCausalLM, table: WeightTable, builders: dict[st
     head = "model.embeddings.weight" if c.tie_word_embeddings else "lm_head.weight"
     for name, wt in table.weights.items():
         if name not in tensors:
-            new.weights[name] = wt
+            if name in awq_new:  # a norm weight AWQ divided by the scales of the matrix after it
+                new.weights[name] = Weight(name, wt.shape, wt.dtype, lambda t=awq_new[name].to(wt.dtype): t)
+            else:
+                new.weights[name] = wt
             continue
         qt = tensors[name]
         base = name[: -len(".weight")] if name.endswith(".weight") else name
         entry: dict[str, Any] = {"qt": qt}
         if name == "model.embeddings.weight":
-            entry["gather"] = (cfg.format == "matmulnbits" and cfg.quantize_embedding) or (cfg.format == "qdq" and c.tie_word_embeddings and cfg.quantize_lm_head)
+            entry["gather"] = _gather_quantized(cfg, c) or (cfg.format == "qdq" and c.tie_word_embeddings and cfg.quantize_lm_head)
         if name == head:
             entry["gemm"] = cfg.quantize_lm_head
         if entry.get("gather") is False or entry.get("gemm") is False:
@@ -684,7 +835,13 @@ def quantize_export(model: GLAForCausalLM, table: WeightTable, builders: dict[st
                 entry["zero_points"] = new.add_array(f"{base}.zero_points", arrs["zero_points"])
             if entry.get("gather"):
                 n, k = qt.shape
-                entry["gather_data"] = new.add_alias(f"{base}.qweight.gather", entry["B"], (n, arrs["B"].shape[1] * arrs["B"].shape[2]))
+                if k % qt.block_size == 0:  # the same bytes as MatMulNBits' B, read as [V, H·bits/8]
+                    entry["gather_data"] = new.add_alias(f"{base}.qweight.gather", entry["B"], (n, arrs["B"].shape[1] * arrs["B"].shape[2]))
+                else:
+                    # MatMulNBits pads each row to whole blocks; GatherBlockQuantized's rows are exactly
+                    # H codes (its output is as wide as its data): an unpadded copy of the codes
+                    data = _pack_nibbles(qt.codes) if qt.bits == 4 else qt.codes
+                    entry["gather_data"] = new.add_packed(f"{base}.qweight.gather", data, data.shape, TensorProto.UINT8)
         else:
             transpose = name not in ("model.embeddings.weight", "lm_head.weight")
             arrs = qdq_arrays(qt, np_act, transpose)
@@ -715,6 +872,7 @@ def quantize_export(model: GLAForCausalLM, table: WeightTable, builders: dict[st
         "method": cfg.method,
         "accuracy_level": cfg.accuracy_level if cfg.format == "matmulnbits" else None,
         "calibration": calibration_note,
+        "awq_scaled": sorted(awq_scales) if cfg.method == "awq" else None,
         "quantized": {
             "attention_projections": True,
             "gate_projections": cfg.quantize_gate,
@@ -732,7 +890,7 @@ def quantize_export(model: GLAForCausalLM, table: WeightTable, builders: dict[st
     }
     emb = rewrites.get("model.embeddings.weight", {})
     uses = {"gather": bool(emb.get("gather")), "gemm": bool(emb.get("gemm"))}
-    return QuantizedExport(new, tensors, split_gate, meta, cfg, uses)
+    return QuantizedExport(new, tensors, split_gate, meta, cfg, uses, awq_scales)
 
 
 def _rewrite(b: GraphBuilder, rewrites: dict[str, dict[str, Any]], cfg: QuantConfig, kind: str) -> None:

@@ -555,6 +555,7 @@ def bench(
             "num_layers": meta.model.num_layers,
             "hidden_size": meta.model.hidden_size,
             "vocab_size": vocab,
+            "weights": weights_label(meta.get("quantization")),
         },
         {
             "batches": list(settings.batches),
@@ -688,11 +689,27 @@ def add_floor(report: BenchReport, export_dir: Path, device: torch.device, bytes
         report.copy_bandwidth = {"bytes_per_s": bytes_per_s, "way": "given", "ways": {}}
     batches = sorted({b for r in report.results for b in r.decode} | set(report.settings["batches"]))
     report.floor = model_floor(export_dir, batches, bytes_per_s)
+    quantized = report.model.get("weights", "fp") != "fp"
     for r in report.results:
+        if quantized and not r.name.startswith("ours"):
+            # the PyTorch contenders run the float model (the weights dequantized): they read more
+            # bytes than the export, so the export's floor is not theirs
+            r.notes.append("runs the float model (weights dequantized): the quantized export's floor does not apply")
+            continue
         for b, d in r.decode.items():
             f = report.floor["ms_per_token"][b]
             d["floor_ms_per_token"] = f
             d["ratio_to_floor"] = d["ms_per_token"] / f
+
+
+def weights_label(q: dict[str, Any] | None) -> str:
+    """``fp`` for a float export; else e.g. ``int4 b32 sym rtn (matmulnbits)`` (the metadata's quantization)."""
+    if not q:
+        return "fp"
+    block = "per-channel" if q.get("per_channel") or q.get("block_size") is None else f"b{q['block_size']}"
+    sym = "sym" if q.get("symmetric") else "asym"
+    acc = f", accuracy {q['accuracy_level']}" if q.get("accuracy_level") else ""
+    return f"{q['weights']} {block} {sym} {q['method']} ({q['format']}{acc})"
 
 
 def _target(report: BenchReport) -> dict[str, Any]:

@@ -25,31 +25,89 @@ from typing import Any
 import numpy as np
 import torch
 
-_ONNX_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+# bits per element of each ONNX tensor type (4-bit types are packed two to a byte)
+_ONNX_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 16: 16,
+              17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4, 23: 4}
+# (op type, input position) pairs that read only the rows of the table they index (axis 0):
+# Gather's data, GatherBlockQuantized's data, scales and zero points (gather_axis 0)
+_ROW_READS = {("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2), ("GatherBlockQuantized", 3)}
 
 
-def step_weight_bytes(step_graph: str | os.PathLike, batch: int, hidden_size: int | None = None) -> int:
-    """Bytes of the step graph's initializers one step reads at batch ``batch``: all of each,
-    except tables read only by a ``Gather`` on their rows (the embedding): ``batch`` rows of those.
-    Reads the graph without its external weights (the sizes come from the shapes)."""
+def tensor_bytes(t) -> int:
+    """Bytes an initializer holds, from its type and dims (its data is not read): packed 4-bit
+    types take half a byte per element, rounded up."""
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    bits = _ONNX_BITS.get(t.data_type)
+    if bits is None:
+        raise ValueError(f"initializer {t.name!r}: element type {t.data_type} has no fixed size")
+    return (n * bits + 7) // 8
+
+
+def _storage_key(t, graph_path: Path) -> tuple:
+    """What identifies a stored tensor: its byte range in the external weights file (two names for
+    the same bytes, as a tied table's GatherBlockQuantized and MatMulNBits views are, are one
+    tensor), else the graph and its name."""
+    if t.data_location == 1:  # TensorProto.EXTERNAL
+        d = {e.key: e.value for e in t.external_data}
+        return ("external", d.get("location"), int(d.get("offset", 0)), int(d.get("length", tensor_bytes(t))))
+    return ("inline", str(graph_path), t.name)
+
+
+def _row_read(node, pos: int) -> bool:
+    if (node.op_type, pos) not in _ROW_READS:
+        return False
+    axis_name = "axis" if node.op_type == "Gather" else "gather_axis"
+    axis = next((a.i for a in node.attribute if a.name == axis_name), 0)
+    return axis == 0
+
+
+def _load(graph_path: str | os.PathLike):
     import onnx
 
-    g = onnx.load(str(step_graph), load_external_data=False).graph
-    consumers: dict[str, list[tuple[str, int]]] = {}
+    return onnx.load(str(graph_path), load_external_data=False).graph
+
+
+def step_weight_bytes(step_graph: str | os.PathLike, batch: int) -> int:
+    """Bytes of the step graph's initializers one step reads at batch ``batch``: all of each, once
+    per stored tensor, except tables read only by row gathers (``Gather``, ``GatherBlockQuantized``
+    on axis 0: the embedding, with its scales and zero points when quantized): ``batch`` rows of
+    those. A tensor stored once and named twice (a tied, quantized table: the gather's view and the
+    logits' MatMulNBits view are the same bytes) counts once, whole when any of its readers reads
+    it whole. Reads the graph without its external weights (the sizes come from types and dims)."""
+    g = _load(step_graph)
+    readers: dict[str, list] = {}
     for node in g.node:
         for pos, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node.op_type, pos))
-    total = 0
+            readers.setdefault(name, []).append((node, pos))
+    # per stored tensor: its size, and the most a step reads of it (rows only, or all)
+    stored: dict[tuple, list[int]] = {}
     for t in g.initializer:
-        n = 1
-        for d in t.dims:
-            n *= int(d)
-        size = n * _ONNX_BYTES.get(t.data_type, 4)
-        uses = consumers.get(t.name, [])
-        if uses and all(op == "Gather" and pos == 0 for op, pos in uses) and len(t.dims) == 2:
-            size = min(size, batch * int(t.dims[1]) * _ONNX_BYTES.get(t.data_type, 4))
-        total += size
-    return total
+        key = _storage_key(t, Path(step_graph))
+        size = tensor_bytes(t)
+        uses = readers.get(t.name, [])
+        if not uses:
+            read = 0
+        elif len(t.dims) >= 1 and int(t.dims[0]) > 0 and all(_row_read(n, pos) for n, pos in uses):
+            read = min(size, batch * (size // int(t.dims[0])))
+        else:
+            read = size
+        prev = stored.get(key)
+        stored[key] = [max(size, prev[0]), max(read, prev[1])] if prev else [size, read]
+    return sum(read for _, read in stored.values())
+
+
+def resident_weight_bytes(graphs: list[str | os.PathLike] | tuple[str | os.PathLike, ...]) -> dict[str, int]:
+    """The weights a runtime holding ``graphs`` keeps: every stored tensor once (the prefill and
+    step graphs share one weights file, and a tensor named twice is stored once), as stored (packed
+    codes, scales and zero points for quantized weights): ``{"bytes": n, "tensors": count}``."""
+    stored: dict[tuple, int] = {}
+    for path in graphs:
+        for t in _load(path).initializer:
+            key = _storage_key(t, Path(path))
+            stored[key] = max(stored.get(key, 0), tensor_bytes(t))
+    return {"bytes": sum(stored.values()), "tensors": len(stored)}
 
 
 def cuda_event_seconds(fn, repeats: int = 10, device: torch.device | None = None, warmup: int = 3) -> float:
@@ -110,13 +168,20 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
 
 def floor_ms(weight_bytes: int, state_row_bytes: int, batch: int, bytes_per_s: float) -> float:
     """Milliseconds a step of ``batch`` rows needs at least (module docstring)."""
-    return 1e3 * (weight_bytes + 2 * batch * state_row_bytes) / bytes_per_s
+    return 1e3 * step_bytes(weight_bytes, state_row_bytes, batch) / bytes_per_s
+
+
+def step_bytes(weight_bytes: int, state_row_bytes: int, batch: int) -> int:
+    """Bytes a decode step of ``batch`` rows moves: the weights it reads, each row's states read and written."""
+    return int(weight_bytes) + 2 * int(batch) * int(state_row_bytes)
 
 
 def model_floor(export_dir: str | os.PathLike, batches: list[int] | tuple[int, ...], bytes_per_s: float
                 ) -> dict[str, Any]:
-    """The floor of an export at each batch: ``{"weight_bytes": {B: n}, "state_bytes_per_row": n,
-    "ms_per_token": {B: ms}}``."""
+    """The floor of an export at each batch: ``{"weights_resident_bytes": n, "weight_tensors": n,
+    "weight_bytes": {B: read per step}, "state_bytes_per_row": n, "step_bytes": {B: n},
+    "bytes_per_token": {B: step bytes / B}, "ms_per_token": {B: ms}}`` (a step of B rows makes B
+    tokens; ``ms_per_token`` is the step's floor, as the decode figures are per step)."""
     from .._dtypes import torch_dtype
     from ..export.metadata import open_export
 
@@ -128,8 +193,14 @@ def model_floor(export_dir: str | os.PathLike, batches: list[int] | tuple[int, .
             n *= int(d)
         state_row += n * torch.tensor([], dtype=torch_dtype(s.dtype)).element_size()
     weights = {b: step_weight_bytes(meta.path("step"), b) for b in batches}
+    resident = resident_weight_bytes([meta.path("prefill"), meta.path("step")])
+    moved = {b: step_bytes(weights[b], state_row, b) for b in batches}
     return {
+        "weights_resident_bytes": resident["bytes"],
+        "weight_tensors": resident["tensors"],
         "weight_bytes": weights,
         "state_bytes_per_row": state_row,
+        "step_bytes": moved,
+        "bytes_per_token": {b: moved[b] / b for b in batches},
         "ms_per_token": {b: floor_ms(weights[b], state_row, b, bytes_per_s) for b in batches},
     }
