@@ -83,7 +83,7 @@ tests)
   serial="tests/runtime/test_memory.py::test_gpu_memory_is_flat_from_64_to_16384_tokens"
   timeout ${TEST_SECONDS:-330} python3 -m pytest -v -m gpu -p no:cacheprovider -o addopts="-ra" -n ${JOBS:-8} --timeout 200 \
     --tb=short ${TEST_PATHS:-tests/kernels/test_cuda_kernels.py tests/onnxruntime tests/runtime tests/runtimes \
-    tests/models/test_fla_parity_gpu.py tests/tensorrt_plugin/test_plugin_gpu.py tests/conformance tests/cli} --deselect "$serial" \
+    tests/models tests/tensorrt_plugin/test_plugin_gpu.py tests/conformance tests/cli tests/serve tests/quant} --deselect "$serial" \
     -rP > "$OUT/tests.log" 2>&1 || status=1
   if [ -z "${TEST_PATHS:-}" ] || [[ "$TEST_PATHS" == *tests/runtime* ]]; then
     timeout ${SERIAL_SECONDS:-150} python3 -m pytest -v -p no:cacheprovider -o addopts="-ra" --timeout 140 --tb=short \
