@@ -12,7 +12,8 @@ from gla_export.export.quantize import QuantConfig, dequantized_reference
 from gla_export.models.loader import load_model, sample_model_path
 from gla_export.models.tokenizer import ByteTokenizer
 
-CASES = [("int4-b32-fp16", "int4", 32, "fp16"), ("int8-b32-fp16", "int8", 32, "fp16"), ("int4-b64-asym-fp32", "int4", 64, "fp32")]
+CASES = [("int4-b32-fp16", "int4", 32, "fp16"), ("int8-b32-fp16", "int8", 32, "fp16"), ("int8-b128-fp16", "int8", 128, "fp16"),
+         ("int4-b64-asym-fp32", "int4", 64, "fp32")]  # int4 b32 and int8 b128: the export defaults
 
 
 @pytest.mark.gpu
