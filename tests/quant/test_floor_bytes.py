@@ -83,9 +83,10 @@ def _expected_resident(d: Path) -> int:
             tensors[t.name if external else f"{g}:{t.name}"] = _raw(t)
     total = 0
     for name, raw in tensors.items():
-        if name.endswith(".qweight.gather") and name[: -len(".gather")] in tensors:
-            assert raw == tensors[name[: -len(".gather")]], name  # the same bytes, named twice
-            continue
+        base = name[: -len(".gather")]
+        if name.endswith(".qweight.gather") and base in tensors and len(raw) == len(tensors[base]):
+            assert raw == tensors[base], name  # the same bytes, named twice
+            continue  # (when blocks do not divide the hidden size the gather has its own, unpadded rows)
         total += len(raw)
     return total
 
@@ -123,8 +124,9 @@ def _expected_step(d: Path, batch: int) -> int:
                 assert len(raw[n.input[3]]) == a["N"] * -(-kb * a["bits"] // 8)
     total = sum(len(raw[x]) for x in whole if not x.endswith(".qweight.gather"))
     for x in gathered - whole:
-        if x.endswith(".qweight.gather") and x[: -len(".gather")] in whole:
-            continue  # a tied table: the logits read all of it already
+        base = x[: -len(".gather")]
+        if x.endswith(".qweight.gather") and base in whole and len(raw[x]) == len(raw[base]):
+            continue  # a tied table stored once: the logits read all of it already
         total += batch * len(raw[x]) // rows[x]
     return total
 
