@@ -63,7 +63,7 @@ def make_model(size: str, dtype: torch.dtype, device: str = "cpu"):
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("g_norm_swish_gate.weight"):
+            if name.endswith(("norm.weight", "g_norm_swish_gate.weight")):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()

@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_run.sh bench   # kernels, Triton, ONNX Runtime and end-to-end benchmarks
 #   bash benchmarks/gpu_run.sh e2e     # verify + gla-export bench on the sample model
 #   bash benchmarks/gpu_run.sh decode  # captured decode: its gpu tests, then bench_decode_gpu.py (issue 12)
-#   bash benchmarks/gpu_run.sh quant   # fp16 vs int8 vs int4 exports of the 1.3B shape on ORT CUDA (< 6 min)
+#   bash benchmarks/gpu_run.sh quant   # tests/quant's gpu tests, then fp16 vs int8 vs int4 of the 1.3B shape on ORT CUDA (< 9 min)
 #   bash benchmarks/gpu_run.sh fetch   # copy the trained sample model into $OUT
 #
 # Needs: the staged wheels installed into /tmp/site (onnxruntime-gpu, polygraphy, fla; see
@@ -139,6 +139,10 @@ decode)
   tail -40 "$OUT/bench_decode.log"
   ;;
 quant)
+  note "quantized exports on ORT CUDA: the gpu tests of tests/quant (decoding vs the dequantized model, bench's floor)"
+  timeout ${T_QUANT_TESTS:-150} python3 -m pytest -v -m gpu -p no:cacheprovider -o addopts="-ra" --timeout 140 --tb=short \
+    tests/quant > "$OUT/tests_quant.log" 2>&1 || status=1
+  grep -E " (FAILED|ERROR) |^(FAILED|ERROR) |^=+ .*(passed|failed|error).* =+$" "$OUT/tests_quant.log" | tee -a "$OUT/summary.txt"
   note "quantized weights: fp16 vs int8 vs int4 (1.3B shape, random weights, ORT CUDA; exports included, budget 270 s)"
   timeout ${T_QUANT:-330} python3 benchmarks/bench_quant_gpu.py --size ${QUANT_SIZE:-1.3B} --budget ${QUANT_BUDGET:-270} \
     --json "$OUT/bench_quant_gpu.json" > "$OUT/bench_quant.log" 2>&1 || status=1

@@ -5,6 +5,7 @@ on the README prompt, and its file against the fp16 export's. Everything on ORT 
 
     PYTHONPATH=$PWD python benchmarks/int8_defaults.py [VARIANT ...]   # writes $OUT/int8_defaults.json or ./
 """
+
 import json
 import os
 import sys
@@ -15,31 +16,31 @@ from pathlib import Path
 import numpy as np
 
 from gla_export.export import export_model
-from gla_export.export.quality import greedy_tokens, heldout_text, compare
+from gla_export.export.quality import compare, greedy_tokens, heldout_text
 from gla_export.export.quantize import QuantConfig
 from gla_export.models.tokenizer import ByteTokenizer
 
 V = {
- "rtn b32 acc4": dict(block_size=32, accuracy_level=4),
- "rtn b64 acc4": dict(block_size=64, accuracy_level=4),
- "rtn b128 acc4": dict(block_size=128, accuracy_level=4),
- "rtn b32 acc0": dict(block_size=32, accuracy_level=0),
- "rtn b128 acc0": dict(block_size=128, accuracy_level=0),
- "rtn b32 asym acc4": dict(block_size=32, symmetric=False, accuracy_level=4),
- "rtn b128 asym acc4": dict(block_size=128, symmetric=False, accuracy_level=4),
- "gptq b32 acc4": dict(block_size=32, method="gptq", accuracy_level=4),
- "gptq b64 acc4": dict(block_size=64, method="gptq", accuracy_level=4),
- "gptq b128 acc4": dict(block_size=128, method="gptq", accuracy_level=4),
- "gptq b32 acc0": dict(block_size=32, method="gptq", accuracy_level=0),
- "gptq b32 asym acc4": dict(block_size=32, method="gptq", symmetric=False, accuracy_level=4),
- "rtn per-channel qdq": dict(block_size=None, format="qdq", accuracy_level=0),
- "gptq per-channel qdq": dict(block_size=None, format="qdq", method="gptq", accuracy_level=0),
+    "rtn b32 acc4": {"block_size": 32, "accuracy_level": 4},
+    "rtn b64 acc4": {"block_size": 64, "accuracy_level": 4},
+    "rtn b128 acc4": {"block_size": 128, "accuracy_level": 4},
+    "rtn b32 acc0": {"block_size": 32, "accuracy_level": 0},
+    "rtn b128 acc0": {"block_size": 128, "accuracy_level": 0},
+    "rtn b32 asym acc4": {"block_size": 32, "symmetric": False, "accuracy_level": 4},
+    "rtn b128 asym acc4": {"block_size": 128, "symmetric": False, "accuracy_level": 4},
+    "gptq b32 acc4": {"block_size": 32, "method": "gptq", "accuracy_level": 4},
+    "gptq b64 acc4": {"block_size": 64, "method": "gptq", "accuracy_level": 4},
+    "gptq b128 acc4": {"block_size": 128, "method": "gptq", "accuracy_level": 4},
+    "gptq b32 acc0": {"block_size": 32, "method": "gptq", "accuracy_level": 0},
+    "gptq b32 asym acc4": {"block_size": 32, "method": "gptq", "symmetric": False, "accuracy_level": 4},
+    "rtn per-channel qdq": {"block_size": None, "format": "qdq", "accuracy_level": 0},
+    "gptq per-channel qdq": {"block_size": None, "format": "qdq", "method": "gptq", "accuracy_level": 0},
 }
 tok = ByteTokenizer()
 text = heldout_text()
 prompts = [tok.encode("In the beginning")]
 for i in range(24):
-    s = text[i * 170: i * 170 + 40]
+    s = text[i * 170 : i * 170 + 40]
     prompts.append(tok.encode(s))
 N = 64
 with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +54,8 @@ with tempfile.TemporaryDirectory() as tmp:
     rows = {}
     only = sys.argv[1:]
     for name, o in V.items():
-        if only and name not in only: continue
+        if only and name not in only:
+            continue
         out = Path(tmp) / name.replace(" ", "_")
         t = time.perf_counter()
         export_model(None, out, weights=QuantConfig(weights="int8", **o), progress=False, validate=False)
@@ -63,12 +65,26 @@ with tempfile.TemporaryDirectory() as tmp:
             g = greedy_tokens(out, p, N)
             leads.append(next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), N))
         out16 = Path(tmp) / (name.replace(" ", "_") + "16")
-        export_model(None, out16, dtype="fp16", weights=QuantConfig(weights="int8", **o), progress=False, validate=False)
+        export_model(
+            None, out16, dtype="fp16", weights=QuantConfig(weights="int8", **o), progress=False, validate=False
+        )
         s16 = (out16 / "weights.onnx.data").stat().st_size / f16size
         q = compare(out, ref, text, greedy=512)
-        rows[name] = dict(readme=leads[0], all64=sum(l == N for l in leads), n=len(leads), mean_lead=float(np.mean(leads)),
-                          readme512=q.greedy_agree, bpb=q.bits_per_byte, bpb_inc=q.bpb_increase, size_vs_fp16=s16, export_s=secs)
-        print(f"{name:24s} README {leads[0]:3d}/64 (512: {q.greedy_agree:3d})  all-64 on {rows[name]['all64']:2d}/{len(leads)} prompts  "
-              f"mean lead {np.mean(leads):5.1f}  bpb {q.bits_per_byte:.4f} ({100*q.bpb_increase:+.2f} %)  fp16-file {s16:.3f}x  {secs:.1f}s", flush=True)
+        rows[name] = {
+            "readme": leads[0],
+            "all64": sum(l == N for l in leads),
+            "n": len(leads),
+            "mean_lead": float(np.mean(leads)),
+            "readme512": q.greedy_agree,
+            "bpb": q.bits_per_byte,
+            "bpb_inc": q.bpb_increase,
+            "size_vs_fp16": s16,
+            "export_s": secs,
+        }
+        print(
+            f"{name:24s} README {leads[0]:3d}/64 (512: {q.greedy_agree:3d})  all-64 on {rows[name]['all64']:2d}/{len(leads)} prompts  "
+            f"mean lead {np.mean(leads):5.1f}  bpb {q.bits_per_byte:.4f} ({100 * q.bpb_increase:+.2f} %)  fp16-file {s16:.3f}x  {secs:.1f}s",
+            flush=True,
+        )
     out_dir = Path(os.environ.get("OUT", "."))
     (out_dir / "int8_defaults.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -500,8 +500,9 @@ def collect_hessians(model: GLAForCausalLM, sequences: list[list[int]]) -> dict[
 
     for i, layer in enumerate(model.model.layers):
         p, a = f"model.layers.{i}", layer.attn
-        hooks.append(a.q_proj.register_forward_pre_hook(hook(f"{p}.attn.in_proj.weight")))
-        hooks.append(a.gk_proj[1].register_forward_pre_hook(hook(f"{p}.attn.gk_proj.1.weight")))
+        if c.attention_spec(i) is None:  # a GLA layer (a hybrid's attention layers keep q/k/v in float)
+            hooks.append(a.q_proj.register_forward_pre_hook(hook(f"{p}.attn.in_proj.weight")))
+            hooks.append(a.gk_proj[1].register_forward_pre_hook(hook(f"{p}.attn.gk_proj.1.weight")))
         hooks.append(a.o_proj.register_forward_pre_hook(hook(f"{p}.attn.o_proj.weight")))
         hooks.append(layer.mlp.gate_proj.register_forward_pre_hook(hook(f"{p}.mlp.gate_up_proj.weight")))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook(f"{p}.mlp.down_proj.weight")))

@@ -93,3 +93,16 @@ def test_awq_from_the_command_line_options(models, tmp_path):
     assert (cfg.method, cfg.block_size) == ("awq", 128)
     res = export_model(models[False], tmp_path / "awq8", gla_op="decomposed", weights=cfg, progress=False, dtype="fp16")
     assert res.validation.passed
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_on_a_hybrid(tmp_path, method):
+    # a softmax-attention layer among the GLA layers has no in_proj or gate: the calibration hooks
+    # only what it has (this raised AttributeError: 'Attention' object has no attribute 'gk_proj')
+    from gla_export.models.builder import attention_spec
+
+    torch.manual_seed(4)
+    model = build_model(**{**MODEL_KWARGS, "attn": attention_spec([1], num_heads=4, num_kv_heads=2)}).eval()
+    cfg = quant_config("int4", method=method, accuracy_level=0, calibration_tokens=512)
+    res = export_model(model, tmp_path / method, gla_op="decomposed", weights=cfg, progress=False)
+    assert res.validation.passed

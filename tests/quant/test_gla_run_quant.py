@@ -77,3 +77,27 @@ def test_gla_run_stepped_prompt_matches_too(exports):
     a = run_gla_run(export, ids=prompt, max_new_tokens=16, ignore_eos=True, prefill=False)
     assert a.prefill is False and len(a.ids) == 16
     assert a.ids == _decoder_tokens(export, prompt, 16)
+
+
+SAMPLE = {  # the sample model (tied embeddings, byte tokenizer) with the export defaults and the QDQ forms
+    "int8": QuantConfig(weights="int8", block_size=128),
+    "int4": QuantConfig(weights="int4"),
+    "int4-qdq": QuantConfig(weights="int4", format="qdq"),
+    "int8-qdq-per-channel": QuantConfig(weights="int8", block_size=None, format="qdq"),
+}
+
+
+@pytest.fixture(scope="module")
+def sample_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gla-run-sample")
+    return {name: export_model(None, root / name, weights=cfg, validate=False, progress=False).out_dir
+            for name, cfg in SAMPLE.items()}
+
+
+@pytest.mark.parametrize("name", list(SAMPLE))
+def test_gla_run_decodes_the_quantized_sample_model(sample_exports, name):
+    export = sample_exports[name]
+    got = run_gla_run(export, prompt="In the beginning", max_new_tokens=48, ignore_eos=True)
+    assert got.ids == _decoder_tokens(export, got.prompt_ids, 48)
+    assert len(set(got.ids)) > 5  # text, not one byte repeated
+

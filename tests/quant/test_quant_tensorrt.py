@@ -19,6 +19,7 @@ CASES = [  # the tiny random model (untied head); "sample": the sample model, wh
     ("int4-b32-fp32", QuantConfig(weights="int4", format="qdq"), "fp32"),
     ("sample-int4-b32-fp16-tied", QuantConfig(weights="int4", format="qdq"), "fp16"),
     ("int8-b64-fp16", QuantConfig(weights="int8", block_size=64, format="qdq"), "fp16"),
+    ("int8-b128-default-fp32", QuantConfig(weights="int8", block_size=128, format="qdq"), "fp32"),  # the int8 default block
     ("int8-per-channel-fp32", QuantConfig(weights="int8", block_size=None, format="qdq"), "fp32"),
 ]
 
