@@ -1,17 +1,17 @@
 """The serving layer's one door into the rest of gla_export.
 
 Everything ``gla_export.serve`` needs from the runtime and export layers is imported here and
-nowhere else, so that a change of those layers is mended in this file alone. What the server
-uses is the lowest stable layer: the export's metadata (:func:`open_export`), an ONNX Runtime
-session with our custom-op library (:func:`create_session`), the graphs' documented inputs and
-outputs (docs/export.md: ``input_ids``, ``attention_mask``, ``past_key_values.{i}.*`` →
-``logits``, ``present.{i}.*``), the tokenizer, the sampler and the state-file format.
+nowhere else, so that a change of those layers is mended in this file alone: the export's
+metadata (:func:`open_export`), the runtime adapters (:mod:`gla_export.runtime.engines`: ONNX
+Runtime on the CPU or CUDA, TensorRT engines) that run the graphs' documented inputs and outputs
+(docs/export.md: ``input_ids``, ``attention_mask``, ``past_key_values.{i}.*`` → ``logits``,
+``present.{i}.*``) on torch buffers passed by pointer, the tokenizer, the samplers (host and
+device) and the state-file format.
 
 What the runtime layer does not offer and the server needs is written here: :class:`Graphs`
-runs the two graphs on a *pool* of state rows (torch tensors handed to ONNX Runtime by
-pointer): a batched step over the first ``n`` rows, and a left-padded prefill of any rows that
-continues their states, the result copied back only when the call succeeded (a failed prefill
-leaves every row as it was).
+runs the two graphs on a *pool* of state rows: a batched step over the first ``n`` rows, and a
+left-padded prefill of any rows that continues their states, its results stored only when the
+call succeeded (a failed call leaves every row as it was).
 """
 
 from __future__ import annotations
