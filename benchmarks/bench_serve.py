@@ -8,8 +8,8 @@ Starts the server on a free loopback port (or uses ``--url``), then for each con
 a first request, then a follow-up whose prompt is the first turn's prompt, its answer and a new
 line (the prefix cache should make it prefill only the new tokens). Reports aggregate decode
 tokens/s, time to first token and inter-token latency (p50/p99, client side), the cache hit rate
-and prefill tokens saved (server's /stats), the server's peak resident memory and its CPU time per generated token (all threads; unlike
-throughput, it hardly depends on how busy a shared machine is).
+and prefill tokens saved (server's /stats), the server's peak resident memory, and its CPU time
+per generated token (all threads; it depends less than throughput on how busy a shared machine is).
 
 Then the long-prompt scenario: 16 streams decode; after a baseline window, one request with a
 prompt of ``--big-prompt-bytes`` (1 MB) arrives; the streams' inter-token p99 during its prefill

@@ -42,6 +42,9 @@ class Size(click.ParamType):
               help="trt: where `gla-export build` put the engines (default EXPORT_DIR/tensorrt).")
 @click.option("--plugin", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="trt: the gla TensorRT plugin library (default: the one built with gla-export).")
+@click.option("--max-context", type=click.IntRange(min=1), default=None,
+              help="Hybrids with full-attention layers: tokens of KV cache each slot holds (prompt and answer); "
+                   "the pool is sized from the bytes at that context.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
               help="0 picks a free port (the URL is printed on stdout).")
@@ -79,7 +82,7 @@ class Size(click.ParamType):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="warning",
               show_default=True, help="uvicorn's log level.")
 def serve(export_dir: Path, backend: str, cuda_graph: bool, sample_on_device: bool, engines_dir: Path | None,
-          plugin: Path | None, host: str, port: int, model_name: str | None, memory_limit: int | None,
+          plugin: Path | None, max_context: int | None, host: str, port: int, model_name: str | None, memory_limit: int | None,
           cache_memory: int | None, cache_dir: Path | None, cache_dir_size: int | None, max_slots: int, max_queue: int,
           prefill_chunk: int, token_budget: int, prefill_share: float, snapshot_interval: int, max_body_bytes: int,
           max_prompt_tokens: int, max_tokens: int, request_timeout: float, drain_timeout: float, threads: int | None,
@@ -103,7 +106,7 @@ def serve(export_dir: Path, backend: str, cuda_graph: bool, sample_on_device: bo
 
     cfg = ServeConfig(backend=backend, threads=threads, device_id=device_id, cuda_graph=cuda_graph,
                       sample_on_device=sample_on_device, engines_dir=str(engines_dir) if engines_dir else None,
-                      plugin=str(plugin) if plugin else None, model_name=model_name,
+                      plugin=str(plugin) if plugin else None, max_context=max_context, model_name=model_name,
                       memory_limit=memory_limit, cache_bytes=cache_memory,
                       cache_dir=str(cache_dir) if cache_dir else None, cache_dir_bytes=cache_dir_size,
                       max_slots=max_slots, max_queue=max_queue, prefill_chunk=prefill_chunk, token_budget=token_budget,

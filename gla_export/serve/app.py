@@ -45,6 +45,7 @@ class ServeConfig:
     sample_on_device: bool = False  # ort-cuda/trt: pick tokens on the GPU (opt-in until proven on a GPU)
     engines_dir: str | None = None  # trt: where `gla-export build` put the engines
     plugin: str | None = None  # trt: the plugin library
+    max_context: int | None = None  # hybrids with full-attention layers: tokens of KV cache per slot
     model_name: str | None = None
     memory_limit: int | None = None  # bytes the server may use in all; default: 80% of what is available
     cache_bytes: int | None = None  # prefix cache in memory; default: a quarter of what the pool may use
@@ -125,7 +126,7 @@ class Server:
         self.export_dir = Path(export_dir)
         self.graphs = backend.Graphs(export_dir, cfg.backend, threads=cfg.threads, device_id=cfg.device_id,
                                      cuda_graph=cfg.cuda_graph, sample_on_device=cfg.sample_on_device,
-                                     engines_dir=cfg.engines_dir, plugin=cfg.plugin)
+                                     engines_dir=cfg.engines_dir, plugin=cfg.plugin, max_context=cfg.max_context)
         self.plan = plan_memory(self.graphs, cfg)
         self.cache = PrefixCache(self.plan.cache, directory=cfg.cache_dir, identity=self.graphs.identity,
                                  metadata=self.graphs.metadata, disk_max_bytes=cfg.cache_dir_bytes)
@@ -181,6 +182,9 @@ class Server:
         if len(ids) > self.limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, more than --max-prompt-tokens "
                                 f"{self.limits.max_prompt_tokens}", param="prompt")
+        M = self.graphs.max_context
+        if M is not None and len(ids) > M:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens, more than --max-context {M}", param="prompt")
         return np.asarray(ids, dtype=np.int64)
 
 

@@ -1,17 +1,17 @@
 """The serving layer's one door into the rest of gla_export.
 
 Everything ``gla_export.serve`` needs from the runtime and export layers is imported here and
-nowhere else, so that a change of those layers is mended in this file alone. What the server
-uses is the lowest stable layer: the export's metadata (:func:`open_export`), an ONNX Runtime
-session with our custom-op library (:func:`create_session`), the graphs' documented inputs and
-outputs (docs/export.md: ``input_ids``, ``attention_mask``, ``past_key_values.{i}.*`` →
-``logits``, ``present.{i}.*``), the tokenizer, the sampler and the state-file format.
+nowhere else, so that a change of those layers is mended in this file alone: the export's
+metadata (:func:`open_export`), the runtime adapters (:mod:`gla_export.runtime.engines`: ONNX
+Runtime on the CPU or CUDA, TensorRT engines) that run the graphs' documented inputs and outputs
+(docs/export.md: ``input_ids``, ``attention_mask``, ``past_key_values.{i}.*`` → ``logits``,
+``present.{i}.*``) on torch buffers passed by pointer, the tokenizer, the samplers (host and
+device) and the state-file format.
 
 What the runtime layer does not offer and the server needs is written here: :class:`Graphs`
-runs the two graphs on a *pool* of state rows (torch tensors handed to ONNX Runtime by
-pointer): a batched step over the first ``n`` rows, and a left-padded prefill of any rows that
-continues their states, the result copied back only when the call succeeded (a failed prefill
-leaves every row as it was).
+runs the two graphs on a *pool* of state rows: a batched step over the first ``n`` rows, and a
+left-padded prefill of any rows that continues their states, its results stored only when the
+call succeeded (a failed call leaves every row as it was).
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class Graphs:
 
     def __init__(self, export_dir: str | os.PathLike, backend: str = "ort-cpu", *, threads: int | None = None,
                  device_id: int = 0, cuda_graph: bool = False, sample_on_device: bool = False,
-                 engines_dir: str | os.PathLike | None = None, plugin: str | os.PathLike | None = None):
+                 engines_dir: str | os.PathLike | None = None, plugin: str | os.PathLike | None = None,
+                 max_context: int | None = None):
         if backend not in RUNTIMES:
             raise UsageError(f"--backend must be one of {', '.join(RUNTIMES)}, got {backend!r}")
         if cuda_graph and backend != "ort-cuda":
@@ -86,27 +87,34 @@ class Graphs:
         meta = self.metadata
         self.backend = backend
         self.vocab_size = int(meta.model.vocab_size)
-        growing = [s.input for s in meta.states if s.grows]
-        if growing:  # a hybrid's full-attention KV cache: the slots have fixed sizes
+        # a hybrid's full-attention KV caches grow with the context: each slot holds max_context positions
+        self.kv_specs = [StateSpec(s.input, s.output, (int(s.shape[1]), int(s.shape[3])), torch_dtype(s.dtype))
+                         for s in meta.states if s.grows]
+        if self.kv_specs and max_context is None:
             raise ModelError(
-                f"gla-export serve keeps each conversation in a fixed-size state slot, and this hybrid export's "
-                f"full-attention KV caches ({growing[0]}, ...) grow with the context "
-                f"({meta.state_bytes_per_token} bytes per token): serve hybrids whose attention layers are all "
-                "windowed (export with a window), or decode this one with `gla-export generate`")
+                f"this hybrid export's full-attention KV caches ({self.kv_specs[0].name}, ...) grow with the context "
+                f"({meta.state_bytes_per_token} bytes per token), and a state slot has a fixed size: give "
+                "--max-context TOKENS (each slot then holds that many tokens' caches)")
+        if max_context is not None and (not self.kv_specs or max_context < 1):
+            raise UsageError("--max-context is for hybrid exports with full-attention layers (this export's states "
+                             "have fixed sizes)" if not self.kv_specs else "--max-context must be at least 1")
+        self.max_context: int | None = max_context
+        self.kv_token_nbytes = int(meta.state_bytes_per_token) if self.kv_specs else 0
         self.specs = [StateSpec(s.input, s.output, tuple(int(d) for d in s.row_shape), torch_dtype(s.dtype))
-                      for s in meta.states]
+                      for s in meta.states if not s.grows]
         self.state_nbytes = sum(s.nbytes for s in self.specs)
         self.tokenizer: Tokenizer = load_tokenizer(self.export_dir, meta)
         self.eos_token_ids: frozenset[int] = eos_token_ids(meta, self.tokenizer)
         self.eos_token_id = min(self.eos_token_ids) if self.eos_token_ids else None
         weights = self.export_dir / meta["files"]["weights"]
         self.weights_nbytes = weights.stat().st_size if weights.is_file() else 0
-        self.runtime = _open_runtime(backend, meta, threads=threads, device_id=device_id, cuda_graph=cuda_graph,
-                                     engines_dir=engines_dir, plugin=plugin)
+        self.runtime = _open_runtime(backend, meta, threads=threads, device_id=device_id,
+                                     cuda_graph=cuda_graph and not self.kv_specs, engines_dir=engines_dir, plugin=plugin)
         rt = self.runtime
         self.device = rt.device
         self.cuda_graph = bool(getattr(rt, "cuda_graph", False))
         self.cuda_graph_off: str | None = None if self.cuda_graph else (
+            "a hybrid's full-attention KV caches change shape every step" if self.kv_specs and cuda_graph else
             getattr(rt, "cuda_graph_off", None) or "not an ort-cuda backend")
         self.sample_on_device = bool(sample_on_device) and self.device.type == "cuda"
         self.has_mask = rt.has_mask
@@ -154,6 +162,12 @@ class Graphs:
         self._ids_dev = self._ids_host if not pin else torch.zeros((S, 1), dtype=self._ids["step"], device=dev)
         self._logits = torch.zeros((S, 1, self.vocab_size), dtype=torch.float32, device=dev)
         self._handles: dict[tuple[int, int], Any] = {}
+        # full-attention KV caches: one store, each row's keys right-aligned in its max_context positions
+        # (the graphs mask the slots before a row's last `position` ones), `_len` its positions in use
+        M = self.max_context or 0
+        self._kv = {s.name: torch.zeros((S, s.shape[0], M, s.shape[1]), dtype=s.dtype, device=dev)
+                    for s in self.kv_specs}
+        self._len = [0] * S
         self.slots = S
         # graph sizes: with CUDA graphs a batch of n rows runs in the captured graph of the smallest
         # size >= n (its extra rows are padding), the pool's own size the last one
@@ -179,8 +193,10 @@ class Graphs:
                 t.zero_()
 
     def slot_nbytes(self) -> int:
-        """Memory one slot costs: two copies of the state, its id and its logits row."""
-        return 2 * self.state_nbytes + 8 + 4 * self.vocab_size
+        """Memory one slot costs: two copies of the state, its id and its logits row; with
+        full-attention layers, its KV caches at ``max_context`` three times (the store, and a
+        step's gathered past and present)."""
+        return 2 * self.state_nbytes + 8 + 4 * self.vocab_size + 3 * (self.max_context or 0) * self.kv_token_nbytes
 
     def prefill_token_nbytes(self) -> int:
         """An upper estimate of the prefill's transient memory per token of a chunk: the logits
@@ -215,6 +231,8 @@ class Graphs:
         ``[n, V]`` float32 on the pool's device, a view valid until the next call."""
         n = len(tokens)
         c = next(s for s in self._sizes if s >= n) if self.cuda_graph else n
+        if self._kv and max(self._len[:n]) >= (self.max_context or 0):
+            raise UsageError(f"a row's KV cache is full (--max-context {self.max_context}): it cannot take a token")
         where = self._where
         head = where[:n]
         # read from the set most of the rows are in (all of them, unless the batch changed)
@@ -235,13 +253,34 @@ class Graphs:
         if self.device.type == "cuda":
             self.runtime.sync()  # the row copies above ran on torch's stream
         try:
-            self.runtime.run_step(self._handle(c, x))
+            if self._kv:
+                self._run_kv_step(n, x)
+            else:
+                self.runtime.run_step(self._handle(c, x))
         except GlaExportError:
             raise
         except Exception as e:  # noqa: BLE001 - a runtime's own exception types
             raise ModelError(f"the step graph failed ({n} rows): {first_line(e)}") from e
         where[:n] = [y] * n
+        if self._kv:
+            self._len[:n] = [v + 1 for v in self._len[:n]]
         return self._logits[:n, 0]
+
+    def _run_kv_step(self, n: int, x: int) -> None:
+        """A step with full-attention KV caches: their shapes change every step, so the buffers are
+        bound for this call; the rows' caches right-aligned to the longest (``L``) go in, ``L + 1``
+        positions come out and are stored back only after the call succeeded."""
+        M, L = self.max_context or 0, max(self._len[:n])
+        past = {k: v[:n, :, M - L:].contiguous() for k, v in self._kv.items()}
+        present = {s.name: torch.empty((n, s.shape[0], L + 1, s.shape[1]), dtype=s.dtype, device=self.device)
+                   for s in self.kv_specs}
+        src, dst = self._bufs[x], self._bufs[1 - x]
+        self.runtime.run(
+            "step", {"input_ids": self._ids_dev[:n], **{k: v[:n] for k, v in src.items()}, **past},
+            {"logits": self._logits[:n], **{s.output: dst[s.name][:n] for s in self.specs},
+             **{s.output: present[s.name] for s in self.kv_specs}})
+        for k, v in self._kv.items():
+            v[:n, :, M - L - 1:].copy_(present[k])
 
     def prefill(self, rows: list[int], chunks: list[np.ndarray]) -> np.ndarray:
         """Feed ``chunks[i]`` to row ``rows[i]`` (continuing its state); the logits after each
@@ -270,8 +309,12 @@ class Graphs:
         for r in rows:
             if self._where[r] is None:
                 self.zero(r)
+        M = self.max_context or 0
+        if self._kv and any(self._len[r] + len(c) > M for r, c in zip(rows, chunks)):
+            raise UsageError(f"a prompt does not fit its slot's KV caches (--max-context {M})")
+        L_past = max(self._len[r] for r in rows) if self._kv else 0
         # (positions in the call, rows) per set the rows live in
-        parts = []
+        parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for b in (0, 1):
             pos = [i for i, r in enumerate(rows) if self._where[r] == b]
             if pos:
@@ -287,12 +330,17 @@ class Graphs:
                 for b, pos, idx in parts:
                     t.index_copy_(0, pos, self._bufs[b][s.name].index_select(0, idx))
         present = {k: torch.empty_like(v) for k, v in past.items()}
+        all_rows = torch.tensor(rows, dtype=torch.long, device=dev)
+        for s in self.kv_specs:  # the rows' caches right-aligned to the longest; L_past + L positions come out
+            past[s.name] = self._kv[s.name][:, :, M - L_past:].index_select(0, all_rows)
+            present[s.name] = torch.empty((n, s.shape[0], L_past + L, s.shape[1]), dtype=s.dtype, device=dev)
         feeds = {"input_ids": torch.from_numpy(ids).to(dev, self._ids["prefill"]), **past}
         if self.has_mask:
             feeds["attention_mask"] = torch.from_numpy(mask).to(dev, self._ids["mask"])
         logits = torch.empty((n, L, self.vocab_size), dtype=torch.float32, device=dev)
         try:
-            self.runtime.run("prefill", feeds, {"logits": logits, **{s.output: present[s.name] for s in self.specs}})
+            self.runtime.run("prefill", feeds, {"logits": logits, **{s.output: present[s.name]
+                                                                     for s in (*self.specs, *self.kv_specs)}})
         except GlaExportError:
             raise
         except Exception as e:  # noqa: BLE001 - a runtime's own exception types
@@ -300,15 +348,22 @@ class Graphs:
         for b, pos, idx in parts:
             for k, v in self._bufs[b].items():
                 v.index_copy_(0, idx, present[k] if len(parts) == 1 else present[k].index_select(0, pos))
+        if self._kv:  # each row's real keys are the last ones (the graphs close the padding): keep the last W
+            W = min(L_past + L, M)
+            for k, v in self._kv.items():
+                v[:, :, M - W:].index_copy_(0, all_rows, present[k][:, :, L_past + L - W:])
+            for r, c in zip(rows, chunks):
+                self._len[r] += len(c)
         return logits[:, -1].to("cpu").numpy()
 
     # -- rows --------------------------------------------------------------------------------------
 
     def zero(self, row: int) -> None:
         b = self._where[row] or 0
-        for v in self._bufs[b].values():
+        for v in (*self._bufs[b].values(), *self._kv.values()):
             v[row].zero_()
         self._where[row] = b
+        self._len[row] = 0
 
     def discard(self, row: int) -> None:
         """``row`` holds no state any more (its slot was freed): no step or gather copies it."""
@@ -327,23 +382,46 @@ class Graphs:
             for k, v in self._bufs[wa].items():
                 v[b].copy_(saved[k])
         self._where[a], self._where[b] = wb, wa
+        for v in self._kv.values():
+            tmp = v[a].clone()
+            v[a].copy_(v[b])
+            v[b].copy_(tmp)
+        self._len[a], self._len[b] = self._len[b], self._len[a]
 
     def read(self, row: int) -> dict[str, torch.Tensor]:
         """A CPU copy of ``row``'s states, each ``[1, ...]``."""
         b = self._where[row]
         if b is None:
             raise UsageError(f"row {row} holds no state")
-        return {k: v[row:row + 1].to("cpu", copy=True) for k, v in self._bufs[b].items()}
+        out = {k: v[row:row + 1].to("cpu", copy=True) for k, v in self._bufs[b].items()}
+        M, n = self.max_context or 0, self._len[row]
+        for k, v in self._kv.items():  # the row's keys and values: its last `position` slots
+            out[k] = v[row:row + 1, :, M - n:].to("cpu", copy=True)
+        return out
 
     def write(self, row: int, tensors: dict[str, torch.Tensor]) -> None:
         for s in self.specs:
             t = tensors.get(s.name)
             if t is None or tuple(t.shape) != (1, *s.shape) or t.dtype != s.dtype:
                 raise StateFileError(f"a cached state tensor {s.name} does not fit this export")
+        M, lengths = self.max_context or 0, set()
+        for s in self.kv_specs:
+            t = tensors.get(s.name)
+            if t is None or t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (1, *s.shape) or t.dtype != s.dtype:
+                raise StateFileError(f"a cached state tensor {s.name} does not fit this export")
+            lengths.add(int(t.shape[2]))
+        if len(lengths) > 1 or (lengths and max(lengths) > M):
+            raise StateFileError(f"cached KV caches of {sorted(lengths)} positions do not fit a slot "
+                                 f"(--max-context {M})")
         b = self._where[row] or 0
         for s in self.specs:
             self._bufs[b][s.name][row].copy_(tensors[s.name][0])
         self._where[row] = b
+        n = lengths.pop() if lengths else 0
+        for k, v in self._kv.items():
+            v[row, :, :M - n].zero_()
+            v[row, :, M - n:].copy_(tensors[k][0])
+        self._len[row] = n
 
 
 def eos_token_ids(meta: Any, tokenizer: Tokenizer) -> frozenset[int]:

@@ -238,6 +238,11 @@ class Scheduler(threading.Thread):
         self.rows[row] = req
         try:
             L = len(req.prompt)
+            M = self.graphs.max_context
+            if M is not None and L > M:
+                self._fail(req, f"the prompt has {L} tokens, more than this server's --max-context {M} (a hybrid's "
+                                "full-attention KV caches per slot)", 400)
+                return
             depth, state, common = self.cache.lookup(req.prompt, limit=L - 1)
             if state is not None:
                 self.graphs.write(row, state)
@@ -429,8 +434,10 @@ class Scheduler(threading.Thread):
         piece = b"" if eos or tok in p.stop_token_ids else req.stream.bytes_for(tok)
         text, stopped = req.stop_text.feed(req.text.feed(piece))
         req._fire({"type": "token", "text": text, "token": tok})  # text may be "" (half a character)
+        # the slot has read every token but this one: at max_context it cannot read this one
+        full = self.graphs.max_context is not None and len(req.prompt) + len(req.generated) > self.graphs.max_context
         reason = "stop" if eos or stopped or tok in p.stop_token_ids else \
-            "length" if len(req.generated) >= p.max_tokens else None
+            "length" if len(req.generated) >= p.max_tokens or full else None
         if reason is not None:
             if not stopped:
                 tail = req.stop_text.feed(req.text.feed(req.stream.flush()) + req.text.flush())[0] + \

@@ -94,9 +94,10 @@ def scenario(address: str, env: dict, export_dir: str, work: Path) -> None:
             return c.completions.with_raw_response.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
                                                           **kw)
 
-        # affinity: each conversation's turns land on one replica; different conversations spread
+        # affinity: each conversation's turns land on one replica; different conversations spread (rendezvous
+        # hashing over random replica ids: with 4 conversations all landed on one replica in 1 run of 8)
         homes = {}
-        for cid in ("alice", "bob", "carol", "dave"):
+        for cid in (f"conversation-{i}" for i in range(12)):
             served = {ask(cid, [256, 65], 1).headers["x-served-by"] for _ in range(3)}
             assert len(served) == 1, served
             homes[cid] = served.pop()
@@ -104,8 +105,8 @@ def scenario(address: str, env: dict, export_dir: str, work: Path) -> None:
 
         # turn one of a conversation: its state is cached (and written through to the shared directory)
         prompt = [256, *b"A conversation that must survive its replica"]
-        ask("alice", prompt, 1)
-        victim = homes["alice"]
+        ask("conversation-0", prompt, 1)
+        victim = homes["conversation-0"]
         deadline = time.monotonic() + 30
         while not any(cache_dir.glob(f"{len(prompt):09d}-*")):
             assert time.monotonic() < deadline, "the first turn's state never reached the shared cache"
@@ -117,7 +118,7 @@ def scenario(address: str, env: dict, export_dir: str, work: Path) -> None:
         def stream():
             try:
                 c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60,
-                                  default_headers={"X-Conversation-Id": "alice"})
+                                  default_headers={"X-Conversation-Id": "conversation-0"})
                 for chunk in c.completions.create(model="tiny", prompt=prompt + list(b" go on"), max_tokens=4000,
                                                   temperature=0, stream=True, extra_body={"ignore_eos": True}):
                     events.append(chunk)
@@ -137,7 +138,7 @@ def scenario(address: str, env: dict, export_dir: str, work: Path) -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
-                r = ask("alice", prompt + list(b" again"), 2)
+                r = ask("conversation-0", prompt + list(b" again"), 2)
                 break
             except (openai.APIError, httpx.HTTPError):
                 assert time.monotonic() < deadline

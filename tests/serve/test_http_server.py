@@ -307,9 +307,10 @@ def test_shutdown_finishes_streams_and_the_cache_survives_a_restart(tiny_export,
         c = client(url)
         c.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0)  # caches `prompt`
         out: dict = {}
-        t = threading.Thread(target=stream_text, args=(url, "A stream in flight", 800, out, "s"))
+        # long enough to be seen decoding: 800 tokens of the tiny model could end between two polls
+        t = threading.Thread(target=stream_text, args=(url, "A stream in flight", 4000, out, "s"))
         t.start()
-        wait_for(lambda: httpx.get(f"{url}/stats").json()["scheduler"]["decoding"] == 1)
+        wait_for(lambda: httpx.get(f"{url}/stats").json()["scheduler"]["decoding"] == 1, poll=0.005)
         proc.send_signal(signal.SIGTERM)
         t.join(60)
         assert proc.wait(timeout=40) == 0
@@ -321,8 +322,8 @@ def test_shutdown_finishes_streams_and_the_cache_survives_a_restart(tiny_export,
     assert stats["disk_hits"] == 1 and r2.usage.prompt_tokens_details.cached_tokens == len(prompt)
 
 
-def wait_for(cond, timeout: float = 30) -> None:
+def wait_for(cond, timeout: float = 30, poll: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(poll)

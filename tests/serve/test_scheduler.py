@@ -19,7 +19,7 @@ PROMPTS = ["In the beginning", "Hello there, how are you doing today?", "x", "Th
 
 class Harness:
     def __init__(self, export_dir, **options):
-        self.graphs = backend.Graphs(export_dir, threads=1)
+        self.graphs = backend.Graphs(export_dir, threads=1, max_context=options.pop("max_context", None))
         self.cache = PrefixCache(options.pop("cache_bytes", 1 << 24))
         self.metrics = Metrics()
         self.sched = Scheduler(self.graphs, self.cache, Options(**{"slots": 3, **options}), self.metrics)
