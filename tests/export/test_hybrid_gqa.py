@@ -205,3 +205,12 @@ def test_cli_attention_op_gqa(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == EXIT_CODES["UsageError"] == 2 and len(err.splitlines()) == 1 and "multiple of 8" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_gqa_prefill_without_the_mask_input_uses_the_window_hint(tmp_path):
+    """``--no-attention-mask``: buffer order is real-token order in the prefill too, so its nodes
+    carry ``local_window_size = W``; validated against PyTorch (prompts longer than the window)."""
+    res = export_model(_model(WIDE, 5), tmp_path / "out", gla_op="decomposed", attention_op="gqa",
+                       attention_mask=False, progress=False)
+    assert res.validation.passed, res.validation.failures
+    assert [_attr(n, "local_window_size") for n in _gqa_nodes(res.prefill_path)] == [5, 1]
