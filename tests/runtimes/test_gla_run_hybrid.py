@@ -131,3 +131,20 @@ def test_cuda_provider_decodes_hybrids_as_the_cpu(full, windowed, form):
                 assert "(CUDA graph)" in cuda.backend, cuda.backend
             # gqa: captured, or refused with ONNX Runtime's reason (its CUDA kernel may read sizes on the host)
             assert "(CUDA graph)" in cuda.backend or "no CUDA graph" in cuda.backend, cuda.backend
+
+
+def test_the_trained_hybrid_sample_through_gla_run(tmp_path):
+    """samples/hybrid-model (GLA + windowed attention, trained): gla-run's greedy text from a
+    prompt is the Python decoder's and reads as the KJV's English."""
+    import re
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[2] / "samples" / "hybrid-model"
+    res = export_model(sample, tmp_path / "out", gla_op="decomposed", attention_op="gqa", validate=False, progress=False)
+    got = run_gla_run(res.out_dir, prompt="And the LORD said unto Moses,", max_new_tokens=80, ignore_eos=True, threads=1)
+    from gla_export.models import ByteTokenizer
+
+    assert got.ids == _decoder_tokens(res.out_dir, ByteTokenizer().encode("And the LORD said unto Moses,"), 80)
+    words = re.findall(r"[a-z]+", (got.text or "").lower())
+    assert len(words) >= 10 and {"the", "lord"} <= set(words), got.text
+    assert got.raw["state_bytes_per_token"] == 0 and got.raw["kv_positions"] == 0
