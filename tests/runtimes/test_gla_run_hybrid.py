@@ -151,3 +151,25 @@ def test_the_trained_hybrid_sample_through_gla_run(tmp_path):
     words = re.findall(r"[a-z]+", (got.text or "").lower())
     assert len(words) >= 10 and {"the", "lord"} <= set(words), got.text
     assert got.raw["state_bytes_per_token"] == 0 and got.raw["kv_positions"] == 0
+
+
+@pytest.mark.parametrize("form", ["decomposed", "gqa"])
+def test_windowed_hybrid_memory_does_not_grow_with_generated_tokens(windowed, form):
+    """The windowed caches are fixed-size states in the two swapped buffers: decoding 8192 tokens
+    adds no more resident memory than 16 (gla-run's own readings, as for pure GLA)."""
+    import re
+    import subprocess
+
+    from gla_export._runner import gla_run_command
+
+    def growth(n: int) -> int:
+        cmd = gla_run_command(windowed[form].out_dir, ids=[256, 1, 2], max_new_tokens=n, ignore_eos=True, threads=1,
+                              fmt="raw")
+        err = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True).stderr.decode()
+        m = re.search(r"resident (\d+) KiB after the prompt, (\d+) KiB at the end", err)
+        assert m and int(m.group(1)) > 1000, err
+        return int(m.group(2)) - int(m.group(1))
+
+    short = min(growth(16) for _ in range(2))
+    long = growth(8192)
+    assert long - short < 256, f"decoding added {short} KiB for 16 tokens, {long} KiB for 8192"
