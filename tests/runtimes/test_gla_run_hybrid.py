@@ -77,8 +77,8 @@ def test_hybrid_tokens_match_the_python_decoder(full, windowed, kind, form):
         assert got.prefill is prefill
         assert got.ids == _decoder_tokens(res.out_dir, prompt, 20), f"prompt {prompt}, prefill={prefill}"
         # the caches hold every token fed: the prompt and all generated tokens but the last
-        assert got.raw["state_bytes_per_token"] == per_token
-        assert got.raw["kv_positions"] == (n + 19 if kind == "full" else 0)
+        assert got.state_bytes_per_token == per_token
+        assert got.kv_positions == (n + 19 if kind == "full" else 0)
         assert len(set(got.ids)) > 2  # not one token repeated: the comparison means something
 
 
@@ -88,7 +88,7 @@ def test_full_attention_tokens_over_a_long_run(full):
     prompt = _prompt(np.random.default_rng(6), 30)
     got = run_gla_run(res.out_dir, ids=prompt, max_new_tokens=100, ignore_eos=True, threads=1)
     assert got.ids == _decoder_tokens(res.out_dir, prompt, 100)
-    assert got.raw["kv_positions"] == 129
+    assert got.kv_positions == 129
 
 
 def test_tensorrt_backend_refuses_growing_caches(full, tmp_path):
@@ -150,7 +150,7 @@ def test_the_trained_hybrid_sample_through_gla_run(tmp_path):
     assert got.ids == _decoder_tokens(res.out_dir, ByteTokenizer().encode("And the LORD said unto Moses,"), 80)
     words = re.findall(r"[a-z]+", (got.text or "").lower())
     assert len(words) >= 10 and {"the", "lord"} <= set(words), got.text
-    assert got.raw["state_bytes_per_token"] == 0 and got.raw["kv_positions"] == 0
+    assert got.state_bytes_per_token == 0 and got.kv_positions == 0
 
 
 @pytest.mark.parametrize("form", ["decomposed", "gqa"])
