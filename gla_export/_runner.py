@@ -115,6 +115,10 @@ class RunResult:
     state_bytes: int
     timing: dict[str, float]
     text: str | None = None
+    # hybrids with full-attention layers: what their KV caches add per token, and the slots they
+    # hold at the end (0 and 0 otherwise, and from a gla-run older than these fields)
+    state_bytes_per_token: int = 0
+    kv_positions: int = 0
     data: bytes | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     stderr: str = ""
@@ -213,6 +217,8 @@ def run_gla_run(
         state_bytes=out["state_bytes"],
         timing=out["timing"],
         text=out.get("text"),
+        state_bytes_per_token=out.get("state_bytes_per_token", 0),
+        kv_positions=out.get("kv_positions", 0),
         data=data,
         raw=out,
         stderr=stderr,

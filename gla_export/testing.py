@@ -129,3 +129,18 @@ def save_fla_checkpoint(config: dict, path, seed: int = 0) -> dict:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path, safe_serialization=True)
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def ort_gqa_problem() -> str | None:
+    """Why this ONNX Runtime cannot run ``--attention-op gqa`` exports (None when it can): they
+    give GroupQueryAttention the ``query_seqlens`` input, which its schema has from 1.32 on."""
+    try:
+        import onnxruntime as ort
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    except ImportError:
+        return "onnxruntime is not installed"
+    for s in get_all_operator_schema():
+        if s.name == "GroupQueryAttention" and s.domain == "com.microsoft":
+            if any(i.name == "query_seqlens" for i in s.inputs):
+                return None
+    return f"GroupQueryAttention of onnxruntime {ort.__version__} has no query_seqlens input (1.32 has)"

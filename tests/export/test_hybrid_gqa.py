@@ -126,17 +126,21 @@ def test_gqa_export_of_the_custom_form_runs_in_our_ort_library(tmp_path):
     assert len(_gqa_nodes(res.step_path)) == 2
 
 
-def test_gqa_refuses_what_ort_cannot_run(tmp_path):
+def test_gqa_refuses_a_head_size_ort_cannot_take(tmp_path):
     odd = dict(HYBRID, attn=dict(layers=[1], num_heads=8))  # head size 4
     with pytest.raises(UsageError, match="layer 1's head size 4 is not a multiple of 8"):
         export_model(GLAForCausalLM(GLAConfig(**odd)), tmp_path / "a", attention_op="gqa", progress=False)
-    with pytest.raises(UsageError, match="runs in ONNX Runtime only"):
-        export_model(GLAForCausalLM(GLAConfig(**HYBRID)), tmp_path / "b", attention_op="gqa", runtime="reference",
-                     progress=False)
-    with pytest.raises(UsageError, match="bf16 cannot be validated"):
-        export_model(GLAForCausalLM(GLAConfig(**HYBRID)), tmp_path / "c", attention_op="gqa", dtype="bf16",
-                     progress=False)
-    assert not any((tmp_path / n).exists() for n in "abc")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("form, dtype", [("custom", "fp32"), ("decomposed", "bf16")])
+def test_gqa_export_validates_in_the_reference_evaluator(tmp_path, form, dtype):
+    """No native library, no bfloat16 CPU kernels: the reference evaluator runs both ops (its
+    GroupQueryAttention is checked against ONNX Runtime's below)."""
+    res = export_model(_model(HYBRID, 6), tmp_path / "out", gla_op=form, attention_op="gqa", dtype=dtype,
+                       runtime="reference", progress=False)
+    assert res.validation.passed, res.validation.failures
+    assert "onnx.reference" in " ".join(res.validation.runtimes.values())
 
 
 @pytest.mark.parametrize("W", [1, 3])
@@ -205,3 +209,67 @@ def test_cli_attention_op_gqa(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == EXIT_CODES["UsageError"] == 2 and len(err.splitlines()) == 1 and "multiple of 8" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_gqa_prefill_without_the_mask_input_uses_the_window_hint(tmp_path):
+    """``--no-attention-mask``: buffer order is real-token order in the prefill too, so its nodes
+    carry ``local_window_size = W``; validated against PyTorch (prompts longer than the window)."""
+    res = export_model(_model(WIDE, 5), tmp_path / "out", gla_op="decomposed", attention_op="gqa",
+                       attention_mask=False, progress=False)
+    assert res.validation.passed, res.validation.failures
+    assert [_attr(n, "local_window_size") for n in _gqa_nodes(res.prefill_path)] == [5, 1]
+
+
+def _gqa_node_model(dtype, H, Hkv, W, rotary):
+    from onnx import TensorProto as TP
+    from onnx import helper as oh
+
+    et = TP.FLOAT if dtype == np.float32 else TP.FLOAT16
+    names = ["q", "k", "v", "pk", "pv", "seqlens_k", "total", "cos" if rotary else "", "sin" if rotary else "",
+             "pos" if rotary else "", "bias", "", "", "", "", "", "qs"]
+    ins = [oh.make_tensor_value_info(n, et, None) for n in ("q", "k", "v", "pk", "pv", "bias")]
+    ins += [oh.make_tensor_value_info(n, TP.INT32, None) for n in ("seqlens_k", "total", "qs")]
+    if rotary:
+        ins += [oh.make_tensor_value_info(n, et, None) for n in ("cos", "sin")]
+        ins.append(oh.make_tensor_value_info("pos", TP.INT64, None))
+    node = oh.make_node("GroupQueryAttention", names, ["o", "k_out", "v_out"], domain="com.microsoft", num_heads=H,
+                        kv_num_heads=Hkv, local_window_size=W, do_rotary=int(rotary), scale=0.3)
+    outs = [oh.make_tensor_value_info(n, et, None) for n in ("o", "k_out", "v_out")]
+    return oh.make_model(oh.make_graph([node], "g", ins, outs),
+                         opset_imports=[oh.make_opsetid("", 21), oh.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("B, S, P, H, Hkv, d, W, rotary, dtype", [
+    (2, 5, 0, 4, 2, 16, -1, True, np.float32), (3, 4, 7, 6, 2, 32, 3, True, np.float32),
+    (2, 1, 9, 4, 4, 8, 4, False, np.float32), (2, 3, 5, 4, 2, 16, 2, True, np.float16),
+], ids=["B2-S5-P0-rot", "B3-S4-P7-W3-rot", "B2-S1-P9-d8-W4", "B2-S3-P5-W2-rot-fp16"])
+def test_reference_group_query_attention_matches_onnxruntime(B, S, P, H, Hkv, d, W, rotary, dtype):
+    """The reference evaluator's GroupQueryAttention (what ``runtime="reference"`` validates a gqa
+    export with) against ONNX Runtime's CPU kernel on the same random node inputs: per-token
+    rotary tables and positions, a bias that masks some slots, a window, GQA, scale."""
+    import onnxruntime as ort
+
+    from gla_export.export import reference_evaluator
+
+    rng = np.random.default_rng(B * 100 + P)
+    model = _gqa_node_model(dtype, H, Hkv, W, rotary)
+    feeds = dict(q=rng.standard_normal((B, S, H * d)), k=rng.standard_normal((B, S, Hkv * d)),
+                 v=rng.standard_normal((B, S, Hkv * d)), pk=rng.standard_normal((B, Hkv, P, d)),
+                 pv=rng.standard_normal((B, Hkv, P, d)))
+    bias = np.where(rng.random((B, 1, S, P + S)) < 0.2, -1e4, 0.0)
+    bias[..., np.arange(S), P + np.arange(S)] = 0.0  # each query's own slot stays visible
+    feeds["bias"] = bias
+    feeds = {n: x.astype(dtype) for n, x in feeds.items()}
+    feeds.update(seqlens_k=np.full(B, P + S - 1, np.int32), total=np.array(P + S, np.int32), qs=np.full(B, S, np.int32))
+    if rotary:
+        f = rng.random((B * S + P + S, d // 2)) * 6
+        feeds.update(cos=np.cos(f).astype(dtype), sin=np.sin(f).astype(dtype),
+                     pos=rng.permutation(B * S).reshape(B, S).astype(np.int64))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    want = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = reference_evaluator(model).run(None, feeds)
+    tol = 1e-5 if dtype == np.float32 else 3e-3
+    for name, a, b in zip(("output", "present_key", "present_value"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert np.abs(a.astype(np.float32) - b.astype(np.float32)).max() <= tol * max(1.0, np.abs(b).max()), name
