@@ -267,9 +267,13 @@ Status launch_scores(const Plan& pl, const Params& p, stream_t stream, int dev) 
   return launch_failed("scores");
 }
 
-// v3: every chunk's start state (and the final state), the scores, then all outputs at once
+// v3: every chunk's start state (and the final state), the scores, then all outputs at once. run()
+// checks the device's shared memory against the main kernel's only: v3's kernels need no more.
 template <class Act, int NKB>
 Status launch_v3(const Plan& pl, const Params& p, stream_t stream, int dev) {
+  static_assert(chunk_states_smem_bytes<Act>() <= chunk_smem_bytes<Act>() &&
+                    output_smem_bytes<Act>() <= chunk_smem_bytes<Act>() && scores_smem_bytes<Act>() <= chunk_smem_bytes<Act>(),
+                "a device that fits the main chunk kernel must fit every v3 kernel");
   const char* why = nullptr;
   constexpr size_t st_smem = chunk_states_smem_bytes<Act>();
   if (!rt::allow_smem<gla_chunk_states_kernel<Act>>(dev, st_smem, why))
