@@ -1028,7 +1028,10 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_chunk_states_kernel(cons
         mma_planes<Act>(S[2 * pp + 1], af, b2, b3);
       }
     }
-    __syncthreads();  // the next chunk overwrites sTot, K̂ and V
+    // No barrier here: before the next chunk's first barrier a warp writes only the staging tile
+    // and sTot, which nobody reads after this chunk's second barrier; K̂, V and sDC are rewritten
+    // only past the next first barrier, which no warp reaches before every warp is done with
+    // these products.
   }
 
   // the final state, from the sequence's last segment
