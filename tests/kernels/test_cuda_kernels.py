@@ -285,6 +285,32 @@ def test_gpu_prefill_versions_repeatable(gpu, version, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_gpu_prefill_versions_are_capture_safe(version, monkeypatch):
+    # v2/v3 launch more kernels through the workspace: under stream capture in global mode (no host
+    # synchronisation or allocation allowed) the replay must equal an eager call on new inputs, bitwise
+    from gla_export.ops.native import native_gla
+
+    monkeypatch.setenv("GLA_CUDA_PREFILL", version)
+    case = GLACase(B=1, T=1100, Hq=4, Hkv=2, K=128, V=256, dtype=F16, initial_state=True, g_gamma=True)
+    static = make_inputs(case, device="cuda", seed=0)
+    native_gla(**static, output_final_state=True)  # warm-up: attributes set once
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="global"):
+        o, ht = native_gla(**static, output_final_state=True)
+    for seed in range(2):
+        new = make_inputs(case, device="cuda", seed=seed + 1)
+        for name, t in new.items():
+            if isinstance(t, torch.Tensor):
+                static[name].copy_(t)
+        graph.replay()
+        want_o, want_ht = native_gla(**new, output_final_state=True)
+        torch.cuda.synchronize()
+        assert torch.equal(o, want_o) and torch.equal(ht, want_ht)
+
+
+@pytest.mark.gpu
 def test_gpu_big_gqa_group_and_large_head(gpu):
     # 24 query heads share one key/value head; d_k past the chunk kernel's 256 runs step by step
     _check(gpu, make_inputs(GLACase(B=1, T=70, Hq=24, Hkv=1, K=64, V=32, dtype=F16)), *_tol(F16), "G24")
