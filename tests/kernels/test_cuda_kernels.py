@@ -380,7 +380,8 @@ V2_CASES = [
     GLACase(B=1, T=130, Hq=4, Hkv=2, K=60, V=100, initial_state=True, g_gamma=True),  # fp32 planes, GQA, odd
     GLACase(B=2, T=70, Hq=2, Hkv=2, K=100, V=130, dtype=F16, initial_state=True, reverse=True),  # 2 key, 3 value blocks
     GLACase(B=1, T=65, Hq=2, Hkv=1, K=16, V=72, dtype=BF16, gate_per_head=True, g_gamma=True),
-    GLACase(Hq=2, Hkv=1, K=16, V=80, dtype=F16, cu_seqlens=(0, 0, 700, 700, 1250, 1251), initial_state=True),  # segments
+    # segments (the sequences are long enough: the plan asserts it below), empty sequences
+    GLACase(Hq=2, Hkv=1, K=16, V=80, dtype=F16, cu_seqlens=(0, 0, 1500, 1500, 2900, 2901), initial_state=True),
     GLACase(Hq=2, Hkv=2, K=32, V=96, cu_seqlens=(0, 40, 40, 170), reverse=True, initial_state=True),  # ragged, no segments
     GLACase(B=1, T=70, Hq=2, Hkv=1, K=200, V=130, dtype=F16, initial_state=True),  # 4 key blocks
     GLACase(B=1, T=80, Hq=1, Hkv=1, K=256, V=72, initial_state=True, reverse=True),  # 4 key blocks, fp32 planes
@@ -396,7 +397,19 @@ V3_CASES = [
     GLACase(Hq=4, Hkv=2, K=20, V=66, dtype=BF16, cu_seqlens=(0, 1100, 1100, 1101, 1300), initial_state=True,
             g_gamma=True),  # segments, GQA, an empty and a one-step sequence
     GLACase(B=2, T=90, Hq=2, Hkv=2, K=70, V=65, dtype=F16, gate_per_head=True, reverse=True),
+    # segments, dense (the last one partial) and ragged (reverse, an empty and a one-step sequence)
+    GLACase(B=1, T=1100, Hq=2, Hkv=1, K=16, V=72, dtype=F16, initial_state=True, g_gamma=True),
+    GLACase(Hq=2, Hkv=1, K=16, V=80, dtype=BF16, cu_seqlens=(0, 0, 1500, 1500, 2900, 2901), initial_state=True,
+            reverse=True),
 ]  # fmt: skip
+
+
+def test_emulated_v2_v3_cases_reach_segments(emu, monkeypatch):
+    # the chunk-boundary states of v3 start from the segment pass's states: both kinds of cases
+    monkeypatch.setenv("GLA_CUDA_PREFILL", "v3")
+    for cases in (V2_CASES, V3_CASES):
+        plans = [_plan(emu, make_inputs(c)) for c in cases]
+        assert any(p["seg_len"] > 0 for p in plans) and any(p["seg_len"] == 0 for p in plans)
 
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
