@@ -1050,9 +1050,11 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_chunk_states_kernel(cons
 
 // Output: one block per (chunk slot, query head, 64 value columns). Per key block: Q̂ = q 2^Γ_i and
 // the chunk's start state (rows of the key block) to shared memory, O += Q̂ S; then O = scale·O + A V
-// with the chunk's scores (already masked and scaled by the scores kernel). The Q̂ and S tiles are
-// double-buffered and the next key block's q, g and S are loaded while this one's products run: two
-// barriers a key block.
+// with the chunk's scores (already masked and scaled by the scores kernel). Q̂ is q 2^(Γ_i − Γ at the
+// sub-chunk's start), computed before the barrier (q and g die there), times 2^(the earlier
+// sub-chunks' decay) after it: one fp32 rounding more than v2's single exponential. The Q̂ and S
+// tiles are double-buffered and the next key block's S (and, where the registers allow, its q and g:
+// output_prefetches_qg) is loaded while this one's products run: two barriers a key block.
 constexpr int kOutRowA = 0, kOutRowV = 64, kOutRowQh = 128, kOutRowS = 256, kOutPlane = 384 * kPitch;  // Q̂, S: 2 × 64 rows
 
 template <class Act>
@@ -1103,6 +1105,18 @@ __device__ __forceinline__ void put_state_tile(const Params& p, const StateTile<
   }
 }
 
+// Whether the output kernel loads the next key block's q and g during this one's products: with
+// 16-bit activations on sm_90 that fits 128 registers (two blocks an SM) without spills; fp32, and
+// sm_80-class devices, spill 28-36 bytes with it, so there the loads come at the top of each key block.
+template <class Act>
+__device__ constexpr bool output_prefetches_qg() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return false;
+#else
+  return sizeof(Act) == 2;
+#endif
+}
+
 template <class Act>
 __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Params p) {
   using OP = Operand<Act>;
@@ -1143,7 +1157,6 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
   StateTile<Act> st;
   load_a<Act>(p, x, raw, t0);
   load_v<Act>(p, x, raw, t0, vcol, vrow0);
-  if (vec) load_state_tile<Act>(p, st, hc, 0, vb, tid);
   {
     E* myA = sm + (kOutRowA + 16 * x.a) * kPitch + x.c;
     E* myV = sm + (kOutRowV + vrow0) * kPitch + x.c;
@@ -1154,6 +1167,9 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
     }
   }
 
+  constexpr bool kPrefetchQG = output_prefetches_qg<Act>();
+  if constexpr (kPrefetchQG) load_qkg<Act>(p, x, raw, t0, 0, true, false);  // after A and V: fewer registers at once
+  if (vec) load_state_tile<Act>(p, st, hc, 0, vb, tid);
   float O[4][4];
 #pragma unroll
   for (int u = 0; u < 4; ++u)
@@ -1163,15 +1179,16 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
 #pragma unroll 1
   for (int kb = 0; kb < p.nkb; ++kb) {
     const int buf = kb & 1;
-    load_qkg<Act>(p, x, raw, t0, kb, true, false);
-    float P[16];
+    if constexpr (!kPrefetchQG) load_qkg<Act>(p, x, raw, t0, kb, true, false);
+    // q 2^Γ within this thread's sub-chunk now (q and g die here); the earlier sub-chunks' decay after the barrier
+    float qe[16];
     float run = 0.f;
 #pragma unroll
     for (int r = 0; r < 16; ++r) {
       run += raw.decay(r, x.gam);
-      P[r] = run;
+      qe[r] = to_float(raw.q[r]) * fast_exp2(run);
     }
-    sTot[buf * 256 + x.a * 64 + x.c] = P[15];
+    sTot[buf * 256 + x.a * 64 + x.c] = run;
     put_state_tile<Act>(p, st, vec, hc, kb, vb, tid, sm + (kOutRowS + 64 * buf) * kPitch);
     __syncthreads();
     float before = 0.f;
@@ -1179,9 +1196,13 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
     for (int b = 0; b < 4; ++b)
       if (b < x.a) before += sTot[buf * 256 + b * 64 + x.c];
     E* const myQh = sm + (kOutRowQh + 64 * buf + 16 * x.a) * kPitch + x.c;
+    const float e_before = fast_exp2(before);
 #pragma unroll
-    for (int r = 0; r < 16; ++r) put<Act, kOutPlane>(myQh + r * kPitch, to_float(raw.q[r]) * fast_exp2(before + P[r]));
-    if (vec && kb + 1 < p.nkb) load_state_tile<Act>(p, st, hc, kb + 1, vb, tid);  // arrives during the products
+    for (int r = 0; r < 16; ++r) put<Act, kOutPlane>(myQh + r * kPitch, qe[r] * e_before);
+    if (kb + 1 < p.nkb) {  // the next key block's inputs arrive during the products
+      if constexpr (kPrefetchQG) load_qkg<Act>(p, x, raw, t0, kb + 1, true, false);
+      if (vec) load_state_tile<Act>(p, st, hc, kb + 1, vb, tid);
+    }
     __syncthreads();
     // O += Q̂ S. No barrier after: the next key block writes the other buffers, and the one after
     // writes these only past the next block's second barrier, which no warp reaches before every
