@@ -129,11 +129,15 @@ def emu(tmp_path_factory):
     return runner
 
 
-def _plan(runner, kw) -> dict:
+def _problem(kw):
     from gla_export.ops.native import make_problem
 
-    p = make_problem(kw["q"], kw["k"], kw["v"], kw.get("g"), None, kw.get("initial_state"), kw.get("g_gamma"),
-                     kw.get("reverse", False), kw.get("cu_seqlens"))  # fmt: skip
+    return make_problem(kw["q"], kw["k"], kw["v"], kw.get("g"), None, kw.get("initial_state"), kw.get("g_gamma"),
+                        kw.get("reverse", False), kw.get("cu_seqlens"))  # fmt: skip
+
+
+def _plan(runner, kw) -> dict:
+    p = _problem(kw)
     out = (ctypes.c_int64 * 11)()
     runner.lib.gla_emu_plan(ctypes.byref(p), out)
     return dict(zip(["chunk", "seg_len", "slots", "nkb", "nvb", "ct", "R", "threads", "gb", "v2", "v3"], list(out)))
@@ -428,6 +432,21 @@ def test_emulated_v3_matches_reference(emu, case, monkeypatch):
     monkeypatch.setenv("GLA_CUDA_PREFILL", "v3")
     assert _plan(emu, kw)["v3"]
     _check(emu, kw, *_tol(case.dtype), case.id + " v3")
+
+
+@pytest.mark.parametrize("case", [c for c in V3_CASES if c.T >= 1000 or (c.cu_seqlens and c.cu_seqlens[-1] >= 2000)],
+                         ids=lambda c: c.id)  # fmt: skip
+def test_emulated_v3_without_segments(emu, case, monkeypatch):
+    # GLA_CUDA_V3_SEGMENTS=0 (a benchmark knob): whole-sequence walks, same workspace, same answer
+    kw = make_inputs(case)
+    monkeypatch.setenv("GLA_CUDA_PREFILL", "v3")
+    with_segments = _plan(emu, kw)
+    nbytes = emu.workspace_bytes(ctypes.byref(_problem(kw)))
+    monkeypatch.setenv("GLA_CUDA_V3_SEGMENTS", "0")
+    plan = _plan(emu, kw)
+    assert with_segments["seg_len"] > 0 and plan["seg_len"] == 0 and plan["v3"]
+    assert emu.workspace_bytes(ctypes.byref(_problem(kw))) == nbytes
+    _check(emu, kw, *_tol(case.dtype), case.id + " v3 whole sequences")
 
 
 def test_emulated_v3_no_gate_int64_seqlens(emu, monkeypatch):

@@ -118,6 +118,14 @@ inline int prefill_version(int nvb) {
   return 1;
 }
 
+// GLA_CUDA_V3_SEGMENTS=0: v3 walks whole sequences in its chunk-states kernel, without the segment
+// passes (a knob for benchmarks: fewer, longer walks against two passes; read at each call). Safe
+// for the workspace: the plan drops segments only after the workspace was planned with them.
+inline bool v3_segments() {
+  const char* e = std::getenv("GLA_CUDA_V3_SEGMENTS");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
 struct Plan {
   bool chunk = false;
   // chunk path
@@ -209,6 +217,11 @@ inline Plan make_plan(const Problem& pr) {
     off = align_up(off + size_t(pl.cslots) * pr.kv_heads * K * V * dtype_size(pr.act_dtype));
   }
   pl.workspace = off;
+  if (pl.v3 && pl.seg_len != 0 && !v3_segments()) {
+    pl.seg_len = 0;
+    pl.nseg_dense = 1;
+    pl.slots = N;
+  }
   return pl;
 }
 
