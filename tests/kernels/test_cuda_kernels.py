@@ -449,6 +449,20 @@ def test_emulated_v3_without_segments(emu, case, monkeypatch):
     _check(emu, kw, *_tol(case.dtype), case.id + " v3 whole sequences")
 
 
+@pytest.mark.parametrize("state_dtype", [F16, BF16], ids=["fp16state", "bf16state"])
+def test_emulated_v3_low_precision_state(emu, state_dtype, monkeypatch):
+    # the initial state read and the final state written in the state's own type
+    kw = make_inputs(GLACase(B=2, T=100, Hq=2, Hkv=1, K=40, V=72, dtype=F16, initial_state=True))
+    kw["initial_state"] = kw["initial_state"].to(state_dtype)
+    monkeypatch.setenv("GLA_CUDA_PREFILL", "v3")
+    assert _plan(emu, kw)["v3"]
+    o, s = emu(kw)
+    assert s.dtype == state_dtype
+    o_ref, s_ref = reference(kw)
+    assert rel_err(o, o_ref) <= max(TOLERANCE[F16], TOLERANCE[state_dtype])
+    assert rel_err(s, s_ref) <= _tol(F16, state_dtype)[1]
+
+
 def test_emulated_v3_no_gate_int64_seqlens(emu, monkeypatch):
     case = GLACase(Hq=2, Hkv=1, K=48, V=72, dtype=F16, cu_seqlens=(0, 100, 100, 230), g_gamma=True, initial_state=True)
     kw = make_inputs(case)
