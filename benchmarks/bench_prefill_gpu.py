@@ -175,6 +175,11 @@ def main(argv=None) -> int:
               f"{ratio(r['v1_ms'], r['v3_ms'], 6)} {ratio(fla, r['v1_ms'])} {ratio(fla, r['v2_ms'])} {ratio(fla, r['v3_ms'])} "
               f"{tgt:>6s} {r['v3_vs_v1_rel_o']:8.1e} {r['v3_vs_v1_rel_state']:8.1e} {vf}")  # fmt: skip
         ok = ok and r["finite"]
+        # a library built before v3 ignores GLA_CUDA_PREFILL=v3 and runs v1: the kernels tell
+        ks = r.get("v3_kernels_us") or {}
+        if ks and "error" not in ks and not any("gla_output_kernel" in k for k in ks):
+            print(f"{r['name']}: v3 ran no gla_output_kernel: this library has no prefill v3 (rebuild it)")
+            ok = False
         for path in PATHS[1:]:
             ok = ok and r[f"{path}_vs_v1_rel_o"] < 1e-2 and r[f"{path}_vs_v1_rel_state"] < 1e-2
     print("(fla/vN > 1: ours faster; target: fla/ours wanted; vN~v1 o / S: relative difference of the outputs /")
