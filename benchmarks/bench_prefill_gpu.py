@@ -3,8 +3,8 @@
 v1: gla_chunk_kernel computes the intra-chunk scores Q̃K̃ᵀ in every block of 64 value columns.
 v2: gla_scores_kernel writes them once per (chunk, query head) to the workspace and the main kernel
     reads them (docs/cuda-kernels.md, "Prefill v2").
-v3: gla_chunk_states_kernel writes the state at every chunk boundary, then the scores kernel and
-    gla_output_kernel compute every chunk's output at once (docs/cuda-kernels.md, "Prefill v3");
+v3: gla_states_scores_kernel writes the state at every chunk boundary and the scores (one launch),
+    then gla_output_kernel computes every chunk's output at once (docs/cuda-kernels.md, "Prefill v3");
     v3w is v3 with GLA_CUDA_V3_SEGMENTS=0 (the chunk states walk whole sequences, no segment passes).
 GLA_CUDA_PREFILL=v1|v2|v3 picks the path (the library reads it at each call, so a CUDA graph
 captured under one value keeps it).

@@ -678,16 +678,12 @@ __device__ __forceinline__ Params chunk_slots(const Params& p) {
   return pc;
 }
 
+// The body of block bx (a device function: v3 runs it in the same launch as the chunk states)
 template <class Act, int NKB>
-__global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Params p) {
+__device__ __forceinline__ void scores_block(const Params& p, const int64_t bx, unsigned char* smem_raw) {
   using OP = Operand<Act>;
   using E = typename OP::E;
   constexpr int NP = OP::kPlanes;
-#if defined(GLA_EMULATE)
-  unsigned char* smem_raw = gla_emu::dynamic_smem();
-#else
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-#endif
   E* sm = reinterpret_cast<E*>(smem_raw);
   float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kScorePlane * 2);
   float* sRef = sTot + 4 * 64;
@@ -697,7 +693,6 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Para
   const int mt = warp & 3, nh = warp >> 2;
   const int lg = lane >> 2, lt = lane & 3;
 
-  const int64_t bx = blockIdx.x;
   const int hq = int(bx % p.Hq);
   const int64_t cslot = bx / p.Hq;
   int64_t n, ci, nch, slot0;
@@ -839,6 +834,16 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Para
   }
 }
 
+template <class Act, int NKB>
+__global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Params p) {
+#if defined(GLA_EMULATE)
+  unsigned char* smem_raw = gla_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+  scores_block<Act, NKB>(p, blockIdx.x, smem_raw);
+}
+
 // ---- prefill v3: the state at every chunk boundary, then the outputs of every chunk in parallel ----
 //
 // "chunk states" walks each segment (or sequence) forward per (key/value head, 64 key rows, 64 value
@@ -874,17 +879,12 @@ constexpr size_t chunk_states_smem_bytes() {  // K̂ and V planes, the staging t
 }
 
 template <class Act>
-__global__ void __launch_bounds__(kChunkThreads, 2) gla_chunk_states_kernel(const Params p) {
+__device__ __forceinline__ void chunk_states_block(const Params& p, int64_t bx, unsigned char* smem_raw) {
   using OP = Operand<Act>;
   using E = typename OP::E;
   using ST = StateTile<Act>;
   constexpr int NP = OP::kPlanes;
   constexpr int kPlane = 2 * 64 * kPitch;  // K̂ then V
-#if defined(GLA_EMULATE)
-  unsigned char* smem_raw = gla_emu::dynamic_smem();
-#else
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-#endif
   E* sm = reinterpret_cast<E*>(smem_raw);
   Act* sStage = reinterpret_cast<Act*>(smem_raw + size_t(NP) * kPlane * 2);  // the state, for coalesced stores
   float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kPlane * 2 + size_t(64) * ST::kStagePitch * sizeof(Act));
@@ -892,7 +892,6 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_chunk_states_kernel(cons
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int mt = warp & 3, nh = warp >> 2, lg = lane >> 2, lt = lane & 3;
-  int64_t bx = blockIdx.x;
   const int vb = int(bx % p.nvb);
   bx /= p.nvb;
   const int kb = int(bx % p.nkb);
@@ -1046,6 +1045,26 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_chunk_states_kernel(cons
         if (row < p.K && col < p.V) store_any(p.ht, base + int64_t(row) * p.V + col, p.state_dt, S[nt][e]);
       }
   }
+}
+
+// v3's first launch: blocks [0, nstates) walk the chunk states, the rest compute the scores (which
+// need no state), so the short scores blocks fill the walks' last wave instead of a launch of their own.
+template <class Act>
+constexpr size_t states_scores_smem_bytes() {
+  return chunk_states_smem_bytes<Act>() > scores_smem_bytes<Act>() ? chunk_states_smem_bytes<Act>()
+                                                                   : scores_smem_bytes<Act>();
+}
+
+template <class Act, int NKB>
+__global__ void __launch_bounds__(kChunkThreads, 2) gla_states_scores_kernel(const Params p, const int64_t nstates) {
+#if defined(GLA_EMULATE)
+  unsigned char* smem_raw = gla_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+  const int64_t bx = blockIdx.x;
+  if (bx < nstates) chunk_states_block<Act>(p, bx, smem_raw);
+  else scores_block<Act, NKB>(p, bx - nstates, smem_raw);
 }
 
 // Output: one block per (chunk slot, query head, 64 value columns). Per key block: Q̂ = q 2^Γ_i and

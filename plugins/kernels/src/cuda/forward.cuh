@@ -280,21 +280,21 @@ Status launch_scores(const Plan& pl, const Params& p, stream_t stream, int dev) 
   return launch_failed("scores");
 }
 
-// v3: every chunk's start state (and the final state), the scores, then all outputs at once. run()
-// checks the device's shared memory against the main kernel's only: v3's kernels need no more.
+// v3: every chunk's start state (and the final state) and, in the same launch, the scores; then all
+// outputs at once. run() checks the device's shared memory against the main kernel's only: v3's
+// kernels need no more.
 template <class Act, int NKB>
 Status launch_v3(const Plan& pl, const Params& p, stream_t stream, int dev) {
-  static_assert(chunk_states_smem_bytes<Act>() <= chunk_smem_bytes<Act>() &&
-                    output_smem_bytes<Act>() <= chunk_smem_bytes<Act>() && scores_smem_bytes<Act>() <= chunk_smem_bytes<Act>(),
+  static_assert(states_scores_smem_bytes<Act>() <= chunk_smem_bytes<Act>() && output_smem_bytes<Act>() <= chunk_smem_bytes<Act>(),
                 "a device that fits the main chunk kernel must fit every v3 kernel");
   const char* why = nullptr;
-  constexpr size_t st_smem = chunk_states_smem_bytes<Act>();
-  if (!rt::allow_smem<gla_chunk_states_kernel<Act>>(dev, st_smem, why))
+  constexpr size_t ss_smem = states_scores_smem_bytes<Act>();
+  if (!rt::allow_smem<gla_states_scores_kernel<Act, NKB>>(dev, ss_smem, why))
     return detail::fail(Status::kCudaError, "preparing the GLA chunk-states kernel failed: %s", why ? why : "?");
-  auto* st_kernel = &gla_chunk_states_kernel<Act>;
-  GLA_LAUNCH(st_kernel, pl.slots * p.Hkv * pl.nkb * pl.nvb, kChunkThreads, st_smem, stream, p);
-  if (Status st = launch_failed("chunk states"); st != Status::kOk) return st;
-  if (Status st = launch_scores<Act, NKB>(pl, p, stream, dev); st != Status::kOk) return st;
+  auto* ss_kernel = &gla_states_scores_kernel<Act, NKB>;
+  const int64_t nstates = pl.slots * p.Hkv * pl.nkb * pl.nvb;
+  GLA_LAUNCH(ss_kernel, nstates + pl.cslots * p.Hq, kChunkThreads, ss_smem, stream, p, nstates);
+  if (Status st = launch_failed("chunk states and scores"); st != Status::kOk) return st;
   constexpr size_t out_smem = output_smem_bytes<Act>();
   if (!rt::allow_smem<gla_output_kernel<Act>>(dev, out_smem, why))
     return detail::fail(Status::kCudaError, "preparing the GLA output kernel failed: %s", why ? why : "?");
