@@ -26,7 +26,7 @@
 // start state, and the main kernel then runs all segments at once. Prefill v2 computes the scores
 // once per (chunk, query head) in their own kernel; prefill v3 (GLA_CUDA_PREFILL=v3) replaces the
 // main kernel's walk by a walk of the state alone that writes it at every chunk boundary, and
-// computes each chunk's outputs in a kernel of their own, all chunks at once (end of this file).
+// computes each chunk's outputs in a kernel of their own, all chunks at once (after the scores kernel).
 //
 // fp32 activations: operands are split into two bf16 planes (hi + lo) and each product takes three
 // mma (hi·hi + hi·lo + lo·hi), about 2^-16 relative per product, enough for fp32's tolerance.
