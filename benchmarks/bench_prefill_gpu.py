@@ -3,8 +3,9 @@
 v1: gla_chunk_kernel computes the intra-chunk scores Q̃K̃ᵀ in every block of 64 value columns.
 v2: gla_scores_kernel writes them once per (chunk, query head) to the workspace and the main kernel
     reads them (docs/cuda-kernels.md, "Prefill v2").
-v3: gla_chunk_states_kernel writes the state at every chunk boundary, then the scores kernel and
-    gla_output_kernel compute every chunk's output at once (docs/cuda-kernels.md, "Prefill v3").
+v3: gla_states_scores_kernel writes the state at every chunk boundary and the scores (one launch),
+    then gla_output_kernel computes every chunk's output at once (docs/cuda-kernels.md, "Prefill v3");
+    v3w is v3 with GLA_CUDA_V3_SEGMENTS=0 (the chunk states walk whole sequences, no segment passes).
 GLA_CUDA_PREFILL=v1|v2|v3 picks the path (the library reads it at each call, so a CUDA graph
 captured under one value keeps it).
 
@@ -38,16 +39,29 @@ SHAPES = [  # name, B, T, H, K, V, target (fla/ours at least)
 ]
 
 
+# the environment of each path; v3w: v3 whose chunk-states kernel walks whole sequences (no segment passes)
+PATH_ENV = {
+    "v1": {"GLA_CUDA_PREFILL": "v1"},
+    "v2": {"GLA_CUDA_PREFILL": "v2"},
+    "v3": {"GLA_CUDA_PREFILL": "v3"},
+    "v3w": {"GLA_CUDA_PREFILL": "v3", "GLA_CUDA_V3_SEGMENTS": "0"},
+}
+
+
 def _with_path(path: str, fn):
-    old = os.environ.get("GLA_CUDA_PREFILL")
-    os.environ["GLA_CUDA_PREFILL"] = path
+    env = PATH_ENV[path]
+    old = {name: os.environ.get(name) for name in ("GLA_CUDA_PREFILL", "GLA_CUDA_V3_SEGMENTS")}
+    for name in old:
+        os.environ.pop(name, None)
+    os.environ.update(env)
     try:
         return fn()
     finally:
-        if old is None:
-            os.environ.pop("GLA_CUDA_PREFILL", None)
-        else:
-            os.environ["GLA_CUDA_PREFILL"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,7 +69,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-PATHS = ("v1", "v2", "v3")
+PATHS = ("v1", "v2", "v3", "v3w")
 
 
 def kernel_times(call, reps: int = 5) -> dict:
@@ -141,7 +155,7 @@ def main(argv=None) -> int:
             if ks:
                 print(f"{r['name']} {path} kernels (us per call): " + ", ".join(f"{k} {v}" for k, v in ks.items()))
     print(f"\n{info['date']}  {dev.name} ({dev.multi_processor_count} SMs)  fp16, ms per call (graph replays)")
-    hdr = (f"{'shape':24s} {'v1 ms':>8s} {'v2 ms':>8s} {'v3 ms':>8s} {'fla ms':>8s} {'v1/v2':>6s} {'v1/v3':>6s} "
+    hdr = (f"{'shape':24s} {'v1 ms':>8s} {'v2 ms':>8s} {'v3 ms':>8s} {'v3w ms':>8s} {'fla ms':>8s} {'v1/v2':>6s} {'v1/v3':>6s} "
            f"{'fla/v1':>7s} {'fla/v2':>7s} {'fla/v3':>7s} {'target':>6s} {'v3~v1 o':>8s} {'v3~v1 S':>8s} {'v3~fla o':>8s}")  # fmt: skip
     print(hdr)
     print("-" * len(hdr))
@@ -157,14 +171,19 @@ def main(argv=None) -> int:
 
         tgt = f"{r['target_fla_over_ours']:.1f}x" if r["target_fla_over_ours"] else "-"
         vf = f"{r['v3_vs_fla_rel_o']:8.1e}" if "v3_vs_fla_rel_o" in r else f"{'-':>8s}"
-        print(f"{r['name']:24s} {f(r['v1_ms'])} {f(r['v2_ms'])} {f(r['v3_ms'])} {f(fla)} {ratio(r['v1_ms'], r['v2_ms'], 6)} "
+        print(f"{r['name']:24s} {f(r['v1_ms'])} {f(r['v2_ms'])} {f(r['v3_ms'])} {f(r['v3w_ms'])} {f(fla)} {ratio(r['v1_ms'], r['v2_ms'], 6)} "
               f"{ratio(r['v1_ms'], r['v3_ms'], 6)} {ratio(fla, r['v1_ms'])} {ratio(fla, r['v2_ms'])} {ratio(fla, r['v3_ms'])} "
               f"{tgt:>6s} {r['v3_vs_v1_rel_o']:8.1e} {r['v3_vs_v1_rel_state']:8.1e} {vf}")  # fmt: skip
         ok = ok and r["finite"]
+        # a library built before v3 ignores GLA_CUDA_PREFILL=v3 and runs v1: the kernels tell
+        ks = r.get("v3_kernels_us") or {}
+        if ks and "error" not in ks and not any("gla_output_kernel" in k for k in ks):
+            print(f"{r['name']}: v3 ran no gla_output_kernel: this library has no prefill v3 (rebuild it)")
+            ok = False
         for path in PATHS[1:]:
             ok = ok and r[f"{path}_vs_v1_rel_o"] < 1e-2 and r[f"{path}_vs_v1_rel_state"] < 1e-2
     print("(fla/vN > 1: ours faster; target: fla/ours wanted; vN~v1 o / S: relative difference of the outputs /")
-    print(" final states from v1's, fp16)")
+    print(" final states from v1's, fp16; v3w: v3 with GLA_CUDA_V3_SEGMENTS=0, whole-sequence walks)")
     return 0 if ok else 1
 
 

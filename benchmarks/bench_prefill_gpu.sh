@@ -6,7 +6,7 @@
 # runs the tests parametrised over v1/v2/v3; the reference cases under v2 and v1), then
 # compute-sanitizer memcheck on small v3 and v2 cases (SANITIZER_TOOLS="memcheck racecheck" for
 # both, SANITIZER_PATHS="v3 v2"). Logs and JSON go to $OUT (default out/bench_prefill); the table is
-# printed last. Each step has a timeout (BENCH_TIMEOUT 240 s, TEST_TIMEOUT 120 s a path,
+# printed last. Each step has a timeout (BENCH_TIMEOUT 240 s, TEST_TIMEOUT 150 s a path,
 # SANITIZER_TIMEOUT 60 s a tool and path) so the whole call stays within a few minutes (typically ~5).
 #
 #   bash benchmarks/bench_prefill_gpu.sh
@@ -37,7 +37,7 @@ if step tests; then
     sel=()
     [ "$path" != v3 ] && sel=(-k "matches_reference or extreme")
     note "tests: GLA_CUDA_PREFILL=$path tests/kernels/test_cuda_kernels.py -m gpu ${sel[*]}"
-    GLA_CUDA_PREFILL=$path timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_cuda_kernels.py \
+    GLA_CUDA_PREFILL=$path timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_cuda_kernels.py \
       -o addopts="-ra" ${sel[@]+"${sel[@]}"} > "$OUT/tests_$path.log" 2>&1 || status=1
     tail -2 "$OUT/tests_$path.log" | tee -a "$OUT/summary.txt"
     grep -E "^(FAILED|ERROR)" "$OUT/tests_$path.log" | head -20 | tee -a "$OUT/summary.txt"

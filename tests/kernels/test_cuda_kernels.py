@@ -14,6 +14,7 @@ Two ways in, same code:
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -129,11 +130,15 @@ def emu(tmp_path_factory):
     return runner
 
 
-def _plan(runner, kw) -> dict:
+def _problem(kw):
     from gla_export.ops.native import make_problem
 
-    p = make_problem(kw["q"], kw["k"], kw["v"], kw.get("g"), None, kw.get("initial_state"), kw.get("g_gamma"),
-                     kw.get("reverse", False), kw.get("cu_seqlens"))  # fmt: skip
+    return make_problem(kw["q"], kw["k"], kw["v"], kw.get("g"), None, kw.get("initial_state"), kw.get("g_gamma"),
+                        kw.get("reverse", False), kw.get("cu_seqlens"))  # fmt: skip
+
+
+def _plan(runner, kw) -> dict:
+    p = _problem(kw)
     out = (ctypes.c_int64 * 11)()
     runner.lib.gla_emu_plan(ctypes.byref(p), out)
     return dict(zip(["chunk", "seg_len", "slots", "nkb", "nvb", "ct", "R", "threads", "gb", "v2", "v3"], list(out)))
@@ -251,12 +256,24 @@ PREFILL_CASES = [
 ]  # fmt: skip
 
 
+@functools.cache
+def _prefill_case(i: int):
+    """Inputs and the float64 reference of PREFILL_CASES[i], once for the three versions."""
+    kw = make_inputs(PREFILL_CASES[i], seed=1000 + i)
+    return kw, reference(kw)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
-@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: c.id)
-def test_gpu_prefill_versions_match_reference(gpu, case, version, monkeypatch):
+@pytest.mark.parametrize("i", range(len(PREFILL_CASES)), ids=[c.id for c in PREFILL_CASES])
+def test_gpu_prefill_versions_match_reference(gpu, i, version, monkeypatch):
+    case = PREFILL_CASES[i]
+    kw, (o_ref, s_ref) = _prefill_case(i)
     monkeypatch.setenv("GLA_CUDA_PREFILL", version)
-    _check(gpu, make_inputs(case), *_tol(case.dtype), f"{case.id} {version}")
+    o, s = gpu(kw)
+    tol_o, tol_s = _tol(case.dtype)
+    assert_close(f"{case.id} {version} output", o, o_ref, tol_o)
+    assert_close(f"{case.id} {version} final state", s, s_ref, tol_s)
 
 
 @pytest.mark.gpu
@@ -282,6 +299,32 @@ def test_gpu_prefill_versions_repeatable(gpu, version, monkeypatch):
     for _ in range(3):
         o2, s2 = gpu(kw)
         assert torch.equal(o1, o2) and torch.equal(s1, s2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_gpu_prefill_versions_are_capture_safe(version, monkeypatch):
+    # v2/v3 launch more kernels through the workspace: under stream capture in global mode (no host
+    # synchronisation or allocation allowed) the replay must equal an eager call on new inputs, bitwise
+    from gla_export.ops.native import native_gla
+
+    monkeypatch.setenv("GLA_CUDA_PREFILL", version)
+    case = GLACase(B=1, T=1100, Hq=4, Hkv=2, K=128, V=256, dtype=F16, initial_state=True, g_gamma=True)
+    static = make_inputs(case, device="cuda", seed=0)
+    native_gla(**static, output_final_state=True)  # warm-up: attributes set once
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="global"):
+        o, ht = native_gla(**static, output_final_state=True)
+    for seed in range(2):
+        new = make_inputs(case, device="cuda", seed=seed + 1)
+        for name, t in new.items():
+            if isinstance(t, torch.Tensor):
+                static[name].copy_(t)
+        graph.replay()
+        want_o, want_ht = native_gla(**new, output_final_state=True)
+        torch.cuda.synchronize()
+        assert torch.equal(o, want_o) and torch.equal(ht, want_ht)
 
 
 @pytest.mark.gpu
@@ -354,7 +397,8 @@ V2_CASES = [
     GLACase(B=1, T=130, Hq=4, Hkv=2, K=60, V=100, initial_state=True, g_gamma=True),  # fp32 planes, GQA, odd
     GLACase(B=2, T=70, Hq=2, Hkv=2, K=100, V=130, dtype=F16, initial_state=True, reverse=True),  # 2 key, 3 value blocks
     GLACase(B=1, T=65, Hq=2, Hkv=1, K=16, V=72, dtype=BF16, gate_per_head=True, g_gamma=True),
-    GLACase(Hq=2, Hkv=1, K=16, V=80, dtype=F16, cu_seqlens=(0, 0, 700, 700, 1250, 1251), initial_state=True),  # segments
+    # segments (the sequences are long enough: the plan asserts it below), empty sequences
+    GLACase(Hq=2, Hkv=1, K=16, V=80, dtype=F16, cu_seqlens=(0, 0, 1500, 1500, 2900, 2901), initial_state=True),
     GLACase(Hq=2, Hkv=2, K=32, V=96, cu_seqlens=(0, 40, 40, 170), reverse=True, initial_state=True),  # ragged, no segments
     GLACase(B=1, T=70, Hq=2, Hkv=1, K=200, V=130, dtype=F16, initial_state=True),  # 4 key blocks
     GLACase(B=1, T=80, Hq=1, Hkv=1, K=256, V=72, initial_state=True, reverse=True),  # 4 key blocks, fp32 planes
@@ -370,7 +414,19 @@ V3_CASES = [
     GLACase(Hq=4, Hkv=2, K=20, V=66, dtype=BF16, cu_seqlens=(0, 1100, 1100, 1101, 1300), initial_state=True,
             g_gamma=True),  # segments, GQA, an empty and a one-step sequence
     GLACase(B=2, T=90, Hq=2, Hkv=2, K=70, V=65, dtype=F16, gate_per_head=True, reverse=True),
+    # segments, dense (the last one partial) and ragged (reverse, an empty and a one-step sequence)
+    GLACase(B=1, T=1100, Hq=2, Hkv=1, K=16, V=72, dtype=F16, initial_state=True, g_gamma=True),
+    GLACase(Hq=2, Hkv=1, K=16, V=80, dtype=BF16, cu_seqlens=(0, 0, 1500, 1500, 2900, 2901), initial_state=True,
+            reverse=True),
 ]  # fmt: skip
+
+
+def test_emulated_v2_v3_cases_reach_segments(emu, monkeypatch):
+    # the chunk-boundary states of v3 start from the segment pass's states: both kinds of cases
+    monkeypatch.setenv("GLA_CUDA_PREFILL", "v3")
+    for cases in (V2_CASES, V3_CASES):
+        plans = [_plan(emu, make_inputs(c)) for c in cases]
+        assert any(p["seg_len"] > 0 for p in plans) and any(p["seg_len"] == 0 for p in plans)
 
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
@@ -389,6 +445,35 @@ def test_emulated_v3_matches_reference(emu, case, monkeypatch):
     monkeypatch.setenv("GLA_CUDA_PREFILL", "v3")
     assert _plan(emu, kw)["v3"]
     _check(emu, kw, *_tol(case.dtype), case.id + " v3")
+
+
+@pytest.mark.parametrize("case", [c for c in V3_CASES if c.T >= 1000 or (c.cu_seqlens and c.cu_seqlens[-1] >= 2000)],
+                         ids=lambda c: c.id)  # fmt: skip
+def test_emulated_v3_without_segments(emu, case, monkeypatch):
+    # GLA_CUDA_V3_SEGMENTS=0 (a benchmark knob): whole-sequence walks, same workspace, same answer
+    kw = make_inputs(case)
+    monkeypatch.setenv("GLA_CUDA_PREFILL", "v3")
+    with_segments = _plan(emu, kw)
+    nbytes = emu.workspace_bytes(ctypes.byref(_problem(kw)))
+    monkeypatch.setenv("GLA_CUDA_V3_SEGMENTS", "0")
+    plan = _plan(emu, kw)
+    assert with_segments["seg_len"] > 0 and plan["seg_len"] == 0 and plan["v3"]
+    assert emu.workspace_bytes(ctypes.byref(_problem(kw))) == nbytes
+    _check(emu, kw, *_tol(case.dtype), case.id + " v3 whole sequences")
+
+
+@pytest.mark.parametrize("state_dtype", [F16, BF16], ids=["fp16state", "bf16state"])
+def test_emulated_v3_low_precision_state(emu, state_dtype, monkeypatch):
+    # the initial state read and the final state written in the state's own type
+    kw = make_inputs(GLACase(B=2, T=100, Hq=2, Hkv=1, K=40, V=72, dtype=F16, initial_state=True))
+    kw["initial_state"] = kw["initial_state"].to(state_dtype)
+    monkeypatch.setenv("GLA_CUDA_PREFILL", "v3")
+    assert _plan(emu, kw)["v3"]
+    o, s = emu(kw)
+    assert s.dtype == state_dtype
+    o_ref, s_ref = reference(kw)
+    assert rel_err(o, o_ref) <= max(TOLERANCE[F16], TOLERANCE[state_dtype])
+    assert rel_err(s, s_ref) <= _tol(F16, state_dtype)[1]
 
 
 def test_emulated_v3_no_gate_int64_seqlens(emu, monkeypatch):

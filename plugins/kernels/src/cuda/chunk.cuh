@@ -23,7 +23,10 @@
 // When (sequences × heads × value blocks) is too small to fill the GPU, each sequence is cut into
 // segments: "segment state" computes each segment's own state contribution from zero (K̂ᵀV with
 // the decay to the segment's end) in parallel, "segment scan" chains them into every segment's
-// start state, and the main kernel then runs all segments at once.
+// start state, and the main kernel then runs all segments at once. Prefill v2 computes the scores
+// once per (chunk, query head) in their own kernel; prefill v3 (GLA_CUDA_PREFILL=v3) replaces the
+// main kernel's walk by a walk of the state alone that writes it at every chunk boundary, and
+// computes each chunk's outputs in a kernel of their own, all chunks at once (after the scores kernel).
 //
 // fp32 activations: operands are split into two bf16 planes (hi + lo) and each product takes three
 // mma (hi·hi + hi·lo + lo·hi), about 2^-16 relative per product, enough for fp32's tolerance.
@@ -678,16 +681,12 @@ __device__ __forceinline__ Params chunk_slots(const Params& p) {
   return pc;
 }
 
+// The body of block bx (a device function: v3 runs it in the same launch as the chunk states)
 template <class Act, int NKB>
-__global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Params p) {
+__device__ __forceinline__ void scores_block(const Params& p, const int64_t bx, unsigned char* smem_raw) {
   using OP = Operand<Act>;
   using E = typename OP::E;
   constexpr int NP = OP::kPlanes;
-#if defined(GLA_EMULATE)
-  unsigned char* smem_raw = gla_emu::dynamic_smem();
-#else
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-#endif
   E* sm = reinterpret_cast<E*>(smem_raw);
   float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kScorePlane * 2);
   float* sRef = sTot + 4 * 64;
@@ -697,7 +696,6 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Para
   const int mt = warp & 3, nh = warp >> 2;
   const int lg = lane >> 2, lt = lane & 3;
 
-  const int64_t bx = blockIdx.x;
   const int hq = int(bx % p.Hq);
   const int64_t cslot = bx / p.Hq;
   int64_t n, ci, nch, slot0;
@@ -839,6 +837,16 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Para
   }
 }
 
+template <class Act, int NKB>
+__global__ void __launch_bounds__(kChunkThreads, 2) gla_scores_kernel(const Params p) {
+#if defined(GLA_EMULATE)
+  unsigned char* smem_raw = gla_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+  scores_block<Act, NKB>(p, blockIdx.x, smem_raw);
+}
+
 // ---- prefill v3: the state at every chunk boundary, then the outputs of every chunk in parallel ----
 //
 // "chunk states" walks each segment (or sequence) forward per (key/value head, 64 key rows, 64 value
@@ -874,17 +882,12 @@ constexpr size_t chunk_states_smem_bytes() {  // K̂ and V planes, the staging t
 }
 
 template <class Act>
-__global__ void __launch_bounds__(kChunkThreads, 2) gla_chunk_states_kernel(const Params p) {
+__device__ __forceinline__ void chunk_states_block(const Params& p, int64_t bx, unsigned char* smem_raw) {
   using OP = Operand<Act>;
   using E = typename OP::E;
   using ST = StateTile<Act>;
   constexpr int NP = OP::kPlanes;
   constexpr int kPlane = 2 * 64 * kPitch;  // K̂ then V
-#if defined(GLA_EMULATE)
-  unsigned char* smem_raw = gla_emu::dynamic_smem();
-#else
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-#endif
   E* sm = reinterpret_cast<E*>(smem_raw);
   Act* sStage = reinterpret_cast<Act*>(smem_raw + size_t(NP) * kPlane * 2);  // the state, for coalesced stores
   float* sTot = reinterpret_cast<float*>(smem_raw + size_t(NP) * kPlane * 2 + size_t(64) * ST::kStagePitch * sizeof(Act));
@@ -892,7 +895,6 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_chunk_states_kernel(cons
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int mt = warp & 3, nh = warp >> 2, lg = lane >> 2, lt = lane & 3;
-  int64_t bx = blockIdx.x;
   const int vb = int(bx % p.nvb);
   bx /= p.nvb;
   const int kb = int(bx % p.nkb);
@@ -1028,7 +1030,10 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_chunk_states_kernel(cons
         mma_planes<Act>(S[2 * pp + 1], af, b2, b3);
       }
     }
-    __syncthreads();  // the next chunk overwrites sTot, K̂ and V
+    // No barrier here: before the next chunk's first barrier a warp writes only the staging tile
+    // and sTot, which nobody reads after this chunk's second barrier; K̂, V and sDC are rewritten
+    // only past the next first barrier, which no warp reaches before every warp is done with
+    // these products.
   }
 
   // the final state, from the sequence's last segment
@@ -1045,11 +1050,33 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_chunk_states_kernel(cons
   }
 }
 
+// v3's first launch: blocks [0, nstates) walk the chunk states, the rest compute the scores (which
+// need no state), so the short scores blocks fill the walks' last wave instead of a launch of their own.
+template <class Act>
+constexpr size_t states_scores_smem_bytes() {
+  return chunk_states_smem_bytes<Act>() > scores_smem_bytes<Act>() ? chunk_states_smem_bytes<Act>()
+                                                                   : scores_smem_bytes<Act>();
+}
+
+template <class Act, int NKB>
+__global__ void __launch_bounds__(kChunkThreads, 2) gla_states_scores_kernel(const Params p, const int64_t nstates) {
+#if defined(GLA_EMULATE)
+  unsigned char* smem_raw = gla_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+  const int64_t bx = blockIdx.x;
+  if (bx < nstates) chunk_states_block<Act>(p, bx, smem_raw);
+  else scores_block<Act, NKB>(p, bx - nstates, smem_raw);
+}
+
 // Output: one block per (chunk slot, query head, 64 value columns). Per key block: Q̂ = q 2^Γ_i and
 // the chunk's start state (rows of the key block) to shared memory, O += Q̂ S; then O = scale·O + A V
-// with the chunk's scores (already masked and scaled by the scores kernel). The Q̂ and S tiles are
-// double-buffered and the next key block's q, g and S are loaded while this one's products run: two
-// barriers a key block.
+// with the chunk's scores (already masked and scaled by the scores kernel). Q̂ is q 2^(Γ_i − Γ at the
+// sub-chunk's start), computed before the barrier (q and g die there), times 2^(the earlier
+// sub-chunks' decay) after it: one fp32 rounding more than v2's single exponential. The Q̂ and S
+// tiles are double-buffered and the next key block's S (and, where the registers allow, its q and g:
+// output_prefetches_qg) is loaded while this one's products run: two barriers a key block.
 constexpr int kOutRowA = 0, kOutRowV = 64, kOutRowQh = 128, kOutRowS = 256, kOutPlane = 384 * kPitch;  // Q̂, S: 2 × 64 rows
 
 template <class Act>
@@ -1100,6 +1127,18 @@ __device__ __forceinline__ void put_state_tile(const Params& p, const StateTile<
   }
 }
 
+// Whether the output kernel loads the next key block's q and g during this one's products: with
+// 16-bit activations on sm_90 that fits 128 registers (two blocks an SM) without spills; fp32, and
+// sm_80-class devices, spill 28-36 bytes with it, so there the loads come at the top of each key block.
+template <class Act>
+__device__ constexpr bool output_prefetches_qg() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return false;
+#else
+  return sizeof(Act) == 2;
+#endif
+}
+
 template <class Act>
 __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Params p) {
   using OP = Operand<Act>;
@@ -1140,7 +1179,6 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
   StateTile<Act> st;
   load_a<Act>(p, x, raw, t0);
   load_v<Act>(p, x, raw, t0, vcol, vrow0);
-  if (vec) load_state_tile<Act>(p, st, hc, 0, vb, tid);
   {
     E* myA = sm + (kOutRowA + 16 * x.a) * kPitch + x.c;
     E* myV = sm + (kOutRowV + vrow0) * kPitch + x.c;
@@ -1151,6 +1189,9 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
     }
   }
 
+  constexpr bool kPrefetchQG = output_prefetches_qg<Act>();
+  if constexpr (kPrefetchQG) load_qkg<Act>(p, x, raw, t0, 0, true, false);  // after A and V: fewer registers at once
+  if (vec) load_state_tile<Act>(p, st, hc, 0, vb, tid);
   float O[4][4];
 #pragma unroll
   for (int u = 0; u < 4; ++u)
@@ -1160,15 +1201,16 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
 #pragma unroll 1
   for (int kb = 0; kb < p.nkb; ++kb) {
     const int buf = kb & 1;
-    load_qkg<Act>(p, x, raw, t0, kb, true, false);
-    float P[16];
+    if constexpr (!kPrefetchQG) load_qkg<Act>(p, x, raw, t0, kb, true, false);
+    // q 2^Γ within this thread's sub-chunk now (q and g die here); the earlier sub-chunks' decay after the barrier
+    float qe[16];
     float run = 0.f;
 #pragma unroll
     for (int r = 0; r < 16; ++r) {
       run += raw.decay(r, x.gam);
-      P[r] = run;
+      qe[r] = to_float(raw.q[r]) * fast_exp2(run);
     }
-    sTot[buf * 256 + x.a * 64 + x.c] = P[15];
+    sTot[buf * 256 + x.a * 64 + x.c] = run;
     put_state_tile<Act>(p, st, vec, hc, kb, vb, tid, sm + (kOutRowS + 64 * buf) * kPitch);
     __syncthreads();
     float before = 0.f;
@@ -1176,9 +1218,13 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
     for (int b = 0; b < 4; ++b)
       if (b < x.a) before += sTot[buf * 256 + b * 64 + x.c];
     E* const myQh = sm + (kOutRowQh + 64 * buf + 16 * x.a) * kPitch + x.c;
+    const float e_before = fast_exp2(before);
 #pragma unroll
-    for (int r = 0; r < 16; ++r) put<Act, kOutPlane>(myQh + r * kPitch, to_float(raw.q[r]) * fast_exp2(before + P[r]));
-    if (vec && kb + 1 < p.nkb) load_state_tile<Act>(p, st, hc, kb + 1, vb, tid);  // arrives during the products
+    for (int r = 0; r < 16; ++r) put<Act, kOutPlane>(myQh + r * kPitch, qe[r] * e_before);
+    if (kb + 1 < p.nkb) {  // the next key block's inputs arrive during the products
+      if constexpr (kPrefetchQG) load_qkg<Act>(p, x, raw, t0, kb + 1, true, false);
+      if (vec) load_state_tile<Act>(p, st, hc, kb + 1, vb, tid);
+    }
     __syncthreads();
     // O += Q̂ S. No barrier after: the next key block writes the other buffers, and the one after
     // writes these only past the next block's second barrier, which no warp reaches before every

@@ -80,7 +80,8 @@ inline Status forward(const Problem& pr, const Tensors& t, void* workspace, size
   p.vec_out = pr.head_dim_v % 2 == 0 && reinterpret_cast<uintptr_t>(t.output) % (2 * act_size) == 0;
   // grid sizes stay within one dimension of a launch
   const int64_t blocks = std::max({pl.slots * std::max<int64_t>(pr.q_heads, int64_t(pr.kv_heads) * pl.nkb) * pl.nvb,
-                                   pr.num_seqs * pr.kv_heads * pl.rnvb, pl.cslots * pr.q_heads * pl.nvb});
+                                   pr.num_seqs * pr.kv_heads * pl.rnvb, pl.cslots * pr.q_heads * pl.nvb,
+                                   pl.slots * pr.kv_heads * pl.nkb * pl.nvb + pl.cslots * pr.q_heads});  // v3's first launch
   if (blocks > int64_t(0x7fffffff))
     return fail(Status::kUnsupported, "the problem needs %lld blocks, more than one launch can hold", (long long)blocks);
 

@@ -118,6 +118,14 @@ inline int prefill_version(int nvb) {
   return 1;
 }
 
+// GLA_CUDA_V3_SEGMENTS=0: v3 walks whole sequences in its chunk-states kernel, without the segment
+// passes (a knob for benchmarks: fewer, longer walks against two passes; read at each call). Safe
+// for the workspace: the plan drops segments only after the workspace was planned with them.
+inline bool v3_segments() {
+  const char* e = std::getenv("GLA_CUDA_V3_SEGMENTS");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
 struct Plan {
   bool chunk = false;
   // chunk path
@@ -209,6 +217,11 @@ inline Plan make_plan(const Problem& pr) {
     off = align_up(off + size_t(pl.cslots) * pr.kv_heads * K * V * dtype_size(pr.act_dtype));
   }
   pl.workspace = off;
+  if (pl.v3 && pl.seg_len != 0 && !v3_segments()) {
+    pl.seg_len = 0;
+    pl.nseg_dense = 1;
+    pl.slots = N;
+  }
   return pl;
 }
 
@@ -267,17 +280,21 @@ Status launch_scores(const Plan& pl, const Params& p, stream_t stream, int dev) 
   return launch_failed("scores");
 }
 
-// v3: every chunk's start state (and the final state), the scores, then all outputs at once
+// v3: every chunk's start state (and the final state) and, in the same launch, the scores; then all
+// outputs at once. run() checks the device's shared memory against the main kernel's only: v3's
+// kernels need no more.
 template <class Act, int NKB>
 Status launch_v3(const Plan& pl, const Params& p, stream_t stream, int dev) {
+  static_assert(states_scores_smem_bytes<Act>() <= chunk_smem_bytes<Act>() && output_smem_bytes<Act>() <= chunk_smem_bytes<Act>(),
+                "a device that fits the main chunk kernel must fit every v3 kernel");
   const char* why = nullptr;
-  constexpr size_t st_smem = chunk_states_smem_bytes<Act>();
-  if (!rt::allow_smem<gla_chunk_states_kernel<Act>>(dev, st_smem, why))
+  constexpr size_t ss_smem = states_scores_smem_bytes<Act>();
+  if (!rt::allow_smem<gla_states_scores_kernel<Act, NKB>>(dev, ss_smem, why))
     return detail::fail(Status::kCudaError, "preparing the GLA chunk-states kernel failed: %s", why ? why : "?");
-  auto* st_kernel = &gla_chunk_states_kernel<Act>;
-  GLA_LAUNCH(st_kernel, pl.slots * p.Hkv * pl.nkb * pl.nvb, kChunkThreads, st_smem, stream, p);
-  if (Status st = launch_failed("chunk states"); st != Status::kOk) return st;
-  if (Status st = launch_scores<Act, NKB>(pl, p, stream, dev); st != Status::kOk) return st;
+  auto* ss_kernel = &gla_states_scores_kernel<Act, NKB>;
+  const int64_t nstates = pl.slots * p.Hkv * pl.nkb * pl.nvb;
+  GLA_LAUNCH(ss_kernel, nstates + pl.cslots * p.Hq, kChunkThreads, ss_smem, stream, p, nstates);
+  if (Status st = launch_failed("chunk states and scores"); st != Status::kOk) return st;
   constexpr size_t out_smem = output_smem_bytes<Act>();
   if (!rt::allow_smem<gla_output_kernel<Act>>(dev, out_smem, why))
     return detail::fail(Status::kCudaError, "preparing the GLA output kernel failed: %s", why ? why : "?");
