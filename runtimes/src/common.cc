@@ -298,6 +298,21 @@ struct Reader {
     if (!integral(v)) bad(path + key, "must be an integer");
     return static_cast<int64_t>(v.number);
   }
+  // null or absent: none; an integer: one id; an array of integers: several (transformers' configs allow both)
+  std::vector<int64_t> integers_or_none(const Json& obj, const std::string& key, const std::string& path) const {
+    const Json* v = obj.find(key);
+    if (!v || v->is_null()) return {};
+    if (v->type != Json::Type::Array) {
+      if (!integral(*v)) bad(path + key, "must be an integer, a list of integers or null");
+      return {static_cast<int64_t>(v->number)};
+    }
+    std::vector<int64_t> out;
+    for (const Json& e : v->array) {
+      if (!integral(e)) bad(path + key, "must be an integer, a list of integers or null");
+      out.push_back(static_cast<int64_t>(e.number));
+    }
+    return out;
+  }
   int64_t integer_or_none(const Json& obj, const std::string& key, const std::string& path) const {
     const Json* v = obj.find(key);
     if (!v || v->is_null()) return -1;
@@ -331,14 +346,14 @@ Metadata parse_metadata(const std::string& json_text, const std::string& origin)
   m.vocab_size = r.integer(model, "vocab_size", "model.");
   m.num_layers = int(r.integer(model, "num_layers", "model."));
   m.bos_token_id = r.integer_or_none(model, "bos_token_id", "model.");
-  m.eos_token_id = r.integer_or_none(model, "eos_token_id", "model.");
+  m.eos_token_ids = r.integers_or_none(model, "eos_token_id", "model.");
   if (m.vocab_size < 1) r.bad("model.vocab_size", "must be positive");
 
   const Json& tok = r.object(doc, "tokenizer", "");
   m.tokenizer = r.str(tok, "kind", "tokenizer.");
   if (m.tokenizer == "byte") {
     m.bos_token_id = r.integer(tok, "bos_token_id", "tokenizer.");
-    m.eos_token_id = r.integer(tok, "eos_token_id", "tokenizer.");
+    m.eos_token_ids = {r.integer(tok, "eos_token_id", "tokenizer.")};
   }
 
   const Json& graphs = r.object(doc, "graphs", "");

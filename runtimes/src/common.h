@@ -2,6 +2,7 @@
 // JSON reader, the export's metadata, and the backend interface (ONNX Runtime, TensorRT).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -81,7 +82,9 @@ struct Metadata {
   std::string dtype, state_dtype;
   int64_t vocab_size = 0;
   int num_layers = 0;
-  int64_t bos_token_id = -1, eos_token_id = -1;  // -1: none
+  int64_t bos_token_id = -1;                // -1: none
+  std::vector<int64_t> eos_token_ids;       // empty: none; a config may list several end tokens
+  bool is_eos(int64_t tok) const { return std::find(eos_token_ids.begin(), eos_token_ids.end(), tok) != eos_token_ids.end(); }
   std::string tokenizer;                          // byte | huggingface | none
   std::string prefill_file = "prefill.onnx", step_file = "step.onnx";
   bool prefill_has_mask = false;

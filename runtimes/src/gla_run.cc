@@ -317,7 +317,7 @@ int run(int argc, char** argv) {
       int64_t tok = argmax(logits, meta.vocab_size, size_t(i));
       ++n_generated;
       if (keep) generated.push_back(tok);
-      const bool is_eos = tok == meta.eos_token_id && meta.eos_token_id >= 0;
+      const bool is_eos = meta.is_eos(tok);
       if (keep && byte_tok && tok < 256) bytes += char(tok);
       if (a.format == "raw") {
         if (byte_tok) {

@@ -145,6 +145,33 @@ def test_stops_at_eos_from_metadata_props(tmp_path):
     assert run_gla_run(dst, ids=prompt, max_new_tokens=16, ignore_eos=True).ids == full
 
 
+def test_stops_at_any_listed_eos_id(tmp_path):
+    # transformers' configs may list several end tokens; gla-run read only one integer (it refused a list)
+    src = tiny_export("decomposed")
+    prompt = random_prompt(7)
+    full = greedy_onnxruntime(src, prompt, 16, stop_at_eos=False)
+    eos = full[6]
+    unseen = next(t for t in range(256) if t not in full)
+
+    def edit(meta):
+        meta["model"]["eos_token_id"] = [unseen, eos]
+        meta["tokenizer"] = {"kind": "none"}
+
+    dst = _patched_export(tmp_path, src, edit)
+    got = run_gla_run(dst, ids=prompt, max_new_tokens=16)
+    assert got.ids == full[: full.index(eos) + 1]
+    assert got.stop == "eos"
+
+    def bad(meta):
+        meta["model"]["eos_token_id"] = [eos, "x"]
+        meta["tokenizer"] = {"kind": "none"}
+
+    (tmp_path / "bad").mkdir()
+    bad_dst = _patched_export(tmp_path / "bad", src, bad)
+    with pytest.raises(Exception, match="eos_token_id"):
+        run_gla_run(bad_dst, ids=prompt, max_new_tokens=4)
+
+
 def test_metadata_json_is_the_fallback_and_errors_name_the_byte(tmp_path):
     src = tiny_export("decomposed")
     prompt = random_prompt(4)
