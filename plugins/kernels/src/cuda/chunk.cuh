@@ -946,27 +946,11 @@ __device__ __forceinline__ void scores_block(const Params& p, const int64_t bx, 
     {
       const E* Qt = sm;
       const E* Kt = sm + (kScoreRowKt + kt_row0(mt)) * kPitch;
-      const int a_row = 16 * mt + (lane & 15), a_col = (lane >> 4) * 8;
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
         uint32_t af[NP][4];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl) ldsm_x4(af[pl], Qt + pl * kScorePlane + a_row * kPitch + 16 * ks + a_col);
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          if (u <= mt) {
-            const int jt = nh * (mt + 1) + u;
-            uint32_t b0[NP], b1[NP];
-#pragma unroll
-            for (int pl = 0; pl < NP; ++pl) {
-              uint32_t r2[2];
-              ldsm_x2(r2, Kt + pl * kScorePlane + (8 * jt + (lane & 7)) * kPitch + 16 * ks + ((lane >> 3) & 1) * 8);
-              b0[pl] = r2[0];
-              b1[pl] = r2[1];
-            }
-            mma_planes<Act>(A[u], af, b0, b1);
-          }
-        }
+        ldsm_a<Act, kScorePlane>(af, Qt, ks, mt, lane);
+        mma_qk<Act, kScorePlane>(A, af, Kt, ks, mt, nh, lane);
       }
     }
     __syncthreads();
@@ -1080,19 +1064,7 @@ __device__ __forceinline__ void chunk_states_block(const Params& p, int64_t bx, 
   {
     const int64_t base_h0 = (n * p.Hkv + h) * int64_t(p.K) * p.V;
     const int64_t base_ws = (slot * p.Hkv + h) * int64_t(p.K) * p.V;
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
-        const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
-        float val = 0.f;
-        if (row < p.K && col < p.V) {
-          if (p.seg_len) val = p.seg_state[base_ws + int64_t(row) * p.V + col];
-          else if (p.h0) val = load_any(p.h0, base_h0 + int64_t(row) * p.V + col, p.state_dt);
-        }
-        S[nt][e] = val;
-      }
+    load_state_acc(p, S, base_h0, base_ws, p.seg_len != 0, kb, vb, mt, nh, lg, lt);
   }
 
   Raw<Act> raw;
@@ -1153,37 +1125,8 @@ __device__ __forceinline__ void chunk_states_block(const Params& p, int64_t bx, 
       load_v<Act>(p, x, raw, t_begin + (ci + 1) * kChunk, vcol, vrow0);
     }
     __syncthreads();
-    {
-      const float d0 = sDC[16 * mt + lg], d1 = sDC[16 * mt + lg + 8];
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        S[nt][0] *= d0;
-        S[nt][1] *= d0;
-        S[nt][2] *= d1;
-        S[nt][3] *= d1;
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      uint32_t af[NP][4];
-#pragma unroll
-      for (int pl = 0; pl < NP; ++pl)
-        ldsm_x4_t(af[pl], Kh + pl * kPlane + (16 * ks + (lane & 7) + (lane >> 4) * 8) * kPitch + 16 * mt +
-                              ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int pp = 0; pp < 2; ++pp) {
-        uint32_t b[NP][4];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl)
-          ldsm_x4_t(b[pl], Vs + pl * kPlane + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
-                               16 * pp + (lane >> 4) * 8);
-        uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
-        mma_planes<Act>(S[2 * pp], af, b0, b1);
-        mma_planes<Act>(S[2 * pp + 1], af, b2, b3);
-      }
-    }
+    decay_state_acc(S, sDC, mt, lg);
+    mma_kv<Act, kPlane>(S, Kh, Vs, mt, nh, lane);
     // No barrier here: before the next chunk's first barrier a warp writes only the staging tile
     // and sTot, which nobody reads after this chunk's second barrier; K̂, V and sDC are rewritten
     // only past the next first barrier, which no warp reaches before every warp is done with
@@ -1191,17 +1134,7 @@ __device__ __forceinline__ void chunk_states_block(const Params& p, int64_t bx, 
   }
 
   // the final state, from the sequence's last segment
-  if (s + 1 == nseg) {
-    const int64_t base = (n * p.Hkv + h) * int64_t(p.K) * p.V;
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
-        const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
-        if (row < p.K && col < p.V) store_any(p.ht, base + int64_t(row) * p.V + col, p.state_dt, S[nt][e]);
-      }
-  }
+  if (s + 1 == nseg) store_state_acc(p, S, (n * p.Hkv + h) * int64_t(p.K) * p.V, kb, vb, mt, nh, lg, lt);
 }
 
 // v3's first launch: blocks [0, nstates) walk the chunk states, the rest compute the scores (which
@@ -1471,39 +1404,14 @@ __global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const 
       load_v<Act>(p, x, raw, t_begin + (ci - 1) * kChunk, vcol, vrow0);
     }
     __syncthreads();
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      uint32_t af[NP][4];
-#pragma unroll
-      for (int pl = 0; pl < NP; ++pl)
-        ldsm_x4_t(af[pl], Kh + pl * kPlane + (16 * ks + (lane & 7) + (lane >> 4) * 8) * kPitch + 16 * mt +
-                              ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int pp = 0; pp < 2; ++pp) {
-        uint32_t b[NP][4];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl)
-          ldsm_x4_t(b[pl], Vs + pl * kPlane + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
-                               16 * pp + (lane >> 4) * 8);
-        uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
-        mma_planes<Act>(S[2 * pp], af, b0, b1);
-        mma_planes<Act>(S[2 * pp + 1], af, b2, b3);
-      }
-    }
+    mma_kv<Act, kPlane>(S, Kh, Vs, mt, nh, lane);
     __syncthreads();
   }
 
   const int64_t base = (slot * p.Hkv + h) * int64_t(p.K) * p.V;
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
-      const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
-      if (row < p.K && col < p.V) p.seg_state[base + int64_t(row) * p.V + col] = S[nt][e];
-    }
+  for_state_acc(kb, vb, mt, nh, lg, lt, [&](int nt, int e, int row, int col) {
+    if (row < p.K && col < p.V) p.seg_state[base + int64_t(row) * p.V + col] = S[nt][e];
+  });
   const int krow = kb * 64 + x.c;
   if (vb == 0 && x.a == 0 && krow < p.K) p.seg_decay[(slot * p.Hkv + h) * int64_t(p.K) + krow] = carry;
 }
