@@ -303,7 +303,9 @@ def _assert_repeatable(gpu, case):
 @pytest.mark.parametrize("version", ["v2", "v3"])
 def test_gpu_prefill_versions_repeatable(gpu, version, monkeypatch):
     monkeypatch.setenv("GLA_CUDA_PREFILL", version)
-    _assert_repeatable(gpu, GLACase(B=1, T=2100, Hq=4, Hkv=2, K=256, V=256, dtype=F16, initial_state=True, g_gamma=True))
+    _assert_repeatable(
+        gpu, GLACase(B=1, T=2100, Hq=4, Hkv=2, K=256, V=256, dtype=F16, initial_state=True, g_gamma=True)
+    )
 
 
 @pytest.mark.gpu
@@ -341,7 +343,9 @@ def test_gpu_big_gqa_group_and_large_head(gpu):
 
 @pytest.mark.gpu
 def test_gpu_repeatable_bit_for_bit(gpu):
-    _assert_repeatable(gpu, GLACase(B=1, T=2100, Hq=4, Hkv=2, K=128, V=128, dtype=F16, initial_state=True, g_gamma=True))
+    _assert_repeatable(
+        gpu, GLACase(B=1, T=2100, Hq=4, Hkv=2, K=128, V=128, dtype=F16, initial_state=True, g_gamma=True)
+    )
 
 
 @pytest.mark.gpu
