@@ -290,15 +290,22 @@ def test_gpu_prefill_versions_extreme_decay(gpu, version, dtype, monkeypatch):
     _check(gpu, kw, tol, tol, f"extreme decay {version}")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("version", ["v2", "v3"])
-def test_gpu_prefill_versions_repeatable(gpu, version, monkeypatch):
-    monkeypatch.setenv("GLA_CUDA_PREFILL", version)
-    kw = make_inputs(GLACase(B=1, T=2100, Hq=4, Hkv=2, K=256, V=256, dtype=F16, initial_state=True, g_gamma=True))
+def _assert_repeatable(gpu, case):
+    # a race shows as a result that moves between runs on the same inputs
+    kw = make_inputs(case)
     o1, s1 = gpu(kw)
     for _ in range(3):
         o2, s2 = gpu(kw)
         assert torch.equal(o1, o2) and torch.equal(s1, s2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_gpu_prefill_versions_repeatable(gpu, version, monkeypatch):
+    monkeypatch.setenv("GLA_CUDA_PREFILL", version)
+    _assert_repeatable(
+        gpu, GLACase(B=1, T=2100, Hq=4, Hkv=2, K=256, V=256, dtype=F16, initial_state=True, g_gamma=True)
+    )
 
 
 @pytest.mark.gpu
@@ -336,12 +343,9 @@ def test_gpu_big_gqa_group_and_large_head(gpu):
 
 @pytest.mark.gpu
 def test_gpu_repeatable_bit_for_bit(gpu):
-    # a race shows as a result that moves between runs on the same inputs
-    kw = make_inputs(GLACase(B=1, T=2100, Hq=4, Hkv=2, K=128, V=128, dtype=F16, initial_state=True, g_gamma=True))
-    o1, s1 = gpu(kw)
-    for _ in range(3):
-        o2, s2 = gpu(kw)
-        assert torch.equal(o1, o2) and torch.equal(s1, s2)
+    _assert_repeatable(
+        gpu, GLACase(B=1, T=2100, Hq=4, Hkv=2, K=128, V=128, dtype=F16, initial_state=True, g_gamma=True)
+    )
 
 
 @pytest.mark.gpu

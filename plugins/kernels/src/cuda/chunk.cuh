@@ -250,6 +250,196 @@ static __device__ __noinline__ void exact_diagonal(const float* q, const float* 
   }
 }
 
+// ---- pieces shared by the kernels ------------------------------------------------------------------
+//
+// mma roles: warp = row tile mt (16 rows) + half nh of the 64 columns; lane = fragment coordinates
+// lg = lane / 4, lt = lane % 4. Tiles of b16 elements in shared memory, kPitch a row, one plane of
+// each tile kPlane elements after the previous one.
+
+// Running sums of the log2 decay over this thread's 16 rows (P[15]: the sub-chunk's total)
+template <class Act>
+__device__ __forceinline__ void decay_sums(const Raw<Act>& raw, float gam, float (&P)[16]) {
+  float run = 0.f;
+#pragma unroll
+  for (int r = 0; r < 16; ++r) {
+    run += raw.decay(r, gam);
+    P[r] = run;
+  }
+}
+
+// t[u][e] *= f for every element of four accumulator tiles
+__device__ __forceinline__ void scale_tiles(float (&t)[4][4], float f) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) t[u][e] *= f;
+}
+
+// Calls f(nt, e, row, col) for this thread's accumulators of the 64×64 state tile of key block kb
+// and value block vb: rows kb*64 + 16mt + lg (+8), columns vb*64 + 32nh + 8nt + 2lt (+1). Rows and
+// columns may lie past d_k / d_v: f checks.
+template <class F>
+__device__ __forceinline__ void for_state_acc(int kb, int vb, int mt, int nh, int lg, int lt, F&& f) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
+      const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
+      f(nt, e, row, col);
+    }
+}
+
+// The state tile's accumulators at the start of a segment: the segment scan's start state (split
+// sequences), else h0 (zero without it); zero past d_k / d_v
+__device__ __forceinline__ void load_state_acc(const Params& p, float (&S)[4][4], int64_t base_h0, int64_t base_ws,
+                                               bool from_ws, int kb, int vb, int mt, int nh, int lg, int lt) {
+  for_state_acc(kb, vb, mt, nh, lg, lt, [&](int nt, int e, int row, int col) {
+    float val = 0.f;
+    if (row < p.K && col < p.V) {
+      if (from_ws) val = p.seg_state[base_ws + int64_t(row) * p.V + col];
+      else if (p.h0) val = load_any(p.h0, base_h0 + int64_t(row) * p.V + col, p.state_dt);
+    }
+    S[nt][e] = val;
+  });
+}
+
+// ... and the final state (p.ht, at base) from them
+__device__ __forceinline__ void store_state_acc(const Params& p, const float (&S)[4][4], int64_t base, int kb, int vb,
+                                                int mt, int nh, int lg, int lt) {
+  for_state_acc(kb, vb, mt, nh, lg, lt, [&](int nt, int e, int row, int col) {
+    if (row < p.K && col < p.V) store_any(p.ht, base + int64_t(row) * p.V + col, p.state_dt, S[nt][e]);
+  });
+}
+
+// Rows 16mt + lg and 16mt + lg + 8 of the state tile times the chunk's decay 2^Γ_C of those rows (sDC)
+__device__ __forceinline__ void decay_state_acc(float (&S)[4][4], const float* sDC, int mt, int lg) {
+  const float d0 = sDC[16 * mt + lg], d1 = sDC[16 * mt + lg + 8];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    S[nt][0] *= d0;
+    S[nt][1] *= d0;
+    S[nt][2] *= d1;
+    S[nt][3] *= d1;
+  }
+}
+
+// For one k16 step ks: the A fragments of every plane of a 64 × 64 tile at `x`, row tile mt, from a
+// row-major [m][k] tile (Q̂, Q̃, the scores) or read transposed from a [k][m] tile (K̂ for K̂ᵀ V)
+template <class Act, int kPlane>
+__device__ __forceinline__ void ldsm_a(uint32_t (&af)[Operand<Act>::kPlanes][4], const typename Operand<Act>::E* x, int ks,
+                                       int mt, int lane) {
+#pragma unroll
+  for (int pl = 0; pl < Operand<Act>::kPlanes; ++pl)
+    ldsm_x4(af[pl], x + pl * kPlane + (16 * mt + (lane & 15)) * kPitch + 16 * ks + (lane >> 4) * 8);
+}
+template <class Act, int kPlane>
+__device__ __forceinline__ void ldsm_a_t(uint32_t (&af)[Operand<Act>::kPlanes][4], const typename Operand<Act>::E* x,
+                                         int ks, int mt, int lane) {
+#pragma unroll
+  for (int pl = 0; pl < Operand<Act>::kPlanes; ++pl)
+    ldsm_x4_t(af[pl], x + pl * kPlane + (16 * ks + (lane & 7) + (lane >> 4) * 8) * kPitch + 16 * mt + ((lane >> 3) & 1) * 8);
+}
+
+// acc (this warp's four n8 tiles, columns 32nh + [0, 32)) += af · Y for one k16 step ks: Y a
+// [k][n] tile at `y` (S, V), read transposed
+template <class Act, int kPlane>
+__device__ __forceinline__ void mma_x32(float (&acc)[4][4], const uint32_t (&af)[Operand<Act>::kPlanes][4],
+                                        const typename Operand<Act>::E* y, int ks, int nh, int lane) {
+  constexpr int NP = Operand<Act>::kPlanes;
+#pragma unroll
+  for (int pp = 0; pp < 2; ++pp) {
+    uint32_t b[NP][4];
+#pragma unroll
+    for (int pl = 0; pl < NP; ++pl)
+      ldsm_x4_t(b[pl], y + pl * kPlane + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh + 16 * pp +
+                           (lane >> 4) * 8);
+    uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
+#pragma unroll
+    for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
+    mma_planes<Act>(acc[2 * pp], af, b0, b1);
+    mma_planes<Act>(acc[2 * pp + 1], af, b2, b3);
+  }
+}
+
+// acc += X Y over 64 rows of k (X: 64 × 64 row-major at x, row tile mt; Y: 64 × 64 [k][n] at y). With
+// kCausal only X's column tiles ks ≤ mt (a lower-triangular X: the scores, O += A V).
+template <class Act, int kPlane, bool kCausal>
+__device__ __forceinline__ void mma_rows(float (&acc)[4][4], const typename Operand<Act>::E* x,
+                                         const typename Operand<Act>::E* y, int mt, int nh, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    if (!kCausal || ks <= mt) {
+      uint32_t af[Operand<Act>::kPlanes][4];
+      ldsm_a<Act, kPlane>(af, x, ks, mt, lane);
+      mma_x32<Act, kPlane>(acc, af, y, ks, nh, lane);
+    }
+  }
+}
+
+// S (the state tile's accumulators, already decayed) += K̂ᵀ V over the chunk's 64 rows (K̂: 64 × 64
+// [row][key column] at kh, V: [row][value column] at vs)
+template <class Act, int kPlane>
+__device__ __forceinline__ void mma_kv(float (&S)[4][4], const typename Operand<Act>::E* kh,
+                                       const typename Operand<Act>::E* vs, int mt, int nh, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    uint32_t af[Operand<Act>::kPlanes][4];
+    ldsm_a_t<Act, kPlane>(af, kh, ks, mt, lane);
+    mma_x32<Act, kPlane>(S, af, vs, ks, nh, lane);
+  }
+}
+
+// A (row tile mt; n8 tiles jt = nh*(mt+1) + u, u ≤ mt) += Q̃ K̃ᵀ for one k16 step: af holds Q̃'s
+// fragments of step ks, kt is sub-chunk mt's K̃
+template <class Act, int kPlane>
+__device__ __forceinline__ void mma_qk(float (&A)[4][4], const uint32_t (&af)[Operand<Act>::kPlanes][4],
+                                       const typename Operand<Act>::E* kt, int ks, int mt, int nh, int lane) {
+  constexpr int NP = Operand<Act>::kPlanes;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    if (u <= mt) {
+      const int jt = nh * (mt + 1) + u;
+      uint32_t b0[NP], b1[NP];
+#pragma unroll
+      for (int pl = 0; pl < NP; ++pl) {
+        uint32_t r2[2];
+        ldsm_x2(r2, kt + pl * kPlane + (8 * jt + (lane & 7)) * kPitch + 16 * ks + ((lane >> 3) & 1) * 8);
+        b0[pl] = r2[0];
+        b1[pl] = r2[1];
+      }
+      mma_planes<Act>(A[u], af, b0, b1);
+    }
+  }
+}
+
+// The outputs O (rows 16mt + lg (+8) of the chunk starting at t0, columns vb*64 + 32nh + 8nt + 2lt
+// (+1)) to p.o: in pairs where d_v allows, else element by element
+template <class Act>
+__device__ __forceinline__ void store_out(const Params& p, const ChunkCtx& x, int64_t t0, int vb, int mt, int nh, int lg,
+                                          int lt, const float (&O)[4][4]) {
+  Act* __restrict__ o = static_cast<Act*>(p.o);
+  const int col0 = vb * kBV + 32 * nh + 2 * lt;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const RowRun rr = row_run(p, x, t0 + 16 * mt + lg + 8 * half, 1, 1);
+    if (rr.nvalid) {
+      Act* orow = o + (rr.pos0 * p.Hq + x.hq) * int64_t(p.V);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int col = col0 + 8 * nt;  // even
+        if (p.vec_out && col + 1 < p.V) {
+          store_pair(orow + col, O[nt][2 * half], O[nt][2 * half + 1]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (col + e < p.V) orow[col + e] = from_float<Act>(O[nt][2 * half + e]);
+        }
+      }
+    }
+  }
+}
+
 // ---- main kernel -----------------------------------------------------------------------------------
 
 // kShared (prefill v2): the masked, scaled scores of every chunk come from gla_scores_kernel
@@ -310,20 +500,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
     const int64_t base_ws = (slot * p.Hkv + x.h) * int64_t(p.K) * p.V;
     const bool from_ws = p.seg_len != 0;
 #pragma unroll
-    for (int kb = 0; kb < NKB; ++kb)
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
-          const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
-          float val = 0.f;
-          if (row < p.K && col < p.V) {
-            if (from_ws) val = p.seg_state[base_ws + int64_t(row) * p.V + col];
-            else if (p.h0) val = load_any(p.h0, base_h0 + int64_t(row) * p.V + col, p.state_dt);
-          }
-          S[kb][nt][e] = val;
-        }
+    for (int kb = 0; kb < NKB; ++kb) load_state_acc(p, S[kb], base_h0, base_ws, from_ws, kb, vb, mt, nh, lg, lt);
   }
 
   Raw<Act> raw;
@@ -349,12 +526,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
     for (int kb = 0; kb < NKB; ++kb) {
       // (1) running sums of the decay inside this thread's 16 rows; pick the pivot row
       float P[16];
-      float run = 0.f;
-#pragma unroll
-      for (int r = 0; r < 16; ++r) {
-        run += raw.decay(r, x.gam);
-        P[r] = run;
-      }
+      decay_sums(raw, x.gam, P);
       const bool exact = !kShared && ((P[0] - P[8] > OP::kTheta) || (P[8] - P[15] > OP::kTheta));
       const float Pr = exact ? P[0] : P[8];
       sTot[x.a * 64 + x.c] = P[15];
@@ -644,15 +816,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) gla_chunk_kernel(const Param
   if (s + 1 == nseg && hq % p.G == 0) {
     const int64_t base = (n * p.Hkv + x.h) * int64_t(p.K) * p.V;
 #pragma unroll
-    for (int kb = 0; kb < NKB; ++kb)
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
-          const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
-          if (row < p.K && col < p.V) store_any(p.ht, base + int64_t(row) * p.V + col, p.state_dt, S[kb][nt][e]);
-        }
+    for (int kb = 0; kb < NKB; ++kb) store_state_acc(p, S[kb], base, kb, vb, mt, nh, lg, lt);
   }
 }
 
@@ -730,12 +894,7 @@ __device__ __forceinline__ void scores_block(const Params& p, const int64_t bx, 
     Raw<Act> raw;
     load_qkg<Act>(p, x, raw, t0, kb, true);
     float P[16];
-    float run = 0.f;
-#pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      run += raw.decay(r, x.gam);
-      P[r] = run;
-    }
+    decay_sums(raw, x.gam, P);
     const bool exact = (P[0] - P[8] > OP::kTheta) || (P[8] - P[15] > OP::kTheta);
     const float Pr = exact ? P[0] : P[8];
     sTot[x.a * 64 + x.c] = P[15];
@@ -787,27 +946,11 @@ __device__ __forceinline__ void scores_block(const Params& p, const int64_t bx, 
     {
       const E* Qt = sm;
       const E* Kt = sm + (kScoreRowKt + kt_row0(mt)) * kPitch;
-      const int a_row = 16 * mt + (lane & 15), a_col = (lane >> 4) * 8;
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
         uint32_t af[NP][4];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl) ldsm_x4(af[pl], Qt + pl * kScorePlane + a_row * kPitch + 16 * ks + a_col);
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          if (u <= mt) {
-            const int jt = nh * (mt + 1) + u;
-            uint32_t b0[NP], b1[NP];
-#pragma unroll
-            for (int pl = 0; pl < NP; ++pl) {
-              uint32_t r2[2];
-              ldsm_x2(r2, Kt + pl * kScorePlane + (8 * jt + (lane & 7)) * kPitch + 16 * ks + ((lane >> 3) & 1) * 8);
-              b0[pl] = r2[0];
-              b1[pl] = r2[1];
-            }
-            mma_planes<Act>(A[u], af, b0, b1);
-          }
-        }
+        ldsm_a<Act, kScorePlane>(af, Qt, ks, mt, lane);
+        mma_qk<Act, kScorePlane>(A, af, Kt, ks, mt, nh, lane);
       }
     }
     __syncthreads();
@@ -921,19 +1064,7 @@ __device__ __forceinline__ void chunk_states_block(const Params& p, int64_t bx, 
   {
     const int64_t base_h0 = (n * p.Hkv + h) * int64_t(p.K) * p.V;
     const int64_t base_ws = (slot * p.Hkv + h) * int64_t(p.K) * p.V;
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
-        const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
-        float val = 0.f;
-        if (row < p.K && col < p.V) {
-          if (p.seg_len) val = p.seg_state[base_ws + int64_t(row) * p.V + col];
-          else if (p.h0) val = load_any(p.h0, base_h0 + int64_t(row) * p.V + col, p.state_dt);
-        }
-        S[nt][e] = val;
-      }
+    load_state_acc(p, S, base_h0, base_ws, p.seg_len != 0, kb, vb, mt, nh, lg, lt);
   }
 
   Raw<Act> raw;
@@ -954,12 +1085,7 @@ __device__ __forceinline__ void chunk_states_block(const Params& p, int64_t bx, 
         store_pair(sStage + (16 * mt + lg + 8 * half) * ST::kStagePitch + 32 * nh + 8 * nt + 2 * lt, S[nt][2 * half],
                    S[nt][2 * half + 1]);
     float P[16];
-    float run = 0.f;
-#pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      run += raw.decay(r, x.gam);
-      P[r] = run;
-    }
+    decay_sums(raw, x.gam, P);
     sTot[x.a * 64 + x.c] = P[15];
     __syncthreads();
     {  // the staging tile to the workspace (read before the next chunk's first barrier: rewritten after it)
@@ -999,37 +1125,8 @@ __device__ __forceinline__ void chunk_states_block(const Params& p, int64_t bx, 
       load_v<Act>(p, x, raw, t_begin + (ci + 1) * kChunk, vcol, vrow0);
     }
     __syncthreads();
-    {
-      const float d0 = sDC[16 * mt + lg], d1 = sDC[16 * mt + lg + 8];
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        S[nt][0] *= d0;
-        S[nt][1] *= d0;
-        S[nt][2] *= d1;
-        S[nt][3] *= d1;
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      uint32_t af[NP][4];
-#pragma unroll
-      for (int pl = 0; pl < NP; ++pl)
-        ldsm_x4_t(af[pl], Kh + pl * kPlane + (16 * ks + (lane & 7) + (lane >> 4) * 8) * kPitch + 16 * mt +
-                              ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int pp = 0; pp < 2; ++pp) {
-        uint32_t b[NP][4];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl)
-          ldsm_x4_t(b[pl], Vs + pl * kPlane + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
-                               16 * pp + (lane >> 4) * 8);
-        uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
-        mma_planes<Act>(S[2 * pp], af, b0, b1);
-        mma_planes<Act>(S[2 * pp + 1], af, b2, b3);
-      }
-    }
+    decay_state_acc(S, sDC, mt, lg);
+    mma_kv<Act, kPlane>(S, Kh, Vs, mt, nh, lane);
     // No barrier here: before the next chunk's first barrier a warp writes only the staging tile
     // and sTot, which nobody reads after this chunk's second barrier; K̂, V and sDC are rewritten
     // only past the next first barrier, which no warp reaches before every warp is done with
@@ -1037,17 +1134,7 @@ __device__ __forceinline__ void chunk_states_block(const Params& p, int64_t bx, 
   }
 
   // the final state, from the sequence's last segment
-  if (s + 1 == nseg) {
-    const int64_t base = (n * p.Hkv + h) * int64_t(p.K) * p.V;
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
-        const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
-        if (row < p.K && col < p.V) store_any(p.ht, base + int64_t(row) * p.V + col, p.state_dt, S[nt][e]);
-      }
-  }
+  if (s + 1 == nseg) store_state_acc(p, S, (n * p.Hkv + h) * int64_t(p.K) * p.V, kb, vb, mt, nh, lg, lt);
 }
 
 // v3's first launch: blocks [0, nstates) walk the chunk states, the rest compute the scores (which
@@ -1229,83 +1316,12 @@ __global__ void __launch_bounds__(kChunkThreads, 2) gla_output_kernel(const Para
     // O += Q̂ S. No barrier after: the next key block writes the other buffers, and the one after
     // writes these only past the next block's second barrier, which no warp reaches before every
     // warp has finished these products.
-    {
-      const E* Qh = sm + (kOutRowQh + 64 * buf) * kPitch;
-      const E* Ss = sm + (kOutRowS + 64 * buf) * kPitch;
-      const int a_row = 16 * mt + (lane & 15), a_col = (lane >> 4) * 8;
-      const int bt_row = (lane & 7) + ((lane >> 3) & 1) * 8, bt_col = 32 * nh + (lane >> 4) * 8;
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        uint32_t af[NP][4];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl) ldsm_x4(af[pl], Qh + pl * kOutPlane + a_row * kPitch + 16 * ks + a_col);
-#pragma unroll
-        for (int pp = 0; pp < 2; ++pp) {
-          uint32_t b[NP][4];
-#pragma unroll
-          for (int pl = 0; pl < NP; ++pl)
-            ldsm_x4_t(b[pl], Ss + pl * kOutPlane + (16 * ks + bt_row) * kPitch + bt_col + 16 * pp);
-          uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
-#pragma unroll
-          for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
-          mma_planes<Act>(O[2 * pp], af, b0, b1);
-          mma_planes<Act>(O[2 * pp + 1], af, b2, b3);
-        }
-      }
-    }
+    mma_rows<Act, kOutPlane, false>(O, sm + (kOutRowQh + 64 * buf) * kPitch, sm + (kOutRowS + 64 * buf) * kPitch, mt, nh, lane);
   }
 
-#pragma unroll
-  for (int u = 0; u < 4; ++u)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) O[u][e] *= p.scale;
-  {
-    const E* As = sm + kOutRowA * kPitch;
-    const E* Vs = sm + kOutRowV * kPitch;
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      if (ks <= mt) {
-        uint32_t af[NP][4];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl)
-          ldsm_x4(af[pl], As + pl * kOutPlane + (16 * mt + (lane & 15)) * kPitch + 16 * ks + (lane >> 4) * 8);
-#pragma unroll
-        for (int pp = 0; pp < 2; ++pp) {
-          uint32_t b[NP][4];
-#pragma unroll
-          for (int pl = 0; pl < NP; ++pl)
-            ldsm_x4_t(b[pl], Vs + pl * kOutPlane + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
-                                 16 * pp + (lane >> 4) * 8);
-          uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
-#pragma unroll
-          for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
-          mma_planes<Act>(O[2 * pp], af, b0, b1);
-          mma_planes<Act>(O[2 * pp + 1], af, b2, b3);
-        }
-      }
-    }
-  }
-  // rows 16mt + lg and 16mt + lg + 8 of the chunk; columns 32nh + 8nt + 2lt (+1)
-  Act* __restrict__ o = static_cast<Act*>(p.o);
-  const int col0 = vb * kBV + 32 * nh + 2 * lt;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const RowRun rr = row_run(p, x, t0 + 16 * mt + lg + 8 * half, 1, 1);
-    if (rr.nvalid) {
-      Act* orow = o + (rr.pos0 * p.Hq + hq) * int64_t(p.V);
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int col = col0 + 8 * nt;  // even
-        if (p.vec_out && col + 1 < p.V) {
-          store_pair(orow + col, O[nt][2 * half], O[nt][2 * half + 1]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            if (col + e < p.V) orow[col + e] = from_float<Act>(O[nt][2 * half + e]);
-        }
-      }
-    }
-  }
+  scale_tiles(O, p.scale);
+  mma_rows<Act, kOutPlane, true>(O, sm + kOutRowA * kPitch, sm + kOutRowV * kPitch, mt, nh, lane);
+  store_out<Act>(p, x, t0, vb, mt, nh, lg, lt, O);
 }
 
 // ---- segment state: each segment's own contribution, from a zero state --------------------------
@@ -1364,12 +1380,7 @@ __global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const 
   }
   for (int64_t ci = nchunks - 1; ci >= 0; --ci) {
     float P[16];
-    float run = 0.f;
-#pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      run += raw.decay(r, x.gam);
-      P[r] = run;
-    }
+    decay_sums(raw, x.gam, P);
     sTot[x.a * 64 + x.c] = P[15];
     __syncthreads();
     float after = 0.f, total = 0.f;
@@ -1393,39 +1404,14 @@ __global__ void __launch_bounds__(kChunkThreads) gla_segment_state_kernel(const 
       load_v<Act>(p, x, raw, t_begin + (ci - 1) * kChunk, vcol, vrow0);
     }
     __syncthreads();
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      uint32_t af[NP][4];
-#pragma unroll
-      for (int pl = 0; pl < NP; ++pl)
-        ldsm_x4_t(af[pl], Kh + pl * kPlane + (16 * ks + (lane & 7) + (lane >> 4) * 8) * kPitch + 16 * mt +
-                              ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int pp = 0; pp < 2; ++pp) {
-        uint32_t b[NP][4];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl)
-          ldsm_x4_t(b[pl], Vs + pl * kPlane + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + 32 * nh +
-                               16 * pp + (lane >> 4) * 8);
-        uint32_t b0[NP], b1[NP], b2[NP], b3[NP];
-#pragma unroll
-        for (int pl = 0; pl < NP; ++pl) b0[pl] = b[pl][0], b1[pl] = b[pl][1], b2[pl] = b[pl][2], b3[pl] = b[pl][3];
-        mma_planes<Act>(S[2 * pp], af, b0, b1);
-        mma_planes<Act>(S[2 * pp + 1], af, b2, b3);
-      }
-    }
+    mma_kv<Act, kPlane>(S, Kh, Vs, mt, nh, lane);
     __syncthreads();
   }
 
   const int64_t base = (slot * p.Hkv + h) * int64_t(p.K) * p.V;
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = kb * 64 + 16 * mt + lg + 8 * (e >> 1);
-      const int col = vb * kBV + 32 * nh + 8 * nt + 2 * lt + (e & 1);
-      if (row < p.K && col < p.V) p.seg_state[base + int64_t(row) * p.V + col] = S[nt][e];
-    }
+  for_state_acc(kb, vb, mt, nh, lg, lt, [&](int nt, int e, int row, int col) {
+    if (row < p.K && col < p.V) p.seg_state[base + int64_t(row) * p.V + col] = S[nt][e];
+  });
   const int krow = kb * 64 + x.c;
   if (vb == 0 && x.a == 0 && krow < p.K) p.seg_decay[(slot * p.Hkv + h) * int64_t(p.K) + krow] = carry;
 }
