@@ -278,7 +278,7 @@ def test_full_queue_answers_429(server):
     streams, codes = [], []
     with httpx.Client(timeout=60) as http:
         try:
-            for _ in range(12):  # 6 slots + 3 waiting, then 429
+            for i in range(12):  # 6 slots + 3 waiting, then 429
                 s = http.stream("POST", f"{url}/v1/completions", json=body)
                 r = s.__enter__()
                 streams.append(s)
@@ -286,10 +286,12 @@ def test_full_queue_answers_429(server):
                 if r.status_code == 429:
                     assert r.headers["retry-after"] == "1"
                     break
+                if i < 6:  # into a slot before the next arrives (a loaded machine may admit late)
+                    wait_for(lambda: httpx.get(f"{url}/stats").json()["scheduler"]["running"] == i + 1, poll=0.01)
         finally:
             for s in streams:
                 s.__exit__(None, None, None)
-    assert codes[-1] == 429 and codes.count(200) >= 6, codes
+    assert codes[-1] == 429 and codes.count(200) >= 9, codes
     wait_idle(url)
 
 
