@@ -593,10 +593,10 @@ class _FakeTensorRT:
             return True
 
 
-@pytest.fixture
-def fake_trt(exports, tmp_path, monkeypatch):
-    """An export with 'engines' (JSON pointing at the ONNX graphs) and the stand-in installed;
-    profile: batch 1..2, prefill up to 4 tokens."""
+def install_fake_engines(src, dst, monkeypatch, max_batch: int):
+    """A copy of the export ``src`` at ``dst`` with 'engines' (JSON pointing at the ONNX graphs; profile:
+    batch 1..max_batch, prefill up to 4 tokens) and the stand-in installed as the module that built them.
+    Shared with tests/serve/test_trt_serve.py."""
     import shutil
     import sys
     import types
@@ -604,14 +604,13 @@ def fake_trt(exports, tmp_path, monkeypatch):
     from gla_export.runtime import tensorrt as trt_build
     from gla_export.runtime.engines import trt as trt_runtime
 
-    _, src = exports["conv-gqa", "decomposed"]
-    path = shutil.copytree(src, tmp_path / "export")
+    path = shutil.copytree(src, dst)
     engines = path / trt_build.ENGINES_DIR
     engines.mkdir()
     (engines / trt_build.INFO_FILE).write_text(json.dumps({"runtime": {"module": "fake_tensorrt"}}))
     for graph, file in trt_build.ENGINE_FILES.items():
-        spec = {"onnx": str(path / f"{graph}.onnx"), "profile": [[1, 1], [1, 1 if graph == "step" else 4], [2, 1 if graph == "step" else 4]]}
-        (engines / file).write_text(json.dumps(spec))
+        t = 1 if graph == "step" else 4
+        (engines / file).write_text(json.dumps({"onnx": str(path / f"{graph}.onnx"), "profile": [[1, 1], [1, t], [max_batch, t]]}))
     module = types.ModuleType("fake_tensorrt")
     for name in ("__version__", "Logger", "TensorIOMode", "Runtime"):
         setattr(module, name, getattr(_FakeTensorRT, name))
@@ -620,6 +619,14 @@ def fake_trt(exports, tmp_path, monkeypatch):
     monkeypatch.setattr(trt_build, "available_module", lambda prefer=None: prefer)
     monkeypatch.setattr(trt_runtime, "_trt_device", lambda device_id: torch.device("cpu"))
     return path
+
+
+@pytest.fixture
+def fake_trt(exports, tmp_path, monkeypatch):
+    """An export with 'engines' (JSON pointing at the ONNX graphs) and the stand-in installed;
+    profile: batch 1..2, prefill up to 4 tokens."""
+    _, src = exports["conv-gqa", "decomposed"]
+    return install_fake_engines(src, tmp_path / "export", monkeypatch, max_batch=2)
 
 
 def test_trt_backend_wiring_matches_ort(fake_trt):

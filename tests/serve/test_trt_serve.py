@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -25,36 +24,18 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["In the beginning", "Hello there, how are you doing today?", "x", "The quick brown fox jumps"]
 
 
-def _fake_tensorrt():
+def _test_decoder():
     spec = importlib.util.spec_from_file_location("_gla_test_decoder", ROOT / "tests/runtime/test_decoder.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod._FakeTensorRT
+    return mod
 
 
 @pytest.fixture
 def fake_engines(tiny_export, tmp_path, monkeypatch):
     """The tiny export with 'engines' (JSON naming the ONNX graphs; profile: batch 1..3, prefill
     up to 4 tokens) and the stand-in installed as the module that built them."""
-    from gla_export.runtime import tensorrt as trt_build
-    from gla_export.runtime.engines import trt as trt_runtime
-
-    fake = _fake_tensorrt()
-    path = shutil.copytree(tiny_export, tmp_path / "export")
-    engines = path / trt_build.ENGINES_DIR
-    engines.mkdir()
-    (engines / trt_build.INFO_FILE).write_text(json.dumps({"runtime": {"module": "fake_tensorrt"}}))
-    for graph, file in trt_build.ENGINE_FILES.items():
-        t = 1 if graph == "step" else 4
-        (engines / file).write_text(json.dumps({"onnx": str(path / f"{graph}.onnx"),
-                                                "profile": [[1, 1], [1, t], [3, t]]}))
-    module = types.ModuleType("fake_tensorrt")
-    for name in ("__version__", "Logger", "TensorIOMode", "Runtime"):
-        setattr(module, name, getattr(fake, name))
-    module.get_plugin_registry = lambda: pytest.fail("a decomposed export needs no plugin")
-    monkeypatch.setitem(sys.modules, "fake_tensorrt", module)
-    monkeypatch.setattr(trt_build, "available_module", lambda prefer=None: prefer)
-    monkeypatch.setattr(trt_runtime, "_trt_device", lambda device_id: torch.device("cpu"))
+    path = _test_decoder().install_fake_engines(tiny_export, tmp_path / "export", monkeypatch, max_batch=3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # TrtRuntime.check: "a GPU is there"
     return path
 
