@@ -25,6 +25,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..runtime.bench import _rss
 from . import backend
 from .cache import PrefixCache
 from .chat import ChatTemplate
@@ -106,16 +107,6 @@ def plan_memory(graphs: backend.Graphs, cfg: ServeConfig) -> MemoryPlan:
             f"--memory-limit {limit / MiB:.0f} MiB leaves no room for one state slot ({slot} bytes) after the model "
             f"({base / MiB:.0f} MiB), the prefill ({prefill / MiB:.1f} MiB) and the cache ({cache / MiB:.1f} MiB)")
     return MemoryPlan(limit, base, cache, prefill, slot, int(slots), int(token_budget))
-
-
-def _rss() -> int:
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:  # pragma: no cover
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class Server:
