@@ -467,9 +467,8 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, *, on_liste
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully: with these
     # handlers in place that is a no-op, and the process exits 0 after a graceful shutdown
     import signal
-    import threading as _threading
 
-    main = _threading.current_thread() is _threading.main_thread()
+    main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         userver.run(sockets=[sock])
