@@ -473,8 +473,9 @@ class StatefulDecoder(GenerationMixin):
         """
         with self._lock:
             self._step_on_device(tokens)
-            if self._logits_host is not self._logits_dev:
-                self._logits_host.copy_(self._logits_dev)
+            if self._logits_host is not self._logits_dev:  # the batch's rows, not a captured graph's padding
+                B = self.batch_size
+                self._logits_host[:B].copy_(self._logits_dev[:B])
             return self._logits_np
 
     def _step_on_device(self, tokens: Sequence[int] | np.ndarray) -> torch.Tensor:
