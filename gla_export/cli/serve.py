@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..serve.config import MiB
+from ..serve.config import ServeConfig as _DEFAULT  # the option defaults (no FastAPI import)
 from . import RUNTIMES
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
@@ -32,7 +34,7 @@ class Size(click.ParamType):
 
 @click.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("-b", "--backend", type=click.Choice(RUNTIMES), default="ort-cpu", show_default=True,
+@click.option("-b", "--backend", type=click.Choice(RUNTIMES), default=_DEFAULT.backend, show_default=True,
               help="ort-cpu / ort-cuda: ONNX Runtime; trt: the engines of `gla-export build` (not yet run on a GPU).")
 @click.option("--cuda-graph", is_flag=True,
               help="ort-cuda: run the decode step as captured CUDA graphs (opt-in until proven on a GPU).")
@@ -57,28 +59,29 @@ class Size(click.ParamType):
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Persist the prefix cache here (state files); it is read back after a restart.")
 @click.option("--cache-dir-size", type=Size(), default=None, help="Bound of --cache-dir (oldest files go first).")
-@click.option("--max-slots", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--max-slots", type=click.IntRange(min=1), default=_DEFAULT.max_slots, show_default=True,
               help="Upper bound on the pool (the widest decode step worth running); memory decides below it.")
-@click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
+@click.option("--max-queue", type=click.IntRange(min=0), default=_DEFAULT.max_queue, show_default=True,
               help="Requests waiting for a slot before new ones get 429.")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=_DEFAULT.prefill_chunk, show_default=True,
               help="Tokens of one prompt read per scheduler iteration at most.")
-@click.option("--token-budget", type=click.IntRange(min=16), default=1024, show_default=True,
+@click.option("--token-budget", type=click.IntRange(min=16), default=_DEFAULT.token_budget, show_default=True,
               help="Tokens (prefill chunks, padded, plus decode rows) per iteration at most; bounds prefill memory.")
-@click.option("--prefill-share", type=click.FloatRange(min=0.01, max=10), default=0.5, show_default=True,
+@click.option("--prefill-share", type=click.FloatRange(min=0.01, max=10), default=_DEFAULT.prefill_share, show_default=True,
               help="While streams decode, prefill time per iteration as a fraction of a step's.")
-@click.option("--snapshot-interval", type=click.IntRange(min=0), default=4096, show_default=True,
+@click.option("--snapshot-interval", type=click.IntRange(min=0), default=_DEFAULT.snapshot_interval, show_default=True,
               help="Cache the state every this many tokens of a long prompt (0: only at request ends).")
-@click.option("--max-body-bytes", type=Size(), default="8MiB", show_default=True, help="Larger bodies get 413.")
-@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=2_000_000, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--max-body-bytes", type=Size(), default=f"{_DEFAULT.max_body_bytes // MiB}MiB",
+              show_default=True, help="Larger bodies get 413.")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=_DEFAULT.max_prompt_tokens, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=_DEFAULT.max_tokens, show_default=True,
               help="Upper bound of a request's max_tokens.")
-@click.option("--request-timeout", type=click.FloatRange(min=0), default=600, show_default=True,
+@click.option("--request-timeout", type=click.FloatRange(min=0), default=_DEFAULT.request_timeout, show_default=True,
               help="Seconds a request may take from arrival to its last token (0: none).")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30, show_default=True,
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=_DEFAULT.drain_timeout, show_default=True,
               help="At SIGTERM/SIGINT: seconds requests in flight get to finish before they are cancelled.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
-@click.option("--device-id", type=click.IntRange(min=0), default=0, show_default=True, help="GPU for ort-cuda.")
+@click.option("--device-id", type=click.IntRange(min=0), default=_DEFAULT.device_id, show_default=True, help="GPU for ort-cuda.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="warning",
               show_default=True, help="uvicorn's log level.")
 def serve(export_dir: Path, backend: str, cuda_graph: bool, sample_on_device: bool, engines_dir: Path | None,

@@ -70,7 +70,7 @@ from .generation import (  # noqa: F401 - re-exported: the decoder's public name
 )
 from .sampling import Sampler
 from .state import ConversationState, StateFileError, model_identity
-from .tokenizers import Tokenizer, load_tokenizer, stop_ids
+from .tokenizers import Tokenizer, eos_token_ids, load_tokenizer, stop_ids
 
 if TYPE_CHECKING:
     from ..export.metadata import ExportMetadata
@@ -190,9 +190,8 @@ class StatefulDecoder(GenerationMixin):
         self._pos_name = next((s.name for s in self.specs if s.kind == "position"), None)
         self.vocab_size = self.metadata.model.vocab_size
         self.tokenizer: Tokenizer = load_tokenizer(self.export_dir, self.metadata)
-        eos = self.metadata.model.eos_token_id
         # one id or a list of them (Hugging Face generation configs): any of them ends a row
-        self.eos_token_ids: frozenset[int] = stop_ids(eos if eos is not None else self.tokenizer.eos_token_id)
+        self.eos_token_ids: frozenset[int] = eos_token_ids(self.metadata, self.tokenizer)
         self.bos_token_id: int | None = self.tokenizer.bos_token_id
         step, prefill = self.metadata.graphs["step"], self.metadata.graphs["prefill"]
         self._runtime = open_runtime(backend, self.metadata, device_id=device_id, threads=threads,
@@ -474,8 +473,9 @@ class StatefulDecoder(GenerationMixin):
         """
         with self._lock:
             self._step_on_device(tokens)
-            if self._logits_host is not self._logits_dev:
-                self._logits_host.copy_(self._logits_dev)
+            if self._logits_host is not self._logits_dev:  # the batch's rows, not a captured graph's padding
+                B = self.batch_size
+                self._logits_host[:B].copy_(self._logits_dev[:B])
             return self._logits_np
 
     def _step_on_device(self, tokens: Sequence[int] | np.ndarray) -> torch.Tensor:

@@ -223,6 +223,10 @@ class GenerationMixin:
 
             events = sample_round(logits)
             version = self._version
+        # a GPU decoder that picks tokens on the device (its sample_on_device): decided once, not per step
+        pick_on_device = None
+        if getattr(self, "sample_on_device", False):
+            from .device_sampling import sample_on_device as pick_on_device
         while True:
             yield from events
             if not any(active):
@@ -242,11 +246,9 @@ class GenerationMixin:
                                 events.append(TokenEvent(i, -1, tail))
                 if not any(active):
                     break
-                if getattr(self, "sample_on_device", False):
-                    from .device_sampling import sample_on_device
-
-                    chosen = sample_on_device(self._step_on_device(next_ids),
-                                              [samplers[i] if active[i] else None for i in range(n)])
+                if pick_on_device is not None:
+                    chosen = pick_on_device(self._step_on_device(next_ids),
+                                            [samplers[i] if active[i] else None for i in range(n)])
                     events += sample_round(None, chosen)
                 else:
                     events += sample_round(self.step(next_ids))

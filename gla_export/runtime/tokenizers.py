@@ -199,6 +199,13 @@ def stop_ids(value: Any, what: str = "eos_token_id") -> frozenset[int]:
     return frozenset(int(i) for i in items)
 
 
+def eos_token_ids(meta: Any, tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids that end a generation: the config's ``eos_token_id`` (one id or a list, as Hugging
+    Face generation configs have it), else the tokenizer's."""
+    eos = meta.model.eos_token_id
+    return stop_ids(eos if eos is not None else tokenizer.eos_token_id, "eos_token_id")
+
+
 def parse_ids(text: str, vocab_size: int, what: str = "--prompt-ids") -> list[int]:
     """``"256,72,105"`` (commas or spaces) to token ids, each checked against the vocabulary."""
     try:

@@ -25,43 +25,15 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..runtime.bench import _rss
 from . import backend
 from .cache import PrefixCache
 from .chat import ChatTemplate
+from .config import MiB, ServeConfig
 from .metrics import Metrics
 from .protocol import (CHAT_FIELDS, COMPLETION_FIELDS, ApiError, Limits, chat_messages, check_fields, chunk_object,
                        completion_object, completion_prompt, gen_params, now, openai_usage)
 from .scheduler import Options, QueueFull, Request, Scheduler, ShuttingDown
-
-MiB = 2**20
-
-
-@dataclass
-class ServeConfig:
-    backend: str = "ort-cpu"
-    threads: int | None = None
-    device_id: int = 0
-    cuda_graph: bool = False  # ort-cuda: the step as captured CUDA graphs (opt-in until proven on a GPU)
-    sample_on_device: bool = False  # ort-cuda/trt: pick tokens on the GPU (opt-in until proven on a GPU)
-    engines_dir: str | None = None  # trt: where `gla-export build` put the engines
-    plugin: str | None = None  # trt: the plugin library
-    max_context: int | None = None  # hybrids with full-attention layers: tokens of KV cache per slot
-    model_name: str | None = None
-    memory_limit: int | None = None  # bytes the server may use in all; default: 80% of what is available
-    cache_bytes: int | None = None  # prefix cache in memory; default: a quarter of what the pool may use
-    cache_dir: str | None = None
-    cache_dir_bytes: int | None = None
-    max_slots: int = 256
-    max_queue: int = 256
-    prefill_chunk: int = 256
-    token_budget: int = 1024
-    prefill_share: float = 0.5
-    snapshot_interval: int = 4096
-    max_body_bytes: int = 8 * MiB
-    max_prompt_tokens: int = 2_000_000
-    max_tokens: int = 4096
-    request_timeout: float | None = 600.0
-    drain_timeout: float = 30.0
 
 
 @dataclass
@@ -106,16 +78,6 @@ def plan_memory(graphs: backend.Graphs, cfg: ServeConfig) -> MemoryPlan:
             f"--memory-limit {limit / MiB:.0f} MiB leaves no room for one state slot ({slot} bytes) after the model "
             f"({base / MiB:.0f} MiB), the prefill ({prefill / MiB:.1f} MiB) and the cache ({cache / MiB:.1f} MiB)")
     return MemoryPlan(limit, base, cache, prefill, slot, int(slots), int(token_budget))
-
-
-def _rss() -> int:
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:  # pragma: no cover
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class Server:
@@ -476,9 +438,8 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, *, on_liste
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully: with these
     # handlers in place that is a no-op, and the process exits 0 after a graceful shutdown
     import signal
-    import threading as _threading
 
-    main = _threading.current_thread() is _threading.main_thread()
+    main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         userver.run(sockets=[sock])

@@ -32,7 +32,7 @@ from ..runtime.device_sampling import sample_on_device
 from ..runtime.engines import RUNTIMES, Runtime, check_runtime, open_runtime
 from ..runtime.sampling import Sampler, SamplingParams
 from ..runtime.state import ConversationState, StateFileError, load_state, model_identity, save_state
-from ..runtime.tokenizers import TextDecoder, Tokenizer, TokenStream, load_tokenizer, stop_ids
+from ..runtime.tokenizers import TextDecoder, Tokenizer, TokenStream, eos_token_ids, load_tokenizer
 
 __all__ = [
     "ConversationState", "GlaExportError", "Graphs", "MissingRuntimeError", "ModelError", "Sampler",
@@ -422,13 +422,6 @@ class Graphs:
             v[row, :, :M - n].zero_()
             v[row, :, M - n:].copy_(tensors[k][0])
         self._len[row] = n
-
-
-def eos_token_ids(meta: Any, tokenizer: Tokenizer) -> frozenset[int]:
-    """The ids that end a generation: the config's ``eos_token_id`` (one id or a list, as Hugging
-    Face generation configs have it), else the tokenizer's."""
-    eos = meta.model.eos_token_id
-    return stop_ids(eos if eos is not None else tokenizer.eos_token_id, "eos_token_id")
 
 
 def _open_runtime(backend: str, meta: Any, *, threads: int | None, device_id: int, cuda_graph: bool,

@@ -450,9 +450,14 @@ class Scheduler(threading.Thread):
         return {"prompt_tokens": int(len(req.prompt)), "completion_tokens": len(req.generated),
                 "total_tokens": int(len(req.prompt)) + len(req.generated), "cached_tokens": req.cached}
 
+    @staticmethod
+    def _read(req: Request) -> np.ndarray:
+        """The tokens a decoding row's state has read: the prompt and every generated token but the
+        last (sampled, not yet fed)."""
+        return np.concatenate([req.prompt, np.asarray(req.generated[:-1], dtype=np.int64)])
+
     def _finish(self, req: Request, reason: str) -> None:
-        key = np.concatenate([req.prompt, np.asarray(req.generated[:-1], dtype=np.int64)])
-        self._snapshot(req, key)
+        self._snapshot(req, self._read(req))
         self.metrics.finished.labels(reason).inc()
         req._fire({"type": "done", "finish_reason": reason, "usage": self._usage(req)})
         self._release(req)
@@ -460,9 +465,7 @@ class Scheduler(threading.Thread):
     def _end_cancelled(self, req: Request, now: float) -> None:
         timed_out = bool(req.deadline and now > req.deadline) and not req.cancelled.is_set()
         if req.row is not None and req.pos > 0:  # what was read stays reusable
-            key = req.prompt[:req.pos] if req.pos < len(req.prompt) else np.concatenate(
-                [req.prompt, np.asarray(req.generated[:-1], dtype=np.int64)])
-            self._snapshot(req, key)
+            self._snapshot(req, req.prompt[:req.pos] if req.pos < len(req.prompt) else self._read(req))
         self.metrics.finished.labels("timeout" if timed_out else "cancelled").inc()
         if timed_out:
             req._fire({"type": "error", "message": "the request timed out (--request-timeout)", "status": 504})
