@@ -128,6 +128,17 @@ def cuda_event_seconds(fn, repeats: int = 10, device: torch.device | None = None
     return times[len(times) // 2]
 
 
+def _best_seconds(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn()`` after one untimed call (wall clock)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> dict[str, Any]:
     """Copy bandwidth on ``device`` in bytes/s (read + written): ``{"bytes_per_s": best way,
     "way": its name, "ways": {name: bytes_per_s}, "buffer_bytes": n}`` (module docstring)."""
@@ -145,23 +156,14 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
         nbytes = nbytes or 256 << 20
         src = np.random.default_rng(0).random(nbytes // 8)
         dst = np.empty_like(src)
-        np.copyto(dst, src)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            np.copyto(dst, src)
-            best = min(best, time.perf_counter() - t)
-        out = {"numpy-copyto": 2 * src.nbytes / best}
-        # and torch's copy, which uses the intra-op threads (NumPy's is one thread)
         a = torch.from_numpy(src)
         b = torch.empty_like(a)
-        b.copy_(a)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            b.copy_(a)
-            best = min(best, time.perf_counter() - t)
-        out["torch-copy"] = 2 * src.nbytes / best
+        ways = {
+            "numpy-copyto": lambda: np.copyto(dst, src),
+            # and torch's copy, which uses the intra-op threads (NumPy's is one thread)
+            "torch-copy": lambda: b.copy_(a),
+        }
+        out = {name: 2 * src.nbytes / _best_seconds(fn, repeats) for name, fn in ways.items()}
     way = max(out, key=out.get)
     return {"bytes_per_s": out[way], "way": way, "ways": out, "buffer_bytes": int(nbytes)}
 
