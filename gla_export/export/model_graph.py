@@ -433,9 +433,7 @@ def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k
         o = b.op("Attention", [qh, full_k, full_v, ok4], scale=d ** -0.5)  # 4D: the head counts come from the shapes
         o = b.op("Reshape", [b.op("Transpose", [o], perm=[0, 2, 1, 3]), b.i64(0, 0, H * d)])
         if W is not None:
-            big = b.i64(np.iinfo(np.int64).max)
-            full_k = b.op("Slice", [full_k, b.i64(-W), big, b.i64(2)])
-            full_v = b.op("Slice", [full_v, b.i64(-W), big, b.i64(2)])
+            full_k, full_v = _last_slots(b, full_k, W), _last_slots(b, full_v, W)
         return o, full_k, full_v
     bias = b.op("Where", [ok, b.scalar(0.0, F), b.scalar(-1e30, F)])
 
@@ -447,10 +445,13 @@ def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k
     o = b.op("Transpose", [b.op("Reshape", [o, b.i64(0, H, -1, d)])], perm=[0, 2, 1, 3])
     o = b.cast(b.op("Reshape", [o, b.i64(0, 0, H * d)]), act, F)
     if W is not None:
-        big = b.i64(np.iinfo(np.int64).max)
-        full_k = b.op("Slice", [full_k, b.i64(-W), big, b.i64(2)])
-        full_v = b.op("Slice", [full_v, b.i64(-W), big, b.i64(2)])
+        full_k, full_v = _last_slots(b, full_k, W), _last_slots(b, full_v, W)
     return o, full_k, full_v
+
+
+def _last_slots(b: GraphBuilder, cache: str, n: int) -> str:
+    """The last ``n`` slots (axis 2) of a ``[B, Hkv, L, d]`` cache: what a window of ``n`` keeps."""
+    return b.op("Slice", [cache, b.i64(-n), b.i64(np.iinfo(np.int64).max), b.i64(2)])
 
 
 def _attention_gqa(b: GraphBuilder, q: str, k: str, v: str, spec: dict, d: int, past_k: str, past_v: str, ctx: dict,
@@ -538,9 +539,7 @@ def _attention_gqa(b: GraphBuilder, q: str, k: str, v: str, spec: dict, d: int, 
         kv = b.op("Transpose", [b.op("Reshape", [g, b.i64(0, 0, Hkv, 2 * d)])], perm=[0, 2, 1, 3])
         present_k, present_v = b.op("Split", [kv, b.i64(d, d)], n_out=2, axis=-1)
     if W is not None:
-        big = b.i64(np.iinfo(np.int64).max)
-        present_k = b.op("Slice", [present_k, b.i64(-W), big, b.i64(2)])
-        present_v = b.op("Slice", [present_v, b.i64(-W), big, b.i64(2)])
+        present_k, present_v = _last_slots(b, present_k, W), _last_slots(b, present_v, W)
     return o, present_k, present_v
 
 
