@@ -409,15 +409,7 @@ def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k
     j = b.op("Range", [zero, b.op("Squeeze", [Lk, b.i64(0)]), one])  # [Lk]
     if has_mask:  # left padding out: the past moves right onto it, zeros enter (close_left_padding)
         pad = b.op("Unsqueeze", [ctx["pad"], b.i64(1)])  # [B,1]
-        src = b.op("Where", [b.op("Less", [j, b.op("Add", [pad, L])]), b.op("Sub", [j, pad]), j])  # [B,Lk]
-        keep = b.op("Cast", [b.op("GreaterOrEqual", [j, pad])], to=act)  # [B,Lk]
-        B_ = b.op("Shape", [kv], start=0, end=1)
-        rows = b.op("Range", [zero, b.op("Squeeze", [B_, b.i64(0)]), one])
-        flat = b.op("Add", [b.op("Max", [src, zero]), b.op("Mul", [b.op("Unsqueeze", [rows, b.i64(1)]), Lk])])
-        rowsmaj = b.op("Reshape", [b.op("Transpose", [kv], perm=[0, 2, 1, 3]), b.i64(-1, Hkv * 2 * d)])
-        g = b.op("Gather", [rowsmaj, flat], axis=0)  # [B, Lk, Hkv·2d]
-        g = b.op("Mul", [g, b.op("Unsqueeze", [keep, b.i64(-1)])])
-        kv = b.op("Transpose", [b.op("Reshape", [g, b.i64(0, 0, Hkv, 2 * d)])], perm=[0, 2, 1, 3])
+        kv = _close_kv_padding(b, kv, j, pad, L, Lk, b.op("Shape", [kv], start=0, end=1), act, Hkv, d)
     full_k, full_v = b.op("Split", [kv, b.i64(d, d)], n_out=2, axis=-1)
 
     # which slots each query sees (attention_key_mask in modeling.py): [B, 1, 1, T, Lk]
@@ -433,9 +425,7 @@ def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k
         o = b.op("Attention", [qh, full_k, full_v, ok4], scale=d ** -0.5)  # 4D: the head counts come from the shapes
         o = b.op("Reshape", [b.op("Transpose", [o], perm=[0, 2, 1, 3]), b.i64(0, 0, H * d)])
         if W is not None:
-            big = b.i64(np.iinfo(np.int64).max)
-            full_k = b.op("Slice", [full_k, b.i64(-W), big, b.i64(2)])
-            full_v = b.op("Slice", [full_v, b.i64(-W), big, b.i64(2)])
+            full_k, full_v = _last_slots(b, full_k, W), _last_slots(b, full_v, W)
         return o, full_k, full_v
     bias = b.op("Where", [ok, b.scalar(0.0, F), b.scalar(-1e30, F)])
 
@@ -447,10 +437,28 @@ def _attention(b: GraphBuilder, h: str, p: str, c: GLAConfig, spec: dict, past_k
     o = b.op("Transpose", [b.op("Reshape", [o, b.i64(0, H, -1, d)])], perm=[0, 2, 1, 3])
     o = b.cast(b.op("Reshape", [o, b.i64(0, 0, H * d)]), act, F)
     if W is not None:
-        big = b.i64(np.iinfo(np.int64).max)
-        full_k = b.op("Slice", [full_k, b.i64(-W), big, b.i64(2)])
-        full_v = b.op("Slice", [full_v, b.i64(-W), big, b.i64(2)])
+        full_k, full_v = _last_slots(b, full_k, W), _last_slots(b, full_v, W)
     return o, full_k, full_v
+
+
+def _close_kv_padding(b: GraphBuilder, kv: str, j: str, pad: str, L: str, Lk: str, B_: str, act: int, Hkv: int,
+                      d: int) -> str:
+    """``close_left_padding`` of modeling.py on keys and values side by side (``kv [B, Hkv, Lk, 2d]``,
+    ``Lk = L + T`` slots ``j``): each row's past moves right onto its ``pad [B, 1]`` padded slots
+    (one Gather), and the ``pad`` slots that open at the front are zeroed."""
+    zero, one = b.const(0, np.int64, "i64"), b.const(1, np.int64, "i64")
+    src = b.op("Where", [b.op("Less", [j, b.op("Add", [pad, L])]), b.op("Sub", [j, pad]), j])  # [B,Lk]
+    keep = b.op("Cast", [b.op("GreaterOrEqual", [j, pad])], to=act)  # [B,Lk]
+    rows = b.op("Range", [zero, b.op("Squeeze", [B_, b.i64(0)]), one])
+    flat = b.op("Add", [b.op("Max", [src, zero]), b.op("Mul", [b.op("Unsqueeze", [rows, b.i64(1)]), Lk])])
+    rowsmaj = b.op("Reshape", [b.op("Transpose", [kv], perm=[0, 2, 1, 3]), b.i64(-1, Hkv * 2 * d)])
+    g = b.op("Mul", [b.op("Gather", [rowsmaj, flat], axis=0), b.op("Unsqueeze", [keep, b.i64(-1)])])  # [B, Lk, Hkv·2d]
+    return b.op("Transpose", [b.op("Reshape", [g, b.i64(0, 0, Hkv, 2 * d)])], perm=[0, 2, 1, 3])
+
+
+def _last_slots(b: GraphBuilder, cache: str, n: int) -> str:
+    """The last ``n`` slots (axis 2) of a ``[B, Hkv, L, d]`` cache: what a window of ``n`` keeps."""
+    return b.op("Slice", [cache, b.i64(-n), b.i64(np.iinfo(np.int64).max), b.i64(2)])
 
 
 def _attention_gqa(b: GraphBuilder, q: str, k: str, v: str, spec: dict, d: int, past_k: str, past_v: str, ctx: dict,
@@ -528,19 +536,10 @@ def _attention_gqa(b: GraphBuilder, q: str, k: str, v: str, spec: dict, d: int, 
                                    rotary_interleaved=0, local_window_size=window)
     if has_mask:  # left padding out, as in the plain-op form: the past moves right onto it
         Lk_ = b.op("Shape", [present_k], start=2, end=3)
-        src = b.op("Where", [b.op("Less", [j, b.op("Add", [pad, L])]), b.op("Sub", [j, pad]), j])  # [B,Lk]
-        keep = b.op("Cast", [b.op("GreaterOrEqual", [j, pad])], to=act)
-        rows = b.op("Range", [zero, b.op("Squeeze", [B_, b.i64(0)]), one])
-        flat = b.op("Add", [b.op("Max", [src, zero]), b.op("Mul", [b.op("Unsqueeze", [rows, b.i64(1)]), Lk_])])
-        kv = b.op("Concat", [present_k, present_v], axis=-1)
-        rowsmaj = b.op("Reshape", [b.op("Transpose", [kv], perm=[0, 2, 1, 3]), b.i64(-1, Hkv * 2 * d)])
-        g = b.op("Mul", [b.op("Gather", [rowsmaj, flat], axis=0), b.op("Unsqueeze", [keep, b.i64(-1)])])
-        kv = b.op("Transpose", [b.op("Reshape", [g, b.i64(0, 0, Hkv, 2 * d)])], perm=[0, 2, 1, 3])
+        kv = _close_kv_padding(b, b.op("Concat", [present_k, present_v], axis=-1), j, pad, L, Lk_, B_, act, Hkv, d)
         present_k, present_v = b.op("Split", [kv, b.i64(d, d)], n_out=2, axis=-1)
     if W is not None:
-        big = b.i64(np.iinfo(np.int64).max)
-        present_k = b.op("Slice", [present_k, b.i64(-W), big, b.i64(2)])
-        present_v = b.op("Slice", [present_v, b.i64(-W), big, b.i64(2)])
+        present_k, present_v = _last_slots(b, present_k, W), _last_slots(b, present_v, W)
     return o, present_k, present_v
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._dtypes import numpy_dtype
 from ..models.modeling import GLAForCausalLM
 from .metadata import open_export
 
@@ -57,13 +58,12 @@ class _ExportLM:
         else:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
-        self.np_types = {"float32": np.float32, "float16": np.float16}
 
     def logits(self, ids: list[int], chunk: int = 512) -> np.ndarray:
         states = {}
         for st in self.meta["states"]:
             shape = [1 if d == "batch" else d for d in st["shape"]]
-            states[st["input"]] = np.zeros(shape, self.np_types[st["dtype"]])
+            states[st["input"]] = np.zeros(shape, numpy_dtype(st["dtype"]))
         outs = []
         names = ["logits"] + [st["output"] for st in self.meta["states"]]
         for i in range(0, len(ids), chunk):

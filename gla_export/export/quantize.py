@@ -41,6 +41,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from .._dtypes import torch_dtype
 from ..errors import UsageError
 from ..models.modeling import GLAForCausalLM
 from .graph import GraphBuilder, Weight, WeightTable
@@ -998,7 +999,7 @@ def dequantized_reference(model: GLAForCausalLM, meta: dict[str, Any]) -> GLAFor
     from .model_graph import GraphSpec, build_graph, register_weights
 
     cfg = QuantConfig(**q["config"])
-    act = {"float32": torch.float32, "float16": torch.float16}[meta["dtype"]]
+    act = torch_dtype(meta["dtype"])  # float32 or float16: quantize_export refuses the rest
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     cpu = copy.deepcopy(model).to("cpu").float()

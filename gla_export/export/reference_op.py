@@ -93,9 +93,6 @@ class GatedLinearAttention(OpRun):
         return (o, s)[: max(1, len(self.onnx_node.output))]
 
 
-
-
-
 # ---- com.microsoft::GroupQueryAttention (the subset ``--attention-op gqa`` emits) ---------------------
 
 _GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",

@@ -205,14 +205,9 @@ class Case:
     allowance: dict[str, float] = field(default_factory=dict)  # limit from PyTorch's own low-precision error
 
 
-def _state_tensor(states: list[LayerState], st: StateInfo) -> torch.Tensor:
-    """The PyTorch tensor behind one graph state (the shared position: any attention layer's)."""
-    return state_tensor(states, st.layer, st.kind)
-
-
 def _state_feeds(states: list[LayerState], state_names: Sequence[StateInfo]) -> dict[str, np.ndarray]:
     """The graph's past-state inputs, each in its dtype from the metadata."""
-    return {st.input: _np(_state_tensor(states, st).to(torch_dtype(st.dtype))) for st in state_names}
+    return {st.input: _np(state_tensor(states, st.layer, st.kind).to(torch_dtype(st.dtype))) for st in state_names}
 
 
 def _rounded(states: list[LayerState], state_names: Sequence[StateInfo]) -> list[LayerState]:
@@ -222,11 +217,10 @@ def _rounded(states: list[LayerState], state_names: Sequence[StateInfo]) -> list
     out = []
     for i, s in enumerate(states):
         fields = {}
-        for f in ("recurrent", "conv", "key", "value", "position"):
+        for f in ("recurrent", "conv", "key", "value"):
             t = getattr(s, f)
-            fields[f] = None if t is None or f == "position" else t.to(dtypes[(i, f)]).to(t.dtype)
-        fields["position"] = s.position
-        out.append(LayerState(**fields))
+            fields[f] = None if t is None else t.to(dtypes[(i, f)]).to(t.dtype)
+        out.append(LayerState(**fields, position=s.position))  # int64: nothing to round
     return out
 
 
@@ -245,7 +239,7 @@ def _cast_states(states: list[LayerState], sd: torch.dtype, act: torch.dtype, r:
 def _state_outputs(states: list[LayerState], state_names: Sequence[StateInfo], row: slice | int | None = None) -> dict[str, torch.Tensor]:
     out = {}
     for st in state_names:
-        t = _state_tensor(states, st)
+        t = state_tensor(states, st.layer, st.kind)
         out[st.output] = t if row is None else t[row]
     return out
 

@@ -195,6 +195,13 @@ class Attention(nn.Module):
         """Positions of an empty context's cache: W for a windowed layer, 0 for full attention."""
         return self.window_size or 0
 
+    def empty_state(self, batch_size: int, device=None, dtype=None) -> LayerState:
+        """The state of an empty context: a zero cache of :meth:`cache_length` positions, position 0."""
+        shape = (batch_size, self.num_kv_heads, self.cache_length(), self.head_dim)
+        return LayerState(key=torch.zeros(shape, device=device, dtype=dtype),
+                          value=torch.zeros(shape, device=device, dtype=dtype),
+                          position=torch.zeros(batch_size, dtype=torch.int64, device=device))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -208,13 +215,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, Hkv, d)
         v = self.v_proj(x).view(B, T, Hkv, d)
         if state is None or state.key is None:
-            L = self.cache_length()
-            past_k = x.new_zeros(B, Hkv, L, d)
-            past_v = x.new_zeros(B, Hkv, L, d)
-            position = torch.zeros(B, dtype=torch.int64, device=x.device)
-        else:
-            past_k, past_v, position = state.key.to(x.dtype), state.value.to(x.dtype), state.position.to(x.device)
-            L = past_k.shape[2]
+            state = self.empty_state(B, x.device, x.dtype)
+        past_k, past_v, position = state.key.to(x.dtype), state.value.to(x.dtype), state.position.to(x.device)
+        L = past_k.shape[2]
         if attention_mask is None:
             m = None
             n_real = torch.full((B,), T, dtype=torch.int64, device=x.device)
@@ -450,10 +453,7 @@ class GLAForCausalLM(nn.Module):
         for layer in self.model.layers:
             a = layer.attn
             if isinstance(a, Attention):
-                shape = (batch_size, a.num_kv_heads, a.cache_length(), a.head_dim)
-                states.append(LayerState(key=torch.zeros(shape, device=device, dtype=dtype),
-                                         value=torch.zeros(shape, device=device, dtype=dtype),
-                                         position=torch.zeros(batch_size, dtype=torch.int64, device=device)))
+                states.append(a.empty_state(batch_size, device, dtype))
                 continue
             states.append(LayerState(
                 torch.zeros(batch_size, c.kv_heads, c.head_k_dim, c.head_v_dim, device=device, dtype=state_dtype),

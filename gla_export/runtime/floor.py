@@ -76,26 +76,36 @@ def step_weight_bytes(step_graph: str | os.PathLike, batch: int) -> int:
     those. A tensor stored once and named twice (a tied, quantized table: the gather's view and the
     logits' MatMulNBits view are the same bytes) counts once, whole when any of its readers reads
     it whole. Reads the graph without its external weights (the sizes come from types and dims)."""
+    return _step_reads(step_graph)(batch)
+
+
+def _step_reads(step_graph: str | os.PathLike):
+    """:func:`step_weight_bytes` as a function of the batch, the graph read once."""
     g = _load(step_graph)
     readers: dict[str, list] = {}
     for node in g.node:
         for pos, name in enumerate(node.input):
             readers.setdefault(name, []).append((node, pos))
-    # per stored tensor: its size, and the most a step reads of it (rows only, or all)
-    stored: dict[tuple, list[int]] = {}
+    # per stored tensor, per name it has: (size, bytes per row when only row gathers read it,
+    # None when something reads it whole); a name nothing reads is left out
+    stored: dict[tuple, list[tuple[int, int | None]]] = {}
     for t in g.initializer:
-        key = _storage_key(t, Path(step_graph))
+        reads = stored.setdefault(_storage_key(t, Path(step_graph)), [])
         size = tensor_bytes(t)
         uses = readers.get(t.name, [])
         if not uses:
-            read = 0
-        elif len(t.dims) >= 1 and int(t.dims[0]) > 0 and all(_row_read(n, pos) for n, pos in uses):
-            read = min(size, batch * (size // int(t.dims[0])))
+            continue
+        if len(t.dims) >= 1 and int(t.dims[0]) > 0 and all(_row_read(n, pos) for n, pos in uses):
+            reads.append((size, size // int(t.dims[0])))
         else:
-            read = size
-        prev = stored.get(key)
-        stored[key] = [max(size, prev[0]), max(read, prev[1])] if prev else [size, read]
-    return sum(read for _, read in stored.values())
+            reads.append((size, None))
+
+    def weight_bytes(batch: int) -> int:
+        # the most any of its names reads of each stored tensor (rows only, or all)
+        return sum(max((size if row is None else min(size, batch * row) for size, row in reads), default=0)
+                   for reads in stored.values())
+
+    return weight_bytes
 
 
 def resident_weight_bytes(graphs: list[str | os.PathLike] | tuple[str | os.PathLike, ...]) -> dict[str, int]:
@@ -128,6 +138,17 @@ def cuda_event_seconds(fn, repeats: int = 10, device: torch.device | None = None
     return times[len(times) // 2]
 
 
+def _best_seconds(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn()`` after one untimed call (wall clock)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> dict[str, Any]:
     """Copy bandwidth on ``device`` in bytes/s (read + written): ``{"bytes_per_s": best way,
     "way": its name, "ways": {name: bytes_per_s}, "buffer_bytes": n}`` (module docstring)."""
@@ -145,23 +166,14 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
         nbytes = nbytes or 256 << 20
         src = np.random.default_rng(0).random(nbytes // 8)
         dst = np.empty_like(src)
-        np.copyto(dst, src)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            np.copyto(dst, src)
-            best = min(best, time.perf_counter() - t)
-        out = {"numpy-copyto": 2 * src.nbytes / best}
-        # and torch's copy, which uses the intra-op threads (NumPy's is one thread)
         a = torch.from_numpy(src)
         b = torch.empty_like(a)
-        b.copy_(a)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            b.copy_(a)
-            best = min(best, time.perf_counter() - t)
-        out["torch-copy"] = 2 * src.nbytes / best
+        ways = {
+            "numpy-copyto": lambda: np.copyto(dst, src),
+            # and torch's copy, which uses the intra-op threads (NumPy's is one thread)
+            "torch-copy": lambda: b.copy_(a),
+        }
+        out = {name: 2 * src.nbytes / _best_seconds(fn, repeats) for name, fn in ways.items()}
     way = max(out, key=out.get)
     return {"bytes_per_s": out[way], "way": way, "ways": out, "buffer_bytes": int(nbytes)}
 
@@ -192,7 +204,8 @@ def model_floor(export_dir: str | os.PathLike, batches: list[int] | tuple[int, .
         for d in s.row_shape:
             n *= int(d)
         state_row += n * torch.tensor([], dtype=torch_dtype(s.dtype)).element_size()
-    weights = {b: step_weight_bytes(meta.path("step"), b) for b in batches}
+    step_weights = _step_reads(meta.path("step"))
+    weights = {b: step_weights(b) for b in batches}
     resident = resident_weight_bytes([meta.path("prefill"), meta.path("step")])
     moved = {b: step_bytes(weights[b], state_row, b) for b in batches}
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from gla_export.models import GLAConfig, GLAForCausalLM
@@ -55,3 +56,20 @@ def session(path, form: str):
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in s.get_outputs()]
     return lambda feeds: dict(zip(names, s.run(None, feeds)))
+
+
+def export_form(model, out_dir, form: str, **kwargs):
+    """``export_model`` in ``form`` without progress, validated by the reference evaluator for
+    ``custom`` graphs (the native library is tested by its own suite)."""
+    from gla_export.export import export_model
+
+    return export_model(model, out_dir, gla_op=form, progress=False,
+                        runtime="reference" if form == "custom" else "auto", **kwargs)
+
+
+def run_prefill(res, form: str, ids: torch.Tensor) -> dict:
+    """The outputs of an export's prefill graph on ``ids`` from an empty context (no padding)."""
+    from gla_export.testing import zero_state_feeds
+
+    return session(res.prefill_path, form)({"input_ids": ids.numpy(), "attention_mask": np.ones(tuple(ids.shape), np.int64),
+                                            **zero_state_feeds(res.metadata, ids.shape[0])})

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import session
+from export_helpers import export_form, run_prefill, session
 
 from gla_export.export import export_model
 from gla_export.models import GLAConfig, GLAForCausalLM, load_model
@@ -35,8 +35,7 @@ def fla_hybrid(tmp_path_factory):
 
 @pytest.mark.parametrize("form", ["custom", "onnx", "decomposed"])
 def test_fla_hybrid_checkpoint_exports_and_validates(fla_hybrid, tmp_path, form):
-    res = export_model(fla_hybrid, tmp_path / "out", gla_op=form, progress=False,
-                       runtime="reference" if form == "custom" else "auto")
+    res = export_form(fla_hybrid, tmp_path / "out", form)
     assert res.validation.passed, res.validation.failures
     checked = {ch.output for ch in res.validation.checks}
     assert {"present.1.key", "present.1.value", "present.3.key", "present.position"} <= checked
@@ -54,8 +53,7 @@ def test_fla_hybrid_checkpoint_exports_and_validates(fla_hybrid, tmp_path, form)
     ids = torch.randint(0, 61, (2, 19))
     with torch.no_grad():
         ref = ours(ids)
-    out = session(res.prefill_path, form)({"input_ids": ids.numpy(), "attention_mask": np.ones((2, 19), np.int64),
-                                           **zero_state_feeds(meta, 2)})
+    out = run_prefill(res, form, ids)
     assert rel_err(torch.from_numpy(out["logits"]), ref.logits) < 1e-5
     assert out["present.1.key"].shape == (2, 2, 19, 8) and out["present.3.key"].shape == (2, 2, 4, 16)
 
@@ -155,8 +153,7 @@ def test_standard_attention_nodes_validate(tmp_path, form, opset, dtype):
     (opset 23) nodes, validated against PyTorch like the plain-op form."""
     torch.manual_seed(7)
     model = GLAForCausalLM(GLAConfig(**HYBRID)).eval()
-    res = export_model(model, tmp_path / "out", gla_op=form, opset=opset, dtype=dtype, attention_op="onnx", progress=False,
-                       runtime="reference" if form == "custom" else "auto")
+    res = export_form(model, tmp_path / "out", form, opset=opset, dtype=dtype, attention_op="onnx")
     assert res.validation.passed, res.validation.failures
     for path in (res.prefill_path, res.step_path):
         ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
