@@ -93,14 +93,10 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) ->
 
 
 def zero_state_feeds(meta: dict, batch: int) -> dict[str, np.ndarray]:
-    """Zero initial states for an export's graphs: ``{state input name: zeros}``, with the metadata's
-    ``"batch"`` dimension set to ``batch``."""
-    return {
-        # a full-attention cache ("past_sequence") is empty in an empty context
-        st["input"]: np.zeros([batch if d == "batch" else 0 if isinstance(d, str) else d for d in st["shape"]],
-                              dtype=np.dtype(st["dtype"]))
-        for st in meta["states"]
-    }
+    """Zero initial states for an export's graphs (``export.metadata.zero_state_feeds``)."""
+    from .export.metadata import zero_state_feeds as zeros
+
+    return zeros(meta, batch)
 
 
 def save_fla_checkpoint(config: dict, path, seed: int = 0) -> dict:

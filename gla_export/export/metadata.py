@@ -48,6 +48,21 @@ def detect_tokenizer(config: GLAConfig, source: Path | None) -> dict[str, Any]:
     return {"kind": "none"}
 
 
+def zero_state_feeds(meta: dict[str, Any], batch: int = 1) -> dict[str, Any]:
+    """Zero initial states for an export's graphs: ``{state input name: zeros}``, with the metadata's
+    ``"batch"`` dimension set to ``batch``; a full-attention cache (its symbolic ``"past_sequence"``
+    axis) is empty in an empty context."""
+    import numpy as np
+
+    from .._dtypes import numpy_dtype
+
+    return {
+        st["input"]: np.zeros([batch if d == "batch" else 0 if isinstance(d, str) else d for d in st["shape"]],
+                              dtype=numpy_dtype(st["dtype"]))
+        for st in meta["states"]
+    }
+
+
 def copy_tokenizer(tokenizer: dict[str, Any], source: Path | None, out_dir: Path) -> None:
     if tokenizer["kind"] == "huggingface" and source is not None:
         for name in tokenizer["files"]:

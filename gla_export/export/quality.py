@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._dtypes import numpy_dtype
 from ..models.modeling import GLAForCausalLM
-from .metadata import open_export
+from .metadata import open_export, zero_state_feeds
 
 README_PROMPT = "In the beginning"
 
@@ -60,10 +59,7 @@ class _ExportLM:
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def logits(self, ids: list[int], chunk: int = 512) -> np.ndarray:
-        states = {}
-        for st in self.meta["states"]:
-            shape = [1 if d == "batch" else d for d in st["shape"]]
-            states[st["input"]] = np.zeros(shape, numpy_dtype(st["dtype"]))
+        states = zero_state_feeds(self.meta, 1)
         outs = []
         names = ["logits"] + [st["output"] for st in self.meta["states"]]
         for i in range(0, len(ids), chunk):
