@@ -539,7 +539,11 @@ def _fake_quant(w: torch.Tensor, bits: int, block_size: int | None, symmetric: b
         half = 1 << (bits - 1)
         peak = wp.gather(1, wp.abs().argmax(1, keepdim=True))[:, 0]
         scale = torch.where(peak == 0, torch.ones_like(peak), peak / -half)
-        q = torch.clamp(torch.round(wp / scale[:, None]) + half, 0, (1 << bits) - 1)
+        # ONNX Runtime's arithmetic, step for step: times the reciprocal scale, plus the zero point,
+        # rounded half away from zero (roundf); dividing or rounding half to even differs on ties
+        x = wp * (1.0 / scale)[:, None] + half
+        t = torch.trunc(x)
+        q = torch.clamp(t + torch.where((x - t).abs() >= 0.5, torch.sign(x), torch.zeros_like(x)), 0, (1 << bits) - 1)
         return ((q - half) * scale[:, None]).reshape(n, kb * group)[:, :k]
     scale, zero = _grid(wp, bits, symmetric)
     q = torch.clamp(torch.round(wp / scale[:, None]) + zero[:, None], 0, (1 << bits) - 1)
