@@ -52,7 +52,7 @@ def _size(n: int) -> str:
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits accuracy_level (4: int8 dot products on the CPU) [4].")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing export in OUTPUT.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display and no validation table: only the final line (a failed validation still prints its table).")
 def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq_len, attention_mask, attention_op, validate,
            atol, rtol, runtime, weights, block_size, quant_format, quant_method, calibration, symmetric, quantize_gate,
            accuracy_level, force, quiet) -> None:
@@ -82,11 +82,11 @@ def export(model, out_dir, gla_op, dtype, state_dtype, opset, max_batch, max_seq
         err.print(validation_table(e.report))
         raise
     out = console()
-    if result.validation is not None:
+    if result.validation is not None and not quiet:
         out.print(validation_table(result.validation))
         for note in result.validation.notes:
             out.print(f"[dim]note: {note}[/dim]")
         runtimes = ", ".join(f"{k}: {v}" for k, v in result.validation.runtimes.items())
         out.print(f"[dim]ran on {runtimes}[/dim]")
     sizes = ", ".join(f"{name} {_size(n)}" for name, n in result.sizes.items())
-    out.print(f"[green]exported[/green] {result.out_dir} ({gla_op}, {dtype}) in {result.timings['total']:.1f} s: {sizes}")
+    out.print(f"[green]exported[/green] {result.out_dir} ({gla_op}, {dtype}) in {result.timings['total']:.1f} s: {sizes}", soft_wrap=True)

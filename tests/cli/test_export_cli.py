@@ -27,13 +27,23 @@ def ckpt(tmp_path):
 
 def test_export_writes_the_artifacts(ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run(["export", str(ckpt), "-o", str(out), "--gla-op", "decomposed", "--max-batch", "2", "-q"]) == 0
+    assert run(["export", str(ckpt), "-o", str(out), "--gla-op", "decomposed", "--max-batch", "2"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "prefill.onnx", "step.onnx", "validation.json", "weights.onnx.data"]
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["gla_op"]["form"] == "decomposed" and meta["shape_hints"]["batch"]["max"] == 2
     assert json.loads((out / "validation.json").read_text())["passed"] is True
     text = capsys.readouterr().out
-    assert "exported" in text and "step" in text and "ok" in text
+    assert "exported" in text and "step" in text and " ok" in text  # the validation table, then the final line
+
+
+def test_quiet_prints_only_the_final_line(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(["export", str(ckpt), "-o", str(out), "--gla-op", "decomposed", "-q"]) == 0
+    assert json.loads((out / "validation.json").read_text())["passed"] is True  # validated all the same
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("exported"), captured.out
+    assert captured.err.strip() == "", captured.err
 
 
 def test_custom_is_the_default_form(ckpt, tmp_path):
