@@ -172,7 +172,7 @@ def _check_attention_op(c, attention_op: str) -> None:
     if attention_op != "gqa" or c.attn is None:
         return
     for i in c.attention_layers:
-        d = c.hidden_size // c.attention_spec(i)["num_heads"]
+        d = c.attention_head_dim(i)
         if d % 8:
             raise UsageError(f"--attention-op gqa: layer {i}'s head size {d} is not a multiple of 8, which ONNX "
                              f"Runtime's GroupQueryAttention requires; use --attention-op decomposed")

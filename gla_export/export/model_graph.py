@@ -74,7 +74,7 @@ def state_specs(spec: GraphSpec) -> list[dict]:
     for i in range(c.num_hidden_layers):
         a = c.attention_spec(i)
         if a is not None:
-            d, hkv, w = c.hidden_size // a["num_heads"], a["num_kv_heads"], a["window_size"]
+            d, hkv, w = c.attention_head_dim(i), a["num_kv_heads"], a["window_size"]
             itemsize = torch.empty((), dtype=spec.dtype).element_size()
             for kind in ("key", "value"):
                 name_in, name_out = state_names(i, kind)

@@ -130,7 +130,7 @@ def state_shapes(config: GLAConfig, batch_size: int = 1, layer: int | None = Non
     (``key``/``value``: W positions when windowed, ``context`` otherwise) and ``position``."""
     spec = None if layer is None else config.attention_spec(layer)
     if spec is not None:
-        kv = (batch_size, spec["num_kv_heads"], spec["window_size"] or context, config.hidden_size // spec["num_heads"])
+        kv = (batch_size, spec["num_kv_heads"], spec["window_size"] or context, config.attention_head_dim(layer))
         return {"key": kv, "value": kv, "position": (batch_size,)}
     shapes = {"recurrent_state": (batch_size, config.kv_heads, config.head_k_dim, config.head_v_dim)}
     if config.use_short_conv:

@@ -192,6 +192,10 @@ class GLAConfig:
                 return spec
         return None
 
+    def attention_head_dim(self, layer_idx: int) -> int:
+        """The head size of softmax-attention layer ``layer_idx``: hidden_size over its num_heads."""
+        return self.hidden_size // self.attention_spec(layer_idx)["num_heads"]
+
     @property
     def attention_layers(self) -> list[int]:
         """Indices of the softmax-attention layers, ascending."""

@@ -182,7 +182,7 @@ class Attention(nn.Module):
         spec = config.attention_spec(layer_idx)
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = spec["num_heads"], spec["num_kv_heads"]
-        self.head_dim = config.hidden_size // self.num_heads
+        self.head_dim = config.attention_head_dim(layer_idx)
         self.window_size, self.rope_theta = spec["window_size"], float(spec["rope_theta"])
         kv_dim = self.num_kv_heads * self.head_dim
         bias = spec["qkv_bias"]
