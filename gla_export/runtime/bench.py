@@ -317,7 +317,7 @@ class DecoderContender(Contender):
 
     def _greedy(self, tokens: np.ndarray) -> np.ndarray:
         if self.dec.sample_on_device:  # as generate does on a GPU: only the token ids come back
-            return torch.argmax(self.dec._step_on_device(tokens), dim=-1).cpu().numpy()
+            return torch.argmax(self.dec.step_on_device(tokens), dim=-1).cpu().numpy()
         return self.dec.step(tokens).argmax(-1)
 
     def decode(self, first, n, warmup):

@@ -478,6 +478,13 @@ class StatefulDecoder(GenerationMixin):
                 self._logits_host[:B].copy_(self._logits_dev[:B])
             return self._logits_np
 
+    def step_on_device(self, tokens: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """:meth:`step` with the logits left where the graph wrote them: a ``[batch_size, V]`` torch
+        view on the decoder's device (a GPU's for ort-cuda), valid until the next call; for
+        sampling on the device, where only the chosen ids come back to the host."""
+        with self._lock:
+            return self._step_on_device(tokens)
+
     def _step_on_device(self, tokens: Sequence[int] | np.ndarray) -> torch.Tensor:
         """:meth:`step` without the copy of the logits to the host: their ``[batch_size, V]`` view on
         the decoder's device, valid until the next call (the lock is the caller's)."""
