@@ -35,15 +35,16 @@ def check_runtime(name: str, metadata: ExportMetadata, **options: Any) -> str:
 def open_runtime(name: str, metadata: ExportMetadata, *, device_id: int = 0, threads: int | None = None,
                  engines_dir: str | os.PathLike | None = None, plugin: str | os.PathLike | None = None,
                  cuda_graph: bool | None = None) -> Runtime:
-    """The runtime ``name`` with the export's two graphs loaded. ``cuda_graph`` (ort-cuda only;
-    default on there): capture the step graph in CUDA graphs."""
+    """The runtime ``name`` with the export's two graphs loaded. ``cuda_graph`` (ort-cuda only):
+    capture the step graph in CUDA graphs; off unless asked for, as in the decoder and the CLI,
+    until the captured path has passed its GPU tests (docs/benchmarks.md)."""
     if cuda_graph and name != "ort-cuda":
         raise UsageError(f"CUDA-graph capture is an ort-cuda option (backend {name!r} has none)")
     if name == "ort-cpu":
         return OrtRuntime(metadata, cuda=False, threads=threads)
     if name == "ort-cuda":
         return OrtRuntime(metadata, cuda=True, device_id=device_id, threads=threads,
-                          cuda_graph=cuda_graph is None or bool(cuda_graph))
+                          cuda_graph=bool(cuda_graph))
     if name == "trt":
         from .trt import TrtRuntime
 
