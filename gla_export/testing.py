@@ -1,10 +1,9 @@
-"""Helpers shared by the test suites and benchmarks: random GLA inputs, error measures, zero state feeds."""
+"""Helpers shared by the test suites and benchmarks: random GLA inputs, error measures."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -91,12 +90,6 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) ->
     err = rel_err(got, ref)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
-
-def zero_state_feeds(meta: dict, batch: int) -> dict[str, np.ndarray]:
-    """Zero initial states for an export's graphs (``export.metadata.zero_state_feeds``)."""
-    from .export.metadata import zero_state_feeds as zeros
-
-    return zeros(meta, batch)
 
 
 def save_fla_checkpoint(config: dict, path, seed: int = 0) -> dict:

@@ -48,7 +48,7 @@ def detect_tokenizer(config: GLAConfig, source: Path | None) -> dict[str, Any]:
     return {"kind": "none"}
 
 
-def zero_state_feeds(meta: dict[str, Any], batch: int = 1) -> dict[str, Any]:
+def zero_state_feeds(meta: ExportMetadata | dict[str, Any], batch: int = 1) -> dict[str, Any]:
     """Zero initial states for an export's graphs: ``{state input name: zeros}``, with the metadata's
     ``"batch"`` dimension set to ``batch``; a full-attention cache (its symbolic ``"past_sequence"``
     axis) is empty in an empty context."""
@@ -57,9 +57,9 @@ def zero_state_feeds(meta: dict[str, Any], batch: int = 1) -> dict[str, Any]:
     from .._dtypes import numpy_dtype
 
     return {
-        st["input"]: np.zeros([batch if d == "batch" else 0 if isinstance(d, str) else d for d in st["shape"]],
-                              dtype=numpy_dtype(st["dtype"]))
-        for st in meta["states"]
+        st.input: np.zeros([batch if d == "batch" else 0 if isinstance(d, str) else d for d in st.shape],
+                           dtype=numpy_dtype(st.dtype))
+        for st in as_metadata(meta).states
     }
 
 

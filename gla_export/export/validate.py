@@ -38,7 +38,7 @@ from .._dtypes import to_numpy as _np
 from .._dtypes import torch_dtype
 from ..models.modeling import STATE_FIELDS, GLAForCausalLM, LayerState, state_tensor
 from ..models.tokenizer import ByteTokenizer
-from .metadata import PREFILL_FILE, STEP_FILE, ExportMetadata, StateInfo, as_metadata
+from .metadata import PREFILL_FILE, STEP_FILE, ExportMetadata, StateInfo, as_metadata, zero_state_feeds
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and the dog keeps on sleeping in the sun."
 
@@ -438,11 +438,7 @@ def run_cases(
     form = meta.form
     dtype = torch_dtype(meta.dtype)
     states_meta = meta.states
-    zeros = {}
-    for st in states_meta:
-        # a growing KV cache starts empty (its symbolic sequence axis 0)
-        shape = [1 if d == "batch" else 0 if isinstance(d, str) else d for d in st.shape]
-        zeros[st.input] = _np(torch.zeros(shape, dtype=torch_dtype(st.dtype)))
+    zeros = zero_state_feeds(meta, 1)  # a growing KV cache starts empty (its symbolic sequence axis 0)
     for graph, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE)):
         runner = make_runner(out_dir / file, form, dtype, runtime, torch_dtype(meta.state_dtype))
         report.runtimes[graph] = runner.name

@@ -69,7 +69,7 @@ def export_form(model, out_dir, form: str, **kwargs):
 
 def run_prefill(res, form: str, ids: torch.Tensor) -> dict:
     """The outputs of an export's prefill graph on ``ids`` from an empty context (no padding)."""
-    from gla_export.testing import zero_state_feeds
+    from gla_export.export.metadata import zero_state_feeds
 
     return session(res.prefill_path, form)({"input_ids": ids.numpy(), "attention_mask": np.ones(tuple(ids.shape), np.int64),
                                             **zero_state_feeds(res.metadata, ids.shape[0])})

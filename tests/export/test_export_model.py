@@ -17,7 +17,8 @@ from export_helpers import CONFIGS, EXTRA_CONFIGS, make_model, session
 
 from gla_export.export import FORMAT_VERSION, export_model, read_metadata
 from gla_export.export.metadata import METADATA_KEY
-from gla_export.testing import rel_err, zero_state_feeds
+from gla_export.export.metadata import zero_state_feeds
+from gla_export.testing import rel_err
 
 FORMS = ["custom", "onnx", "decomposed"]
 

@@ -15,7 +15,8 @@ from export_helpers import export_form, run_prefill, session
 
 from gla_export.export import export_model
 from gla_export.models import GLAConfig, GLAForCausalLM, load_model
-from gla_export.testing import rel_err, save_fla_checkpoint, zero_state_feeds
+from gla_export.export.metadata import zero_state_feeds
+from gla_export.testing import rel_err, save_fla_checkpoint
 
 HYBRID = dict(vocab_size=61, hidden_size=32, num_hidden_layers=4, num_heads=2, num_kv_heads=1, use_short_conv=True,
               tie_word_embeddings=True,

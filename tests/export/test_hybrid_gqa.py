@@ -19,7 +19,7 @@ from export_helpers import session
 from gla_export.errors import UsageError
 from gla_export.export import export_model
 from gla_export.models import GLAConfig, GLAForCausalLM
-from gla_export.testing import zero_state_feeds
+from gla_export.export.metadata import zero_state_feeds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

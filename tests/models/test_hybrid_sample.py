@@ -92,7 +92,7 @@ def test_hybrid_sample_export_scores_and_writes_english(model, exports, attentio
     """The exported prefill scores the held-out excerpt as PyTorch does; the decoder's greedy
     continuation (prefill, then the step graph past both windows) is PyTorch's, and English."""
     from gla_export.runtime.decoder import StatefulDecoder
-    from gla_export.testing import zero_state_feeds
+    from gla_export.export.metadata import zero_state_feeds
 
     import onnxruntime as ort
 

@@ -12,7 +12,8 @@ from ort_helpers import require_provider
 from gla_export.export import export_model
 from gla_export.models import GLAConfig, GLAForCausalLM
 from gla_export.runtime import create_session
-from gla_export.testing import rel_err, zero_state_feeds
+from gla_export.export.metadata import zero_state_feeds
+from gla_export.testing import rel_err
 
 CONFIGS = {
     "gqa": dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gla_export.models import build_model, save_model
-from gla_export.testing import zero_state_feeds
+from gla_export.export.metadata import zero_state_feeds
 
 _ROOT: Path | None = None
 _EXPORTS: dict[tuple, Path] = {}
