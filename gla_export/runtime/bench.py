@@ -178,7 +178,8 @@ def _tune_malloc() -> None:
 _LIBC: Any = None
 
 
-def _rss() -> int:
+def rss_bytes() -> int:
+    """This process's resident memory in bytes (Linux: /proc/self/statm)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -210,13 +211,13 @@ class _Memory:
             return max(0, free_before - free_after), dt, out
         # CPU: sample the resident set while fn runs (the kernels release the GIL)
         _tune_malloc()
-        before = _rss()
+        before = rss_bytes()
         peak = [before]
         stop = threading.Event()
 
         def sample():
             while not stop.is_set():
-                peak[0] = max(peak[0], _rss())
+                peak[0] = max(peak[0], rss_bytes())
                 time.sleep(0.0005)
 
         th = threading.Thread(target=sample, daemon=True)
@@ -228,7 +229,7 @@ class _Memory:
             dt = time.perf_counter() - t
             stop.set()
             th.join()
-        peak[0] = max(peak[0], _rss())
+        peak[0] = max(peak[0], rss_bytes())
         return max(0, peak[0] - before), dt, out
 
 

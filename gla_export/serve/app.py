@@ -25,7 +25,6 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..runtime.bench import _rss
 from . import backend
 from .cache import PrefixCache
 from .chat import ChatTemplate
@@ -61,7 +60,7 @@ def plan_memory(graphs: backend.Graphs, cfg: ServeConfig) -> MemoryPlan:
 
         base = int(torch.cuda.memory_allocated(dev)) + 2 * graphs.weights_nbytes
     else:
-        base = _rss()
+        base = backend.rss_bytes()
     limit = cfg.memory_limit or (base + int(0.8 * backend.available_memory(dev)))
     room = limit - base
     if room <= 0:

@@ -27,6 +27,7 @@ import torch
 from .._dtypes import torch_dtype
 from ..errors import GlaExportError, MissingRuntimeError, ModelError, UsageError, first_line
 from ..export.metadata import open_export
+from ..runtime.bench import rss_bytes
 from ..runtime.decoder import CAPTURE_SIZES
 from ..runtime.device_sampling import sample_on_device
 from ..runtime.engines import RUNTIMES, Runtime, check_runtime, open_runtime
@@ -37,7 +38,7 @@ from ..runtime.tokenizers import TextDecoder, Tokenizer, TokenStream, eos_token_
 __all__ = [
     "ConversationState", "GlaExportError", "Graphs", "MissingRuntimeError", "ModelError", "Sampler",
     "SamplingParams", "StateFileError", "StateSpec", "TextDecoder", "TokenStream", "Tokenizer", "UsageError",
-    "load_state", "load_tokenizer", "model_identity", "open_export", "sample_on_device", "save_state",
+    "load_state", "load_tokenizer", "model_identity", "open_export", "rss_bytes", "sample_on_device", "save_state",
 ]
 
 
@@ -431,7 +432,7 @@ def _open_runtime(backend: str, meta: Any, *, threads: int | None, device_id: in
         if backend == "trt":
             check_runtime("trt", meta, engines_dir=engines_dir, plugin=plugin)
         return open_runtime(backend, meta, device_id=device_id, threads=threads, engines_dir=engines_dir,
-                            plugin=plugin, cuda_graph=cuda_graph if backend == "ort-cuda" else None)
+                            plugin=plugin, cuda_graph=cuda_graph)
     except GlaExportError:
         raise
     except Exception as e:  # noqa: BLE001 - ONNX Runtime's and TensorRT's own exception types
