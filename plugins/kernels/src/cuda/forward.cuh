@@ -110,11 +110,10 @@ inline bool shares_scores(int nvb) { return nvb >= 2; }
 // Which prefill runs where v2/v3 can: GLA_CUDA_PREFILL=v1, v2 or v3 (a knob for benchmarks and
 // tests, read at each call; it changes no workspace). Default v1 everywhere: v2 and v3 stay opt-in
 // until they have been timed on a GPU (docs/cuda-kernels.md).
-inline int prefill_version(int nvb) {
+inline int prefill_version() {
   const char* e = std::getenv("GLA_CUDA_PREFILL");
   if (e && std::strcmp(e, "v2") == 0) return 2;
   if (e && std::strcmp(e, "v3") == 0) return 3;
-  (void)nvb;
   return 1;
 }
 
@@ -202,7 +201,7 @@ inline Plan make_plan(const Problem& pr) {
     off = align_up(off + size_t(pl.slots) * pr.kv_heads * K * sizeof(float));
   }
   if (shares_scores(pl.nvb)) {
-    const int version = prefill_version(pl.nvb);
+    const int version = prefill_version();
     pl.v2 = version == 2;
     pl.v3 = version == 3;
     pl.nchunk_dense = std::max<int64_t>(1, ceil_div(T, kChunk));
