@@ -10,6 +10,9 @@ A last test pins what ORT's ``local_window_size`` means, since the graphs rely o
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -18,8 +21,11 @@ from export_helpers import session
 
 from gla_export.errors import UsageError
 from gla_export.export import export_model
-from gla_export.models import GLAConfig, GLAForCausalLM
 from gla_export.export.metadata import zero_state_feeds
+from gla_export.models import GLAConfig, GLAForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
+from cli_helpers import run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -185,16 +191,8 @@ def test_tensorrt_build_refuses_a_gqa_export(tmp_path):
 def test_cli_attention_op_gqa(tmp_path, capsys):
     """``gla-export export --attention-op gqa``: the nodes and the metadata field; a head size ORT
     cannot take exits 2 with one line and writes nothing."""
-    from gla_export.cli import main
     from gla_export.errors import EXIT_CODES
     from gla_export.models import save_model
-
-    def run(args):
-        try:
-            main(args)
-        except SystemExit as e:
-            return int(e.code or 0)
-        return 0
 
     ckpt = save_model(_model(HYBRID, 4), tmp_path / "ckpt")
     out = tmp_path / "out"
