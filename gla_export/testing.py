@@ -91,7 +91,6 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) ->
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
-
 def save_fla_checkpoint(config: dict, path, seed: int = 0) -> dict:
     """Build flash-linear-attention's own ``GLAForCausalLM`` from ``config`` (fla's ``GLAConfig``
     fields; an ``attn`` field makes a hybrid), perturb its norms and biases (fla initialises them
