@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch  # before onnxruntime: onnxruntime-gpu finds the CUDA libraries torch loaded
 
+from gla_export.errors import first_line
+
 T0 = time.perf_counter()
 WEIGHTS = ("fp", "int4", "int8")  # in order of importance: the baseline, int4 (the point), int8
 TARGETS = {"int4": 2.0, "int8": 1.5}  # decode tokens/s at batch 1 against the float export (issue 11)
@@ -86,11 +88,6 @@ def _export_worker(size: str, dtype: str, weights: str, out: str, gla_op: str, m
     export_model(model, out, weights=quant_config(weights) or "fp", dtype=dtype, gla_op=gla_op, validate=False,
                  progress=False, force=True, max_batch=max_batch, max_seq_len=max_seq_len)
     return {"model_build_s": build_s, "export_s": time.perf_counter() - t}
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(e).__name__
 
 
 def bench_decode(dec, batch: int, steps: int, prompt: int) -> float:
@@ -268,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         except FutureTimeout:
             rows[names[w]]["skipped"] = f"export not done {elapsed():.0f} s into the {args.budget:.0f} s budget"
         except Exception as e:  # noqa: BLE001 - an export that fails is reported, the others still run
-            rows[names[w]]["error"] = f"export: {type(e).__name__}: {_first_line(e)}"
+            rows[names[w]]["error"] = f"export: {type(e).__name__}: {first_line(e)[:300]}"
     if pool is not None:
         workers = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
@@ -291,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                     measure(outs[w], name, args, bw, row)
                     per_bench = max(per_bench or 0, row["bench_s"])
                 except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, the others still run
-                    row["error"] = f"{type(e).__name__}: {_first_line(e)}"
+                    row["error"] = f"{type(e).__name__}: {first_line(e)[:300]}"
         print(f"{name}: {json.dumps(row, default=lambda v: round(v, 3))}", flush=True)
 
     print()
