@@ -106,7 +106,6 @@ class Graphs:
         self.state_nbytes = sum(s.nbytes for s in self.specs)
         self.tokenizer: Tokenizer = load_tokenizer(self.export_dir, meta)
         self.eos_token_ids: frozenset[int] = eos_token_ids(meta, self.tokenizer)
-        self.eos_token_id = min(self.eos_token_ids) if self.eos_token_ids else None
         weights = self.export_dir / meta["files"]["weights"]
         self.weights_nbytes = weights.stat().st_size if weights.is_file() else 0
         self.runtime = _open_runtime(backend, meta, threads=threads, device_id=device_id,
